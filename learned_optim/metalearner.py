@@ -1,0 +1,254 @@
+"""The coordinate-wise meta-learner LSTM of Ravi & Larochelle (2017) and its update rule.
+
+Every scalar parameter of the learner is one row of a batch; all rows share the meta-learner's
+weights, so one meta-learner serves a model of any size or shape.
+
+Per step and coordinate (``theta`` a learner parameter, ``g`` its gradient, ``L`` the loss)::
+
+    x_t     = [pre(g_t), pre(L_t)]                                   4 inputs, p = 10
+    h1, c1  = LSTMCell(x_t, (h1, c1))                                layer 1, hidden 20
+    f_pre_t = W_F . [h1_t, theta_{t-1}, f_pre_{t-1}] + b_F           layer 2 (meta cell)
+    i_pre_t = W_I . [h1_t, theta_{t-1}, i_pre_{t-1}] + b_I
+    theta_t = sigmoid(f_pre_t) * theta_{t-1} - sigmoid(i_pre_t) * g_t
+
+where ``pre`` is the preprocessing of Andrychowicz et al. (2016, appendix A). The update uses
+the raw gradient; only the gate inputs are preprocessed.
+
+The math lives in two pure functions, :func:`prepare_step` (per step, independent of the
+coordinates) and :func:`update_rows` (per coordinate, any slice of rows), joined by
+:func:`meta_update`. Both optimizer shells call exactly these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MetaLearnerLSTM",
+    "MetaWeights",
+    "StepConstants",
+    "meta_update",
+    "prepare_step",
+    "preprocess",
+    "update_rows",
+    "initial_state",
+    "state_width",
+]
+
+
+class MetaWeights(NamedTuple):
+    """The meta-learner's weights as plain tensors (a view for the pure functions).
+
+    ``weight_ih`` [4H, 4] (columns: gradient features, loss features), ``weight_hh`` [4H, H],
+    ``bias`` [4H] (PyTorch's gate order i, f, g, o), ``meta_weight`` [2, H + 2] (rows: forget,
+    input; columns: h1, theta, previous pre-activation), ``meta_bias`` [2], and the
+    preprocessing constant ``p``.
+    """
+
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias: Tensor
+    meta_weight: Tensor
+    meta_bias: Tensor
+    p: float
+
+
+class StepConstants(NamedTuple):
+    """What one step shares across coordinates, computed once by :func:`prepare_step`."""
+
+    input_weight: Tensor  # [2 + H, 4H]: gradient features and h1 -> layer-1 gates
+    gate_bias: Tensor  # [4H]: bias plus the loss features' contribution (same for all rows)
+    meta_weight_h: Tensor  # [H, 2]: h1 -> (f_pre, i_pre)
+    meta_weight_theta: Tensor  # [2]
+    meta_weight_prev: Tensor  # [2]
+    meta_bias: Tensor  # [2]
+    p: float
+
+
+def state_width(hidden_size: int) -> int:
+    """Floats of state per coordinate: h1 and c1 (``hidden_size`` each), f_pre and i_pre."""
+    return 2 * hidden_size + 2
+
+
+def initial_state(rows: int, hidden_size: int, *, dtype=None, device=None) -> Tensor:
+    """The state of a new task: zeros, laid out as ``[h1 | c1 | f_pre | i_pre]`` per row."""
+    return torch.zeros(rows, state_width(hidden_size), dtype=dtype, device=device)
+
+
+def preprocess(x: Tensor, p: float) -> Tensor:
+    """Andrychowicz et al.'s input preprocessing, one value -> two features.
+
+    ``(log|x| / p, sign x)`` if ``|x| >= e^-p``, else ``(-1, e^p x)``. The logarithm's argument
+    is clamped so that neither branch produces ``-inf`` or a NaN gradient.
+
+    >>> preprocess(torch.tensor([1.0, -0.5, 0.0]), p=10.0)
+    tensor([[ 0.0000,  1.0000],
+            [-0.0693, -1.0000],
+            [-1.0000,  0.0000]])
+    """
+    threshold = math.exp(-p)
+    magnitude = x.abs()
+    large = magnitude >= threshold
+    log_part = torch.where(large, magnitude.clamp_min(threshold).log() / p, -1.0)
+    sign_part = torch.where(large, x.sign(), x * math.exp(p))
+    return torch.stack((log_part, sign_part), dim=-1)
+
+
+def prepare_step(
+    weights: MetaWeights, loss: Tensor, dtype: torch.dtype, device: torch.device | None = None
+) -> StepConstants:
+    """Fold everything that does not depend on the coordinate into per-step constants.
+
+    The loss is the same for every coordinate, so its two input features enter layer 1 as a
+    bias; the gradient features and h1 share one fused matrix product.
+    """
+    hidden = weights.weight_hh.shape[1]
+
+    def cast(tensor: Tensor) -> Tensor:  # differentiable: meta-gradients flow back through it
+        return tensor.to(dtype=dtype, device=device)
+
+    weight_ih = cast(weights.weight_ih)
+    loss_features = preprocess(cast(loss.reshape(())), weights.p)
+    gate_bias = cast(weights.bias) + weight_ih[:, 2:] @ loss_features
+    input_weight = torch.cat((weight_ih[:, :2], cast(weights.weight_hh)), dim=1).t()
+    meta_weight = cast(weights.meta_weight)
+    return StepConstants(
+        input_weight=input_weight,
+        gate_bias=gate_bias,
+        meta_weight_h=meta_weight[:, :hidden].t(),
+        meta_weight_theta=meta_weight[:, hidden],
+        meta_weight_prev=meta_weight[:, hidden + 1],
+        meta_bias=cast(weights.meta_bias),
+        p=weights.p,
+    )
+
+
+def update_rows(
+    constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Apply the update rule to a batch of coordinates (rows are independent).
+
+    Parameters
+    ----------
+    constants:
+        From :func:`prepare_step`.
+    state:
+        ``[n, 2H + 2]`` rows ``[h1 | c1 | f_pre | i_pre]``.
+    grad, param:
+        ``[n]`` raw gradient and current value theta_{t-1} of each coordinate.
+
+    Returns
+    -------
+    (new_param, new_state): theta_t ``[n]`` and the next state ``[n, 2H + 2]``. Out of place,
+    so it can run on an autograd tape.
+    """
+    hidden = constants.meta_weight_h.shape[0]
+    h1, c1, previous = state.split((hidden, hidden, 2), dim=1)
+    # Layer 1: one fused product over [gradient features | h1].
+    layer1_input = torch.cat((preprocess(grad, constants.p), h1), dim=1)
+    gates = torch.addmm(constants.gate_bias, layer1_input, constants.input_weight)
+    in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
+    c1 = forget_gate.sigmoid() * c1 + in_gate.sigmoid() * cell_gate.tanh()
+    h1 = out_gate.sigmoid() * c1.tanh()
+    # Layer 2, both gates at once: columns (f_pre, i_pre).
+    gate_pre = torch.addmm(constants.meta_bias, h1, constants.meta_weight_h)
+    gate_pre = gate_pre + param.unsqueeze(1) * constants.meta_weight_theta
+    gate_pre = gate_pre + previous * constants.meta_weight_prev
+    forget, learning_rate = gate_pre.sigmoid().unbind(dim=1)
+    new_param = forget * param - learning_rate * grad  # theta_t = f_t theta_{t-1} - i_t g_t
+    return new_param, torch.cat((h1, c1, gate_pre), dim=1)
+
+
+def meta_update(
+    weights: MetaWeights, state: Tensor, grad: Tensor, loss: Tensor, param: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The update rule as one pure function of (weights, state, grad, loss, param).
+
+    >>> meta = MetaLearnerLSTM()
+    >>> theta = torch.tensor([0.5, -1.0])
+    >>> state = initial_state(2, meta.hidden_size)
+    >>> new_theta, new_state = meta_update(meta.weights(), state, torch.tensor([1.0, 0.0]),
+    ...                                    torch.tensor(2.3), theta)
+    >>> bool(new_theta[0] < 0.5), new_state.shape
+    (True, torch.Size([2, 42]))
+    """
+    constants = prepare_step(weights, loss, param.dtype, param.device)
+    return update_rows(constants, state, grad, param)
+
+
+class MetaLearnerLSTM(nn.Module):
+    """Coordinate-wise two-layer meta-learner (Ravi & Larochelle 2017).
+
+    Layer 1 is an LSTM cell with 4 inputs (preprocessed gradient and loss) and ``hidden_size``
+    units; layer 2 computes the forget and input gates of the learner's update from
+    ``[h1, theta, previous pre-activation]``. Initialised as in the paper: weights
+    U(-0.01, 0.01), forget bias U(4, 6), input bias U(-5, -4), so a fresh meta-learner is close to
+    gradient descent with a small step (f ~ 0.99, i ~ 0.01).
+
+    Parameters
+    ----------
+    hidden_size:
+        Units of layer 1 (paper: 20).
+    p:
+        Preprocessing constant (paper: 10).
+
+    Examples
+    --------
+    >>> meta = MetaLearnerLSTM()
+    >>> sum(t.numel() for t in meta.parameters())
+    2046
+    >>> f, i = torch.sigmoid(meta.meta_bias.detach())
+    >>> bool(0.98 < f < 0.999), bool(0.006 < i < 0.02)
+    (True, True)
+    """
+
+    def __init__(self, hidden_size: int = 20, p: float = 10.0) -> None:
+        super().__init__()
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if not p > 0:
+            raise ValueError(f"p must be positive, got {p!r}")
+        self.hidden_size = int(hidden_size)
+        self.p = float(p)
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, 4))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.empty(4 * hidden_size))
+        self.meta_weight = nn.Parameter(torch.empty(2, hidden_size + 2))
+        self.meta_bias = nn.Parameter(torch.empty(2))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's initialisation."""
+        with torch.no_grad():
+            for weight in (self.weight_ih, self.weight_hh, self.bias, self.meta_weight):
+                weight.uniform_(-0.01, 0.01)
+            self.meta_bias[0].uniform_(4.0, 6.0)  # forget gate starts near 1
+            self.meta_bias[1].uniform_(-5.0, -4.0)  # input gate (step size) starts near 0.01
+
+    @property
+    def state_width(self) -> int:
+        """Floats of per-coordinate state (``2 * hidden_size + 2``)."""
+        return state_width(self.hidden_size)
+
+    def weights(self) -> MetaWeights:
+        """The weights as a :class:`MetaWeights` tuple, on the autograd tape."""
+        return MetaWeights(
+            self.weight_ih, self.weight_hh, self.bias, self.meta_weight, self.meta_bias, self.p
+        )
+
+    def hyperparameters(self) -> dict:
+        """What is needed to rebuild this module (stored in checkpoints)."""
+        return {"hidden_size": self.hidden_size, "p": self.p}
+
+    def forward(
+        self, state: Tensor, grad: Tensor, loss: Tensor, param: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Apply :func:`meta_update` with this module's weights."""
+        return meta_update(self.weights(), state, grad, loss, param)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, p={self.p}"

@@ -1,0 +1,443 @@
+"""``LSTMMetaOptimizer`` (a ``torch.optim`` drop-in) and its differentiable twin for ``higher``.
+
+Both are thin shells over :func:`learned_optim.metalearner.prepare_step` and
+:func:`learned_optim.metalearner.update_rows`; the twin is registered with ``higher`` on import,
+so ``higher.innerloop_ctx(model, LSTMMetaOptimizer(...))`` works unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import higher
+import torch
+from higher.optim import DifferentiableOptimizer
+from torch import Tensor
+
+from learned_optim.metalearner import (
+    MetaLearnerLSTM,
+    initial_state,
+    prepare_step,
+    update_rows,
+)
+
+__all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUNK_SIZE"]
+
+# Rows of the coordinate batch processed at once by the in-place optimizer: keeps the
+# [rows, 4H] gate temporaries in cache and bounded (about 2.6 MB at H = 20, float32).
+DEFAULT_CHUNK_SIZE = 8192
+
+_LOSS_HELP = (
+    "LSTMMetaOptimizer.step() needs the training loss, an input of the meta-learner: "
+    "call opt.step(loss=loss) after loss.backward(), or opt.step(closure) with a closure "
+    "that computes the loss, calls backward() and returns the loss"
+)
+
+
+def _bucket_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``params`` grouped by (device, dtype): each group shares one state buffer."""
+    buckets: dict[tuple, list[int]] = {}
+    for index, param in enumerate(params):
+        buckets.setdefault((param.device, param.dtype), []).append(index)
+    return buckets
+
+
+def _loss_tensor(loss: Any) -> Tensor:
+    """The loss as a detached scalar tensor, or a clear error."""
+    loss = torch.as_tensor(loss.detach() if isinstance(loss, Tensor) else loss)
+    if loss.numel() != 1:
+        raise ValueError(
+            f"the loss passed to LSTMMetaOptimizer.step must be a scalar, got shape "
+            f"{tuple(loss.shape)}"
+        )
+    if not bool(torch.isfinite(loss).all()):
+        raise FloatingPointError(
+            f"the loss is {loss.item()}: parameters were left untouched (a learned optimizer "
+            "cannot take a step from a non-finite loss)"
+        )
+    return loss.reshape(())
+
+
+class _Segment(NamedTuple):
+    """Rows ``[start, stop)`` of parameter ``index`` (flattened)."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def _plan_chunks(
+    sizes: list[int], active: list[bool], chunk_size: int
+) -> Iterator[tuple[int, list[_Segment]]]:
+    """Split the flat coordinate range of a bucket into chunks of at most ``chunk_size`` rows.
+
+    Yields ``(first_row, segments)``; a chunk never spans an inactive parameter, so its rows
+    are contiguous in the bucket's state buffer. Large parameters are split across chunks, small
+    ones share a chunk.
+    """
+    segments: list[_Segment] = []
+    first_row = rows = offset = 0
+    for index, (size, is_active) in enumerate(zip(sizes, active)):
+        if not is_active:
+            if segments:
+                yield first_row, segments
+                segments, rows = [], 0
+            offset += size
+            continue
+        start = 0
+        while start < size:
+            if not segments:
+                first_row = offset + start
+            stop = min(size, start + chunk_size - rows)
+            segments.append(_Segment(index, start, stop))
+            rows += stop - start
+            start = stop
+            if rows == chunk_size:
+                yield first_row, segments
+                segments, rows = [], 0
+        offset += size
+    if segments:
+        yield first_row, segments
+
+
+def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list[Tensor]) -> None:
+    """Raise before any parameter changes if a gradient holds NaN or Inf."""
+    if not grads:
+        return
+    peaks = torch.stack(torch._foreach_norm(list(grads.values()), math.inf))
+    if bool(torch.isfinite(peaks).all()):
+        return
+    for (index, _), peak in zip(grads.items(), peaks):
+        if not math.isfinite(peak.item()):
+            raise FloatingPointError(
+                f"the gradient of parameter {index} of param group {group_index} "
+                f"(shape {tuple(params[index].shape)}) contains NaN or Inf: parameters were "
+                "left untouched"
+            )
+
+
+class LSTMMetaOptimizer(torch.optim.Optimizer):
+    r"""The Meta-Learner LSTM update rule as a ``torch.optim`` optimizer.
+
+    For every scalar parameter :math:`\theta` with gradient :math:`g` and loss :math:`L`:
+
+    .. math::
+        \theta_t = f_t \odot \theta_{t-1} - i_t \odot g_t, \qquad
+        (f_t, i_t) = \mathrm{MetaLearnerLSTM}(g_t, L_t, \theta_{t-1}, \text{state}_{t-1})
+
+    The meta-learner reads the loss, so :meth:`step` needs it: from the closure's return value
+    or the ``loss=`` keyword. Per-coordinate state (42 floats at the default hidden size) is
+    kept per parameter and starts anew with :meth:`reset_state` (a new task).
+
+    Parameters
+    ----------
+    params:
+        Parameters or param groups, as for any ``torch.optim`` optimizer.
+    meta_learner:
+        The update rule; a freshly initialised :class:`MetaLearnerLSTM` (close to SGD with a
+        small step) if omitted. Kept by reference, never copied, so meta-gradients reach it.
+    first_order:
+        For the ``higher`` twin: treat the learner's gradients and loss as constants (the
+        paper's default). ``False`` gives full second-order meta-gradients.
+    chunk_size:
+        Coordinates updated at once; bounds the scratch memory of :meth:`step`.
+
+    Examples
+    --------
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = LSTMMetaOptimizer(model.parameters())
+    >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+    >>> loss = torch.nn.functional.mse_loss(model(x), y)
+    >>> opt.zero_grad(); loss.backward(); opt.step(loss=loss)
+    >>> opt.state[model.weight]["lstm_state"].shape
+    torch.Size([4, 42])
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        meta_learner: MetaLearnerLSTM | None = None,
+        *,
+        first_order: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if meta_learner is not None and not isinstance(meta_learner, MetaLearnerLSTM):
+            raise TypeError(
+                f"meta_learner must be a MetaLearnerLSTM, got {type(meta_learner).__name__}"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        # Set before Optimizer.__init__, which calls add_param_group.
+        self._buffers: dict[tuple, Tensor] | None = None
+        self.meta_learner = meta_learner if meta_learner is not None else MetaLearnerLSTM()
+        self.first_order = bool(first_order)
+        self.chunk_size = int(chunk_size)
+        super().__init__(params, defaults={})
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, params: Iterable, **kwargs) -> LSTMMetaOptimizer:
+        """An optimizer whose update rule is loaded from a checkpoint (shipped name or path).
+
+        Only the update rule is used; see :func:`learned_optim.load_learned_init` for the
+        learned initial weights.
+        """
+        from learned_optim.checkpoint import load_checkpoint
+
+        return cls(params, load_checkpoint(name_or_path).meta_learner, **kwargs)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for index, param in enumerate(self.param_groups[-1]["params"]):
+            if param.is_complex():
+                raise TypeError(
+                    f"parameter {index} of param group {len(self.param_groups) - 1} is complex "
+                    f"({param.dtype}): LSTMMetaOptimizer supports real floating-point parameters"
+                )
+            if not param.is_floating_point():
+                raise TypeError(
+                    f"parameter {index} of param group {len(self.param_groups) - 1} has dtype "
+                    f"{param.dtype}: LSTMMetaOptimizer supports floating-point parameters"
+                )
+        self._buffers = None
+
+    def reset_state(self) -> None:
+        """Forget all per-coordinate state: the next step starts a new task."""
+        self.state.clear()
+        self._buffers = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        width = self.meta_learner.state_width
+        groups = state_dict.get("param_groups", [])
+        ids = [pid for group in groups for pid in group.get("params", [])]
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(ids, params))
+        for pid, entry in state_dict.get("state", {}).items():
+            lstm_state = entry.get("lstm_state")
+            param = by_id.get(pid)
+            if lstm_state is None or param is None:
+                continue
+            if tuple(lstm_state.shape) != (param.numel(), width):
+                raise ValueError(
+                    f"optimizer state of parameter {pid} has shape {tuple(lstm_state.shape)}, "
+                    f"expected ({param.numel()}, {width}) for a parameter of shape "
+                    f"{tuple(param.shape)} and a meta-learner with hidden size "
+                    f"{self.meta_learner.hidden_size}"
+                )
+        super().load_state_dict(state_dict)
+        self._buffers = None
+
+    def _state_buffers(self) -> dict[tuple, Tensor]:
+        """One contiguous state buffer per (group, device, dtype); ``state[p]`` holds views."""
+        if self._buffers is not None:
+            return self._buffers
+        hidden = self.meta_learner.hidden_size
+        buffers = {}
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
+            for (device, dtype), indices in _bucket_by_device_and_dtype(params).items():
+                rows = sum(params[i].numel() for i in indices)
+                buffer = initial_state(rows, hidden, dtype=dtype, device=device)
+                offset = 0
+                for i in indices:
+                    size = params[i].numel()
+                    view = buffer[offset : offset + size]
+                    previous = self.state[params[i]].get("lstm_state")
+                    if previous is not None:
+                        view.copy_(previous)
+                    self.state[params[i]]["lstm_state"] = view
+                    offset += size
+                buffers[(group_index, device, dtype)] = buffer
+        self._buffers = buffers
+        return buffers
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """Take one step of the learned update rule.
+
+        Parameters
+        ----------
+        closure:
+            Re-evaluates the model, calls ``backward()`` and returns the loss.
+        loss:
+            The loss whose gradients are in ``.grad`` (used when there is no closure, or in
+            preference to the closure's value).
+
+        Returns
+        -------
+        The closure's return value, or ``None``.
+        """
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        if loss is None:
+            loss = closure_loss
+        if loss is None:
+            raise ValueError(_LOSS_HELP)
+        loss = _loss_tensor(loss)
+
+        buffers = self._state_buffers()
+        weights = self.meta_learner.weights()
+        work = []
+        # Validate everything before touching any parameter.
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
+            for (device, dtype), indices in _bucket_by_device_and_dtype(params).items():
+                grads = {}
+                for i in indices:
+                    grad = params[i].grad
+                    if grad is None:
+                        continue
+                    if grad.is_sparse:
+                        raise RuntimeError(
+                            f"parameter {i} of param group {group_index} has a sparse gradient: "
+                            "LSTMMetaOptimizer does not support sparse gradients"
+                        )
+                    grads[i] = grad
+                _check_finite_grads(grads, group_index, params)
+                if grads:
+                    work.append((params, indices, grads, buffers[(group_index, device, dtype)]))
+        for params, indices, grads, buffer in work:
+            self._update_bucket([params[i] for i in indices], [grads.get(i) for i in indices],
+                                buffer, prepare_step(weights, loss, buffer.dtype, buffer.device))
+        return closure_loss
+
+    def _update_bucket(
+        self, params: list[Tensor], grads: list[Tensor | None], buffer: Tensor, constants
+    ) -> None:
+        # Flat views in the parameters' own memory; non-contiguous ones work on a copy.
+        flat_params = [p.view(-1) if p.is_contiguous() else p.reshape(-1) for p in params]
+        flat_grads = [None if g is None else g.reshape(-1) for g in grads]
+        sizes = [p.numel() for p in params]
+        active = [g is not None for g in grads]
+        for first_row, segments in _plan_chunks(sizes, active, self.chunk_size):
+            if len(segments) == 1:
+                index, start, stop = segments[0]
+                param_rows = flat_params[index][start:stop]
+                grad_rows = flat_grads[index][start:stop]
+            else:
+                param_rows = torch.cat([flat_params[s.index][s.start : s.stop] for s in segments])
+                grad_rows = torch.cat([flat_grads[s.index][s.start : s.stop] for s in segments])
+            state_rows = buffer[first_row : first_row + param_rows.numel()]
+            new_param, new_state = update_rows(constants, state_rows, grad_rows, param_rows)
+            state_rows.copy_(new_state)
+            if len(segments) == 1:
+                param_rows.copy_(new_param)
+            else:
+                pieces = new_param.split([s.stop - s.start for s in segments])
+                for segment, piece in zip(segments, pieces):
+                    flat_params[segment.index][segment.start : segment.stop].copy_(piece)
+        for param, flat, is_active in zip(params, flat_params, active):
+            if is_active and not param.is_contiguous():
+                param.copy_(flat.view(param.shape))
+
+
+class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
+    """The differentiable twin of :class:`LSTMMetaOptimizer`, used by ``higher.innerloop_ctx``.
+
+    Updates are out of place, on the autograd tape, so a query loss after the inner loop
+    back-propagates into the meta-learner's weights and (with ``copy_initial_weights=False``)
+    into the model's initial weights. With ``first_order=True`` the learner's gradients are
+    computed without ``create_graph``: no double-backward graph is built at all.
+    """
+
+    def __init__(self, other: LSTMMetaOptimizer, reference_params, *args, **kwargs) -> None:
+        super().__init__(other, reference_params, *args, **kwargs)
+        # By reference: higher deep-copies param groups, which would cut the meta-gradients.
+        self.meta_learner = other.meta_learner
+        self.first_order = other.first_order
+        self._buckets: list[dict[tuple, Tensor]] = [{} for _ in self.param_groups]
+        self._loss: Tensor | None = None
+
+    def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **kwargs):
+        """Compute the gradients of ``loss`` and take one differentiable step.
+
+        Same contract as ``higher.optim.DifferentiableOptimizer.step``; returns the new fast
+        weights.
+        """
+        if override is not None:
+            self._apply_override(override)
+        if params is None:
+            if self._fmodel is None or self._fmodel.fast_params is None:
+                raise ValueError(
+                    "params must be passed to step() when the optimizer has no patched model"
+                )
+            params = self._fmodel.fast_params
+        params = list(params)
+        _loss_tensor(loss)  # validates shape and finiteness
+        second_order = self._track_higher_grads and not self.first_order
+        # Unused or frozen parameters: a dummy target keeps autograd.grad happy; grad is None.
+        targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]
+        grads = torch.autograd.grad(
+            loss, targets, create_graph=second_order, allow_unused=True
+        )
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            grads = callback(grads)
+        self._loss = loss.reshape(()) if second_order else loss.detach().reshape(())
+
+        grouped = []
+        for group, mapping in zip(self.param_groups, self._group_to_param_list):
+            for slot, index in enumerate(mapping):
+                group["params"][slot] = params[index]
+            grouped.append([grads[index] for index in mapping])
+        with torch.set_grad_enabled(self._track_higher_grads):
+            self._update(grouped)
+
+        new_params = list(params)
+        for group, mapping in zip(self.param_groups, self._group_to_param_list):
+            for param, index in zip(group["params"], mapping):
+                new_params[index] = (
+                    param if self._track_higher_grads else param.detach().requires_grad_()
+                )
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _initial_bucket_state(self, group_index: int, indices: list[int], like: Tensor) -> Tensor:
+        """The state the drop-in optimizer had (copied by higher), or a new task's zeros."""
+        group = self.param_groups[group_index]
+        pieces = []
+        for i in indices:
+            size = group["params"][i].numel()
+            copied = self.state[group_index][i].get("lstm_state")
+            if copied is None:
+                copied = initial_state(size, self.meta_learner.hidden_size)
+            pieces.append(copied.to(dtype=like.dtype, device=like.device))
+        return torch.cat(pieces)
+
+    def _update(self, grouped_grads, **kwargs) -> None:
+        weights = self.meta_learner.weights()
+        for group_index, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            params = group["params"]
+            for key, indices in _bucket_by_device_and_dtype(params).items():
+                state = self._buckets[group_index].get(key)
+                if state is None:
+                    state = self._initial_bucket_state(group_index, indices, params[indices[0]])
+                active = [i for i in indices if grads[i] is not None]
+                if not active:
+                    continue
+                constants = prepare_step(weights, self._loss, key[1], key[0])
+                sizes = [params[i].numel() for i in indices]
+                rows = dict(zip(indices, state.split(sizes)))
+                new_param, new_rows = update_rows(
+                    constants,
+                    torch.cat([rows[i] for i in active]) if len(active) < len(indices) else state,
+                    torch.cat([grads[i].reshape(-1) for i in active]),
+                    torch.cat([params[i].reshape(-1) for i in active]),
+                )
+                active_sizes = [params[i].numel() for i in active]
+                for i, piece, piece_state in zip(
+                    active, new_param.split(active_sizes), new_rows.split(active_sizes)
+                ):
+                    params[i] = piece.view(params[i].shape)
+                    rows[i] = piece_state
+                self._buckets[group_index][key] = (
+                    new_rows if len(active) == len(indices) else torch.cat(
+                        [rows[i] for i in indices])
+                )
+
+
+higher.register_optim(LSTMMetaOptimizer, DifferentiableLSTMMetaOptimizer)

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real data sets beside the repository, small real models."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (read-only)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared data folder {SHARED_DATA} is missing")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def digits(shared_data) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn digits: 1,797 images of 8x8 as float32 [n, 64] in [0, 1] and int64 labels."""
+    with gzip.open(shared_data / "sklearn_digits" / "digits.csv.gz", "rt") as stream:
+        table = np.loadtxt(stream, delimiter=",", dtype=np.float32)
+    inputs = torch.from_numpy(table[:, :64] / 16.0)
+    labels = torch.from_numpy(table[:, 64].astype(np.int64))
+    return inputs, labels

@@ -1,0 +1,205 @@
+"""N-way K-shot episodes, drawn deterministically by episode index.
+
+Every episode is a pure function of ``(seed, index)``: a run killed at episode 31,337 resumes
+with ``sampler.episodes(start=31_337)``, and distributed ranks draw disjoint episodes with
+``sampler.episodes(start=rank, step=world_size)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from learned_optim.data.dataset import FewShotDataset
+
+__all__ = ["Episode", "EpisodeSampler", "episode_generator"]
+
+
+class Episode(NamedTuple):
+    """One few-shot task: a support set D_train to adapt on and a query set D_test to score.
+
+    For classification, targets are int64 class positions ``0 .. ways - 1`` (the episode's
+    own labels, in a random class order), and both sets are ordered class by class. For
+    regression (:class:`~learned_optim.data.sinusoid.SinusoidTasks`) all four are float32
+    ``[points, 1]``.
+
+    Attributes
+    ----------
+    support_inputs : torch.Tensor
+        ``[ways * shots, ...]`` inputs of D_train.
+    support_targets : torch.Tensor
+        ``[ways * shots]`` targets of D_train.
+    query_inputs : torch.Tensor
+        ``[ways * queries, ...]`` inputs of D_test.
+    query_targets : torch.Tensor
+        ``[ways * queries]`` targets of D_test.
+    """
+
+    support_inputs: torch.Tensor
+    support_targets: torch.Tensor
+    query_inputs: torch.Tensor
+    query_targets: torch.Tensor
+
+
+def episode_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` whose state depends only on ``(seed, index)``.
+
+    The two numbers are mixed by ``numpy.random.SeedSequence`` (stable across processes
+    and Python versions, unlike the salted built-in ``hash``), so nearby seeds and indices
+    give unrelated streams.
+
+    Examples
+    --------
+    >>> a = torch.rand(2, generator=episode_generator(0, 7))
+    >>> b = torch.rand(2, generator=episode_generator(0, 7))
+    >>> bool(torch.equal(a, b))
+    True
+    """
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"episode index must be a non-negative integer, got {index!r}")
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)
+    generator = torch.Generator()
+    generator.manual_seed(int(state[0]) >> 1)  # 63 bits: fits the signed range too
+    return generator
+
+
+def _check_positive(**values: int) -> None:
+    for option, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{option} must be a positive integer, got {value!r}")
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot episodes from a :class:`FewShotDataset`.
+
+    Episode ``index`` picks ``ways`` distinct classes at random, then ``shots + queries``
+    distinct examples of each: the first ``shots`` form the support set, the rest the query
+    set. It depends only on ``(seed, index)``.
+
+    Parameters
+    ----------
+    dataset : FewShotDataset
+        Where the examples come from.
+    ways : int
+        Classes per episode (N).
+    shots : int
+        Support examples per class (K).
+    queries : int, optional
+        Query examples per class (15 in Ravi & Larochelle).
+    seed : int, optional
+        Non-negative seed; different seeds give unrelated episode streams.
+
+    Raises
+    ------
+    ValueError
+        If ``ways``, ``shots`` or ``queries`` is not positive, ``ways`` exceeds the number
+        of classes, or a class has fewer than ``shots + queries`` examples.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from learned_optim.data import FewShotDataset
+    >>> data = FewShotDataset(torch.rand(40, 1, 4, 4), torch.arange(40) % 8)
+    >>> sampler = EpisodeSampler(data, ways=3, shots=1, queries=2, seed=0)
+    >>> episode = sampler.episode(5)
+    >>> episode.support_inputs.shape, episode.query_targets.tolist()
+    (torch.Size([3, 1, 4, 4]), [0, 0, 1, 1, 2, 2])
+    >>> bool(torch.equal(episode.query_inputs, sampler.episode(5).query_inputs))
+    True
+    """
+
+    def __init__(
+        self, dataset: FewShotDataset, ways: int, shots: int, queries: int = 15, seed: int = 0
+    ) -> None:
+        _check_positive(ways=ways, shots=shots, queries=queries)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        label = f" {dataset.name!r}" if dataset.name else ""
+        if ways > dataset.num_classes:
+            raise ValueError(
+                f"ways={ways} exceeds the {dataset.num_classes} classes of data set{label}"
+            )
+        sizes = dataset.class_sizes
+        need = shots + queries
+        if int(sizes.min()) < need:
+            small = int(torch.argmin(sizes))
+            raise ValueError(
+                f"shots + queries = {shots} + {queries} = {need} exceeds the size of class "
+                f"{small} ({dataset.class_names[small]!r}, {int(sizes[small])} examples) "
+                f"of data set{label}"
+            )
+        self.dataset = dataset
+        self.ways, self.shots, self.queries, self.seed = int(ways), int(shots), int(queries), seed
+        # table[c, j] = position in dataset.inputs of the j-th example of class c (-1 = padding),
+        # so one episode is one gather, whatever the class sizes.
+        self._sizes = sizes
+        self._table = torch.full((dataset.num_classes, int(sizes.max())), -1, dtype=torch.int64)
+        for c in range(dataset.num_classes):
+            self._table[c, : int(sizes[c])] = dataset.indices_of(c)
+        self._slot = torch.arange(self._table.shape[1])
+
+    def __repr__(self) -> str:
+        return (
+            f"EpisodeSampler({self.dataset.name or 'dataset'}, ways={self.ways}, "
+            f"shots={self.shots}, queries={self.queries}, seed={self.seed})"
+        )
+
+    def episode_indices(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Which classes and examples episode ``index`` uses.
+
+        Returns
+        -------
+        classes : torch.Tensor
+            ``[ways]`` data set class indices; ``classes[t]`` gets episode target ``t``.
+        support : torch.Tensor
+            ``[ways * shots]`` positions into ``dataset.inputs``, class by class.
+        query : torch.Tensor
+            ``[ways * queries]`` positions into ``dataset.inputs``, class by class.
+        """
+        generator = episode_generator(self.seed, index)
+        classes = torch.randperm(self.dataset.num_classes, generator=generator)[: self.ways]
+        # A random key per example, padding slots pushed past every real key: sorting the
+        # keys gives a uniform draw without replacement inside every class at once.
+        keys = torch.rand(self.ways, self._table.shape[1], generator=generator)
+        keys[self._slot[None, :] >= self._sizes[classes][:, None]] = 2.0
+        picks = keys.argsort(dim=1)[:, : self.shots + self.queries]
+        rows = self._table[classes[:, None], picks]
+        return classes, rows[:, : self.shots].reshape(-1), rows[:, self.shots :].reshape(-1)
+
+    def episode(self, index: int) -> Episode:
+        """Episode number ``index`` (a non-negative integer); same index, same episode."""
+        _, support, query = self.episode_indices(index)
+        inputs = self.dataset.inputs[torch.cat([support, query])]
+        targets = torch.arange(self.ways)
+        n_support = len(support)
+        return Episode(
+            inputs[:n_support],
+            targets.repeat_interleave(self.shots),
+            inputs[n_support:],
+            targets.repeat_interleave(self.queries),
+        )
+
+    def episodes(
+        self, start: int = 0, count: int | None = None, step: int = 1
+    ) -> Iterator[Episode]:
+        """Iterate over episodes ``start, start + step, ...`` (``count`` of them, or forever).
+
+        Use ``start=rank, step=world_size`` to give distributed ranks disjoint episodes, and
+        ``start=`` the next unseen index to resume a killed run.
+        """
+        _check_positive(step=step)
+        if count is not None and count < 0:
+            raise ValueError(f"count must be non-negative or None, got {count!r}")
+        indices = (
+            itertools.count(start, step)
+            if count is None
+            else range(start, start + count * step, step)
+        )
+        for index in indices:
+            yield self.episode(index)

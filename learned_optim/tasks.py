@@ -1,0 +1,106 @@
+"""A few-shot task family: episode streams for each split, the learner, loss and score."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from learned_optim.config import MetaTrainConfig
+from learned_optim.learners import ConvLearner, SinusoidMLP
+
+__all__ = ["Task", "build_task", "accuracy", "SPLIT_SEED_OFFSETS"]
+
+# Each split draws from its own episode stream (seed + offset).
+SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Fraction of correct arg-max predictions."""
+    return (logits.argmax(dim=1) == targets).float().mean()
+
+
+def negative_mse(predictions: Tensor, targets: Tensor) -> Tensor:
+    return -F.mse_loss(predictions, targets)
+
+
+@dataclass
+class Task:
+    """What meta-training and evaluation need to know about a task family.
+
+    ``episodes(split)`` returns an object with ``episode(index)``; ``make_learner()`` a fresh
+    learner; ``loss`` the training loss; ``metric`` the reported number (accuracy, or MSE for
+    regression) with ``higher_is_better``.
+    """
+
+    config: MetaTrainConfig
+    episodes: Callable[[str], object]
+    make_learner: Callable[[], nn.Module]
+    loss: Callable[[Tensor, Tensor], Tensor]
+    metric: Callable[[Tensor, Tensor], Tensor]
+    metric_name: str
+    higher_is_better: bool
+
+
+def _classification_dataset(config: MetaTrainConfig, split: str):
+    from learned_optim.data import miniimagenet, omniglot
+
+    if config.data_root is None:
+        raise ValueError(
+            f"task {config.task!r} needs data_root (--data-root): the folder holding "
+            + ("images_background.zip and images_evaluation.zip"
+               if config.task == "omniglot" else "images/ and train.csv, val.csv, test.csv")
+        )
+    root = Path(config.data_root).expanduser()
+    if config.task == "omniglot":
+        return omniglot(root, split=split, protocol=config.protocol, image_size=config.image_size,
+                        download=bool(config.extra.get("download", False)))
+    return miniimagenet(root, split=split, image_size=config.image_size)
+
+
+def build_task(config: MetaTrainConfig) -> Task:
+    """Build the task family a (resolved) configuration describes.
+
+    >>> task = build_task(MetaTrainConfig().resolved())
+    >>> task.metric_name, task.episodes("train").episode(0).support_inputs.shape
+    ('mse', torch.Size([10, 1]))
+    """
+    config = config.resolved()
+    if config.task == "sinusoid":
+        from learned_optim.data import SinusoidTasks
+
+        def sinusoid_episodes(split: str):
+            return SinusoidTasks(config.shots, config.queries, protocol=config.protocol,
+                                 seed=config.seed + SPLIT_SEED_OFFSETS[split])
+
+        return Task(config, sinusoid_episodes, SinusoidMLP, F.mse_loss,
+                    lambda p, t: F.mse_loss(p, t), "mse", higher_is_better=False)
+
+    from learned_optim.data import EpisodeSampler
+
+    cache: dict[str, object] = {}
+
+    def classification_episodes(split: str):
+        if split not in cache:
+            dataset = _classification_dataset(config, split)
+            cache[split] = EpisodeSampler(dataset, config.ways, config.shots, config.queries,
+                                          seed=config.seed + SPLIT_SEED_OFFSETS[split])
+        return cache[split]
+
+    channels = 1 if config.task == "omniglot" else 3
+
+    def make_learner() -> nn.Module:
+        return ConvLearner(channels, config.ways, config.filters, config.image_size,
+                           config.bn_momentum)
+
+    return Task(config, classification_episodes, make_learner, F.cross_entropy, accuracy,
+                "accuracy", higher_is_better=True)
+
+
+def to_device(episode, device: torch.device | str):
+    """Move an episode's four tensors to ``device``."""
+    return type(episode)(*(t.to(device) for t in episode))

@@ -33,6 +33,7 @@ __all__ = [
     "available_pretrained",
     "load_checkpoint",
     "load_learned_init",
+    "load_update_rule",
     "resolve_checkpoint",
     "save_checkpoint",
     "write_atomic",
@@ -56,7 +57,8 @@ class Checkpoint:
     Attributes
     ----------
     meta_learner:
-        The update rule, ready for :class:`learned_optim.LSTMMetaOptimizer`.
+        The update rule, ready for :class:`learned_optim.LSTMMetaOptimizer` (``None`` for the
+        MAML and Meta-SGD baselines, see ``method``).
     learned_init:
         Learner parameter name -> initial value, or ``None`` for a rule-only checkpoint.
     record:
@@ -69,6 +71,9 @@ class Checkpoint:
     learned_init: dict[str, Tensor] | None
     record: dict = field(default_factory=dict)
     path: Path | None = None
+    method: str = "lstm"
+    inner_lr: float | None = None  # maml
+    learning_rates: dict[str, Tensor] | None = None  # metasgd, by learner parameter name
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -114,9 +119,30 @@ def _init_tensors(learned_init: nn.Module | dict[str, Tensor] | None) -> dict[st
     return {name: tensor.detach().cpu().contiguous() for name, tensor in learned_init.items()}
 
 
+def _rule_tensors_and_record(rule) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and record entries of an update rule: the LSTM, or a baseline's."""
+    from learned_optim.baselines import MetaSGDRates
+
+    if isinstance(rule, MetaLearnerLSTM):
+        tensors = {f"rule/{n}": t.detach().cpu().contiguous() for n, t in rule.named_parameters()}
+        return tensors, {"method": "lstm",
+                         "meta_learner": {"class": "MetaLearnerLSTM", **rule.hyperparameters()}}
+    if isinstance(rule, MetaSGDRates):
+        rates = {n: t.detach().cpu().contiguous() for n, t in rule.as_dict().items()}
+        return ({f"rule/{n}": t for n, t in rates.items()},
+                {"method": "metasgd",
+                 "learning_rates": {n: list(t.shape) for n, t in rates.items()}})
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool) and rule > 0:
+        return {}, {"method": "maml", "inner_lr": float(rule)}
+    raise TypeError(
+        "meta_learner must be a MetaLearnerLSTM, a MetaSGDRates or a positive MAML step size, "
+        f"got {type(rule).__name__}"
+    )
+
+
 def save_checkpoint(
     path: str | os.PathLike,
-    meta_learner: MetaLearnerLSTM,
+    meta_learner: MetaLearnerLSTM | Any,
     *,
     learned_init: nn.Module | dict[str, Tensor] | None = None,
     config: Any = None,
@@ -131,7 +157,8 @@ def save_checkpoint(
     path:
         Destination (conventionally ``*.safetensors``).
     meta_learner:
-        The update rule.
+        The update rule: a :class:`MetaLearnerLSTM`; for the baselines a
+        :class:`~learned_optim.baselines.MetaSGDRates` or MAML's step size (a float).
     learned_init:
         The learner (its parameters are stored under their names) or a name -> tensor mapping.
     config:
@@ -150,16 +177,13 @@ def save_checkpoint(
     >>> sorted(loaded.learned_init), loaded.record["metrics"]
     (['bias', 'weight'], {'accuracy': 0.5})
     """
-    if not isinstance(meta_learner, MetaLearnerLSTM):
-        raise TypeError(f"meta_learner must be a MetaLearnerLSTM, got {type(meta_learner)}")
+    tensors, rule_record = _rule_tensors_and_record(meta_learner)
     init = _init_tensors(learned_init)
-    tensors = {f"rule/{name}": t.detach().cpu().contiguous()
-               for name, t in meta_learner.named_parameters()}
     tensors.update({f"init/{name}": tensor for name, tensor in init.items()})
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "meta_learner": {"class": "MetaLearnerLSTM", **meta_learner.hyperparameters()},
+        **rule_record,
         "learned_init": (
             {"parameters": {name: list(t.shape) for name, t in init.items()}} if init else None
         ),
@@ -193,7 +217,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def _read_record(path: Path, data: bytes) -> dict:
+def read_header_record(path: Path, data: bytes, expected_format: str = FORMAT) -> dict:
     """Parse the header without trusting it: size, JSON, our format key and version."""
     if len(data) < 8:
         raise CheckpointError(f"{path}: truncated file ({len(data)} bytes), not a checkpoint")
@@ -216,7 +240,7 @@ def _read_record(path: Path, data: bytes) -> dict:
         record = json.loads(metadata[RECORD_KEY])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: the {RECORD_KEY!r} record is not valid JSON") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+    if not isinstance(record, dict) or record.get("format") != expected_format:
         raise CheckpointError(f"{path}: foreign record (format {record.get('format')!r})")
     version = record.get("format_version")
     if not isinstance(version, int) or version < 1:
@@ -279,13 +303,41 @@ def load_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
     """
     path = resolve_checkpoint(name_or_path)
     data = path.read_bytes()
-    record = _read_record(path, data)
+    record = read_header_record(path, data)
     try:
         tensors = load_safetensors_bytes(data)
     except Exception as error:  # safetensors raises its own error types for damaged bodies
         raise CheckpointError(f"{path}: corrupt tensor data ({error})") from None
-    meta_learner = _build_meta_learner(path, record, tensors)
-    return Checkpoint(meta_learner, _learned_init(path, record, tensors), record, path)
+    init = _learned_init(path, record, tensors)
+    method = record.get("method", "lstm")
+    if method == "lstm":
+        return Checkpoint(_build_meta_learner(path, record, tensors), init, record, path)
+    if method == "maml":
+        inner_lr = record.get("inner_lr")
+        if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
+            raise CheckpointError(f"{path}: invalid MAML inner_lr {inner_lr!r}")
+        return Checkpoint(None, init, record, path, method, inner_lr=float(inner_lr))
+    if method == "metasgd":
+        rates = {}
+        for name, shape in (record.get("learning_rates") or {}).items():
+            stored = tensors.get(f"rule/{name}")
+            if stored is None or list(stored.shape) != list(shape):
+                raise CheckpointError(f"{path}: Meta-SGD step sizes 'rule/{name}' missing or "
+                                      f"not of shape {tuple(shape)}")
+            rates[name] = stored
+        return Checkpoint(None, init, record, path, method, learning_rates=rates)
+    raise CheckpointError(f"{path}: unknown update-rule method {method!r}")
+
+
+def load_update_rule(name_or_path: str | os.PathLike) -> MetaLearnerLSTM:
+    """The meta-learner of a Meta-Learner LSTM checkpoint (refuses the baselines' files)."""
+    checkpoint = load_checkpoint(name_or_path)
+    if checkpoint.meta_learner is None:
+        raise CheckpointError(
+            f"{checkpoint.path}: a {checkpoint.method!r} baseline checkpoint has no LSTM update "
+            "rule; use learned_optim.finetune with it instead"
+        )
+    return checkpoint.meta_learner
 
 
 def read_record(name_or_path: str | os.PathLike) -> dict:

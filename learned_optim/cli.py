@@ -1,0 +1,179 @@
+"""``learned-optim``: a thin command line over :func:`meta_train` and :func:`evaluate`.
+
+Examples::
+
+    learned-optim meta-train                         # sinusoid, a few minutes on a CPU
+    learned-optim meta-train --task omniglot --data-root DATA --ways 5 --shots 1
+    learned-optim meta-train --config configs/omniglot-5w1s.toml --resume
+    learned-optim evaluate runs/omniglot-5w1s-lstm/best.safetensors --baselines sgd,adam,nn
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from learned_optim.config import METHODS, TASKS, MetaTrainConfig, load_config
+
+__all__ = ["main", "build_parser"]
+
+# Options of the meta-train command that map one-to-one onto MetaTrainConfig fields.
+_CONFIG_OPTIONS = {
+    "task": (str, "task family", TASKS),
+    "method": (str, "what is meta-learned: the LSTM rule or a baseline", METHODS),
+    "data_root": (str, "folder of the data set (Omniglot zips, miniImageNet images+CSVs)", None),
+    "protocol": (str, "omniglot split (vinyals|lake) or sinusoid family (maml|metasgd)", None),
+    "ways": (int, "classes per episode (N)", None),
+    "shots": (int, "support examples per class (K), or support points (sinusoid)", None),
+    "queries": (int, "query examples per class (default 15)", None),
+    "inner_steps": (int, "updates per episode (T)", None),
+    "meta_batch": (int, "episodes per meta-update", None),
+    "meta_steps": (int, "meta-updates to run", None),
+    "meta_lr": (float, "Adam learning rate (default 1e-3)", None),
+    "grad_clip": (float, "global meta-gradient norm clip (default 0.25)", None),
+    "hidden_size": (int, "meta-learner LSTM hidden size (default 20)", None),
+    "filters": (int, "conv learner filters", None),
+    "image_size": (int, "input side in pixels", None),
+    "bn_momentum": (float, "BatchNorm momentum of the learner", None),
+    "inner_lr": (float, "MAML step size / Meta-SGD initial step size", None),
+    "validate_every": (int, "meta-updates between validations", None),
+    "val_episodes": (int, "validation episodes", None),
+    "checkpoint_every": (int, "meta-updates between saved states", None),
+    "seed": (int, "random seed", None),
+    "run_dir": (str, "run folder (default runs/<task>-...)", None),
+    "device": (str, "cpu, cuda, cuda:1, ...", None),
+}
+
+
+def _add_meta_train(commands) -> None:
+    parser = commands.add_parser("meta-train", help="meta-train an update rule (and learned init)",
+                                 description="Meta-train and save checkpoints in a run folder; "
+                                             "with no options: the sinusoid task.")
+    parser.add_argument("--config", type=Path, help="TOML or JSON file of MetaTrainConfig fields")
+    for name, (kind, text, choices) in _CONFIG_OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text,
+                            choices=choices, default=None)
+    parser.add_argument("--second-order", action="store_true", default=None,
+                        help="full second-order meta-gradients (default: first order)")
+    parser.add_argument("--no-learned-init", dest="learned_init", action="store_false",
+                        default=None, help="keep the learner's initial weights fixed")
+    parser.add_argument("--download", action="store_true",
+                        help="download a missing public data set (Omniglot)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--test-episodes", type=int, default=600,
+                        help="test episodes evaluated after training (0: skip)")
+    parser.add_argument("--baselines", default="sgd,adam",
+                        help="baselines evaluated beside the result (comma list, '' for none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="few-shot evaluation with 95%% CIs")
+    parser.add_argument("checkpoint", help="checkpoint path or shipped name")
+    parser.add_argument("--task", choices=TASKS)
+    parser.add_argument("--data-root")
+    parser.add_argument("--ways", type=int)
+    parser.add_argument("--shots", type=int)
+    parser.add_argument("--inner-steps", type=int)
+    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument("--baselines", default="",
+                        help="comma list of sgd,adam,maml,metasgd,nn")
+    parser.add_argument("--maml", help="MAML checkpoint for the maml baseline")
+    parser.add_argument("--metasgd", help="Meta-SGD checkpoint for the metasgd baseline")
+    parser.add_argument("--tune-episodes", type=int, default=50,
+                        help="validation episodes used to choose SGD/Adam learning rates")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="learned-optim", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_meta_train(commands)
+    _add_evaluate(commands)
+    return parser
+
+
+def _config_from(args) -> MetaTrainConfig:
+    base = load_config(args.config) if args.config else MetaTrainConfig()
+    changes = {name: getattr(args, name) for name in _CONFIG_OPTIONS
+               if getattr(args, name) is not None}
+    if args.second_order:
+        changes["first_order"] = False
+    if args.learned_init is not None:
+        changes["learned_init"] = args.learned_init
+    if args.download:
+        changes["extra"] = {**base.extra, "download": True}
+    return dataclasses.replace(base, **changes)
+
+
+def _baselines(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _meta_train(args) -> int:
+    from learned_optim.evaluate import evaluate
+    from learned_optim.train import meta_train, read_log
+
+    config = _config_from(args).resolved()
+    best = meta_train(config, resume=args.resume, progress=not args.no_progress)
+    log = read_log(config.run_dir)
+    key = next(k for k in log[0] if k.startswith("val_") and not k.endswith("ci95"))
+    validations = [e for e in log if key in e]
+    start, best_entry = validations[0], None
+    for entry in validations:
+        better = best_entry is None or (entry[key] > best_entry[key] if key == "val_accuracy"
+                                        else entry[key] < best_entry[key])
+        if better:
+            best_entry = entry
+    print(f"validation {key[4:]}: untrained {start[key]:.4f} +- {start[key + '_ci95']:.4f}, "
+          f"best {best_entry[key]:.4f} +- {best_entry[key + '_ci95']:.4f} "
+          f"(meta-step {best_entry['step']})")
+    print(f"best checkpoint: {best}")
+    if args.test_episodes > 0:
+        report = evaluate(best, episodes=args.test_episodes, baselines=_baselines(args.baselines),
+                          device=config.device)
+        print(f"\ntest split, {args.test_episodes} episodes:")
+        print(report.to_markdown())
+        report.write_json(Path(config.run_dir) / "test_results.json")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from learned_optim.evaluate import evaluate
+
+    report = evaluate(
+        args.checkpoint, task=args.task, ways=args.ways, shots=args.shots,
+        inner_steps=args.inner_steps, data_root=args.data_root, episodes=args.episodes,
+        split=args.split, baselines=_baselines(args.baselines),
+        baseline_checkpoints={k: v for k, v in (("maml", args.maml),
+                                                ("metasgd", args.metasgd)) if v},
+        tune_episodes=args.tune_episodes, device=args.device)
+    print(json.dumps(report.setting))
+    print(report.to_markdown())
+    if args.json:
+        report.write_json(args.json)
+    if args.markdown:
+        args.markdown.write_text(report.to_markdown() + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``learned-optim`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "meta-train":
+            return _meta_train(args)
+        return _evaluate(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        print(f"learned-optim {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

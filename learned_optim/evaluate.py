@@ -1,0 +1,202 @@
+"""Few-shot evaluation of a checkpoint, with the usual baselines on the same episodes.
+
+Every method adapts the same learner, from the same initial weights, for the same number of
+steps, on the same test episodes, and is scored on the query set with the non-transductive
+BatchNorm protocol (running statistics of the episode's own support set).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from learned_optim.checkpoint import Checkpoint, load_checkpoint, load_learned_init
+from learned_optim.config import MetaTrainConfig
+from learned_optim.learners import reset_batchnorm
+from learned_optim.stats import Summary, summarize
+from learned_optim.tasks import Task, build_task, to_device
+from learned_optim.train import evaluate_rule
+
+__all__ = ["evaluate", "EvaluationReport", "BASELINES", "nearest_neighbour_score"]
+
+BASELINES = ("sgd", "adam", "maml", "metasgd", "nn")
+LR_GRIDS = {
+    "sgd": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+    "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
+}
+
+
+@dataclass
+class EvaluationReport:
+    """Results of :func:`evaluate`: one :class:`Summary` per method, plus the setting."""
+
+    metric: str
+    split: str
+    setting: dict
+    results: dict[str, Summary] = field(default_factory=dict)
+    details: dict[str, dict] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"metric": self.metric, "split": self.split, "setting": self.setting,
+                "results": {name: {**s.as_dict(), **self.details.get(name, {})}
+                            for name, s in self.results.items()}}
+
+    def to_markdown(self) -> str:
+        scale = 100.0 if self.metric == "accuracy" else 1.0
+        unit = " (%)" if self.metric == "accuracy" else ""
+        lines = [f"| method | {self.metric}{unit} | 95% CI | episodes | notes |",
+                 "|---|---|---|---|---|"]
+        for name, summary in self.results.items():
+            notes = ", ".join(f"{k} {v}" for k, v in self.details.get(name, {}).items())
+            lines.append(f"| {name} | {summary.mean * scale:.2f} | {summary.ci95 * scale:.2f} | "
+                         f"{summary.n} | {notes} |")
+        return "\n".join(lines)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(), indent=2))
+
+
+def nearest_neighbour_score(learner: nn.Module, episode, task: Task) -> float:
+    """1-nearest-neighbour in the learner's feature space (its ``features`` module, else the
+    raw inputs); BatchNorm statistics come from the support set alone."""
+    features = getattr(learner, "features", None)
+    with torch.no_grad():
+        if features is None:
+            support, query = episode.support_inputs.flatten(1), episode.query_inputs.flatten(1)
+        else:
+            import copy
+
+            extractor = copy.deepcopy(features)
+            reset_batchnorm(extractor)
+            for module in extractor.modules():  # exact support statistics in one pass
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = None
+            extractor.train()
+            support = extractor(episode.support_inputs).flatten(1)
+            extractor.eval()
+            query = extractor(episode.query_inputs).flatten(1)
+        nearest = torch.cdist(query, support).argmin(dim=1)
+        return task.metric(_nn_predictions(episode.support_targets[nearest], task),
+                           episode.query_targets).item()
+
+
+def _nn_predictions(targets: Tensor, task: Task) -> Tensor:
+    if task.metric_name != "accuracy":
+        return targets
+    # The metric takes logits: a one-hot score row per query.
+    ways = int(targets.max()) + 1
+    return nn.functional.one_hot(targets, ways).float()
+
+
+def _learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.Module, str]:
+    torch.manual_seed(task.config.seed)
+    learner = task.make_learner()
+    if checkpoint.learned_init is None:
+        return learner.to(device), "random init"
+    report = load_learned_init(learner, checkpoint, strict=False)
+    note = "learned init" if not (report.missing or report.mismatched) else (
+        f"learned init except {report.missing + report.mismatched}")
+    return learner.to(device), note
+
+
+def _tune_lr(name, learner, task, steps, tune_episodes, device) -> tuple[float, Summary]:
+    factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
+    best = None
+    for lr in LR_GRIDS[name]:
+        summary = evaluate_rule(learner, functools.partial(factory, lr=lr), task.episodes("val"),
+                                range(tune_episodes), steps, task, device)
+        better = best is None or (summary.mean > best[1].mean if task.higher_is_better
+                                  else summary.mean < best[1].mean)
+        if better:
+            best = (lr, summary)
+    return best
+
+
+def evaluate(
+    checkpoint: str | os.PathLike | Checkpoint,
+    *,
+    task: str | None = None,
+    ways: int | None = None,
+    shots: int | None = None,
+    inner_steps: int | None = None,
+    data_root: str | None = None,
+    episodes: int = 600,
+    split: str = "test",
+    baselines: Sequence[str] = (),
+    baseline_checkpoints: dict[str, str | os.PathLike] | None = None,
+    tune_episodes: int = 50,
+    device: str = "cpu",
+) -> EvaluationReport:
+    """Mean query score with 95% CI of a checkpoint and of baselines, on the same episodes.
+
+    The setting (task, ways, shots, T, data) comes from the checkpoint's configuration unless
+    overridden. SGD and Adam fine-tune the same learner from the same initial weights, with the
+    learning rate chosen on ``tune_episodes`` validation episodes; MAML and Meta-SGD need
+    checkpoints meta-trained with ``learned-optim meta-train --method maml|metasgd``;
+    ``nn`` is 1-nearest-neighbour in the learner's feature space.
+    """
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINES}")
+    if episodes < 1:
+        raise ValueError(f"episodes must be positive, got {episodes}")
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    saved = dict(checkpoint.record.get("config") or {})
+    overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
+                 "data_root": data_root}
+    saved.update({k: v for k, v in overrides.items() if v is not None})
+    if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
+        saved["inner_steps"] = None  # let the task default follow the new shot count
+    if "queries" in saved and shots is not None and saved.get("task") == "sinusoid":
+        saved["queries"] = None
+    saved["device"] = device
+    config = MetaTrainConfig.from_dict(saved).resolved()
+    the_task = build_task(config)
+    steps = config.inner_steps
+    indices = range(episodes)
+    source = the_task.episodes(split)
+    learner, init_note = _learner_with_init(the_task, checkpoint, device)
+    report = EvaluationReport(
+        the_task.metric_name, split,
+        {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
+         "queries": config.queries, "checkpoint": str(checkpoint.path)})
+    name = {"lstm": "meta-learner LSTM"}.get(checkpoint.method, checkpoint.method)
+    report.results[name] = evaluate_rule(learner, checkpoint, source, indices, steps, the_task,
+                                         device)
+    report.details[name] = {"init": init_note}
+    for baseline in baselines:
+        if baseline in ("sgd", "adam"):
+            lr, tuned = _tune_lr(baseline, learner, the_task, steps, tune_episodes, device)
+            factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[baseline]
+            report.results[baseline] = evaluate_rule(learner, functools.partial(factory, lr=lr),
+                                                     source, indices, steps, the_task, device)
+            report.details[baseline] = {"lr": lr, "init": init_note}
+        elif baseline in ("maml", "metasgd"):
+            path = (baseline_checkpoints or {}).get(baseline)
+            if path is None:
+                raise ValueError(
+                    f"baseline {baseline!r} needs a checkpoint meta-trained with "
+                    f"`learned-optim meta-train --method {baseline}` (pass --{baseline} PATH)")
+            other = load_checkpoint(path)
+            if other.method != baseline:
+                raise ValueError(f"{path} is a {other.method!r} checkpoint, not {baseline!r}")
+            other_learner, other_note = _learner_with_init(the_task, other, device)
+            report.results[baseline] = evaluate_rule(other_learner, other, source, indices,
+                                                     steps, the_task, device)
+            report.details[baseline] = {"init": other_note}
+        else:
+            scores = [nearest_neighbour_score(learner, to_device(source.episode(i), device),
+                                              the_task) for i in indices]
+            report.results["nn"] = summarize(scores)
+            report.details["nn"] = {"features": "learner features" if hasattr(
+                learner, "features") else "raw inputs"}
+    return report

@@ -1,0 +1,116 @@
+"""A run folder: configuration, metrics log, resumable training state, best checkpoint.
+
+The training state is a safetensors file (module and Adam tensors) with a JSON record (step,
+best score, configuration, Adam's hyper-parameters): no pickle, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from learned_optim.checkpoint import CheckpointError, read_header_record, write_atomic
+
+__all__ = ["RunFolder", "save_training_state", "load_training_state"]
+
+STATE_FORMAT = "learned_optim.training_state"
+STATE_VERSION = 1
+
+
+class RunFolder:
+    """Paths and the append-only metrics log of one run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / "config.json"
+        self.log_path = self.path / "metrics.jsonl"
+        self.state_path = self.path / "last.state.safetensors"
+        self.best_path = self.path / "best.safetensors"
+
+    def start(self, config) -> None:
+        """Begin a new run; refuses to overwrite one that could be resumed."""
+        if self.state_path.exists():
+            raise FileExistsError(
+                f"{self.path} already holds a run ({self.state_path.name}): resume it with "
+                "--resume (resume=True) or choose another run_dir"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.config_path, json.dumps(config.to_dict(), indent=2).encode())
+        write_atomic(self.log_path, b"")
+
+    def log(self, entry: dict) -> None:
+        with self.log_path.open("a") as stream:
+            stream.write(json.dumps(entry) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """Drop entries logged after ``step`` (by a run killed before its next state save)."""
+        if not self.log_path.exists():
+            return
+        kept = [line for line in self.log_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        write_atomic(self.log_path, "".join(line + "\n" for line in kept).encode())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_training_state(path, *, modules: dict[str, nn.Module], optimizer, record: dict) -> Path:
+    """Write modules' state dicts, the optimizer's state and ``record`` atomically."""
+    tensors = {f"module/{name}/{key}": value.detach().cpu().contiguous()
+               for name, module in modules.items()
+               for key, value in module.state_dict().items()}
+    optimizer_tensors, optimizer_record = _optimizer_tensors(optimizer)
+    tensors.update(optimizer_tensors)
+    tensors["rng/torch"] = torch.get_rng_state()
+    full = {"format": STATE_FORMAT, "format_version": STATE_VERSION, **record,
+            "optimizer": optimizer_record}
+    return write_atomic(path, safetensors_bytes(tensors, metadata={"learned_optim":
+                                                                   json.dumps(full)}))
+
+
+def load_training_state(path, *, modules: dict[str, nn.Module], optimizer) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns its record."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state to resume at {path}")
+    data = path.read_bytes()
+    record = read_header_record(path, data, expected_format=STATE_FORMAT)
+    if record["format_version"] > STATE_VERSION:
+        raise CheckpointError(f"{path}: training state from a newer learned_optim")
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as error:
+        raise CheckpointError(f"{path}: corrupt tensor data ({error})") from None
+    for name, module in modules.items():
+        prefix = f"module/{name}/"
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(own)
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: saved {name} does not match: {error}") from None
+    optimizer_record = record["optimizer"]
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in optimizer_record["scalars"].items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer_record["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    return record

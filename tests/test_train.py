@@ -1,0 +1,147 @@
+"""Meta-training: the routine, its run folder, resumption after SIGKILL, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from learned_optim import load_checkpoint
+from learned_optim import train as train_module
+from learned_optim.config import MetaTrainConfig, load_config
+from learned_optim.train import MetaTrainer, meta_train, read_log
+
+FAST = dict(meta_batch=2, val_episodes=5, validate_every=10, checkpoint_every=5)
+
+
+def test_run_folder_holds_config_log_state_and_best(tmp_path):
+    config = MetaTrainConfig(meta_steps=12, run_dir=str(tmp_path / "run"), **FAST)
+    best = meta_train(config, progress=False)
+    folder = tmp_path / "run"
+    assert best == folder / "best.safetensors"
+    log = read_log(folder)
+    assert [e["step"] for e in log if "meta_loss" in e] == list(range(1, 13))
+    assert [e["step"] for e in log if "val_mse" in e] == [0, 10, 12]
+    checkpoint = load_checkpoint(best)
+    assert checkpoint.record["config"]["meta_steps"] == 12
+    assert checkpoint.record["config"]["inner_steps"] == 5
+    assert set(checkpoint.learned_init) == {"features.0.weight", "features.0.bias",
+                                            "features.2.weight", "features.2.bias",
+                                            "head.weight", "head.bias"}
+    assert checkpoint.record["metrics"]["val_episodes"] == 5
+
+
+def test_meta_training_updates_rule_and_init(tmp_path):
+    config = MetaTrainConfig(meta_steps=3, run_dir=str(tmp_path / "run"), **FAST)
+    trainer = MetaTrainer(config, progress=False)
+    rule = [p.detach().clone() for p in trainer.rule.parameters()]
+    init = [p.detach().clone() for p in trainer.learner.parameters()]
+    trainer.meta_step()
+    assert all(not torch.equal(a, b) for a, b in zip(rule, trainer.rule.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(init, trainer.learner.parameters()))
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    config = MetaTrainConfig(meta_steps=1, run_dir=str(tmp_path / "run"), **FAST)
+    meta_train(config, progress=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        meta_train(config, progress=False)
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    config = MetaTrainConfig(meta_steps=1, run_dir=str(tmp_path / "run"), **FAST)
+    meta_train(config, progress=False)
+    changed = MetaTrainConfig(meta_steps=2, run_dir=str(tmp_path / "run"), shots=5,
+                              **FAST)
+    with pytest.raises(ValueError, match=r"differs in \['queries', 'shots'\]"):
+        meta_train(changed, resume=True, progress=False)
+
+
+def test_resume_without_state_is_a_clear_error(tmp_path):
+    config = MetaTrainConfig(meta_steps=1, run_dir=str(tmp_path / "none"), **FAST)
+    with pytest.raises(FileNotFoundError, match="no training state to resume"):
+        meta_train(config, resume=True, progress=False)
+
+
+def test_non_finite_meta_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    config = MetaTrainConfig(meta_steps=20, run_dir=str(tmp_path / "run"), **FAST)
+    real = train_module.episode_query_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, metric = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 12 else loss), metric
+
+    monkeypatch.setattr(train_module, "episode_query_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"meta-loss is nan at meta-step 7.*last good"):
+        meta_train(config, progress=False)
+    state = load_file(tmp_path / "run" / "last.state.safetensors")
+    assert all(torch.isfinite(t).all() for k, t in state.items() if t.is_floating_point())
+    assert load_checkpoint(tmp_path / "run" / "best.safetensors").record["card"]["meta_steps"] == 0
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "learned_optim.cli", "meta-train", "--no-progress",
+            "--test-episodes", "0", "--meta-batch", "2", "--val-episodes", "3",
+            "--validate-every", "10", "--checkpoint-every", "5", "--meta-steps", "40", *args]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli("--run-dir", str(reference)), check=True, env=env, timeout=300)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli("--run-dir", str(killed)), env=env)
+    log = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if sum('"meta_loss"' in line for line in lines) >= 17:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    partial = read_log(killed)
+    assert max(e["step"] for e in partial) < 40  # really interrupted
+
+    subprocess.run(_cli("--run-dir", str(killed), "--resume"), check=True, env=env, timeout=300)
+    ours = load_file(killed / "last.state.safetensors")
+    theirs = load_file(reference / "last.state.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        if key.startswith(("module/", "optimizer/")):
+            assert torch.equal(ours[key], theirs[key]), key
+    steps = [e["step"] for e in read_log(killed) if "meta_loss" in e]
+    assert steps == list(range(1, 41))  # the log has no duplicated or missing steps
+
+
+def test_config_file_and_its_errors(tmp_path):
+    good = tmp_path / "run.toml"
+    good.write_text('task = "omniglot"\nshots = 5\nways = 20\n')
+    config = load_config(good).resolved()
+    assert (config.ways, config.shots, config.inner_steps, config.bn_momentum) == (20, 5, 8, 0.95)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "omniglot"\nshotz = 5\n')
+    expected = r"bad.toml: unknown configuration option\(s\) \['shotz'\]"
+    with pytest.raises(ValueError, match=expected):
+        load_config(bad)
+    with pytest.raises(ValueError, match="task must be one of"):
+        MetaTrainConfig(task="cifar")
+    with pytest.raises(ValueError, match="meta_batch must be a positive integer"):
+        MetaTrainConfig(meta_batch=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(Path(tmp_path / "missing.toml"))
+
+
+def test_classification_task_without_data_root_says_what_to_pass(tmp_path):
+    config = MetaTrainConfig(task="omniglot", run_dir=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="data_root.*images_background.zip"):
+        MetaTrainer(config, progress=False)

@@ -42,6 +42,8 @@ _CONFIG_OPTIONS = {
     "validate_every": (int, "meta-updates between validations", None),
     "val_episodes": (int, "validation episodes", None),
     "checkpoint_every": (int, "meta-updates between saved states", None),
+    "init_from": (str, "start from this checkpoint's rule and learned init", None),
+    "max_time_s": (float, "stop after this many seconds of training (validated, saved)", None),
     "seed": (int, "random seed", None),
     "run_dir": (str, "run folder (default runs/<task>-...)", None),
     "device": (str, "cpu, cuda, cuda:1, ...", None),

@@ -53,6 +53,8 @@ class MetaTrainConfig:
     validate_every: int | None = None
     val_episodes: int | None = None
     checkpoint_every: int | None = None
+    init_from: str | None = None  # start from a checkpoint's rule and learned init
+    max_time_s: float | None = None  # stop (validated and saved) after this much training time
     seed: int = 0
     run_dir: str | None = None
     device: str = "cpu"
@@ -72,6 +74,8 @@ class MetaTrainConfig:
         for name in ("meta_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            raise ValueError(f"max_time_s must be positive, got {self.max_time_s!r}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum!r}")
 

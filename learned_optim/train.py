@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from learned_optim.baselines import MetaSGDRates, PerCoordinateSGD
-from learned_optim.checkpoint import save_checkpoint
+from learned_optim.checkpoint import load_checkpoint, load_learned_init, save_checkpoint
 from learned_optim.config import MetaTrainConfig
 from learned_optim.finetune import finetune
 from learned_optim.learners import reset_batchnorm
@@ -129,7 +129,26 @@ class MetaTrainer:
         if resume:
             self._resume()
         else:
+            if config.init_from:
+                self._warm_start(config.init_from)
             self.folder.start(config)
+
+    def _warm_start(self, path: str) -> None:
+        """Continue from a checkpoint's update rule and learned init (a new Adam state)."""
+        checkpoint = load_checkpoint(path)
+        if checkpoint.method != self.config.method:
+            raise ValueError(f"init_from {path} is a {checkpoint.method!r} checkpoint, this run "
+                             f"trains {self.config.method!r}")
+        with torch.no_grad():
+            if checkpoint.meta_learner is not None:
+                for ours, theirs in zip(self.rule.parameters(),
+                                        checkpoint.meta_learner.parameters()):
+                    ours.copy_(theirs)
+            if checkpoint.learning_rates is not None:
+                for name, rate in zip(self.rule.names, self.rule.rates):
+                    rate.copy_(checkpoint.learning_rates[name])
+        if checkpoint.learned_init is not None:
+            load_learned_init(self.learner, checkpoint)
 
     # --- state -------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
@@ -150,7 +169,7 @@ class MetaTrainer:
                                      optimizer=self.adam)
         saved = MetaTrainConfig.from_dict(record["config"])
         mine, theirs = self.config.to_dict(), saved.to_dict()
-        changed = sorted(k for k in mine if k not in ("meta_steps", "device") and
+        changed = sorted(k for k in mine if k not in ("meta_steps", "device", "max_time_s") and
                          mine[k] != theirs[k])
         if changed:
             raise ValueError(
@@ -242,11 +261,14 @@ class MetaTrainer:
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{entry['meta_loss']:.4f}",
                                 **{self.task.metric_name: f"{entry[list(entry)[2]]:.4f}"})
-                last = self.step == config.meta_steps
+                out_of_time = config.max_time_s is not None and self.elapsed >= config.max_time_s
+                last = self.step == config.meta_steps or out_of_time
                 if self.step % config.validate_every == 0 or last:
                     self._record_validation(self.validate())
                 if self.step % config.checkpoint_every == 0 or last:
                     self.save_state()
+                if out_of_time:
+                    break
         return self.folder.best_path
 
 

@@ -6,6 +6,7 @@ Examples::
     learned-optim meta-train --task omniglot --data-root DATA --ways 5 --shots 1
     learned-optim meta-train --config configs/omniglot-5w1s.toml --resume
     learned-optim evaluate runs/omniglot-5w1s-lstm/best.safetensors --baselines sgd,adam,nn
+    learned-optim plot runs/omniglot-5w1s-lstm        # curves.png from metrics.jsonl
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from learned_optim import distributed
 from learned_optim.config import METHODS, TASKS, MetaTrainConfig, load_config
 
 __all__ = ["main", "build_parser"]
@@ -93,11 +95,32 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
 
 
+def _add_plot(commands) -> None:
+    parser = commands.add_parser("plot", help="draw a run's metrics.jsonl as PNG curves",
+                                 description="Draw the meta-loss, training and validation curves "
+                                             "of a meta-training run (needs matplotlib: "
+                                             "pip install \"learned_optim[plot]\").")
+    parser.add_argument("run_dir", type=Path, help="run folder holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, help="output PNG (default RUN_DIR/curves.png)")
+
+
+def _plot(args) -> int:
+    from learned_optim.plots import plot_run
+
+    try:
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
+    except ImportError as error:  # matplotlib missing: say which extra to install
+        print(f"learned-optim plot: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learned-optim", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_meta_train(commands)
     _add_evaluate(commands)
+    _add_plot(commands)
     return parser
 
 
@@ -124,6 +147,8 @@ def _meta_train(args) -> int:
 
     config = _config_from(args).resolved()
     best = meta_train(config, resume=args.resume, progress=not args.no_progress)
+    if not distributed.is_main():  # under torchrun: rank 0 reports and runs the test episodes
+        return 0
     log = read_log(config.run_dir)
     key = next(k for k in log[0] if k.startswith("val_") and not k.endswith("ci95"))
     validations = [e for e in log if key in e]
@@ -171,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "meta-train":
             return _meta_train(args)
+        if args.command == "plot":
+            return _plot(args)
         return _evaluate(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        print(f"learned-optim {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
+            distributed.DistributedError) as error:
+        rank, size = distributed.world()
+        where = f" (rank {rank} of {size})" if size > 1 else ""
+        print(f"learned-optim {args.command}{where}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,10 @@ The same routine trains the Meta-Learner LSTM and, for fair comparisons, the MAM
 baselines (``config.method``). A run folder holds ``config.json``, ``metrics.jsonl`` (one line
 per meta-step and per validation), ``last.state.safetensors`` (everything needed to resume) and
 ``best.safetensors`` (the checkpoint with the best validation score).
+
+Under ``torchrun`` the same routine runs in every process: each rank takes its share of every
+meta-batch and of the validation episodes, one all-reduce sums the meta-gradients, and rank 0
+alone writes the run folder (:mod:`learned_optim.distributed`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from learned_optim import distributed
 from learned_optim.baselines import MetaSGDRates, PerCoordinateSGD
 from learned_optim.checkpoint import load_checkpoint, load_learned_init, save_checkpoint
 from learned_optim.config import MetaTrainConfig
@@ -31,7 +36,7 @@ from learned_optim.runstate import RunFolder, load_training_state, save_training
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 
-__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule"]
+__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores"]
 
 
 def _detach_all(grads):
@@ -88,8 +93,8 @@ def episode_query_loss(learner, opt, step_kwargs, episode, steps, task: Task, le
                                                                     episode.query_targets)
 
 
-def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> Summary:
-    """Mean query metric with its 95% CI, adapting through :func:`finetune` (test protocol)."""
+def query_scores(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> list[float]:
+    """The query metric of each episode in ``indices``, adapting through :func:`finetune`."""
     scores = []
     for index in indices:
         episode = to_device(episodes.episode(index), device)
@@ -97,20 +102,37 @@ def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="c
                            optimizer=spec, steps=steps, loss_fn=task.loss)
         with torch.no_grad():
             scores.append(task.metric(adapted(episode.query_inputs), episode.query_targets).item())
-    return summarize(scores)
+    return scores
+
+
+def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> Summary:
+    """Mean query metric with its 95% CI, adapting through :func:`finetune` (test protocol)."""
+    return summarize(query_scores(learner, spec, episodes, indices, steps, task, device))
 
 
 class MetaTrainer:
-    """One meta-training run; see :func:`meta_train`."""
+    """One meta-training run; see :func:`meta_train`.
+
+    Under ``torchrun`` it joins the process group (:func:`distributed.init_from_env`), and
+    rank ``r`` of ``W`` computes the meta-gradient of slots ``r, r + W, ...`` of every
+    meta-batch; ``meta_batch`` must be a multiple of ``W``.
+    """
 
     def __init__(self, config: MetaTrainConfig, *, resume: bool = False, progress: bool = True):
         self.config = config = config.resolved()
+        distributed.init_from_env(config.device)
+        self.rank, self.world_size = distributed.world()
+        if config.meta_batch % self.world_size:
+            raise ValueError(
+                f"meta_batch {config.meta_batch} cannot be split evenly across "
+                f"{self.world_size} processes: choose a multiple of {self.world_size} "
+                "(each process takes meta_batch / world_size episodes per meta-step)")
         self.task = build_task(config)
         for split in ("train", "val"):  # fail now on missing data, not after the first step
             self.task.episodes(split)
-        self.device = torch.device(config.device)
+        self.device = distributed.device_for(config.device)  # cuda -> cuda:LOCAL_RANK
         self.folder = RunFolder(config.run_dir)
-        self.progress = progress
+        self.progress = progress and self.rank == 0
         torch.manual_seed(config.seed)
         self.learner = self.task.make_learner().to(self.device)
         self.rule = build_rule(config, self.learner)
@@ -129,9 +151,15 @@ class MetaTrainer:
         if resume:
             self._resume()
         else:
-            if config.init_from:
-                self._warm_start(config.init_from)
-            self.folder.start(config)
+            # Rank 0 owns the files and decides; its error (e.g. FileExistsError) stops all.
+            distributed.on_main(self._start, "starting the run")
+        # All ranks start from rank 0's weights (warm start and resume happen there only).
+        distributed.broadcast_(self._module_tensors(), "sharing the initial weights")
+
+    def _start(self) -> None:
+        if self.config.init_from:
+            self._warm_start(self.config.init_from)
+        self.folder.start(self.config)
 
     def _warm_start(self, path: str) -> None:
         """Continue from a checkpoint's update rule and learned init (a new Adam state)."""
@@ -157,6 +185,9 @@ class MetaTrainer:
             modules["rule"] = self.rule
         return modules
 
+    def _module_tensors(self) -> list[torch.Tensor]:
+        return [t for module in self._modules().values() for t in module.state_dict().values()]
+
     def save_state(self) -> None:
         save_training_state(
             self.folder.state_path, modules=self._modules(), optimizer=self.adam,
@@ -165,6 +196,15 @@ class MetaTrainer:
         )
 
     def _resume(self) -> None:
+        # Rank 0 reads the run folder and hands the others Adam's state (the weights follow in
+        # the initial broadcast), so only rank 0's machine needs the files.
+        record, shared = distributed.on_main(self._load_state, "resuming the run")
+        if shared is not None and self.rank != 0:
+            self.adam.load_state_dict(shared["optimizer"])
+            torch.set_rng_state(shared["rng"])
+        self.step, self.best, self.elapsed = record["step"], record["best"], record["elapsed"]
+
+    def _load_state(self) -> tuple[dict, dict | None]:
         record = load_training_state(self.folder.state_path, modules=self._modules(),
                                      optimizer=self.adam)
         saved = MetaTrainConfig.from_dict(record["config"])
@@ -176,18 +216,30 @@ class MetaTrainer:
                 f"cannot resume {self.folder.path}: the configuration differs in {changed} "
                 f"(saved: {[theirs[k] for k in changed]}, given: {[mine[k] for k in changed]})"
             )
-        self.step, self.best, self.elapsed = record["step"], record["best"], record["elapsed"]
-        self.folder.truncate_log(self.step)
+        self.folder.truncate_log(record["step"])
+        if self.world_size == 1:
+            return record, None
+        state = self.adam.state_dict()
+        optimizer = {"param_groups": state["param_groups"],
+                     "state": {index: {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                       for k, v in entry.items()}
+                               for index, entry in state["state"].items()}}
+        return record, {"optimizer": optimizer, "rng": torch.get_rng_state()}
 
     # --- training ----------------------------------------------------------------------
     def meta_step(self) -> dict:
-        """One meta-update over ``meta_batch`` episodes; returns its log entry."""
+        """One meta-update over ``meta_batch`` episodes; returns its log entry.
+
+        In a distributed run this rank back-propagates its slots of the meta-batch and the
+        meta-gradients are summed over the ranks before the (identical) clip and Adam step.
+        """
         config, episodes = self.config, self.task.episodes("train")
         self.adam.zero_grad(set_to_none=True)
-        losses, metrics = [], []
+        loss_sum = metric_sum = 0.0
+        failure = None
         stopped = (f"at meta-step {self.step + 1}: training stopped; the last good state is "
                    f"kept in {self.folder.state_path} (resume with a lower meta_lr or grad_clip)")
-        for slot in range(config.meta_batch):
+        for slot in distributed.rank_slots(config.meta_batch):
             episode = to_device(episodes.episode(self.step * config.meta_batch + slot),
                                 self.device)
             opt, step_kwargs = inner_optimizer(config, self.rule, self.learner)
@@ -196,25 +248,68 @@ class MetaTrainer:
                                                   config.inner_steps, self.task,
                                                   config.learned_init)
             except FloatingPointError as error:
-                raise FloatingPointError(f"inner loop failed ({error}) {stopped}") from None
+                failure = str(error)
+                break
             (loss / config.meta_batch).backward()
-            losses.append(loss.item())
-            metrics.append(metric.item())
-        meta_loss = sum(losses) / len(losses)
+            loss_sum += loss.item()
+            metric_sum += metric.item()
+        if self.world_size > 1:
+            loss_sum, metric_sum, failed = self._sum_over_ranks(loss_sum, metric_sum,
+                                                                failure is not None)
+            if failed and failure is None:
+                failure = "on another rank"
+        if failure is not None:  # every rank raises: the failure count was summed
+            raise FloatingPointError(f"inner loop failed ({failure}) {stopped}")
+        meta_loss = loss_sum / config.meta_batch
         if not math.isfinite(meta_loss):
             raise FloatingPointError(f"meta-loss is {meta_loss} {stopped}")
         grad_norm = nn.utils.clip_grad_norm_(self.meta_params, config.grad_clip)
         self.adam.step()
         self.step += 1
         return {"step": self.step, "meta_loss": meta_loss,
-                f"train_{self.task.metric_name}": sum(metrics) / len(metrics),
+                f"train_{self.task.metric_name}": metric_sum / config.meta_batch,
                 "grad_norm": grad_norm.item()}
 
+    def _sum_over_ranks(self, loss_sum: float, metric_sum: float,
+                        failed: bool) -> tuple[float, float, bool]:
+        """Sum meta-gradients, loss, metric and failures over the ranks: ONE all-reduce.
+
+        Each rank holds sum_{its episodes} d(L_i / meta_batch), so the sum over ranks is the
+        single-process meta-gradient of the whole meta-batch.
+        """
+        params = self.meta_params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        dtype = params[0].dtype
+        # Which parameters got a gradient anywhere: Adam skips those with none, as it would
+        # in one process.
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=dtype,
+                                device=self.device)
+        scalars = torch.tensor([loss_sum, metric_sum, float(failed)], dtype=dtype,
+                               device=self.device)
+        distributed.all_reduce_sum_([*grads, has_grad, scalars],
+                                    f"meta-step {self.step + 1}")
+        for p, grad, present in zip(params, grads, has_grad.tolist()):
+            p.grad = grad if present else None
+        loss_sum, metric_sum, failures = scalars.tolist()
+        return loss_sum, metric_sum, failures > 0
+
     def validate(self) -> Summary:
+        """Validation score; in a distributed run each rank scores its share of the episodes."""
         config = self.config
         indices = range(config.val_episodes)
-        return evaluate_rule(self.learner, rule_spec(config, self.rule), self.task.episodes("val"),
-                             indices, config.inner_steps, self.task, self.device)
+        spec, episodes = rule_spec(config, self.rule), self.task.episodes("val")
+        if self.world_size == 1:
+            return evaluate_rule(self.learner, spec, episodes, indices, config.inner_steps,
+                                 self.task, self.device)
+        mine = list(distributed.rank_slots(config.val_episodes))
+        scores = torch.zeros(config.val_episodes, dtype=torch.float64, device=self.device)
+        scores[mine] = torch.tensor(
+            query_scores(self.learner, spec, episodes, [indices[i] for i in mine],
+                         config.inner_steps, self.task, self.device),
+            dtype=torch.float64, device=self.device)
+        # Each score is added to zeros only: the same numbers, in the same order, as one process.
+        distributed.all_reduce_sum_([scores], f"validation at meta-step {self.step}")
+        return summarize(scores.tolist())
 
     def _is_better(self, score: float) -> bool:
         if self.best is None:
@@ -224,11 +319,13 @@ class MetaTrainer:
 
     def _record_validation(self, summary: Summary) -> None:
         name = self.task.metric_name
-        self.folder.log({"step": self.step, f"val_{name}": summary.mean,
-                         f"val_{name}_ci95": summary.ci95, "val_episodes": summary.n})
-        if self._is_better(summary.mean):
+        if self.rank == 0:
+            self.folder.log({"step": self.step, f"val_{name}": summary.mean,
+                             f"val_{name}_ci95": summary.ci95, "val_episodes": summary.n})
+        if self._is_better(summary.mean):  # the same summary, hence the same best, on all ranks
             self.best = {"step": self.step, **summary.as_dict()}
-            self.save_best()
+            if self.rank == 0:
+                self.save_best()
 
     def save_best(self) -> Path:
         config = self.config
@@ -240,15 +337,28 @@ class MetaTrainer:
                      f"val_{self.task.metric_name}_ci95": self.best["ci95"],
                      "val_episodes": self.best["episodes"]},
             card={"meta_steps": self.step, "episodes_trained": self.step * config.meta_batch,
-                  "wall_time_s": round(self.elapsed, 1), "hardware": _hardware(self.device),
+                  "wall_time_s": round(self.elapsed, 1),
+                  "hardware": _hardware(self.device, self.world_size),
                   "learned_init_trained": config.learned_init},
         )
 
     def run(self) -> Path:
-        config = self.config
+        """Train up to ``meta_steps`` (validating and saving on schedule); the best's path."""
+        try:
+            self._train()
+        except distributed.DistributedError as error:
+            raise distributed.DistributedError(
+                f"{error} The last saved state is {self.folder.state_path}: restart every "
+                "rank with --resume (resume=True).") from error
+        distributed.barrier("the end of training")  # rank 0's files are complete for everyone
+        return self.folder.best_path
+
+    def _train(self) -> None:
+        config, main = self.config, self.rank == 0
         if self.step == 0 and self.best is None:
             self._record_validation(self.validate())  # the untrained starting point
-            self.save_state()
+            if main:
+                self.save_state()
         bar = tqdm(total=config.meta_steps, initial=self.step, disable=not self.progress,
                    desc=f"meta-train {Path(config.run_dir).name}", dynamic_ncols=True)
         with bar:
@@ -257,25 +367,30 @@ class MetaTrainer:
                 entry = self.meta_step()
                 self.elapsed += time.perf_counter() - started
                 entry["elapsed_s"] = round(self.elapsed, 3)
-                self.folder.log(entry)
+                if main:
+                    self.folder.log(entry)
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{entry['meta_loss']:.4f}",
                                 **{self.task.metric_name: f"{entry[list(entry)[2]]:.4f}"})
                 out_of_time = config.max_time_s is not None and self.elapsed >= config.max_time_s
+                if config.max_time_s is not None:  # ranks' clocks differ: stop together
+                    out_of_time = distributed.any_true(out_of_time, "the time-budget check")
                 last = self.step == config.meta_steps or out_of_time
                 if self.step % config.validate_every == 0 or last:
                     self._record_validation(self.validate())
-                if self.step % config.checkpoint_every == 0 or last:
+                if main and (self.step % config.checkpoint_every == 0 or last):
                     self.save_state()
                 if out_of_time:
                     break
-        return self.folder.best_path
 
 
-def _hardware(device: torch.device) -> str:
+def _hardware(device: torch.device, processes: int = 1) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = (f"{platform.processor() or platform.machine()} CPU, "
+                f"{torch.get_num_threads()} threads")
+    return name if processes == 1 else f"{processes} processes x {name}"
 
 
 def meta_train(config: MetaTrainConfig, *, resume: bool = False, progress: bool = True) -> Path:
@@ -300,8 +415,15 @@ def meta_train(config: MetaTrainConfig, *, resume: bool = False, progress: bool 
     >>> path = meta_train(config, progress=False)
     >>> path.name
     'best.safetensors'
+
+    Under ``torchrun`` (``torchrun --nproc-per-node 2 my_script.py``) the same call trains
+    with every process: see :mod:`learned_optim.distributed` and docs/howto-distributed.md.
     """
-    return MetaTrainer(config, resume=resume, progress=progress).run()
+    owned = distributed.init_from_env(config.resolved().device)
+    best = MetaTrainer(config, resume=resume, progress=progress).run()
+    if owned:  # left in place on errors: the process is about to stop anyway
+        distributed.shutdown()
+    return best
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

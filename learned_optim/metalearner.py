@@ -36,6 +36,7 @@ __all__ = [
     "preprocess",
     "update_rows",
     "initial_state",
+    "row_scratch",
     "state_width",
 ]
 
@@ -60,8 +61,8 @@ class MetaWeights(NamedTuple):
 class StepConstants(NamedTuple):
     """What one step shares across coordinates, computed once by :func:`prepare_step`."""
 
-    input_weight: Tensor  # [2 + H, 4H]: gradient features and h1 -> layer-1 gates
-    gate_bias: Tensor  # [4H]: bias plus the loss features' contribution (same for all rows)
+    input_weight: Tensor  # [2 + H, 4H]: gradient features and h1 -> gates (i, f, o, g)
+    gate_bias: Tensor  # [4H]: bias plus the loss features' contribution, gates (i, f, o, g)
     meta_weight_h: Tensor  # [H, 2]: h1 -> (f_pre, i_pre)
     meta_weight_theta: Tensor  # [2]
     meta_weight_prev: Tensor  # [2]
@@ -79,6 +80,16 @@ def initial_state(rows: int, hidden_size: int, *, dtype=None, device=None) -> Te
     return torch.zeros(rows, state_width(hidden_size), dtype=dtype, device=device)
 
 
+def _preprocess_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """The two features of :func:`preprocess`, as separate tensors shaped like ``x``."""
+    threshold = math.exp(-p)
+    magnitude = x.abs()
+    large = magnitude >= threshold
+    log_part = torch.where(large, magnitude.clamp_min(threshold).log() / p, -1.0)
+    sign_part = torch.where(large, x.sign(), x * math.exp(p))
+    return log_part, sign_part
+
+
 def preprocess(x: Tensor, p: float) -> Tensor:
     """Andrychowicz et al.'s input preprocessing, one value -> two features.
 
@@ -90,12 +101,7 @@ def preprocess(x: Tensor, p: float) -> Tensor:
             [-0.0693, -1.0000],
             [-1.0000,  0.0000]])
     """
-    threshold = math.exp(-p)
-    magnitude = x.abs()
-    large = magnitude >= threshold
-    log_part = torch.where(large, magnitude.clamp_min(threshold).log() / p, -1.0)
-    sign_part = torch.where(large, x.sign(), x * math.exp(p))
-    return torch.stack((log_part, sign_part), dim=-1)
+    return torch.stack(_preprocess_parts(x, p), dim=-1)
 
 
 def prepare_step(
@@ -104,21 +110,25 @@ def prepare_step(
     """Fold everything that does not depend on the coordinate into per-step constants.
 
     The loss is the same for every coordinate, so its two input features enter layer 1 as a
-    bias; the gradient features and h1 share one fused matrix product.
+    bias; the gradient features and h1 share one fused matrix product. The gate columns of
+    that product are reordered to (i, f, o, g), so the three sigmoid gates are adjacent.
     """
     hidden = weights.weight_hh.shape[1]
 
     def cast(tensor: Tensor) -> Tensor:  # differentiable: meta-gradients flow back through it
         return tensor.to(dtype=dtype, device=device)
 
+    def sigmoid_gates_first(rows: Tensor) -> Tensor:  # PyTorch's (i, f, g, o) -> (i, f, o, g)
+        return torch.cat((rows[: 2 * hidden], rows[3 * hidden :], rows[2 * hidden : 3 * hidden]))
+
     weight_ih = cast(weights.weight_ih)
     loss_features = preprocess(cast(loss.reshape(())), weights.p)
     gate_bias = cast(weights.bias) + weight_ih[:, 2:] @ loss_features
-    input_weight = torch.cat((weight_ih[:, :2], cast(weights.weight_hh)), dim=1).t()
+    input_weight = torch.cat((weight_ih[:, :2], cast(weights.weight_hh)), dim=1)
     meta_weight = cast(weights.meta_weight)
     return StepConstants(
-        input_weight=input_weight,
-        gate_bias=gate_bias,
+        input_weight=sigmoid_gates_first(input_weight).t(),
+        gate_bias=sigmoid_gates_first(gate_bias),
         meta_weight_h=meta_weight[:, :hidden].t(),
         meta_weight_theta=meta_weight[:, hidden],
         meta_weight_prev=meta_weight[:, hidden + 1],
@@ -127,8 +137,38 @@ def prepare_step(
     )
 
 
+def _contiguous(tensor: Tensor, out: Tensor | None) -> Tensor:
+    """A contiguous copy of ``tensor`` (into ``out`` if given), on the autograd tape if not."""
+    return tensor.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(tensor)
+
+
+def row_scratch(
+    rows: int, hidden_size: int, *, dtype=None, device=None
+) -> dict[str, Tensor]:
+    """Preallocated temporaries for :func:`update_rows` on up to ``rows`` rows (no autograd).
+
+    A chunked loop that passes the same scratch to every call allocates nothing per chunk
+    (fresh multi-megabyte temporaries per chunk make the allocator return and re-fault pages).
+    """
+    widths = {
+        "layer1_input": hidden_size + 2,
+        "gates": 4 * hidden_size,
+        "cell_gate": hidden_size,
+        "c1": hidden_size,
+        "h1": hidden_size,
+    }
+    return {name: torch.empty(rows, width, dtype=dtype, device=device)
+            for name, width in widths.items()}
+
+
 def update_rows(
-    constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor
+    constants: StepConstants,
+    state: Tensor,
+    grad: Tensor,
+    param: Tensor,
+    *,
+    out: Tensor | None = None,
+    scratch: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Apply the update rule to a batch of coordinates (rows are independent).
 
@@ -140,27 +180,50 @@ def update_rows(
         ``[n, 2H + 2]`` rows ``[h1 | c1 | f_pre | i_pre]``.
     grad, param:
         ``[n]`` raw gradient and current value theta_{t-1} of each coordinate.
+    out:
+        Optional ``[n, 2H + 2]`` tensor (it may be ``state`` itself) that receives the next
+        state, without autograd; by default a new tensor is returned.
+    scratch:
+        Optional temporaries from :func:`row_scratch` for at least ``n`` rows, without
+        autograd; by default temporaries are allocated.
 
     Returns
     -------
-    (new_param, new_state): theta_t ``[n]`` and the next state ``[n, 2H + 2]``. Out of place,
-    so it can run on an autograd tape.
+    (new_param, new_state): theta_t ``[n]`` and the next state ``[n, 2H + 2]``. Out of place
+    (unless ``out`` or ``scratch`` is given), so it can run on an autograd tape.
     """
     hidden = constants.meta_weight_h.shape[0]
+    rows = grad.shape[0]
+
+    def buffer(name: str) -> Tensor | None:  # ``out=None`` allocates, as without ``out``
+        return None if scratch is None else scratch[name][:rows]
+
     h1, c1, previous = state.split((hidden, hidden, 2), dim=1)
-    # Layer 1: one fused product over [gradient features | h1].
-    layer1_input = torch.cat((preprocess(grad, constants.p), h1), dim=1)
-    gates = torch.addmm(constants.gate_bias, layer1_input, constants.input_weight)
-    in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
-    c1 = forget_gate.sigmoid() * c1 + in_gate.sigmoid() * cell_gate.tanh()
-    h1 = out_gate.sigmoid() * c1.tanh()
-    # Layer 2, both gates at once: columns (f_pre, i_pre).
-    gate_pre = torch.addmm(constants.meta_bias, h1, constants.meta_weight_h)
-    gate_pre = gate_pre + param.unsqueeze(1) * constants.meta_weight_theta
-    gate_pre = gate_pre + previous * constants.meta_weight_prev
-    forget, learning_rate = gate_pre.sigmoid().unbind(dim=1)
-    new_param = forget * param - learning_rate * grad  # theta_t = f_t theta_{t-1} - i_t g_t
-    return new_param, torch.cat((h1, c1, gate_pre), dim=1)
+    # Layer 1: one fused product over [gradient features | h1]; gate columns (i, f, o, g).
+    log_part, sign_part = _preprocess_parts(grad, constants.p)
+    layer1_input = torch.cat((log_part.unsqueeze(1), sign_part.unsqueeze(1), h1), dim=1,
+                             out=buffer("layer1_input"))
+    gates = torch.addmm(constants.gate_bias, layer1_input, constants.input_weight,
+                        out=buffer("gates"))
+    # Elementwise kernels vectorise only over contiguous runs: tanh on a contiguous copy of
+    # the g columns, then one sigmoid over the whole product, in place (neither addmm nor the
+    # copy saves it for backward; the g columns it also covers are not used afterwards), are
+    # much faster than strided tanh and sigmoids on [n, H] slices.
+    cell_gate = _contiguous(gates[:, 3 * hidden :], out=buffer("cell_gate")).tanh_()
+    gates = gates.sigmoid_()
+    in_gate, forget_gate, out_gate = gates[:, : 3 * hidden].split(hidden, dim=1)
+    c1 = torch.mul(forget_gate, c1, out=buffer("c1"))
+    c1 = torch.addcmul(c1, in_gate, cell_gate, out=buffer("c1"))
+    h1 = torch.mul(out_gate, torch.tanh(c1, out=buffer("h1")), out=buffer("h1"))
+    # Layer 2, both gates at once, transposed: rows (f_pre, i_pre) of [2, n], so that the
+    # product has a long output dimension and every later operand is contiguous.
+    gate_pre = torch.addmm(constants.meta_bias.unsqueeze(1), constants.meta_weight_h.t(), h1.t())
+    gate_pre = gate_pre.addcmul_(param.unsqueeze(0), constants.meta_weight_theta.unsqueeze(1))
+    gate_pre = gate_pre.addcmul_(previous.t(), constants.meta_weight_prev.unsqueeze(1))
+    forget, learning_rate = gate_pre.sigmoid().unbind(dim=0)
+    # theta_t = f_t theta_{t-1} - i_t g_t
+    new_param = torch.addcmul(forget * param, learning_rate, grad, value=-1)
+    return new_param, torch.cat((h1, c1, gate_pre.t()), dim=1, out=out)
 
 
 def meta_update(

@@ -20,13 +20,16 @@ from learned_optim.metalearner import (
     MetaLearnerLSTM,
     initial_state,
     prepare_step,
+    row_scratch,
     update_rows,
 )
 
 __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUNK_SIZE"]
 
 # Rows of the coordinate batch processed at once by the in-place optimizer: keeps the
-# [rows, 4H] gate temporaries in cache and bounded (about 2.6 MB at H = 20, float32).
+# temporaries (row_scratch, 162 floats a row at H = 20: about 5.3 MB in float32) bounded and
+# in the last-level cache. Measured on 2 cores at 1M parameters, 8192 was the fastest of
+# 2048 .. 65536 (smaller chunks pay per-call overhead, larger ones fall out of cache).
 DEFAULT_CHUNK_SIZE = 8192
 
 _LOSS_HELP = (
@@ -183,9 +186,9 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         Only the update rule is used; see :func:`learned_optim.load_learned_init` for the
         learned initial weights.
         """
-        from learned_optim.checkpoint import load_checkpoint
+        from learned_optim.checkpoint import load_update_rule
 
-        return cls(params, load_checkpoint(name_or_path).meta_learner, **kwargs)
+        return cls(params, load_update_rule(name_or_path), **kwargs)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -312,6 +315,10 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
         sizes = [p.numel() for p in params]
         active = [g is not None for g in grads]
+        # Temporaries for one chunk, reused by every chunk of this step.
+        scratch = row_scratch(min(self.chunk_size, buffer.shape[0]),
+                              self.meta_learner.hidden_size, dtype=buffer.dtype,
+                              device=buffer.device)
         for first_row, segments in _plan_chunks(sizes, active, self.chunk_size):
             if len(segments) == 1:
                 index, start, stop = segments[0]
@@ -321,8 +328,8 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 param_rows = torch.cat([flat_params[s.index][s.start : s.stop] for s in segments])
                 grad_rows = torch.cat([flat_grads[s.index][s.start : s.stop] for s in segments])
             state_rows = buffer[first_row : first_row + param_rows.numel()]
-            new_param, new_state = update_rows(constants, state_rows, grad_rows, param_rows)
-            state_rows.copy_(new_state)
+            new_param, _ = update_rows(constants, state_rows, grad_rows, param_rows,
+                                       out=state_rows, scratch=scratch)
             if len(segments) == 1:
                 param_rows.copy_(new_param)
             else:

@@ -1,0 +1,377 @@
+"""Cost of one ``LSTMMetaOptimizer.step()`` against SGD, Adam, a naive implementation and a floor.
+
+Run from the repository root (about 2 minutes on a 2-core CPU; ``--quick`` for a smoke run)::
+
+    python benchmarks/step.py                    # MLPs of about 10k, 100k and 1M parameters
+    python benchmarks/step.py --sizes 50k,2M     # other sizes (suffixes k and M)
+    python benchmarks/step.py --quick            # few repeats
+
+Gradients are drawn once and left in ``.grad``; only ``step()`` is timed (median over repeats
+after warm-up), with torch using as many threads as the process may use cores. Each size runs
+in its own process (ours first, the straightforward implementation last), so that no
+measurement inherits another's allocator state. Run it on an otherwise idle machine: with two
+OpenMP threads on two busy cores every parallel kernel waits for a descheduled thread, which
+hurts a chunked loop of many kernels far more than a few huge ones (a warning is printed when
+the load average shows competing processes).
+
+Columns of the table
+--------------------
+``N``            parameters of the MLP (coordinates of the meta-learner).
+``ours``         ``LSTMMetaOptimizer.step(loss=...)``, ms.
+``SGD``, ``Adam`` ``torch.optim.SGD`` / ``torch.optim.Adam`` with ``foreach=True`` (their
+                 foreach implementations), ms.
+``naive``        the straightforward re-implementation below (:class:`Straightforward`): one
+                 ``nn.LSTMCell(4, 20)`` over all N coordinates at once, every intermediate
+                 materialised, then the meta cell as ``cat([h, theta, f_prev]) @ W_F``, ms.
+``floor``        ``max(FLOPs / matmul rate, bytes / copy bandwidth)``, ms: FLOPs is the
+                 meta-learner's arithmetic per coordinate (itemised in :data:`FLOPS_PER_COORD`)
+                 times N, bytes is the unavoidable traffic per coordinate (read and write the
+                 42-float state and the parameter, read the gradient) times N; the rates are
+                 measured in the same run (a float32 ``torch.mm`` of the layer-1 shape
+                 [65536, 22] x [22, 80], and a ``copy_`` of a large tensor).
+``/SGD``, ``/Adam`` ours divided by SGD / Adam (how many SGD steps one of ours costs).
+``speed-up``     naive divided by ours (higher is better; target >= 3 at 1M).
+``/floor``       ours divided by the floor (1 would be perfect).
+``temp MB``      peak temporary memory of one step of ours (and of naive), measured with
+                 ``torch.profiler`` (``profile_memory=True``: running sum of every allocation
+                 and free inside the step; persistent state is allocated before).
+
+Below the table: the measured rates, the state floats per parameter (target <= 44), a check
+that the peak temporary memory does not grow with N (it is bounded by the chunk size), and a
+one-line verdict against the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+
+HIDDEN = 20
+P = 10.0
+
+# Floating-point operations per coordinate and step, from the math in learned_optim.metalearner
+# (each elementwise operation, including a transcendental one, counts as one).
+FLOPS_PER_COORD = {
+    "preprocess gradient (abs, compare, clamp, log, div, where, sign, mul, where)": 9,
+    "layer-1 product [22 -> 80]": 2 * (2 + HIDDEN) * 4 * HIDDEN,
+    "layer-1 bias": 4 * HIDDEN,
+    "gate sigmoids (i, f, o) and tanh (g)": 4 * HIDDEN,
+    "c1 = f c1 + i g": 3 * HIDDEN,
+    "h1 = o tanh(c1)": 2 * HIDDEN,
+    "meta cell product [20 -> 2] and bias": 2 * HIDDEN * 2 + 2,
+    "meta cell theta and previous terms": 8,
+    "meta cell sigmoids": 2,
+    "theta = f theta - i g": 3,
+}
+FLOPS = sum(FLOPS_PER_COORD.values())
+STATE_FLOATS = 2 * HIDDEN + 2
+# Per coordinate, in elements of the parameter dtype: read + write state, read grad,
+# read + write param.
+TRAFFIC_ELEMENTS = 2 * STATE_FLOATS + 1 + 2
+TARGET_SPEEDUP = 3.0
+TARGET_STATE_FLOATS = 44
+
+
+# --- the straightforward implementation --------------------------------------------------------
+
+
+def preprocess_grad_loss(x: torch.Tensor) -> torch.Tensor:
+    """Andrychowicz et al.'s preprocessing, written the usual way (indicator arithmetic)."""
+    indicator = (x.abs() >= math.exp(-P)).to(torch.float32)
+    x_proc1 = indicator * torch.log(x.abs() + 1e-8) / P + (1 - indicator) * -1
+    x_proc2 = indicator * torch.sign(x) + (1 - indicator) * math.exp(P) * x
+    return torch.stack((x_proc1, x_proc2), 1)
+
+
+class Straightforward:
+    """The meta-learner as a typical re-implementation writes it (all coordinates at once).
+
+    Modelled on markdtw/meta-learning-lstm-pytorch: flatten parameters and gradients, run an
+    ``nn.LSTMCell(4, 20)`` on ``[N, 4]`` inputs with ``[N, 20]`` state, then the meta cell
+    ``cat([h, theta, f_prev]) @ W_F + b_F``, and copy the new parameters back. Uses the same
+    weights as ``meta`` so that both implementations compute the same numbers.
+    """
+
+    def __init__(self, params, meta: MetaLearnerLSTM) -> None:
+        self.params = list(params)
+        n = sum(p.numel() for p in self.params)
+        self.lstm = nn.LSTMCell(4, meta.hidden_size)
+        with torch.no_grad():
+            self.lstm.weight_ih.copy_(meta.weight_ih)
+            self.lstm.weight_hh.copy_(meta.weight_hh)
+            self.lstm.bias_ih.copy_(meta.bias)
+            self.lstm.bias_hh.zero_()
+        hidden = meta.hidden_size
+        self.WF = meta.meta_weight.detach()[0].clone().view(hidden + 2, 1)
+        self.WI = meta.meta_weight.detach()[1].clone().view(hidden + 2, 1)
+        self.bF = meta.meta_bias.detach()[0].clone()
+        self.bI = meta.meta_bias.detach()[1].clone()
+        self.h = torch.zeros(n, hidden)
+        self.c = torch.zeros(n, hidden)
+        self.f_prev = torch.zeros(n, 1)
+        self.i_prev = torch.zeros(n, 1)
+
+    @torch.no_grad()
+    def step(self, loss: torch.Tensor) -> None:
+        grad = torch.cat([p.grad.view(-1) for p in self.params]).unsqueeze(1)
+        theta = torch.cat([p.view(-1) for p in self.params]).unsqueeze(1)
+        grad_prep = preprocess_grad_loss(grad.squeeze(1))  # [N, 2]
+        loss_prep = preprocess_grad_loss(loss.view(1))  # [1, 2]
+        inputs = torch.cat((grad_prep, loss_prep.expand_as(grad_prep)), 1)  # [N, 4]
+        self.h, self.c = self.lstm(inputs, (self.h, self.c))
+        f_next = torch.mm(torch.cat((self.h, theta, self.f_prev), 1), self.WF) + self.bF
+        i_next = torch.mm(torch.cat((self.h, theta, self.i_prev), 1), self.WI) + self.bI
+        theta_next = torch.sigmoid(f_next).mul(theta) - torch.sigmoid(i_next).mul(grad)
+        self.f_prev, self.i_prev = f_next, i_next
+        offset = 0
+        for p in self.params:
+            p.copy_(theta_next[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+# --- models, timing, memory --------------------------------------------------------------------
+
+
+def mlp(target: int, seed: int = 0) -> nn.Module:
+    """Linear(w, w) - ReLU - Linear(w, w) - ReLU - Linear(w, 10) with about ``target`` params."""
+    width = max(1, round((-12 + math.sqrt(144 + 8 * max(target - 10, 1))) / 4))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10))
+    generator = torch.Generator().manual_seed(seed + 1)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=generator) * 1e-2
+    return model
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for ours, theirs in zip(twin.parameters(), model.parameters()):
+        ours.grad = theirs.grad.clone()
+    return twin
+
+
+def median_seconds(fn, warmup: int, repeats: int, budget_s: float) -> float:
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ chatter on file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_temporary_bytes(fn) -> int:
+    """Peak of the running sum of CPU allocations minus frees during ``fn()``."""
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and str(event.device_type()).endswith("CPU")
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def matmul_rates(quick: bool) -> tuple[float, float]:
+    """FLOP/s of float32 torch.mm: the layer-1 shape [65536, 22] x [22, 80], and 2048^3."""
+    rates = []
+    for m, k, n in ((65536, 2 + HIDDEN, 4 * HIDDEN), (2048, 2048, 2048)):
+        a, b, c = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+        # Into a preallocated output: a fresh one would time the allocator's page faults.
+        seconds = median_seconds(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), 2,
+                                 5 if quick else 20, 2.0)
+        rates.append(2 * m * k * n / seconds)
+    return rates[0], rates[1]
+
+
+def copy_bandwidth(quick: bool) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on 128 MiB float32 tensors (read + write counted)."""
+    src = torch.randn(32 * 2**20)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), 2, 5 if quick else 15, 2.0)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def parse_size(text: str) -> int:
+    text = text.strip()
+    scale = {"k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def human(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10**6 else f"{n / 1e3:.1f}k"
+
+
+def measure_size(target: int, quick: bool, chunk_size: int | None, check: bool) -> dict:
+    """Time and profile the four implementations on an MLP of about ``target`` parameters."""
+    warmup, repeats, budget = (1, 3, 0.5) if quick else (2, 30, 6.0)
+    loss = torch.tensor(2.3)
+    torch.manual_seed(0)
+    meta = MetaLearnerLSTM()
+    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    base = mlp(target)
+    n = sum(p.numel() for p in base.parameters())
+    result: dict = {"n": n, "time": {}, "temp": {}}
+    # ours
+    model = clone_model(base)
+    opt = LSTMMetaOptimizer(model.parameters(), meta, **kwargs)
+    result["chunk_size"] = opt.chunk_size
+    opt.step(loss=loss)  # allocates the state
+    result["state_floats"] = sum(s["lstm_state"].numel() for s in opt.state.values()) / n
+    result["time"]["ours"] = median_seconds(lambda: opt.step(loss=loss), warmup, repeats, budget)
+    # SGD, Adam
+    for name, factory in (("SGD", lambda ps: torch.optim.SGD(ps, lr=1e-2, foreach=True)),
+                          ("Adam", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True))):
+        reference = factory(clone_model(base).parameters())
+        reference.step()
+        result["time"][name] = median_seconds(reference.step, warmup, repeats, budget)
+        del reference
+    # the straightforward implementation: last, its N-sized temporaries churn the allocator
+    naive = Straightforward(clone_model(base).parameters(), meta)
+    naive.step(loss)
+    result["time"]["naive"] = median_seconds(lambda: naive.step(loss), warmup, repeats, budget)
+    result["temp"]["ours"] = peak_temporary_bytes(lambda: opt.step(loss=loss))
+    result["temp"]["naive"] = peak_temporary_bytes(lambda: naive.step(loss))
+    if check:  # both implementations compute the same update, one step from the same start
+        ours_model, naive_model = clone_model(base), clone_model(base)
+        LSTMMetaOptimizer(ours_model.parameters(), meta, **kwargs).step(loss=loss)
+        Straightforward(naive_model.parameters(), meta).step(loss)
+        result["disagreement"] = max(
+            (a - b).abs().max().item()
+            for a, b in zip(ours_model.parameters(), naive_model.parameters()))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10k,100k,1M",
+                        help="comma-separated target parameter counts (default 10k,100k,1M)")
+    parser.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="chunk_size of LSTMMetaOptimizer (default: its default)")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(cores)
+    if args.worker is not None:
+        result = measure_size(args.worker, args.quick, args.chunk_size, args.check)
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+          f"{'quick' if args.quick else 'full'} run, load average {os.getloadavg()[0]:.1f}")
+    mm_rate, square_rate = matmul_rates(args.quick)
+    bandwidth = copy_bandwidth(args.quick)
+
+    # One process per size, so that no measurement inherits another's allocator state.
+    rows = []
+    for target in sizes:
+        command = [sys.executable, os.path.abspath(__file__), "--worker", str(target)]
+        command += ["--quick"] * args.quick + ["--check"] * (target == min(sizes))
+        if args.chunk_size is not None:
+            command += ["--chunk-size", str(args.chunk_size)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        result = json.loads(output.split("RESULT ", 1)[1])
+        if "disagreement" in result:
+            disagreement = result["disagreement"]
+        n = result["n"]
+        floor = max(FLOPS * n / mm_rate, TRAFFIC_ELEMENTS * 4 * n / bandwidth)
+        rows.append((n, result["time"], result["temp"], floor))
+    chunk_size, state_floats = result["chunk_size"], result["state_floats"]
+
+    header = (f"{'N':>8} {'ours':>9} {'SGD':>8} {'Adam':>8} {'naive':>9} {'floor':>8} "
+              f"{'/SGD':>7} {'/Adam':>7} {'speed-up':>9} {'/floor':>7} "
+              f"{'temp MB ours':>13} {'naive':>8}")
+    print()
+    print(header)
+    print("-" * len(header))
+    for n, t, temps, floor in rows:
+        print(f"{human(n):>8} {t['ours'] * 1e3:9.2f} {t['SGD'] * 1e3:8.3f} "
+              f"{t['Adam'] * 1e3:8.3f} {t['naive'] * 1e3:9.2f} {floor * 1e3:8.3f} "
+              f"{t['ours'] / t['SGD']:7.1f} {t['ours'] / t['Adam']:7.1f} "
+              f"{t['naive'] / t['ours']:9.2f} {t['ours'] / floor:7.1f} "
+              f"{temps['ours'] / 2**20:13.2f} {temps['naive'] / 2**20:8.1f}")
+    print("(times in ms, medians; speed-up = naive / ours; temp = peak temporary memory of a step)")
+    print()
+    product = FLOPS_PER_COORD["layer-1 product [22 -> 80]"]
+    print(f"FLOPs per coordinate: {FLOPS} (layer-1 product {product}); "
+          f"bytes per coordinate: {TRAFFIC_ELEMENTS * 4} (float32)")
+    print(f"matmul rate: {mm_rate / 1e9:.1f} GFLOP/s for [65536, 22] x [22, 80] (used for the "
+          f"floor), {square_rate / 1e9:.1f} GFLOP/s for 2048^3; copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    print(f"state floats per parameter: {state_floats:.0f} (target <= {TARGET_STATE_FLOATS}); "
+          f"chunk_size {chunk_size}; ours vs naive after one step: max |diff| {disagreement:.1e}")
+
+    # Peak temporary memory against N: bounded by the chunk if it does not grow with N.
+    probe = []
+    meta = MetaLearnerLSTM()
+    loss = torch.tensor(2.3)
+    kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+    for rows_count in (16 * chunk_size, 64 * chunk_size):
+        param = nn.Parameter(torch.randn(rows_count))
+        param.grad = torch.randn(rows_count) * 1e-2
+        opt = LSTMMetaOptimizer([param], meta, **kwargs)
+        opt.step(loss=loss)
+        probe.append(peak_temporary_bytes(lambda opt=opt: opt.step(loss=loss)))
+        del opt, param
+    bounded = probe[1] <= 1.1 * probe[0] + 2**16
+    print(f"peak temporary memory: {probe[0] / 2**20:.2f} MiB at N = 16 chunks, "
+          f"{probe[1] / 2**20:.2f} MiB at N = 64 chunks "
+          f"({probe[1] / chunk_size:.0f} bytes per chunk row): "
+          f"{'bounded by the chunk' if bounded else 'GROWS WITH N'}")
+
+    load = os.getloadavg()[0]
+    if load > cores + 1:
+        print(f"WARNING: load average {load:.1f} on {cores} cores: other processes competed for "
+              "the CPU, the timings are unreliable (rerun on an idle machine)")
+    n, t, _, floor = min(rows, key=lambda row: abs(math.log(row[0] / 1e6)))
+    speedup = t["naive"] / t["ours"]
+    ok = speedup >= TARGET_SPEEDUP and state_floats <= TARGET_STATE_FLOATS and bounded
+    print()
+    print(f"verdict at N = {human(n)}: {'PASS' if ok else 'FAIL'} - speed-up over naive "
+          f"{speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x), ours = {t['ours'] / floor:.0f}x the "
+          f"floor, state {state_floats:.0f} floats/param (<= {TARGET_STATE_FLOATS}), temporaries "
+          f"{'bounded' if bounded else 'NOT bounded'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Turn a finished meta-training run into a shipped checkpoint with its model card.
+
+    python benchmarks/package_checkpoint.py NAME --runs RUN_DIR [RUN_DIR ...] \
+        --evaluation EVAL.json [--hardware "NVIDIA H200"]
+
+``--runs`` lists the run folders in training order (a run warm-started from the previous one's
+best checkpoint with ``--init-from`` continues it). The best checkpoint of the last run is
+re-saved into ``learned_optim/pretrained/NAME.safetensors`` with a clean configuration (no
+machine-specific paths) and a record holding the model card's facts; ``NAME.md`` beside it is
+the human-readable card. ``EVAL.json`` is written by ``learned-optim evaluate ... --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint, save_checkpoint
+from learned_optim.train import read_log
+
+
+def training_facts(runs: list[Path]) -> dict:
+    """Meta-steps, episodes and wall time summed over the runs, and the validation trace."""
+    steps = episodes = 0
+    wall = 0.0
+    trace = []
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        log = read_log(run)
+        last = max((e for e in log if "meta_loss" in e), key=lambda e: e["step"])
+        steps += last["step"]
+        episodes += last["step"] * config["meta_batch"]
+        wall += last["elapsed_s"]
+        trace += [{**e, "step": e["step"] + steps - last["step"]} for e in log
+                  if any(k.startswith("val_") for k in e)]
+    return {"meta_steps": steps, "episodes_trained": episodes, "train_wall_time_s": round(wall),
+            "validation_trace": trace}
+
+
+def card_markdown(name: str, record: dict) -> str:
+    config, card = record["config"], record["card"]
+    evaluation = card["test"]
+    metric = evaluation["metric"]
+    scale, unit = (100.0, " (%)") if metric == "accuracy" else (1.0, "")
+    rows = "\n".join(
+        f"| {method} | {r['mean'] * scale:.2f} | {r['ci95'] * scale:.2f} | {r['episodes']} | "
+        + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("mean", "ci95", "episodes"))
+        + " |"
+        for method, r in evaluation["results"].items())
+    setting = evaluation["setting"]
+    task = (f"{setting['ways']}-way {setting['shots']}-shot" if setting.get("ways")
+            else f"{setting['shots']}-shot regression")
+    meta = record["meta_learner"]
+    order = "first" if config["first_order"] else "second"
+    facts = [
+        ("task", f"{config['task']} {task}, {setting['inner_steps']} inner steps (T), "
+                 f"{setting['queries']} queries"),
+        ("split", f"{config.get('protocol')} (see `learned_optim.data`)"),
+        ("learner", card["learner"]),
+        ("meta-learner", f"LSTM, hidden size {meta['hidden_size']}, p = {meta['p']}"),
+        ("training", f"Adam {config['meta_lr']}, clip {config['grad_clip']}, meta-batch "
+                     f"{config['meta_batch']}, {order} order"),
+        ("trained", f"{card['meta_steps']} meta-steps, {card['episodes_trained']} episodes, "
+                    f"{card['train_wall_time_s']} s on {card['hardware']}"),
+        ("regenerate", f"`{card['command']}`"),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in facts)
+    return f"""# Model card: `{name}`
+
+Meta-Learner LSTM (Ravi & Larochelle 2017) update rule with a learned initialisation.
+
+| | |
+|---|---|
+{table}
+
+## Test results ({evaluation['split']} split, 95% CI)
+
+| method | {metric}{unit} | 95% CI | episodes | notes |
+|---|---|---|---|---|
+{rows}
+
+All methods adapt the same learner from the same initial weights for the same number of steps on
+the same episodes; SGD and Adam learning rates were chosen on validation episodes. BatchNorm uses
+the support set's statistics only (not transductive).
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--runs", type=Path, nargs="+", required=True)
+    parser.add_argument("--evaluation", type=Path, required=True)
+    parser.add_argument("--hardware", default="CPU")
+    parser.add_argument("--command", required=True, help="the command that regenerates it")
+    args = parser.parse_args()
+
+    best = load_checkpoint(args.runs[-1] / "best.safetensors")
+    config = dict(best.record["config"])
+    for machine_specific in ("data_root", "run_dir", "init_from", "max_time_s", "device"):
+        config.pop(machine_specific, None)
+    evaluation = json.loads(args.evaluation.read_text())
+    facts = training_facts(args.runs)
+    learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
+               f"image_size={config['image_size']})" if config["task"] != "sinusoid"
+               else "SinusoidMLP (1-40-40-1, ReLU)")
+    card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
+            "hardware": args.hardware, "learner": learner, "command": args.command,
+            "test": evaluation, "validation_trace": facts["validation_trace"]}
+    ours = next(iter(evaluation["results"].values()))
+    metric = evaluation["metric"]
+    path = save_checkpoint(
+        PRETRAINED_DIR / f"{args.name}.safetensors", best.meta_learner,
+        learned_init=best.learned_init, config=config, dataset=config["task"],
+        metrics={f"test_{metric}": ours["mean"], f"test_{metric}_ci95": ours["ci95"],
+                 "test_episodes": ours["episodes"]},
+        card=card)
+    record = load_checkpoint(path).record
+    (PRETRAINED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, record))
+    print(f"wrote {path} and {args.name}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,13 @@
-"""Swap torch.optim.SGD for LSTMMetaOptimizer in an ordinary training loop.
+"""Swap torch.optim.SGD for LSTMMetaOptimizer in an ordinary PyTorch training loop.
 
-The loop below is plain PyTorch; the three lines marked ``# <-`` are the whole change.
+The two training functions below are the same loop, once with SGD and once with the learned
+update rule; the lines marked ``# <-`` are the whole change (plus the import). Both train the
+same model from the same initial weights on the same mini-batches.
+
 Run: ``python examples/replace_sgd.py`` (offline, a few seconds on a CPU).
+
+The meta-trained ``sinusoid-10shot`` rule is used when this version ships it; otherwise the
+paper's initial rule, which behaves like SGD with a step of about 0.01.
 """
 
 import copy
@@ -9,50 +15,74 @@ import copy
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from learned_optim import LSTMMetaOptimizer, available_pretrained
 
+PRETRAINED = "sinusoid-10shot"
 
-def make_data(seed: int = 0):
-    """A small real-valued regression problem: y = sin(3x) + noise."""
+
+def make_data(seed: int = 0) -> TensorDataset:
+    """A small real-valued regression problem: y = sin(3x) + noise, 64 points."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(64, 1, generator=generator) * 4 - 2
     y = torch.sin(3 * x) + 0.05 * torch.randn(64, 1, generator=generator)
-    return x, y
+    return TensorDataset(x, y)
 
 
-def train(model, optimizer, x, y, steps, learned):
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        if learned:
-            optimizer.step(loss=loss)  # <- the learned rule reads the loss
-        else:
-            optimizer.step()
-    return F.mse_loss(model(x), y).item()
+def learned_optimizer(params) -> LSTMMetaOptimizer:
+    """The meta-trained rule if shipped, else a freshly initialised one."""
+    if PRETRAINED in available_pretrained():
+        return LSTMMetaOptimizer.from_pretrained(PRETRAINED, params)
+    return LSTMMetaOptimizer(params)
 
 
-def main(steps: int = 10) -> dict:
+def train_with_sgd(model, loader, epochs):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+    return model
+
+
+def train_with_learned_rule(model, loader, epochs):
+    opt = learned_optimizer(model.parameters())  # <- was torch.optim.SGD(..., lr=0.01)
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss)  # <- the learned rule reads the loss too
+    return model
+
+
+def full_loss(model, data: TensorDataset) -> float:
+    with torch.no_grad():
+        return F.mse_loss(model(data.tensors[0]), data.tensors[1]).item()
+
+
+def main(epochs: int = 5) -> dict:
     torch.manual_seed(0)
-    x, y = make_data()
+    data = make_data()
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
                           nn.Linear(40, 1))
-    twin = copy.deepcopy(model)
-    start = F.mse_loss(model(x), y).item()
+    twin = copy.deepcopy(model)  # the same initial weights for both
+    start = full_loss(model, data)
+    steps = epochs * 4  # 64 points in batches of 16
 
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
-    sgd_loss = train(model, sgd, x, y, steps, learned=False)
+    torch.manual_seed(1)  # the same shuffling for both
+    sgd_loss = full_loss(train_with_sgd(model, DataLoader(data, 16, shuffle=True), epochs), data)
+    torch.manual_seed(1)
+    learned_loss = full_loss(
+        train_with_learned_rule(twin, DataLoader(data, 16, shuffle=True), epochs), data)
 
-    if "sinusoid-10shot" in available_pretrained():  # <- a meta-trained rule, if shipped
-        learned = LSTMMetaOptimizer.from_pretrained("sinusoid-10shot", twin.parameters())
-    else:  # <- otherwise the paper's initial rule (close to SGD with a small step)
-        learned = LSTMMetaOptimizer(twin.parameters())
-    learned_loss = train(twin, learned, x, y, steps, learned=True)
-
-    print(f"MSE at start            {start:.4f}")
-    print(f"SGD (lr 0.01), {steps} steps  {sgd_loss:.4f}")
-    print(f"LSTMMetaOptimizer, {steps} steps {learned_loss:.4f}")
+    rule = PRETRAINED if PRETRAINED in available_pretrained() else "fresh rule"
+    for name, value in (("MSE at start", start), (f"SGD (lr 0.01), {steps} steps", sgd_loss),
+                        (f"LSTMMetaOptimizer ({rule}), {steps} steps", learned_loss)):
+        print(f"{name:45s} {value:.4f}")
     return {"start": start, "sgd": sgd_loss, "learned": learned_loss}
 
 

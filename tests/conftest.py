@@ -28,3 +28,8 @@ def digits(shared_data) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = torch.from_numpy(table[:, :64] / 16.0)
     labels = torch.from_numpy(table[:, 64].astype(np.int64))
     return inputs, labels
+
+
+# The test models are tiny: intra-op threads only add scheduling overhead, and on a loaded
+# machine they make small kernels wait for descheduled workers.
+torch.set_num_threads(1)

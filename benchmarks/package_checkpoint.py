@@ -80,9 +80,12 @@ Meta-Learner LSTM (Ravi & Larochelle 2017) update rule with a learned initialisa
 |---|---|---|---|---|
 {rows}
 
-All methods adapt the same learner from the same initial weights for the same number of steps on
-the same episodes; SGD and Adam learning rates were chosen on validation episodes. BatchNorm uses
-the support set's statistics only (not transductive).
+All methods adapt the same learner for the same number of steps on the same episodes. SGD and
+Adam start from this checkpoint's learned init (learning rates chosen on validation episodes), so
+they differ from the LSTM in the update rule only; MAML and Meta-SGD, where present, were
+meta-trained with the same routine and use their own learned init; `nn` is 1-nearest-neighbour in
+the learned init's feature space. BatchNorm uses the support set's statistics only (not
+transductive).
 """
 
 

@@ -72,6 +72,24 @@ def _add_meta_train(commands) -> None:
     parser.add_argument("--baselines", default="sgd,adam",
                         help="baselines evaluated beside the result (comma list, '' for none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(parser)
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: 1 for the sinusoid task, whose "
+                             "tiny kernels only wait on extra threads; torch's default otherwise)")
+
+
+def _set_threads(threads: int | None, task: str) -> None:
+    import torch
+
+    if threads is None and task == "sinusoid":
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _add_evaluate(commands) -> None:
@@ -91,6 +109,7 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--tune-episodes", type=int, default=50,
                         help="validation episodes used to choose SGD/Adam learning rates")
     parser.add_argument("--device", default="cpu")
+    _add_threads(parser)
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
 
@@ -146,6 +165,7 @@ def _meta_train(args) -> int:
     from learned_optim.train import meta_train, read_log
 
     config = _config_from(args).resolved()
+    _set_threads(args.threads, config.task)
     best = meta_train(config, resume=args.resume, progress=not args.no_progress)
     if not distributed.is_main():  # under torchrun: rank 0 reports and runs the test episodes
         return 0
@@ -172,6 +192,7 @@ def _meta_train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    _set_threads(args.threads, args.task or "")
     from learned_optim.evaluate import evaluate
 
     report = evaluate(

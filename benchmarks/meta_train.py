@@ -1,0 +1,447 @@
+"""Meta-training throughput and memory: first-order against second-order, and against the parts.
+
+Omniglot 5-way 1-shot, the paper's learner (4 x conv 32 filters, 28 x 28), T = 12 inner steps,
+one episode per meta-step (``--meta-batch``). Run from the repository root::
+
+    python benchmarks/meta_train.py --data-root /work/shared/data/omniglot
+    python benchmarks/meta_train.py --data-root ... --rounds 4 --json out.json   # quicker
+
+What is measured
+----------------
+``episodes/s``      1 / median wall time of ``MetaTrainer.meta_step()`` (times meta_batch), over
+                    ``--rounds`` rounds after warm-up. First- and second-order steps and the
+                    parts below are *interleaved* round by round, so that a varying load on a
+                    shared machine affects every column alike.
+``saved MB``        bytes of the unique storages packed by autograd
+                    (``torch.autograd.graph.saved_tensors_hooks``) during one meta-step: what
+                    the tape keeps alive until the meta-backward. This is the memory that
+                    differs between first and second order (second order also records the
+                    learner's backward passes, ``create_graph=True``).
+``peak RSS MB``     growth of the process's peak resident set during one meta-step: freed heap
+                    returned with ``malloc_trim(0)``, the kernel's peak counter reset through
+                    ``/proc/self/clear_refs``, then ``VmHWM - VmRSS`` (a secondary number: it
+                    includes allocator slack and temporaries).
+
+Parts measured alone (first order), same learner and episode:
+  (a) the learner: T x [forward + backward on the support set] + forward + backward on the
+      query set (a plain ``ConvLearner``, ``torch.optim``-style ``.backward()``).
+  (b) the meta-learner's update on the learner's number of coordinates, recorded on the
+      autograd tape as in meta-training: T x ``update_rows`` (with the concatenation of the
+      gradients and parameters that the differentiable optimizer does) + one backward through
+      the chain of T updates. The in-place ``LSTMMetaOptimizer.step`` (no tape) is also timed
+      (b'), for reference: meta-training cannot use it, because the meta-gradient needs the tape.
+  (c) the meta-optimizer: gradient-norm clip + Adam step on the meta-parameters.
+The target compares the first-order meta-step with (a) + (b) + (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM  # noqa: E402
+from learned_optim.config import MetaTrainConfig  # noqa: E402
+from learned_optim.learners import ConvLearner  # noqa: E402
+from learned_optim.metalearner import initial_state, prepare_step, update_rows  # noqa: E402
+from learned_optim.train import MetaTrainer  # noqa: E402
+
+TARGET_SPEEDUP = 1.5
+TARGET_MEMORY_RATIO = 0.5
+TARGET_OVERHEAD = 3.0
+
+
+def load_average() -> str:
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average n/a"
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_growth_mb(fn) -> float | None:
+    """Growth of the peak resident set during ``fn()``, in MB (Linux only)."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024.0
+
+
+def saved_tensor_bytes(fn) -> tuple[int, int]:
+    """(bytes of unique storages autograd saved during ``fn()``, number of pack calls)."""
+    storages: dict[int, int] = {}
+    calls = 0
+
+    def pack(tensor):
+        nonlocal calls
+        calls += 1
+        try:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0),
+                                               storage.nbytes())
+        except (RuntimeError, NotImplementedError):
+            storages[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values()), calls
+
+
+# --- the parts ----------------------------------------------------------------------------------
+
+
+class Parts:
+    """The pieces of one first-order meta-step, each runnable alone."""
+
+    def __init__(self, trainer: MetaTrainer, steps: int) -> None:
+        config = trainer.config
+        self.steps = steps
+        episode = trainer.task.episodes("train").episode(0)
+        self.support = (episode.support_inputs, episode.support_targets)
+        self.query = (episode.query_inputs, episode.query_targets)
+        torch.manual_seed(1)
+        self.learner = ConvLearner(1, config.ways, config.filters, config.image_size,
+                                   config.bn_momentum)
+        self.learner.train()
+        self.params = list(self.learner.parameters())
+        self.rows = sum(p.numel() for p in self.params)
+        self.rule = MetaLearnerLSTM(hidden_size=config.hidden_size)
+        self.opt = LSTMMetaOptimizer(self.params, MetaLearnerLSTM(config.hidden_size))
+        # Tape version: a learned init c_0 and fixed gradients (constants, as in first order).
+        generator = torch.Generator().manual_seed(2)
+        self.init = [nn.Parameter(p.detach().clone()) for p in self.params]
+        self.grads = [torch.randn(p.shape, generator=generator) * 1e-2 for p in self.params]
+        self.meta_params = list(self.rule.parameters()) + self.init
+        self.adam = torch.optim.Adam(self.meta_params, lr=1e-3)
+        for p in self.meta_params:
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+
+    def learner_passes(self) -> None:
+        """(a) T x forward/backward on the support set, then forward/backward on the query."""
+        x, y = self.support
+        for _ in range(self.steps):
+            for p in self.params:
+                p.grad = None
+            F.cross_entropy(self.learner(x), y).backward()
+        xq, yq = self.query
+        F.cross_entropy(self.learner(xq), yq).backward()
+
+    def learner_passes_second_order(self) -> None:
+        """(a2) as (a), functionally, through T plain-SGD steps with ``create_graph=True`` and
+        the query backward through the whole chain: the learner's share of a second-order step.
+        """
+        names = [n for n, _ in self.learner.named_parameters()]
+        params = [p.detach().clone().requires_grad_() for p in self.params]
+        x, y = self.support
+        for _ in range(self.steps):
+            out = torch.func.functional_call(self.learner, dict(zip(names, params)), (x,))
+            grads = torch.autograd.grad(F.cross_entropy(out, y), params, create_graph=True)
+            params = [p - 0.01 * g for p, g in zip(params, grads)]
+        xq, yq = self.query
+        out = torch.func.functional_call(self.learner, dict(zip(names, params)), (xq,))
+        F.cross_entropy(out, yq).backward()
+
+    def update_on_tape(self, backward: bool = True) -> None:
+        """(b) T x update_rows on the tape, as the differentiable optimizer runs it, + backward."""
+        weights = self.rule.weights()
+        params = list(self.init)
+        state = initial_state(self.rows, self.rule.hidden_size)
+        sizes = [p.numel() for p in params]
+        loss = torch.tensor(1.6)
+        for _ in range(self.steps):
+            constants = prepare_step(weights, loss, torch.float32)
+            new_param, state = update_rows(constants, state,
+                                           torch.cat([g.reshape(-1) for g in self.grads]),
+                                           torch.cat([p.reshape(-1) for p in params]))
+            params = [piece.view(p.shape) for piece, p in zip(new_param.split(sizes), params)]
+        # the query loss's gradient w.r.t. theta_T stands in for a constant vector
+        if backward:
+            torch.autograd.backward(params, self.grads)
+        self._kept = params  # so that the saved-tensor count sees the whole tape
+
+    def update_forward_only(self) -> None:
+        """(b1) the forward half of (b): T updates recorded on the tape, no backward."""
+        self.update_on_tape(backward=False)
+        self._kept = None
+
+    def step_in_place(self) -> None:
+        """(b') T x LSTMMetaOptimizer.step (no tape) on the learner's coordinates."""
+        self.opt.reset_state()
+        with torch.no_grad():
+            for p, g in zip(self.params, self.grads):
+                p.grad = g.clone()
+        loss = torch.tensor(1.6)
+        for _ in range(self.steps):
+            self.opt.step(loss=loss)
+
+    def adam_step(self) -> None:
+        """(c) clip + Adam on the meta-parameters (rule + learned init)."""
+        nn.utils.clip_grad_norm_(self.meta_params, 0.25)
+        self.adam.step()
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def make_trainer(args, first_order: bool, run_root: Path) -> MetaTrainer:
+    config = MetaTrainConfig(
+        task="omniglot", data_root=args.data_root, ways=5, shots=1, inner_steps=args.steps,
+        filters=args.filters, image_size=28, meta_batch=args.meta_batch, meta_steps=10**6,
+        first_order=first_order, validate_every=10**6, checkpoint_every=10**6, seed=0,
+        run_dir=str(run_root / ("first" if first_order else "second")),
+    )
+    return MetaTrainer(config, progress=False)
+
+
+def profile_step(trainer: MetaTrainer, rows: int = 14) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.meta_step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-root", default="/work/shared/data/omniglot")
+    parser.add_argument("--steps", type=int, default=12, help="inner steps T (paper 1-shot: 12)")
+    parser.add_argument("--filters", type=int, default=32)
+    parser.add_argument("--meta-batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
+                        help="torch.profiler tables: when a target fails (auto), always, never")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--markdown", help="also write the printed report to this file")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout = _Tee(sys.stdout)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    print(f"Setting: Omniglot 5-way 1-shot, T = {args.steps}, filters "
+          f"{args.filters}, meta_batch {args.meta_batch}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s); {load_average()} (start)")
+
+    run_root = Path(tempfile.mkdtemp(prefix="meta_train_bench_"))
+    trainers = {"first-order": make_trainer(args, True, run_root),
+                "second-order": make_trainer(args, False, run_root)}
+    parts = Parts(trainers["first-order"], args.steps)
+    part_fns = {"(a) learner fwd/bwd": parts.learner_passes,
+                "(a2) learner, second order (create_graph)": parts.learner_passes_second_order,
+                "(b) meta-learner update, on tape": parts.update_on_tape,
+                "(b1) of which forward only": parts.update_forward_only,
+                "(b') LSTMMetaOptimizer.step, in place": parts.step_in_place,
+                "(c) clip + Adam": parts.adam_step}
+
+    for _ in range(args.warmup):
+        for trainer in trainers.values():
+            trainer.meta_step()
+        for fn in part_fns.values():
+            fn()
+
+    times: dict[str, list[float]] = {name: [] for name in [*trainers, *part_fns]}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.meta_step()
+            times[name].append(time.perf_counter() - t0)
+        for name, fn in part_fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(values) for name, values in times.items()}
+
+    memory = {}
+    for name, trainer in trainers.items():
+        saved, calls = saved_tensor_bytes(trainer.meta_step)
+        rss = peak_rss_growth_mb(trainer.meta_step)
+        memory[name] = {"saved_mb": saved / 2**20, "pack_calls": calls, "peak_rss_mb": rss}
+
+    part_saved = {}
+    for name, fn in (("(a) learner fwd/bwd", parts.learner_passes),
+                     ("(a2) learner, second order (create_graph)",
+                      parts.learner_passes_second_order),
+                     ("(b) meta-learner update, on tape", parts.update_on_tape)):
+        part_saved[name] = saved_tensor_bytes(fn)[0] / 2**20
+    parts._kept = None
+
+    fo, so = "first-order", "second-order"
+    eps = {n: args.meta_batch / median[n] for n in trainers}
+    print(f"\nlearner coordinates: {parts.rows:,}; meta-learner parameters: "
+          f"{sum(p.numel() for p in parts.rule.parameters()):,}; "
+          f"{args.rounds} timed rounds after {args.warmup} warm-up")
+    print("\n| mode | ms / meta-step | episodes/s | saved MB | pack calls | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for name in trainers:
+        m = memory[name]
+        rss = "n/a" if m["peak_rss_mb"] is None else f"{m['peak_rss_mb']:.1f}"
+        print(f"| {name} | {median[name] * 1e3:.1f} | {eps[name]:.2f} | {m['saved_mb']:.1f} | "
+              f"{m['pack_calls']} | {rss} |")
+    speedup = eps[fo] / eps[so]
+    mem_ratio = memory[fo]["saved_mb"] / memory[so]["saved_mb"]
+    rss_ratio = (None if not memory[so]["peak_rss_mb"] else
+                 memory[fo]["peak_rss_mb"] / memory[so]["peak_rss_mb"])
+    print(f"| ratio first/second | {median[fo] / median[so]:.3f} | {speedup:.2f}x | "
+          f"{mem_ratio:.3f} | | {'n/a' if rss_ratio is None else f'{rss_ratio:.3f}'} |")
+
+    print("\n| part (alone) | ms (median) | saved MB |")
+    print("|---|---|---|")
+    for name in part_fns:
+        saved = f"{part_saved[name]:.1f}" if name in part_saved else ""
+        print(f"| {name} | {median[name] * 1e3:.1f} | {saved} |")
+    parts_sum = (median["(a) learner fwd/bwd"] + median["(b) meta-learner update, on tape"]
+                 + median["(c) clip + Adam"]) * args.meta_batch
+    parts_sum_in_place = (median["(a) learner fwd/bwd"]
+                          + median["(b') LSTMMetaOptimizer.step, in place"]
+                          + median["(c) clip + Adam"]) * args.meta_batch
+    overhead = median[fo] / parts_sum
+    print(f"| sum (a) + (b) + (c), x meta_batch | {parts_sum * 1e3:.1f} | |")
+    print(f"| first-order meta-step / sum | {overhead:.2f}x | |")
+    print(f"| (for reference) first-order meta-step / [(a) + (b') + (c)] | "
+          f"{median[fo] / parts_sum_in_place:.2f}x | |")
+    parts_sum_so = (median["(a2) learner, second order (create_graph)"]
+                    + median["(b) meta-learner update, on tape"]
+                    + median["(c) clip + Adam"]) * args.meta_batch
+    print(f"| (for reference) second-order meta-step / [(a2) + (b) + (c)] | "
+          f"{median[so] / parts_sum_so:.2f}x | |")
+    share_time = median["(b) meta-learner update, on tape"] * args.meta_batch / median[fo]
+    share_mem = part_saved["(b) meta-learner update, on tape"] / memory[fo]["saved_mb"]
+    a1, a2 = "(a) learner fwd/bwd", "(a2) learner, second order (create_graph)"
+    b = "(b) meta-learner update, on tape"
+    print(f"\nThe meta-learner's tape (b) is {share_time:.0%} of the first-order step's time and "
+          f"{share_mem:.0%} of its saved tensors; it is the same in both modes. Second order "
+          f"adds only the learner's double-backward tape: (a2) - (a) = "
+          f"{(median[a2] - median[a1]) * 1e3:.0f} ms, "
+          f"{part_saved[a2] - part_saved[a1]:.1f} MB; "
+          f"measured second - first: {(median[so] - median[fo]) * 1e3:.0f} ms, "
+          f"{memory[so]['saved_mb'] - memory[fo]['saved_mb']:.1f} MB. Per coordinate and "
+          f"inner step the meta-learner's tape keeps "
+          f"{part_saved[b] * 2**20 / (parts.rows * args.steps):.0f} bytes "
+          f"(layer-1 input, gates, cell and "
+          f"hidden states of a 20-unit LSTM), against "
+          f"{part_saved[a1] * 2**20 / parts.rows:.0f} bytes per coordinate "
+          f"for the learner's whole first-order episode.")
+
+    verdicts = {
+        "speed": speedup >= TARGET_SPEEDUP,
+        "memory": mem_ratio <= TARGET_MEMORY_RATIO,
+        "overhead": overhead <= TARGET_OVERHEAD,
+    }
+    print()
+    print(f"{'PASS' if verdicts['speed'] else 'FAIL'}: first-order episodes/s = {speedup:.2f}x "
+          f"second-order (target >= {TARGET_SPEEDUP}x)")
+    print(f"{'PASS' if verdicts['memory'] else 'FAIL'}: first-order saved-tensor memory = "
+          f"{mem_ratio:.2f} of second-order (target <= {TARGET_MEMORY_RATIO}); peak RSS growth "
+          f"ratio {'n/a' if rss_ratio is None else f'{rss_ratio:.2f}'} (secondary)")
+    print(f"{'PASS' if verdicts['overhead'] else 'FAIL'}: first-order meta-step = "
+          f"{overhead:.2f}x the sum of its parts (target <= {TARGET_OVERHEAD}x)")
+
+    profiles = {}
+    if args.profile == "always" or (args.profile == "auto" and not all(verdicts.values())):
+        for name, trainer in trainers.items():
+            with _quiet_stderr():
+                profiles[name] = profile_step(trainer)
+            print(f"\n## torch.profiler, one {name} meta-step (top ops by self CPU time)\n")
+            print("\n".join("    " + line for line in profiles[name].splitlines()))
+    elapsed = time.perf_counter() - started
+    print(f"\n{load_average()} (end); run time {elapsed:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "setting": {"task": "omniglot", "ways": 5, "shots": 1, "inner_steps": args.steps,
+                        "filters": args.filters, "meta_batch": args.meta_batch,
+                        "rounds": args.rounds, "threads": torch.get_num_threads(),
+                        "load_average_end": os.getloadavg()},
+            "median_s": median, "all_s": times, "episodes_per_s": eps, "memory": memory,
+            "speedup": speedup, "saved_memory_ratio": mem_ratio, "rss_ratio": rss_ratio,
+            "parts_sum_s": parts_sum, "parts_saved_mb": part_saved, "overhead": overhead,
+            "verdicts": verdicts,
+            "run_time_s": elapsed}, indent=2))
+    if args.markdown:
+        report = sys.stdout.text()
+        sys.stdout = sys.stdout.stream
+        Path(args.markdown).write_text(
+            "# Meta-training throughput and memory (benchmarks/meta_train.py)\n\n"
+            "Generated by `python benchmarks/meta_train.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]) + "`.\n\n"
+            + report)
+    return 0
+
+
+class _Tee:
+    """Write to a stream and remember what was written."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -112,6 +112,7 @@ def _add_evaluate(commands) -> None:
     _add_threads(parser)
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_plot(commands) -> None:
@@ -184,7 +185,7 @@ def _meta_train(args) -> int:
     print(f"best checkpoint: {best}")
     if args.test_episodes > 0:
         report = evaluate(best, episodes=args.test_episodes, baselines=_baselines(args.baselines),
-                          device=config.device)
+                          device=config.device, progress=not args.no_progress)
         print(f"\ntest split, {args.test_episodes} episodes:")
         print(report.to_markdown())
         report.write_json(Path(config.run_dir) / "test_results.json")
@@ -201,7 +202,7 @@ def _evaluate(args) -> int:
         split=args.split, baselines=_baselines(args.baselines),
         baseline_checkpoints={k: v for k, v in (("maml", args.maml),
                                                 ("metasgd", args.metasgd)) if v},
-        tune_episodes=args.tune_episodes, device=args.device)
+        tune_episodes=args.tune_episodes, device=args.device, progress=not args.no_progress)
     print(json.dumps(report.setting))
     print(report.to_markdown())
     if args.json:

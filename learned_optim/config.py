@@ -97,7 +97,7 @@ class MetaTrainConfig:
         # Authors: 1-shot T = 12, 5-shot T = 8; sinusoid: a short horizon like MAML's.
         c.inner_steps = c.inner_steps or (5 if sinusoid else (12 if c.shots == 1 else 8))
         c.meta_steps = c.meta_steps or (1500 if sinusoid else 20000)
-        c.filters = c.filters or (32 if c.task == "miniimagenet" else 32)
+        c.filters = c.filters or 32  # the paper's learner
         c.image_size = c.image_size or {"sinusoid": 1, "omniglot": 28, "miniimagenet": 84}[c.task]
         c.bn_momentum = c.bn_momentum or (0.9 if c.shots == 1 else 0.95)
         c.inner_lr = c.inner_lr or (0.01 if sinusoid else 0.1)

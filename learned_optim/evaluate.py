@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from learned_optim.checkpoint import Checkpoint, load_checkpoint, load_learned_init
 from learned_optim.config import MetaTrainConfig
@@ -133,6 +134,7 @@ def evaluate(
     baseline_checkpoints: dict[str, str | os.PathLike] | None = None,
     tune_episodes: int = 50,
     device: str = "cpu",
+    progress: bool = False,
 ) -> EvaluationReport:
     """Mean query score with 95% CI of a checkpoint and of baselines, on the same episodes.
 
@@ -162,7 +164,10 @@ def evaluate(
     config = MetaTrainConfig.from_dict(saved).resolved()
     the_task = build_task(config)
     steps = config.inner_steps
-    indices = range(episodes)
+    def indices(label: str):  # the same test episodes for every method, with a progress bar
+        return tqdm(range(episodes), desc=f"evaluate {label}", disable=not progress,
+                    leave=False, dynamic_ncols=True)
+
     source = the_task.episodes(split)
     learner, init_note = _learner_with_init(the_task, checkpoint, device)
     report = EvaluationReport(
@@ -170,15 +175,16 @@ def evaluate(
         {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
          "queries": config.queries, "checkpoint": str(checkpoint.path)})
     name = {"lstm": "meta-learner LSTM"}.get(checkpoint.method, checkpoint.method)
-    report.results[name] = evaluate_rule(learner, checkpoint, source, indices, steps, the_task,
-                                         device)
+    report.results[name] = evaluate_rule(learner, checkpoint, source, indices(name), steps,
+                                         the_task, device)
     report.details[name] = {"init": init_note}
     for baseline in baselines:
         if baseline in ("sgd", "adam"):
             lr, tuned = _tune_lr(baseline, learner, the_task, steps, tune_episodes, device)
             factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[baseline]
             report.results[baseline] = evaluate_rule(learner, functools.partial(factory, lr=lr),
-                                                     source, indices, steps, the_task, device)
+                                                     source, indices(baseline), steps, the_task,
+                                                     device)
             report.details[baseline] = {"lr": lr, "init": init_note}
         elif baseline in ("maml", "metasgd"):
             path = (baseline_checkpoints or {}).get(baseline)
@@ -190,12 +196,13 @@ def evaluate(
             if other.method != baseline:
                 raise ValueError(f"{path} is a {other.method!r} checkpoint, not {baseline!r}")
             other_learner, other_note = _learner_with_init(the_task, other, device)
-            report.results[baseline] = evaluate_rule(other_learner, other, source, indices,
+            report.results[baseline] = evaluate_rule(other_learner, other, source,
+                                                     indices(baseline),
                                                      steps, the_task, device)
             report.details[baseline] = {"init": other_note}
         else:
             scores = [nearest_neighbour_score(learner, to_device(source.episode(i), device),
-                                              the_task) for i in indices]
+                                              the_task) for i in indices("nn")]
             report.results["nn"] = summarize(scores)
             report.details["nn"] = {"features": "learner features" if hasattr(
                 learner, "features") else "raw inputs"}

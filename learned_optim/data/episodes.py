@@ -75,6 +75,15 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
 
 
+def episode_index_range(start: int = 0, count: int | None = None, step: int = 1):
+    """Episode indices ``start, start + step, ...``: ``count`` of them, or endless if None."""
+    _check_positive(step=step)
+    if count is not None and count < 0:
+        raise ValueError(f"count must be non-negative or None, got {count!r}")
+    return itertools.count(start, step) if count is None else range(
+        start, start + count * step, step)
+
+
 class EpisodeSampler:
     """Draws N-way K-shot episodes from a :class:`FewShotDataset`.
 
@@ -193,13 +202,5 @@ class EpisodeSampler:
         Use ``start=rank, step=world_size`` to give distributed ranks disjoint episodes, and
         ``start=`` the next unseen index to resume a killed run.
         """
-        _check_positive(step=step)
-        if count is not None and count < 0:
-            raise ValueError(f"count must be non-negative or None, got {count!r}")
-        indices = (
-            itertools.count(start, step)
-            if count is None
-            else range(start, start + count * step, step)
-        )
-        for index in indices:
+        for index in episode_index_range(start, count, step):
             yield self.episode(index)

@@ -10,14 +10,18 @@ Two protocols:
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
-from learned_optim.data.episodes import Episode, _check_positive, episode_generator
+from learned_optim.data.episodes import (
+    Episode,
+    _check_positive,
+    episode_generator,
+    episode_index_range,
+)
 
 __all__ = ["SinusoidTask", "SinusoidTasks"]
 
@@ -127,13 +131,5 @@ class SinusoidTasks:
         self, start: int = 0, count: int | None = None, step: int = 1
     ) -> Iterator[Episode]:
         """Iterate over episodes ``start, start + step, ...`` (``count`` of them, or forever)."""
-        _check_positive(step=step)
-        if count is not None and count < 0:
-            raise ValueError(f"count must be non-negative or None, got {count!r}")
-        indices = (
-            itertools.count(start, step)
-            if count is None
-            else range(start, start + count * step, step)
-        )
-        for index in indices:
+        for index in episode_index_range(start, count, step):
             yield self.episode(index)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
@@ -341,16 +340,6 @@ def load_update_rule(name_or_path: str | os.PathLike) -> MetaLearnerLSTM:
             "rule; use learned_optim.finetune with it instead"
         )
     return checkpoint.meta_learner
-
-
-def read_record(name_or_path: str | os.PathLike) -> dict:
-    """Only the JSON record of a checkpoint (cheap: the tensors are not read)."""
-    path = resolve_checkpoint(name_or_path)
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if RECORD_KEY not in metadata:
-        raise CheckpointError(f"{path}: not a learned_optim checkpoint")
-    return json.loads(metadata[RECORD_KEY])
 
 
 @dataclass

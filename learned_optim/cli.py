@@ -162,6 +162,7 @@ def _baselines(text: str) -> list[str]:
 
 
 def _meta_train(args) -> int:
+    from learned_optim.checkpoint import load_checkpoint
     from learned_optim.evaluate import evaluate
     from learned_optim.train import meta_train, read_log
 
@@ -170,18 +171,12 @@ def _meta_train(args) -> int:
     best = meta_train(config, resume=args.resume, progress=not args.no_progress)
     if not distributed.is_main():  # under torchrun: rank 0 reports and runs the test episodes
         return 0
-    log = read_log(config.run_dir)
-    key = next(k for k in log[0] if k.startswith("val_") and not k.endswith("ci95"))
-    validations = [e for e in log if key in e]
-    start, best_entry = validations[0], None
-    for entry in validations:
-        better = best_entry is None or (entry[key] > best_entry[key] if key == "val_accuracy"
-                                        else entry[key] < best_entry[key])
-        if better:
-            best_entry = entry
+    record = load_checkpoint(best).record
+    key = next(k for k in record["metrics"] if not k.endswith("ci95") and k != "val_episodes")
+    start = next(e for e in read_log(config.run_dir) if key in e)  # the untrained validation
     print(f"validation {key[4:]}: untrained {start[key]:.4f} +- {start[key + '_ci95']:.4f}, "
-          f"best {best_entry[key]:.4f} +- {best_entry[key + '_ci95']:.4f} "
-          f"(meta-step {best_entry['step']})")
+          f"best {record['metrics'][key]:.4f} +- {record['metrics'][key + '_ci95']:.4f} "
+          f"(meta-step {record['card']['meta_steps']})")
     print(f"best checkpoint: {best}")
     if args.test_episodes > 0:
         report = evaluate(best, episodes=args.test_episodes, baselines=_baselines(args.baselines),

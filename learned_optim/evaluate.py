@@ -28,6 +28,7 @@ from learned_optim.train import evaluate_rule
 __all__ = ["evaluate", "EvaluationReport", "BASELINES", "nearest_neighbour_score"]
 
 BASELINES = ("sgd", "adam", "maml", "metasgd", "nn")
+TUNED_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 LR_GRIDS = {
     "sgd": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
     "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
@@ -108,14 +109,13 @@ def _learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.M
 
 
 def _tune_lr(name, learner, task, steps, tune_episodes, device) -> tuple[float, Summary]:
-    factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
+    """The learning rate of ``LR_GRIDS[name]`` with the best validation score, and that score."""
+    factory = TUNED_OPTIMIZERS[name]
     best = None
     for lr in LR_GRIDS[name]:
         summary = evaluate_rule(learner, functools.partial(factory, lr=lr), task.episodes("val"),
                                 range(tune_episodes), steps, task, device)
-        better = best is None or (summary.mean > best[1].mean if task.higher_is_better
-                                  else summary.mean < best[1].mean)
-        if better:
+        if task.is_better(summary.mean, None if best is None else best[1].mean):
             best = (lr, summary)
     return best
 
@@ -180,9 +180,9 @@ def evaluate(
     report.details[name] = {"init": init_note}
     for baseline in baselines:
         if baseline in ("sgd", "adam"):
-            lr, tuned = _tune_lr(baseline, learner, the_task, steps, tune_episodes, device)
-            factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[baseline]
-            report.results[baseline] = evaluate_rule(learner, functools.partial(factory, lr=lr),
+            lr, _ = _tune_lr(baseline, learner, the_task, steps, tune_episodes, device)
+            tuned = functools.partial(TUNED_OPTIMIZERS[baseline], lr=lr)
+            report.results[baseline] = evaluate_rule(learner, tuned,
                                                      source, indices(baseline), steps, the_task,
                                                      device)
             report.details[baseline] = {"lr": lr, "init": init_note}

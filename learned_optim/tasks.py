@@ -24,10 +24,6 @@ def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.argmax(dim=1) == targets).float().mean()
 
 
-def negative_mse(predictions: Tensor, targets: Tensor) -> Tensor:
-    return -F.mse_loss(predictions, targets)
-
-
 @dataclass
 class Task:
     """What meta-training and evaluation need to know about a task family.
@@ -44,6 +40,12 @@ class Task:
     metric: Callable[[Tensor, Tensor], Tensor]
     metric_name: str
     higher_is_better: bool
+
+    def is_better(self, score: float, than: float | None) -> bool:
+        """Whether ``score`` beats ``than`` (``None``: nothing to beat) for this metric."""
+        if than is None:
+            return True
+        return score > than if self.higher_is_better else score < than
 
 
 def _classification_dataset(config: MetaTrainConfig, split: str):
@@ -78,7 +80,7 @@ def build_task(config: MetaTrainConfig) -> Task:
                                  seed=config.seed + SPLIT_SEED_OFFSETS[split])
 
         return Task(config, sinusoid_episodes, SinusoidMLP, F.mse_loss,
-                    lambda p, t: F.mse_loss(p, t), "mse", higher_is_better=False)
+                    F.mse_loss, "mse", higher_is_better=False)
 
     from learned_optim.data import EpisodeSampler
 

@@ -311,18 +311,14 @@ class MetaTrainer:
         distributed.all_reduce_sum_([scores], f"validation at meta-step {self.step}")
         return summarize(scores.tolist())
 
-    def _is_better(self, score: float) -> bool:
-        if self.best is None:
-            return True
-        return score > self.best["mean"] if self.task.higher_is_better else (
-            score < self.best["mean"])
-
     def _record_validation(self, summary: Summary) -> None:
         name = self.task.metric_name
         if self.rank == 0:
             self.folder.log({"step": self.step, f"val_{name}": summary.mean,
                              f"val_{name}_ci95": summary.ci95, "val_episodes": summary.n})
-        if self._is_better(summary.mean):  # the same summary, hence the same best, on all ranks
+        # The same summary, hence the same best, on all ranks.
+        best_so_far = None if self.best is None else self.best["mean"]
+        if self.task.is_better(summary.mean, best_so_far):
             self.best = {"step": self.step, **summary.as_dict()}
             if self.rank == 0:
                 self.save_best()
@@ -354,7 +350,7 @@ class MetaTrainer:
         return self.folder.best_path
 
     def _train(self) -> None:
-        config, main = self.config, self.rank == 0
+        config, main, name = self.config, self.rank == 0, self.task.metric_name
         if self.step == 0 and self.best is None:
             self._record_validation(self.validate())  # the untrained starting point
             if main:
@@ -371,7 +367,7 @@ class MetaTrainer:
                     self.folder.log(entry)
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{entry['meta_loss']:.4f}",
-                                **{self.task.metric_name: f"{entry[list(entry)[2]]:.4f}"})
+                                **{name: f"{entry['train_' + name]:.4f}"})
                 out_of_time = config.max_time_s is not None and self.elapsed >= config.max_time_s
                 if config.max_time_s is not None:  # ranks' clocks differ: stop together
                     out_of_time = distributed.any_true(out_of_time, "the time-budget check")

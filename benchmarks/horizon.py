@@ -36,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _shared import load_average  # noqa: E402 (sibling module)
 
 from learned_optim import LSTMMetaOptimizer, load_checkpoint  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
@@ -47,13 +48,6 @@ from learned_optim.tasks import build_task  # noqa: E402
 
 DEFAULT_CHECKPOINTS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s")
 METHODS = ("learned rule", "SGD", "Adam")
-
-
-def load_average() -> str:
-    try:
-        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "load average n/a"
 
 
 def weight_norm(params) -> float:

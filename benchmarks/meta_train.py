@@ -37,7 +37,6 @@ The target compares the first-order meta-step with (a) + (b) + (c).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -50,6 +49,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _shared import load_average, quiet_stderr  # noqa: E402 (sibling module)
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -62,13 +62,6 @@ from learned_optim.train import MetaTrainer  # noqa: E402
 TARGET_SPEEDUP = 1.5
 TARGET_MEMORY_RATIO = 0.5
 TARGET_OVERHEAD = 3.0
-
-
-def load_average() -> str:
-    try:
-        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "load average n/a"
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -247,19 +240,6 @@ def profile_step(trainer: MetaTrainer, rows: int = 14) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", default="/work/shared/data/omniglot")
@@ -398,7 +378,7 @@ def main(argv=None) -> int:
     profiles = {}
     if args.profile == "always" or (args.profile == "auto" and not all(verdicts.values())):
         for name, trainer in trainers.items():
-            with _quiet_stderr():
+            with quiet_stderr():
                 profiles[name] = profile_step(trainer)
             print(f"\n## torch.profiler, one {name} meta-step (top ops by self CPU time)\n")
             print("\n".join("    " + line for line in profiles[name].splitlines()))

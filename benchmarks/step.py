@@ -44,7 +44,6 @@ one-line verdict against the targets.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -55,6 +54,7 @@ import sys
 import time
 
 import torch
+from _shared import quiet_stderr  # sibling module: run as python benchmarks/step.py
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -177,23 +177,9 @@ def median_seconds(fn, warmup: int, repeats: int, budget_s: float) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the profiler's C++ chatter on file descriptor 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def peak_temporary_bytes(fn) -> int:
     """Peak of the running sum of CPU allocations minus frees during ``fn()``."""
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(
         (event.start_ns(), event.nbytes())

@@ -43,6 +43,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _shared import load_average  # noqa: E402 (sibling module)
 from torch import nn  # noqa: E402
 
 from learned_optim import MetaLearnerLSTM, load_checkpoint  # noqa: E402
@@ -62,13 +63,6 @@ TEST_SEED = 20_240
 TUNE_SEED = 7_777
 INIT_SEED_TEST = 1_000_000
 INIT_SEED_TUNE = 2_000_000
-
-
-def load_average() -> str:
-    try:
-        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "load average n/a"
 
 
 def make_model(kind: str, ways: int, filters: int, shots: int, seed: int) -> nn.Module:

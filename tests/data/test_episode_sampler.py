@@ -11,8 +11,8 @@ PINNED_FIRST_DRAW = 0.13016098737716675  # torch.rand(1) from episode_generator(
 
 
 @pytest.fixture(scope="module")
-def digits(data_dir) -> FewShotDataset:
-    return sklearn_digits(data_dir / "sklearn_digits" / "digits.csv.gz")
+def digits(shared_data) -> FewShotDataset:
+    return sklearn_digits(shared_data / "sklearn_digits" / "digits.csv.gz")
 
 
 def test_episode_has_ways_times_shots_support_and_ways_times_queries_query(digits):

@@ -12,8 +12,8 @@ from learned_optim.data import FewShotDataset
 
 
 @pytest.fixture(scope="module")
-def digits(data_dir) -> FewShotDataset:
-    with gzip.open(data_dir / "sklearn_digits" / "digits.csv.gz", "rt") as handle:
+def digits(shared_data) -> FewShotDataset:
+    with gzip.open(shared_data / "sklearn_digits" / "digits.csv.gz", "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
     return FewShotDataset.from_arrays(
         (table[:, :64] / 16.0).reshape(-1, 1, 8, 8), table[:, 64], name="digits"

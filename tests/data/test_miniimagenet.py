@@ -16,8 +16,8 @@ PER_CLASS = 5
 
 
 @pytest.fixture(scope="module")
-def real_test_csv(data_dir):
-    return data_dir / "miniimagenet" / "splits" / "test.csv"
+def real_test_csv(shared_data):
+    return shared_data / "miniimagenet" / "splits" / "test.csv"
 
 
 @pytest.fixture(scope="module")

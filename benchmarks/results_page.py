@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from learned_optim import LSTMMetaOptimizer, available_pretrained, load_checkpoint
+from learned_optim import (
+    LSTMMetaOptimizer,
+    available_pretrained,
+    load_checkpoint,
+    load_learned_init,
+)
 from learned_optim.config import MetaTrainConfig
 from learned_optim.learners import reset_batchnorm
 from learned_optim.plots import _pyplot, plot_gates, record_gates
@@ -101,7 +106,7 @@ def gate_records(name: str, data_root: str, episodes: int, steps: int | None = N
     for index in range(episodes):
         episode = source.episode(index)
         learner = task.make_learner()
-        learner.load_state_dict({**learner.state_dict(), **checkpoint.learned_init})
+        load_learned_init(learner, checkpoint)
         reset_batchnorm(learner)
         learner.train()
         opt = LSTMMetaOptimizer(learner.parameters(), checkpoint.meta_learner)

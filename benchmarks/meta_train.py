@@ -25,13 +25,21 @@ What is measured
 Parts measured alone (first order), same learner and episode:
   (a) the learner: T x [forward + backward on the support set] + forward + backward on the
       query set (a plain ``ConvLearner``, ``torch.optim``-style ``.backward()``).
-  (b) the meta-learner's update on the learner's number of coordinates, recorded on the
-      autograd tape as in meta-training: T x ``update_rows`` (with the concatenation of the
-      gradients and parameters that the differentiable optimizer does) + one backward through
-      the chain of T updates. The in-place ``LSTMMetaOptimizer.step`` (no tape) is also timed
-      (b'), for reference: meta-training cannot use it, because the meta-gradient needs the tape.
+  (b) the meta-learner's update on the learner's number of coordinates, on the autograd tape
+      as in meta-training: T x ``update_rows`` (with the concatenation of the gradients and
+      parameters that the differentiable optimizer does) + one backward through the chain of T
+      updates. Each step is one node that saves its inputs and recomputes the rest in a
+      hand-written backward (``learned_optim.rule_backward``); (b0) is the same with every
+      operation recorded by autograd, the straightforward tape, for comparison. The in-place
+      ``LSTMMetaOptimizer.step`` (no tape) is also timed (b'), for reference: meta-training
+      cannot use it, because the meta-gradient needs the tape.
   (c) the meta-optimizer: gradient-norm clip + Adam step on the meta-parameters.
 The target compares the first-order meta-step with (a) + (b) + (c).
+
+Ceilings: the update rule is the same in both modes, so even a free update rule could not make
+first order faster than (a2) / (a) times second order, nor smaller than saved(a) / saved(a2);
+the report prints both next to the targets. ``--ways`` / ``--shots`` change the episode (more
+support images make the learner's double backward, which first order drops, larger).
 """
 
 from __future__ import annotations
@@ -180,7 +188,7 @@ class Parts:
         out = torch.func.functional_call(self.learner, dict(zip(names, params)), (xq,))
         F.cross_entropy(out, yq).backward()
 
-    def update_on_tape(self, backward: bool = True) -> None:
+    def update_on_tape(self, backward: bool = True, recompute: bool = True) -> None:
         """(b) T x update_rows on the tape, as the differentiable optimizer runs it, + backward."""
         weights = self.rule.weights()
         params = list(self.init)
@@ -191,12 +199,17 @@ class Parts:
             constants = prepare_step(weights, loss, torch.float32)
             new_param, state = update_rows(constants, state,
                                            torch.cat([g.reshape(-1) for g in self.grads]),
-                                           torch.cat([p.reshape(-1) for p in params]))
+                                           torch.cat([p.reshape(-1) for p in params]),
+                                           recompute=recompute)
             params = [piece.view(p.shape) for piece, p in zip(new_param.split(sizes), params)]
         # the query loss's gradient w.r.t. theta_T stands in for a constant vector
         if backward:
             torch.autograd.backward(params, self.grads)
         self._kept = params  # so that the saved-tensor count sees the whole tape
+
+    def update_recorded(self) -> None:
+        """(b0) as (b), every operation recorded by autograd (the straightforward tape)."""
+        self.update_on_tape(recompute=False)
 
     def update_forward_only(self) -> None:
         """(b1) the forward half of (b): T updates recorded on the tape, no backward."""
@@ -224,7 +237,8 @@ class Parts:
 
 def make_trainer(args, first_order: bool, run_root: Path) -> MetaTrainer:
     config = MetaTrainConfig(
-        task="omniglot", data_root=args.data_root, ways=5, shots=1, inner_steps=args.steps,
+        task="omniglot", data_root=args.data_root, ways=args.ways, shots=args.shots,
+        inner_steps=args.steps,
         filters=args.filters, image_size=28, meta_batch=args.meta_batch, meta_steps=10**6,
         first_order=first_order, validate_every=10**6, checkpoint_every=10**6, seed=0,
         run_dir=str(run_root / ("first" if first_order else "second")),
@@ -244,6 +258,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", default="/work/shared/data/omniglot")
     parser.add_argument("--steps", type=int, default=12, help="inner steps T (paper 1-shot: 12)")
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--filters", type=int, default=32)
     parser.add_argument("--meta-batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
@@ -257,7 +273,7 @@ def main(argv=None) -> int:
         sys.stdout = _Tee(sys.stdout)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    print(f"Setting: Omniglot 5-way 1-shot, T = {args.steps}, filters "
+    print(f"Setting: Omniglot {args.ways}-way {args.shots}-shot, T = {args.steps}, filters "
           f"{args.filters}, meta_batch {args.meta_batch}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); {load_average()} (start)")
 
@@ -268,6 +284,7 @@ def main(argv=None) -> int:
     part_fns = {"(a) learner fwd/bwd": parts.learner_passes,
                 "(a2) learner, second order (create_graph)": parts.learner_passes_second_order,
                 "(b) meta-learner update, on tape": parts.update_on_tape,
+                "(b0) the same, recorded op by op": parts.update_recorded,
                 "(b1) of which forward only": parts.update_forward_only,
                 "(b') LSTMMetaOptimizer.step, in place": parts.step_in_place,
                 "(c) clip + Adam": parts.adam_step}
@@ -300,7 +317,8 @@ def main(argv=None) -> int:
     for name, fn in (("(a) learner fwd/bwd", parts.learner_passes),
                      ("(a2) learner, second order (create_graph)",
                       parts.learner_passes_second_order),
-                     ("(b) meta-learner update, on tape", parts.update_on_tape)):
+                     ("(b) meta-learner update, on tape", parts.update_on_tape),
+                     ("(b0) the same, recorded op by op", parts.update_recorded)):
         part_saved[name] = saved_tensor_bytes(fn)[0] / 2**20
     parts._kept = None
 
@@ -346,7 +364,7 @@ def main(argv=None) -> int:
     share_time = median["(b) meta-learner update, on tape"] * args.meta_batch / median[fo]
     share_mem = part_saved["(b) meta-learner update, on tape"] / memory[fo]["saved_mb"]
     a1, a2 = "(a) learner fwd/bwd", "(a2) learner, second order (create_graph)"
-    b = "(b) meta-learner update, on tape"
+    b, b0 = "(b) meta-learner update, on tape", "(b0) the same, recorded op by op"
     print(f"\nThe meta-learner's tape (b) is {share_time:.0%} of the first-order step's time and "
           f"{share_mem:.0%} of its saved tensors; it is the same in both modes. Second order "
           f"adds only the learner's double-backward tape: (a2) - (a) = "
@@ -355,11 +373,18 @@ def main(argv=None) -> int:
           f"measured second - first: {(median[so] - median[fo]) * 1e3:.0f} ms, "
           f"{memory[so]['saved_mb'] - memory[fo]['saved_mb']:.1f} MB. Per coordinate and "
           f"inner step the meta-learner's tape keeps "
-          f"{part_saved[b] * 2**20 / (parts.rows * args.steps):.0f} bytes "
-          f"(layer-1 input, gates, cell and "
-          f"hidden states of a 20-unit LSTM), against "
+          f"{part_saved[b] * 2**20 / (parts.rows * args.steps):.0f} bytes (its inputs: state, "
+          f"gradient, parameter; recorded op by op, (b0): "
+          f"{part_saved[b0] * 2**20 / (parts.rows * args.steps):.0f} bytes, "
+          f"{median[b0] / median[b]:.2f}x the time of (b)), against "
           f"{part_saved[a1] * 2**20 / parts.rows:.0f} bytes per coordinate "
           f"for the learner's whole first-order episode.")
+    speed_ceiling = (median[a2] + median["(c) clip + Adam"]) / (median[a1]
+                                                               + median["(c) clip + Adam"])
+    memory_floor = part_saved[a1] / part_saved[a2]
+    print(f"\nCeilings: with an update rule that cost nothing, first order could be at most "
+          f"{speed_ceiling:.2f}x faster than second order ((a2) / (a)) and no smaller than "
+          f"{memory_floor:.2f} of it (saved (a) / (a2)).")
 
     verdicts = {
         "speed": speedup >= TARGET_SPEEDUP,
@@ -386,13 +411,15 @@ def main(argv=None) -> int:
     print(f"\n{load_average()} (end); run time {elapsed:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "setting": {"task": "omniglot", "ways": 5, "shots": 1, "inner_steps": args.steps,
+            "setting": {"task": "omniglot", "ways": args.ways, "shots": args.shots,
+                        "inner_steps": args.steps,
                         "filters": args.filters, "meta_batch": args.meta_batch,
                         "rounds": args.rounds, "threads": torch.get_num_threads(),
                         "load_average_end": os.getloadavg()},
             "median_s": median, "all_s": times, "episodes_per_s": eps, "memory": memory,
             "speedup": speedup, "saved_memory_ratio": mem_ratio, "rss_ratio": rss_ratio,
             "parts_sum_s": parts_sum, "parts_saved_mb": part_saved, "overhead": overhead,
+            "speed_ceiling": speed_ceiling, "memory_floor": memory_floor,
             "verdicts": verdicts,
             "run_time_s": elapsed}, indent=2))
     if args.markdown:

@@ -177,7 +177,8 @@ episodes; SGD and Adam start from the checkpoint's learned init (so only the upd
 with learning rates tuned on validation episodes; MAML and Meta-SGD (sinusoid, Omniglot 5-way
 1-shot) were meta-trained with the same routine and use their own init; `nn` is
 1-nearest-neighbour in the init's feature space; BatchNorm uses only the episode's own support
-statistics (not transductive); 95% confidence intervals are 1.96 std / sqrt(episodes). {episodes_note(names)}
+statistics (not transductive); 95% confidence intervals are 1.96 std / sqrt(episodes).
+{episodes_note(names)}
 Regenerate this page with `python benchmarks/results_page.py --data-root PATH/TO/omniglot`.
 
 ## Shipped checkpoints against their targets

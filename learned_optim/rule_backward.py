@@ -122,7 +122,7 @@ def _chunked_backward(constants, state, grad, param, d_param_out, d_state_out, n
         d_rows = _rows_backward(
             constants, hidden, scratch, n, state[piece], grad[piece], param[piece], new_state,
             None if d_param_out is None else d_param_out[piece],
-            None if d_state_out is None else d_state_out[piece])
+            None if d_state_out is None else d_state_out[piece], needs[:3])
         d_state_rows, d_grad_rows, d_param_rows, dz, d_pre, h1 = d_rows
         layer1_input = scratch["layer1_input"][:n]
         d_input_weight.addmm_(layer1_input.t(), dz)
@@ -134,7 +134,7 @@ def _chunked_backward(constants, state, grad, param, d_param_out, d_state_out, n
         d_meta_small[2].add_(d_pre.sum(dim=0))
         for total, part in ((d_state, d_state_rows), (d_grad, d_grad_rows),
                             (d_param, d_param_rows)):
-            if total is not None:
+            if part is not None:
                 total[piece] = part
     constant_grads = (d_input_weight, d_gate_bias, d_meta_h, d_meta_small[0], d_meta_small[1],
                       d_meta_small[2])
@@ -143,8 +143,15 @@ def _chunked_backward(constants, state, grad, param, d_param_out, d_state_out, n
 
 
 def _rows_backward(constants, hidden, scratch, n, state, grad, param, new_state, d_param_out,
-                   d_state_out):
-    """Derivatives for one chunk whose forward intermediates are in ``scratch``."""
+                   d_state_out, needs):
+    """Derivatives for one chunk whose forward intermediates are in ``scratch``.
+
+    ``needs`` says which of (state, grad, param) want a gradient; the others come back as
+    ``None`` without being computed (first order never needs the gradient's, the first step
+    never the state's). The gate derivatives ``dz`` and ``d_pre`` are always returned: the
+    meta-learner's weights need them.
+    """
+    needs_state, needs_grad, needs_param = needs
     gates = scratch["gates"][:n]  # sigmoid applied; columns i, f, o (the g block is unused)
     in_gate, forget_gate, out_gate = gates[:, : 3 * hidden].split(hidden, dim=1)
     cell_gate = scratch["cell_gate"][:n]  # tanh(g)
@@ -177,17 +184,22 @@ def _rows_backward(constants, hidden, scratch, n, state, grad, param, new_state,
     sig = gates[:, : 3 * hidden]
     dz[:, : 3 * hidden].mul_(sig - sig * sig)
     torch.mul(d_c1, in_gate, out=dz_g).mul_(1 - cell_gate * cell_gate)
-    d_layer1_input = dz @ constants.input_weight.t()  # [n, 2 + H]
 
-    d_state_rows = torch.cat((d_layer1_input[:, 2:], d_c1 * forget_gate,
-                              d_pre * constants.meta_weight_prev), dim=1)
-    d_param_rows = d_pre @ constants.meta_weight_theta
-    if d_param_out is not None:
-        d_param_rows.addcmul_(d_param_out, forget_lr[:, 0])
-    d_grad_rows = _preprocess_backward(grad, constants.p, d_layer1_input[:, 0],
-                                       d_layer1_input[:, 1])
-    if d_param_out is not None:
-        d_grad_rows.addcmul_(d_param_out, forget_lr[:, 1], value=-1)
+    d_state_rows = d_grad_rows = d_param_rows = None
+    if needs_state or needs_grad:
+        d_layer1_input = dz @ constants.input_weight.t()  # [n, 2 + H]
+    if needs_state:
+        d_state_rows = torch.cat((d_layer1_input[:, 2:], d_c1 * forget_gate,
+                                  d_pre * constants.meta_weight_prev), dim=1)
+    if needs_param:
+        d_param_rows = d_pre @ constants.meta_weight_theta
+        if d_param_out is not None:
+            d_param_rows.addcmul_(d_param_out, forget_lr[:, 0])
+    if needs_grad:
+        d_grad_rows = _preprocess_backward(grad, constants.p, d_layer1_input[:, 0],
+                                           d_layer1_input[:, 1])
+        if d_param_out is not None:
+            d_grad_rows.addcmul_(d_param_out, forget_lr[:, 1], value=-1)
     return d_state_rows, d_grad_rows, d_param_rows, dz, d_pre, h1
 
 

@@ -42,11 +42,11 @@ PUBLISHED = {
 }
 
 
-def results_table(names: list[str]) -> str:
+def results_table(records: dict[str, dict]) -> str:
     lines = ["| checkpoint | method | score | 95% CI | episodes | notes |",
              "|---|---|---|---|---|---|"]
-    for name in names:
-        test = load_checkpoint(name).record["card"]["test"]
+    for name, record in records.items():
+        test = record["card"]["test"]
         accuracy = test["metric"] == "accuracy"
         for method, r in test["results"].items():
             score = f"{r['mean'] * 100:.2f}%" if accuracy else f"{r['mean']:.3f}"
@@ -57,11 +57,10 @@ def results_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def targets_table(names: list[str]) -> str:
+def targets_table(records: dict[str, dict]) -> str:
     lines = ["| checkpoint | ours (test, 95% CI) | target | published | reached |",
              "|---|---|---|---|---|"]
-    for name in names:
-        record = load_checkpoint(name).record
+    for name, record in records.items():
         ours = next(iter(record["card"]["test"]["results"].values()))
         target, published = PUBLISHED.get(name, ("", ""))
         accuracy = record["card"]["test"]["metric"] == "accuracy"
@@ -75,11 +74,11 @@ def targets_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def episodes_note(names: list[str]) -> str:
+def episodes_note(records: dict[str, dict]) -> str:
     """Which checkpoints were evaluated on fewer than the standard 600 test episodes."""
     short = []
-    for name in names:
-        results = load_checkpoint(name).record["card"]["test"]["results"]
+    for name, record in records.items():
+        results = record["card"]["test"]["results"]
         counts = sorted({r["episodes"] for r in results.values()})
         if counts != [600]:
             short.append(f"`{name}` on {'/'.join(map(str, counts))}")
@@ -106,11 +105,11 @@ def cost_table() -> str:
     return "\n".join(lines)
 
 
-def plot_curves(names: list[str], out_png: Path) -> Path:
+def plot_curves(records: dict[str, dict], out_png: Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for name in names:
-        card = load_checkpoint(name).record["card"]
+    for name, record in records.items():
+        card = record["card"]
         key = "val_accuracy" if card["test"]["metric"] == "accuracy" else "val_mse"
         trace = [e for e in card["validation_trace"] if key in e]
         axis = axes[0] if key == "val_accuracy" else axes[1]
@@ -159,7 +158,8 @@ def main() -> None:
     torch.manual_seed(0)
     names = available_pretrained()
     STATIC.mkdir(parents=True, exist_ok=True)
-    plot_curves(names, STATIC / "results_curves.png")
+    records = {name: load_checkpoint(name).record for name in names}  # each file read once
+    plot_curves(records, STATIC / "results_curves.png")
     for name, label in (("omniglot-5w1s", "1-shot"), ("omniglot-5w5s", "5-shot")):
         if name in names:
             plot_gates(gate_records(name, args.data_root, args.gate_episodes),
@@ -178,12 +178,12 @@ with learning rates tuned on validation episodes; MAML and Meta-SGD (sinusoid, O
 1-shot) were meta-trained with the same routine and use their own init; `nn` is
 1-nearest-neighbour in the init's feature space; BatchNorm uses only the episode's own support
 statistics (not transductive); 95% confidence intervals are 1.96 std / sqrt(episodes).
-{episodes_note(names)}
+{episodes_note(records)}
 Regenerate this page with `python benchmarks/results_page.py --data-root PATH/TO/omniglot`.
 
 ## Shipped checkpoints against their targets
 
-{targets_table(names)}
+{targets_table(records)}
 
 The targets are the published figures of the strongest optimisation-based peers (METHOD.md);
 no Omniglot or sinusoid result of the Meta-Learner LSTM had been published. The Omniglot rules
@@ -200,7 +200,7 @@ below are what the files in `learned_optim/pretrained/` do today.
 
 ## Each checkpoint beside the baselines
 
-{results_table(names)}
+{results_table(records)}
 
 ## Meta-training curves
 

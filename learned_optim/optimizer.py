@@ -23,6 +23,7 @@ from learned_optim.metalearner import (
     row_scratch,
     update_rows,
 )
+from learned_optim.rule_trajectory import RuleTrajectory
 
 __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUNK_SIZE"]
 
@@ -356,6 +357,8 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         self.meta_learner = other.meta_learner
         self.first_order = other.first_order
         self._buckets: list[dict[tuple, Tensor]] = [{} for _ in self.param_groups]
+        # First order: one anchored trajectory per bucket (see learned_optim.rule_trajectory).
+        self._chains: list[dict[tuple, _Chain]] = [{} for _ in self.param_groups]
         self._loss: Tensor | None = None
 
     def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **kwargs):
@@ -403,6 +406,12 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
             self._fmodel.update_params(new_params)
         return new_params
 
+    def _chain_applies(self, flat_grad: Tensor) -> bool:
+        """Whether this step can join a first-order trajectory: on a tape, with the gradient
+        and the loss constants (first order), so that only the last parameters need the tape."""
+        return (self.first_order and torch.is_grad_enabled() and not flat_grad.requires_grad
+                and not self._loss.requires_grad)
+
     def _initial_bucket_state(self, group_index: int, indices: list[int], like: Tensor) -> Tensor:
         """The state the drop-in optimizer had (copied by higher), or a new task's zeros."""
         group = self.param_groups[group_index]
@@ -429,22 +438,49 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 constants = prepare_step(weights, self._loss, key[1], key[0])
                 sizes = [params[i].numel() for i in indices]
                 rows = dict(zip(indices, state.split(sizes)))
-                new_param, new_rows = update_rows(
-                    constants,
-                    torch.cat([rows[i] for i in active]) if len(active) < len(indices) else state,
-                    torch.cat([grads[i].reshape(-1) for i in active]),
-                    torch.cat([params[i].reshape(-1) for i in active]),
-                )
+                active_rows = (torch.cat([rows[i] for i in active])
+                               if len(active) < len(indices) else state)
+                flat_grad = torch.cat([grads[i].reshape(-1) for i in active])
+                chains = self._chains[group_index]
+                if self._chain_applies(flat_grad):
+                    chain = chains.get(key)
+                    if chain is None or not chain.continues(active, params):
+                        chain = _Chain(RuleTrajectory(active_rows, torch.cat(
+                            [params[i].reshape(-1) for i in active])), tuple(active))
+                        chains[key] = chain
+                    new_param, new_rows = chain.trajectory.step(constants, flat_grad)
+                else:
+                    chains.pop(key, None)
+                    new_param, new_rows = update_rows(
+                        constants, active_rows, flat_grad,
+                        torch.cat([params[i].reshape(-1) for i in active]))
                 active_sizes = [params[i].numel() for i in active]
                 for i, piece, piece_state in zip(
                     active, new_param.split(active_sizes), new_rows.split(active_sizes)
                 ):
                     params[i] = piece.view(params[i].shape)
                     rows[i] = piece_state
+                if key in chains:
+                    chains[key].outputs = [params[i] for i in active]
                 self._buckets[group_index][key] = (
                     new_rows if len(active) == len(indices) else torch.cat(
                         [rows[i] for i in indices])
                 )
+
+
+class _Chain:
+    """A bucket's trajectory, the active parameters it covers and the views it last returned."""
+
+    def __init__(self, trajectory: RuleTrajectory, active: tuple[int, ...]) -> None:
+        self.trajectory = trajectory
+        self.active = active
+        self.outputs: list[Tensor] = []
+
+    def continues(self, active: list[int], params: list[Tensor]) -> bool:
+        """Whether the step's inputs are exactly this chain's last outputs (nobody replaced a
+        parameter in between), so that the next step may be recorded against its anchor."""
+        return tuple(active) == self.active and len(self.outputs) == len(active) and all(
+            params[i] is out for i, out in zip(active, self.outputs))
 
 
 higher.register_optim(LSTMMetaOptimizer, DifferentiableLSTMMetaOptimizer)

@@ -104,11 +104,7 @@ def _chunked_backward(constants, state, grad, param, d_param_out, d_state_out, n
     d_state = torch.empty(rows, width, **options) if needs[0] else None
     d_grad = torch.empty(rows, **options) if needs[1] else None
     d_param = torch.empty(rows, **options) if needs[2] else None
-    # Gradients of the step constants are sums over rows: accumulated across chunks.
-    d_input_weight = torch.zeros_like(constants.input_weight)
-    d_gate_bias = torch.zeros_like(constants.gate_bias)
-    d_meta_h = torch.zeros_like(constants.meta_weight_h)
-    d_meta_small = torch.zeros(3, 2, **options)  # rows: theta, previous, bias
+    constant_grads = ConstantGrads(constants)
     chunk_rows = min(rows, BACKWARD_CHUNK_ROWS)
     scratch = metalearner.row_scratch(chunk_rows, hidden, **options)
     next_state = torch.empty(chunk_rows, width, **options)
@@ -124,22 +120,38 @@ def _chunked_backward(constants, state, grad, param, d_param_out, d_state_out, n
             None if d_param_out is None else d_param_out[piece],
             None if d_state_out is None else d_state_out[piece], needs[:3])
         d_state_rows, d_grad_rows, d_param_rows, dz, d_pre, h1 = d_rows
-        layer1_input = scratch["layer1_input"][:n]
-        d_input_weight.addmm_(layer1_input.t(), dz)
-        d_gate_bias.add_(dz.sum(dim=0))
-        d_meta_h.addmm_(h1.t(), d_pre)
-        previous = state[piece, 2 * hidden:]
-        d_meta_small[0].add_(param[piece] @ d_pre)
-        d_meta_small[1].add_((previous * d_pre).sum(dim=0))
-        d_meta_small[2].add_(d_pre.sum(dim=0))
+        constant_grads.add(scratch["layer1_input"][:n], state[piece], param[piece], dz, d_pre,
+                           h1)
         for total, part in ((d_state, d_state_rows), (d_grad, d_grad_rows),
                             (d_param, d_param_rows)):
             if part is not None:
                 total[piece] = part
-    constant_grads = (d_input_weight, d_gate_bias, d_meta_h, d_meta_small[0], d_meta_small[1],
-                      d_meta_small[2])
-    constant_grads = [g if need else None for g, need in zip(constant_grads, needs[3:])]
-    return [d_state, d_grad, d_param, *constant_grads]
+    return [d_state, d_grad, d_param, *constant_grads.result(needs[3:])]
+
+
+class ConstantGrads:
+    """Gradients of one step's :class:`StepConstants`: sums over rows, added chunk by chunk."""
+
+    def __init__(self, constants: metalearner.StepConstants) -> None:
+        self.hidden = constants.meta_weight_h.shape[0]
+        self.input_weight = torch.zeros_like(constants.input_weight)
+        self.gate_bias = torch.zeros_like(constants.gate_bias)
+        self.meta_h = torch.zeros_like(constants.meta_weight_h)
+        self.meta_small = constants.meta_bias.new_zeros(3, 2)  # rows: theta, previous, bias
+
+    def add(self, layer1_input, state, param, dz, d_pre, h1) -> None:
+        """Add the rows of one chunk (its inputs, layer-1 input, ``dz``, ``d_pre`` and h1)."""
+        self.input_weight.addmm_(layer1_input.t(), dz)
+        self.gate_bias.add_(dz.sum(dim=0))
+        self.meta_h.addmm_(h1.t(), d_pre)
+        self.meta_small[0].add_(param @ d_pre)
+        self.meta_small[1].add_((state[:, 2 * self.hidden:] * d_pre).sum(dim=0))
+        self.meta_small[2].add_(d_pre.sum(dim=0))
+
+    def result(self, needs) -> list[Tensor | None]:
+        """The six gradients in :class:`StepConstants` order, ``None`` where not needed."""
+        grads = (self.input_weight, self.gate_bias, self.meta_h, *self.meta_small)
+        return [g if need else None for g, need in zip(grads, needs)]
 
 
 def _rows_backward(constants, hidden, scratch, n, state, grad, param, new_state, d_param_out,

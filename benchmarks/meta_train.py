@@ -26,17 +26,21 @@ Parts measured alone (first order), same learner and episode:
   (a) the learner: T x [forward + backward on the support set] + forward + backward on the
       query set (a plain ``ConvLearner``, ``torch.optim``-style ``.backward()``).
   (b) the meta-learner's update on the learner's number of coordinates, on the autograd tape
-      as in meta-training: T x ``update_rows`` (with the concatenation of the gradients and
-      parameters that the differentiable optimizer does) + one backward through the chain of T
-      updates. Each step is one node that saves its inputs and recomputes the rest in a
-      hand-written backward (``learned_optim.rule_backward``); (b0) is the same with every
+      as in first-order meta-training: T steps of a ``RuleTrajectory`` (with the concatenation
+      of the gradients and parameters that the differentiable optimizer does) + one backward
+      through the chain of T updates. Every step is recorded against the chain's start and
+      saves only its gradient; the backward replays the chain chunk by chunk of rows
+      (``learned_optim.rule_trajectory``).
+  (bs) the same with one node per step, as second order records it (its gradients depend on
+      the parameters, so no anchor applies): each node saves its inputs and recomputes the rest
+      in a hand-written backward (``learned_optim.rule_backward``); (b0) is that with every
       operation recorded by autograd, the straightforward tape, for comparison. The in-place
       ``LSTMMetaOptimizer.step`` (no tape) is also timed (b'), for reference: meta-training
       cannot use it, because the meta-gradient needs the tape.
   (c) the meta-optimizer: gradient-norm clip + Adam step on the meta-parameters.
 The target compares the first-order meta-step with (a) + (b) + (c).
 
-Ceilings: the update rule is the same in both modes, so even a free update rule could not make
+Ceilings: second order runs the same update rule, so even a free update rule could not make
 first order faster than (a2) / (a) times second order, nor smaller than saved(a) / saved(a2);
 the report prints both next to the targets. ``--ways`` / ``--shots`` change the episode (more
 support images make the learner's double backward, which first order drops, larger).
@@ -65,6 +69,7 @@ from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
 from learned_optim.learners import ConvLearner  # noqa: E402
 from learned_optim.metalearner import initial_state, prepare_step, update_rows  # noqa: E402
+from learned_optim.rule_trajectory import RuleTrajectory  # noqa: E402
 from learned_optim.train import MetaTrainer  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
@@ -188,28 +193,39 @@ class Parts:
         out = torch.func.functional_call(self.learner, dict(zip(names, params)), (xq,))
         F.cross_entropy(out, yq).backward()
 
-    def update_on_tape(self, backward: bool = True, recompute: bool = True) -> None:
-        """(b) T x update_rows on the tape, as the differentiable optimizer runs it, + backward."""
+    def update_on_tape(self, backward: bool = True, recompute: bool = True,
+                       chain: bool = True) -> None:
+        """(b) T steps of the first-order trajectory on the tape, as the differentiable
+        optimizer runs them, + backward; ``chain=False``: one node per step (bs)."""
         weights = self.rule.weights()
         params = list(self.init)
         state = initial_state(self.rows, self.rule.hidden_size)
+        trajectory = (RuleTrajectory(state, torch.cat([p.reshape(-1) for p in params]))
+                      if chain else None)
         sizes = [p.numel() for p in params]
         loss = torch.tensor(1.6)
         for _ in range(self.steps):
             constants = prepare_step(weights, loss, torch.float32)
-            new_param, state = update_rows(constants, state,
-                                           torch.cat([g.reshape(-1) for g in self.grads]),
-                                           torch.cat([p.reshape(-1) for p in params]),
-                                           recompute=recompute)
+            flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
+            if trajectory is not None:
+                new_param, state = trajectory.step(constants, flat_grad)
+            else:
+                new_param, state = update_rows(constants, state, flat_grad,
+                                               torch.cat([p.reshape(-1) for p in params]),
+                                               recompute=recompute)
             params = [piece.view(p.shape) for piece, p in zip(new_param.split(sizes), params)]
         # the query loss's gradient w.r.t. theta_T stands in for a constant vector
         if backward:
             torch.autograd.backward(params, self.grads)
         self._kept = params  # so that the saved-tensor count sees the whole tape
 
+    def update_per_step(self) -> None:
+        """(bs) as (b), one node per step with the hand-written backward (second order's)."""
+        self.update_on_tape(chain=False)
+
     def update_recorded(self) -> None:
-        """(b0) as (b), every operation recorded by autograd (the straightforward tape)."""
-        self.update_on_tape(recompute=False)
+        """(b0) as (bs), every operation recorded by autograd (the straightforward tape)."""
+        self.update_on_tape(recompute=False, chain=False)
 
     def update_forward_only(self) -> None:
         """(b1) the forward half of (b): T updates recorded on the tape, no backward."""
@@ -284,7 +300,8 @@ def main(argv=None) -> int:
     part_fns = {"(a) learner fwd/bwd": parts.learner_passes,
                 "(a2) learner, second order (create_graph)": parts.learner_passes_second_order,
                 "(b) meta-learner update, on tape": parts.update_on_tape,
-                "(b0) the same, recorded op by op": parts.update_recorded,
+                "(bs) the same, one node per step": parts.update_per_step,
+                "(b0) one node per step, recorded op by op": parts.update_recorded,
                 "(b1) of which forward only": parts.update_forward_only,
                 "(b') LSTMMetaOptimizer.step, in place": parts.step_in_place,
                 "(c) clip + Adam": parts.adam_step}
@@ -318,7 +335,8 @@ def main(argv=None) -> int:
                      ("(a2) learner, second order (create_graph)",
                       parts.learner_passes_second_order),
                      ("(b) meta-learner update, on tape", parts.update_on_tape),
-                     ("(b0) the same, recorded op by op", parts.update_recorded)):
+                     ("(bs) the same, one node per step", parts.update_per_step),
+                     ("(b0) one node per step, recorded op by op", parts.update_recorded)):
         part_saved[name] = saved_tensor_bytes(fn)[0] / 2**20
     parts._kept = None
 
@@ -357,26 +375,30 @@ def main(argv=None) -> int:
     print(f"| (for reference) first-order meta-step / [(a) + (b') + (c)] | "
           f"{median[fo] / parts_sum_in_place:.2f}x | |")
     parts_sum_so = (median["(a2) learner, second order (create_graph)"]
-                    + median["(b) meta-learner update, on tape"]
+                    + median["(bs) the same, one node per step"]
                     + median["(c) clip + Adam"]) * args.meta_batch
-    print(f"| (for reference) second-order meta-step / [(a2) + (b) + (c)] | "
+    print(f"| (for reference) second-order meta-step / [(a2) + (bs) + (c)] | "
           f"{median[so] / parts_sum_so:.2f}x | |")
     share_time = median["(b) meta-learner update, on tape"] * args.meta_batch / median[fo]
     share_mem = part_saved["(b) meta-learner update, on tape"] / memory[fo]["saved_mb"]
     a1, a2 = "(a) learner fwd/bwd", "(a2) learner, second order (create_graph)"
-    b, b0 = "(b) meta-learner update, on tape", "(b0) the same, recorded op by op"
-    print(f"\nThe meta-learner's tape (b) is {share_time:.0%} of the first-order step's time and "
-          f"{share_mem:.0%} of its saved tensors; it is the same in both modes. Second order "
-          f"adds only the learner's double-backward tape: (a2) - (a) = "
+    b, bs = "(b) meta-learner update, on tape", "(bs) the same, one node per step"
+    b0 = "(b0) one node per step, recorded op by op"
+    per_step = {name: part_saved[name] * 2**20 / (parts.rows * args.steps) for name in (b, bs, b0)}
+    print(f"\nThe meta-learner's first-order tape (b) is {share_time:.0%} of the first-order "
+          f"step's time and {share_mem:.0%} of its saved tensors. Second order adds the "
+          f"learner's double-backward tape, (a2) - (a) = "
           f"{(median[a2] - median[a1]) * 1e3:.0f} ms, "
-          f"{part_saved[a2] - part_saved[a1]:.1f} MB; "
+          f"{part_saved[a2] - part_saved[a1]:.1f} MB, and records the rule one node per step, "
+          f"(bs) - (b) = {(median[bs] - median[b]) * 1e3:.0f} ms, "
+          f"{part_saved[bs] - part_saved[b]:.1f} MB; "
           f"measured second - first: {(median[so] - median[fo]) * 1e3:.0f} ms, "
           f"{memory[so]['saved_mb'] - memory[fo]['saved_mb']:.1f} MB. Per coordinate and "
-          f"inner step the meta-learner's tape keeps "
-          f"{part_saved[b] * 2**20 / (parts.rows * args.steps):.0f} bytes (its inputs: state, "
-          f"gradient, parameter; recorded op by op, (b0): "
-          f"{part_saved[b0] * 2**20 / (parts.rows * args.steps):.0f} bytes, "
-          f"{median[b0] / median[b]:.2f}x the time of (b)), against "
+          f"inner step the meta-learner's tape keeps {per_step[b]:.0f} bytes in first order "
+          f"(the gradient, plus the chain's start spread over T steps), {per_step[bs]:.0f} "
+          f"bytes one node per step (its inputs: state, gradient, parameter) and "
+          f"{per_step[b0]:.0f} bytes recorded op by op ((b0), {median[b0] / median[bs]:.2f}x "
+          f"the time of (bs)), against "
           f"{part_saved[a1] * 2**20 / parts.rows:.0f} bytes per coordinate "
           f"for the learner's whole first-order episode.")
     speed_ceiling = (median[a2] + median["(c) clip + Adam"]) / (median[a1]

@@ -8,6 +8,15 @@ best checkpoint with ``--init-from`` continues it). The best checkpoint of the l
 re-saved into ``learned_optim/pretrained/NAME.safetensors`` with a clean configuration (no
 machine-specific paths) and a record holding the model card's facts; ``NAME.md`` beside it is
 the human-readable card. ``EVAL.json`` is written by ``learned-optim evaluate ... --json``.
+
+Baselines evaluated later (MAML, Meta-SGD) join a shipped card without touching its tensors::
+
+    python benchmarks/package_checkpoint.py NAME --add-results EVAL.json \
+        --baseline-runs maml=RUN_DIR metasgd=RUN_DIR [--hardware "..."]
+
+``EVAL.json`` must hold the card's own LSTM row unchanged (same mean and episodes: the proof
+that the baselines ran on the card's episodes); its other rows are added, each with how its
+baseline was trained (read from its run folder).
 """
 
 from __future__ import annotations
@@ -89,14 +98,68 @@ transductive).
 """
 
 
+def baseline_training_note(run: Path, hardware: str) -> str:
+    """How a MAML / Meta-SGD baseline was trained, from its run folder."""
+    config = json.loads((run / "config.json").read_text())
+    facts = training_facts([run])
+    order = "first" if config["first_order"] else "second"
+    return (f"same routine and config as the LSTM ({order} order, T = {config['inner_steps']}, "
+            f"meta-batch {config['meta_batch']}, {facts['meta_steps']} meta-steps), inner lr "
+            f"{config['inner_lr']}, {facts['train_wall_time_s']} s on {hardware}")
+
+
+def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path],
+                hardware: str) -> Path:
+    """Merge the baseline rows of an evaluation into the shipped checkpoint ``name``."""
+    path = PRETRAINED_DIR / f"{name}.safetensors"
+    shipped = load_checkpoint(path)
+    record = shipped.record
+    test = record["card"]["test"]
+    evaluation = json.loads(evaluation_path.read_text())
+    ours_name, ours = next(iter(test["results"].items()))
+    theirs = evaluation["results"].get(ours_name)
+    same_setting = all(evaluation["setting"].get(k) == v for k, v in test["setting"].items()
+                       if k != "checkpoint")
+    if (theirs is None or not same_setting or theirs["episodes"] != ours["episodes"]
+            or abs(theirs["mean"] - ours["mean"]) > 1e-9):
+        raise SystemExit(
+            f"{evaluation_path}: its {ours_name!r} row or setting differs from the card of "
+            f"{name} ({ours['mean']:.6f} on {ours['episodes']} episodes): the baselines were "
+            "not evaluated on the card's episodes")
+    for method, result in evaluation["results"].items():
+        if method == ours_name:
+            continue
+        if method in baseline_runs:
+            result = {**result, "trained": baseline_training_note(baseline_runs[method],
+                                                                  hardware)}
+        test["results"][method] = result
+    save_checkpoint(path, shipped.meta_learner, learned_init=shipped.learned_init,
+                    config=record["config"], dataset=record["dataset"],
+                    metrics=record["metrics"], card=record["card"])
+    (PRETRAINED_DIR / f"{name}.md").write_text(card_markdown(name, load_checkpoint(path).record))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
-    parser.add_argument("--runs", type=Path, nargs="+", required=True)
-    parser.add_argument("--evaluation", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, nargs="+")
+    parser.add_argument("--evaluation", type=Path)
     parser.add_argument("--hardware", default="CPU")
-    parser.add_argument("--command", required=True, help="the command that regenerates it")
+    parser.add_argument("--command", help="the command that regenerates it")
+    parser.add_argument("--add-results", type=Path, metavar="EVAL.json",
+                        help="add this evaluation's baseline rows to the shipped card")
+    parser.add_argument("--baseline-runs", nargs="*", default=[], metavar="METHOD=RUN_DIR",
+                        help="run folders of the baselines in --add-results")
     args = parser.parse_args()
+    if args.add_results:
+        runs = dict(item.split("=", 1) for item in args.baseline_runs)
+        path = add_results(args.name, args.add_results,
+                           {method: Path(run) for method, run in runs.items()}, args.hardware)
+        print(f"updated {path} and {args.name}.md")
+        return
+    if not (args.runs and args.evaluation and args.command):
+        parser.error("--runs, --evaluation and --command are required to package a new run")
 
     best = load_checkpoint(args.runs[-1] / "best.safetensors")
     config = dict(best.record["config"])

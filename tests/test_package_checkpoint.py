@@ -1,0 +1,72 @@
+"""benchmarks/package_checkpoint.py --add-results: baselines join a shipped card, nothing else."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import package_checkpoint  # noqa: E402
+
+NAME = "omniglot-5w1s"
+
+
+@pytest.fixture()
+def shipped(tmp_path, monkeypatch):
+    """A copy of a shipped checkpoint and card in a scratch pretrained folder."""
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    for suffix in (".safetensors", ".md"):
+        shutil.copy(PRETRAINED_DIR / f"{NAME}{suffix}", folder)
+    monkeypatch.setattr(package_checkpoint, "PRETRAINED_DIR", folder)
+    return folder
+
+
+def _baseline_run(folder: Path) -> Path:
+    """A finished MAML run folder: its config and metrics log."""
+    folder.mkdir()
+    config = {"first_order": True, "inner_steps": 5, "meta_batch": 8, "inner_lr": 0.4}
+    (folder / "config.json").write_text(json.dumps(config))
+    lines = [{"step": s, "meta_loss": 1.0, "elapsed_s": 2.5 * s} for s in (1, 2, 40)]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return folder
+
+
+def _evaluation(tmp_path: Path, lstm_mean_shift: float = 0.0) -> Path:
+    test = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors").record["card"]["test"]
+    lstm = dict(test["results"]["meta-learner LSTM"])
+    lstm["mean"] += lstm_mean_shift
+    results = {"meta-learner LSTM": lstm,
+               "maml": {"mean": 0.9, "ci95": 0.01, "episodes": lstm["episodes"],
+                        "init": "learned init"}}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({**test, "results": results}))
+    return path
+
+
+def test_baseline_rows_are_added_and_the_tensors_kept(shipped, tmp_path):
+    run = _baseline_run(tmp_path / "maml-run")
+    path = package_checkpoint.add_results(NAME, _evaluation(tmp_path), {"maml": run}, "a CPU")
+    before = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors")
+    after = load_checkpoint(path)
+    row = after.record["card"]["test"]["results"]["maml"]
+    assert row["mean"] == 0.9
+    assert row["trained"] == ("same routine and config as the LSTM (first order, T = 5, "
+                              "meta-batch 8, 40 meta-steps), inner lr 0.4, 100 s on a CPU")
+    assert after.record["metrics"] == before.record["metrics"]
+    for key, tensor in before.meta_learner.state_dict().items():
+        assert torch.equal(tensor, after.meta_learner.state_dict()[key])
+    assert "| maml | 90.00 | 1.00 |" in (shipped / f"{NAME}.md").read_text()
+
+
+def test_an_evaluation_on_other_episodes_is_refused(shipped, tmp_path):
+    with pytest.raises(SystemExit, match="not evaluated on the card's episodes"):
+        package_checkpoint.add_results(NAME, _evaluation(tmp_path, lstm_mean_shift=0.01), {},
+                                       "a CPU")
+    untouched = (shipped / f"{NAME}.safetensors").read_bytes()
+    assert untouched == (PRETRAINED_DIR / f"{NAME}.safetensors").read_bytes()

@@ -46,7 +46,7 @@ class _UpdateRows(torch.autograd.Function):
         constants = metalearner.StepConstants(*constant_tensors, p=p)
         ctx.p = p
         ctx.save_for_backward(state, grad, param, *constant_tensors)
-        return metalearner.update_rows(constants, state, grad, param, recompute=False)
+        return metalearner.update_rows_chunked(constants, state, grad, param)
 
     @staticmethod
     def backward(ctx, d_param_out, d_state_out):

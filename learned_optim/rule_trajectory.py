@@ -111,7 +111,7 @@ class _TrajectoryStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(anchor_state, anchor_param, *grads, *flat)
         constants = metalearner.StepConstants(*flat[-6:], p=p)
-        return metalearner.update_rows(constants, state, grads[-1], param, recompute=False)
+        return metalearner.update_rows_chunked(constants, state, grads[-1], param)
 
     @staticmethod
     def backward(ctx, d_param_out, d_state_out):

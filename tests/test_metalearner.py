@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from learned_optim import metalearner
 from learned_optim.metalearner import (
     MetaLearnerLSTM,
     initial_state,
@@ -75,6 +76,18 @@ def test_rows_are_independent_so_any_chunking_gives_the_same_result():
              for a, b in ((0, 17), (17, 18), (18, 50))]
     torch.testing.assert_close(whole[0], torch.cat([p[0] for p in parts]))
     torch.testing.assert_close(whole[1], torch.cat([p[1] for p in parts]))
+
+
+def test_the_chunked_forward_gives_the_same_numbers(monkeypatch):
+    torch.manual_seed(2)
+    meta = MetaLearnerLSTM()
+    state, grad, theta = torch.randn(50, 42), torch.randn(50), torch.randn(50)
+    constants = prepare_step(meta.weights(), torch.tensor(0.7), torch.float32)
+    whole = update_rows(constants, state, grad, theta)
+    monkeypatch.setattr(metalearner, "FORWARD_CHUNK_ROWS", 16)  # 50 rows: 16, 16, 16, 2
+    chunked = metalearner.update_rows_chunked(constants, state, grad, theta)
+    torch.testing.assert_close(chunked[0], whole[0])  # matrix products of other shapes: 1 ulp
+    torch.testing.assert_close(chunked[1], whole[1])
 
 
 def test_update_is_pure():

@@ -14,6 +14,12 @@ Baselines evaluated later (MAML, Meta-SGD) join a shipped card without touching 
     python benchmarks/package_checkpoint.py NAME --add-results EVAL.json \
         --baseline-runs maml=RUN_DIR metasgd=RUN_DIR [--hardware "..."]
 
+A run warm-started from the shipped checkpoint itself (``--init-from
+learned_optim/pretrained/NAME.safetensors``) is packaged with ``--continues``: the shipped card's
+training (meta-steps, episodes, wall time, validation trace) is counted first, and its
+separately trained baselines (MAML, Meta-SGD: their rows do not depend on this checkpoint) are
+kept when the new evaluation has no row of their own.
+
 ``EVAL.json`` must hold the card's own LSTM row unchanged (same mean and episodes: the proof
 that the baselines ran on the card's episodes); its other rows are added, each with how its
 baseline was trained (read from its run folder).
@@ -45,6 +51,27 @@ def training_facts(runs: list[Path]) -> dict:
                   if any(k.startswith("val_") for k in e)]
     return {"meta_steps": steps, "episodes_trained": episodes, "train_wall_time_s": round(wall),
             "validation_trace": trace}
+
+
+def continued_facts(shipped_card: dict, facts: dict) -> dict:
+    """The shipped card's training followed by the runs that continued it."""
+    steps = shipped_card["meta_steps"]
+    return {"meta_steps": steps + facts["meta_steps"],
+            "episodes_trained": shipped_card["episodes_trained"] + facts["episodes_trained"],
+            "train_wall_time_s": shipped_card["train_wall_time_s"] + facts["train_wall_time_s"],
+            "validation_trace": shipped_card["validation_trace"] + [
+                {**e, "step": e["step"] + steps} for e in facts["validation_trace"]]}
+
+
+def kept_baselines(shipped_test: dict, evaluation: dict) -> dict:
+    """Rows of separately trained baselines that the new evaluation can keep (same episodes)."""
+    same_setting = all(evaluation["setting"].get(k) == v
+                       for k, v in shipped_test["setting"].items() if k != "checkpoint")
+    if not same_setting:
+        return {}
+    return {method: row for method, row in shipped_test["results"].items()
+            if "trained" in row and method not in evaluation["results"]
+            and row["episodes"] == next(iter(evaluation["results"].values()))["episodes"]}
 
 
 def card_markdown(name: str, record: dict) -> str:
@@ -140,6 +167,48 @@ def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path]
     return path
 
 
+def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, command: str,
+            *, continues: bool = False) -> Path:
+    """Ship the best checkpoint of ``runs[-1]`` as ``name`` with its card; return its path."""
+    best = load_checkpoint(runs[-1] / "best.safetensors")
+    config = dict(best.record["config"])
+    for machine_specific in ("data_root", "run_dir", "init_from", "max_time_s", "device"):
+        config.pop(machine_specific, None)
+    evaluation = json.loads(evaluation_path.read_text())
+    evaluated = Path(evaluation["setting"].get("checkpoint", ""))
+    if evaluated.resolve() != (runs[-1] / "best.safetensors").resolve():
+        raise SystemExit(f"{evaluation_path}: it evaluated {str(evaluated)!r}, not the best "
+                         f"checkpoint of {runs[-1]}")
+    facts = training_facts(runs)
+    if continues:
+        init_from = json.loads((runs[0] / "config.json").read_text()).get("init_from")
+        if not init_from or Path(init_from).name != f"{name}.safetensors":
+            raise SystemExit(f"{runs[0]}: --continues needs a first run started with "
+                             f"--init-from .../{name}.safetensors, not {init_from!r}")
+        shipped = load_checkpoint(PRETRAINED_DIR / f"{name}.safetensors").record["card"]
+        facts = continued_facts(shipped, facts)
+        evaluation["results"].update(kept_baselines(shipped["test"], evaluation))
+        hardware = f"{shipped['hardware']}, then {hardware}"
+        command = f"{shipped['command']}; then {command}"
+    learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
+               f"image_size={config['image_size']})" if config["task"] != "sinusoid"
+               else "SinusoidMLP (1-40-40-1, ReLU)")
+    card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
+            "hardware": hardware, "learner": learner, "command": command,
+            "test": evaluation, "validation_trace": facts["validation_trace"]}
+    ours = next(iter(evaluation["results"].values()))
+    metric = evaluation["metric"]
+    path = save_checkpoint(
+        PRETRAINED_DIR / f"{name}.safetensors", best.meta_learner,
+        learned_init=best.learned_init, config=config, dataset=config["task"],
+        metrics={f"test_{metric}": ours["mean"], f"test_{metric}_ci95": ours["ci95"],
+                 "test_episodes": ours["episodes"]},
+        card=card)
+    record = load_checkpoint(path).record
+    (PRETRAINED_DIR / f"{name}.md").write_text(card_markdown(name, record))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
@@ -147,6 +216,8 @@ def main() -> None:
     parser.add_argument("--evaluation", type=Path)
     parser.add_argument("--hardware", default="CPU")
     parser.add_argument("--command", help="the command that regenerates it")
+    parser.add_argument("--continues", action="store_true",
+                        help="the first run was warm-started from the shipped NAME itself")
     parser.add_argument("--add-results", type=Path, metavar="EVAL.json",
                         help="add this evaluation's baseline rows to the shipped card")
     parser.add_argument("--baseline-runs", nargs="*", default=[], metavar="METHOD=RUN_DIR",
@@ -161,28 +232,8 @@ def main() -> None:
     if not (args.runs and args.evaluation and args.command):
         parser.error("--runs, --evaluation and --command are required to package a new run")
 
-    best = load_checkpoint(args.runs[-1] / "best.safetensors")
-    config = dict(best.record["config"])
-    for machine_specific in ("data_root", "run_dir", "init_from", "max_time_s", "device"):
-        config.pop(machine_specific, None)
-    evaluation = json.loads(args.evaluation.read_text())
-    facts = training_facts(args.runs)
-    learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
-               f"image_size={config['image_size']})" if config["task"] != "sinusoid"
-               else "SinusoidMLP (1-40-40-1, ReLU)")
-    card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
-            "hardware": args.hardware, "learner": learner, "command": args.command,
-            "test": evaluation, "validation_trace": facts["validation_trace"]}
-    ours = next(iter(evaluation["results"].values()))
-    metric = evaluation["metric"]
-    path = save_checkpoint(
-        PRETRAINED_DIR / f"{args.name}.safetensors", best.meta_learner,
-        learned_init=best.learned_init, config=config, dataset=config["task"],
-        metrics={f"test_{metric}": ours["mean"], f"test_{metric}_ci95": ours["ci95"],
-                 "test_episodes": ours["episodes"]},
-        card=card)
-    record = load_checkpoint(path).record
-    (PRETRAINED_DIR / f"{args.name}.md").write_text(card_markdown(args.name, record))
+    path = package(args.name, args.runs, args.evaluation, args.hardware, args.command,
+                   continues=args.continues)
     print(f"wrote {path} and {args.name}.md")
 
 

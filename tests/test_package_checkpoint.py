@@ -70,3 +70,58 @@ def test_an_evaluation_on_other_episodes_is_refused(shipped, tmp_path):
                                        "a CPU")
     untouched = (shipped / f"{NAME}.safetensors").read_bytes()
     assert untouched == (PRETRAINED_DIR / f"{NAME}.safetensors").read_bytes()
+
+
+def _continued_run(folder: Path, init_from: str) -> Path:
+    """A finished LSTM run warm-started from ``init_from``, its best checkpoint the shipped one."""
+    folder.mkdir()
+    shipped = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors").record["config"]
+    (folder / "config.json").write_text(json.dumps({**shipped, "init_from": init_from}))
+    lines = [{"step": 0, "val_accuracy": 0.9, "val_accuracy_ci95": 0.01, "val_episodes": 100},
+             {"step": 30, "meta_loss": 0.2, "elapsed_s": 60.0},
+             {"step": 30, "val_accuracy": 0.95, "val_accuracy_ci95": 0.01, "val_episodes": 100}]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    shutil.copy(PRETRAINED_DIR / f"{NAME}.safetensors", folder / "best.safetensors")
+    return folder
+
+
+def _new_evaluation(tmp_path: Path, checkpoint: Path) -> Path:
+    """An evaluation of ``checkpoint`` with the LSTM and SGD rows only (no MAML, Meta-SGD)."""
+    test = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors").record["card"]["test"]
+    results = {"meta-learner LSTM": {"mean": 0.95, "ci95": 0.005, "episodes": 600},
+               "sgd": {"mean": 0.93, "ci95": 0.005, "episodes": 600, "lr": 0.03}}
+    path = tmp_path / "new-eval.json"
+    setting = {**test["setting"], "checkpoint": str(checkpoint)}
+    path.write_text(json.dumps({**test, "setting": setting, "results": results}))
+    return path
+
+
+def test_a_continued_run_counts_the_shipped_training_and_keeps_its_peers(shipped, tmp_path):
+    before = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors").record["card"]
+    run = _continued_run(tmp_path / "run", f"learned_optim/pretrained/{NAME}.safetensors")
+    evaluation = _new_evaluation(tmp_path, run / "best.safetensors")
+    path = package_checkpoint.package(NAME, [run], evaluation, "a GPU", "meta-train again",
+                                      continues=True)
+    card = load_checkpoint(path).record["card"]
+    assert card["meta_steps"] == before["meta_steps"] + 30
+    assert card["episodes_trained"] == before["episodes_trained"] + 30 * 8
+    assert card["train_wall_time_s"] == before["train_wall_time_s"] + 60
+    assert card["validation_trace"][-1]["step"] == before["meta_steps"] + 30
+    assert card["hardware"] == f"{before['hardware']}, then a GPU"
+    results = card["test"]["results"]
+    assert results["meta-learner LSTM"]["mean"] == 0.95 and results["sgd"]["mean"] == 0.93
+    # MAML and Meta-SGD were trained apart, on the same episodes: their rows stay.
+    assert results["maml"] == before["test"]["results"]["maml"]
+    assert list(results)[0] == "meta-learner LSTM"
+
+
+def test_packaging_refuses_a_mismatched_run_or_evaluation(shipped, tmp_path):
+    foreign = _continued_run(tmp_path / "foreign", "runs/other/best.safetensors")
+    with pytest.raises(SystemExit, match="--continues needs a first run started with"):
+        package_checkpoint.package(NAME, [foreign], _new_evaluation(
+            tmp_path, foreign / "best.safetensors"), "a GPU", "x", continues=True)
+    run = _continued_run(tmp_path / "run", f"learned_optim/pretrained/{NAME}.safetensors")
+    with pytest.raises(SystemExit, match="not the best checkpoint of"):
+        package_checkpoint.package(NAME, [run], _new_evaluation(tmp_path, foreign), "a GPU", "x")
+    assert (shipped / f"{NAME}.safetensors").read_bytes() == (
+        PRETRAINED_DIR / f"{NAME}.safetensors").read_bytes()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -89,25 +90,43 @@ def episodes_note(records: dict[str, dict]) -> str:
 
 
 def peers_note(records: dict[str, dict]) -> str:
-    """Ours against the MAML / Meta-SGD rows of every card that has them."""
+    """Ours against the MAML / Meta-SGD rows of every card that has them, with meta-steps."""
     parts = []
     for name, record in records.items():
         test = record["card"]["test"]
         accuracy = test["metric"] == "accuracy"
         results = test["results"]
 
-        def shown(r, accuracy=accuracy):
-            return (f"{r['mean'] * 100:.2f} +- {r['ci95'] * 100:.2f}%" if accuracy
-                    else f"{r['mean']:.2f} +- {r['ci95']:.2f}")
+        def shown(r, steps, accuracy=accuracy):
+            score = (f"{r['mean'] * 100:.2f} +- {r['ci95'] * 100:.2f}%" if accuracy
+                     else f"{r['mean']:.2f} +- {r['ci95']:.2f}")
+            return f"{score} ({steps} meta-steps)" if steps else score
 
         peers = [(label, results[key]) for key, label in (("maml", "MAML"),
                                                            ("metasgd", "Meta-SGD"))
                  if key in results]
         if peers:
             ours = next(iter(results.values()))
-            parts.append(f"`{name}`: ours {shown(ours)}, "
-                         + ", ".join(f"{label} {shown(r)}" for label, r in peers))
+            parts.append(f"`{name}`: ours {shown(ours, record['card'].get('meta_steps'))}, "
+                         + ", ".join(f"{label} {shown(r, _trained_steps(r))}"
+                                     for label, r in peers))
     return "; ".join(parts) + "." if parts else ""
+
+
+def _trained_steps(row: dict) -> int | None:
+    """The meta-steps a baseline's training note names (``package_checkpoint`` writes it)."""
+    found = re.search(r"(\d+) meta-steps", row.get("trained", ""))
+    return int(found.group(1)) if found else None
+
+
+def training_minutes(records: dict[str, dict]) -> str:
+    """The range of meta-training wall times of the Omniglot cards, in minutes."""
+    minutes = sorted(round(r["card"]["train_wall_time_s"] / 60) for name, r in records.items()
+                     if name.startswith("omniglot"))
+    if not minutes:
+        return "no"
+    return (f"about {minutes[0]}" if minutes[0] == minutes[-1]
+            else f"{minutes[0]} to {minutes[-1]}")
 
 
 def peers_with_baselines(records: dict[str, dict]) -> str:
@@ -216,13 +235,13 @@ Regenerate this page with `python benchmarks/results_page.py --data-root PATH/TO
 
 The targets are the published figures of the strongest optimisation-based peers (METHOD.md);
 no Omniglot or sinusoid result of the Meta-Learner LSTM had been published. The Omniglot rules
-were meta-trained for about 9 minutes each on one shared GPU (see each model card), far from the
-tens of thousands of meta-iterations MAML used: the gap to the targets is a training-budget gap
-(longer runs, more filters, T) rather than a ceiling we measured: validation accuracy was still
-rising when each run's time budget ended (curves below). The peers trained by the same routine
-for the same number of meta-steps do not all lose (Omniglot baselines: first order, T = 5, inner
-learning rate 0.4, on this CPU, `learned-optim meta-train --config configs/NAME.toml --method
-maml|metasgd --inner-lr 0.4 --meta-steps N` with N the checkpoint's meta-steps):
+were meta-trained for {training_minutes(records)} minutes each on one shared GPU (see each
+model card), far from the tens of thousands of meta-iterations MAML used: the gap to the
+targets is a training-budget gap (longer runs, more filters, T) rather than a ceiling we
+measured (validation curves below). The peers trained by the same routine do not all lose (Omniglot
+baselines: first order, T = 5, inner learning rate 0.4, on this CPU, `learned-optim
+meta-train --config configs/NAME.toml --method maml|metasgd --inner-lr 0.4 --meta-steps N`
+with N the meta-steps the checkpoint had when they were trained; meta-steps in brackets):
 {peers_note(records)}
 Numbers below are what the files in `learned_optim/pretrained/` do today.
 

@@ -278,6 +278,10 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(doc, indent=2))
         print("\n".join(entry_markdown(entry)), flush=True)
         print(f"({load_average()})", flush=True)
+    # Also when every entry was stored: --notes alone must reach the JSON, or the next run's
+    # Markdown loses the conclusions.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
     Path(args.markdown).write_text(markdown(doc))
     print(f"{load_average()} (end); run time {time.perf_counter() - started:.0f} s")
     return 0

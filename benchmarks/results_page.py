@@ -274,8 +274,9 @@ only each step's gradient, 4 bytes per coordinate a step, so its memory is about
 alone. The ceilings are what first order could reach if the update rule cost nothing: at
 5-way 1-shot (5 support images, 28k coordinates) the double backward costs less time than the
 rule itself, whose forward and backward run in both modes, so the speed target lies beyond
-what this CPU can reach; the memory and overhead targets are met. At 20-way 5-shot (100 support
-images) all three are met.
+what this CPU can reach (it would need the rule's forward and backward over T steps to cost less
+than its forward alone in place, (b') in the report); the memory and overhead targets are met.
+At 20-way 5-shot (100 support images) all three are met.
 
 {cost_table()}
 

@@ -1,6 +1,7 @@
 """Shipped checkpoints: every name loads, and each one still reaches its model card's score."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +43,30 @@ def test_checkpoint_reaches_its_model_card_score(name, shared_data):
     spread = ours["ci95"] * math.sqrt(ours["episodes"]) / 1.96
     tolerance = 3 * spread / math.sqrt(episodes) + 1e-3
     assert abs(measured.mean - ours["mean"]) <= tolerance, (measured, ours)
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    """The cells of the README's "Shipped checkpoints" table, by checkpoint name."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Shipped checkpoints", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def _shown(row: dict, metric: str) -> str:
+    if metric == "accuracy":
+        return f"{row['mean'] * 100:.2f} +- {row['ci95'] * 100:.2f}%"
+    return f"MSE {row['mean']:.2f} +- {row['ci95']:.2f}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_readme_table_quotes_the_model_card(name):
+    test = load_checkpoint(name).record["card"]["test"]
+    results = test["results"]
+    cells = _readme_rows()[name]
+    ours = next(iter(results.values()))
+    assert cells[2:4] == [_shown(ours, test["metric"]), _shown(results["sgd"], test["metric"])]

@@ -222,8 +222,8 @@ Measured on the test splits with the evaluation harness of this package (`learne
 evaluate`): every method adapts the same learner for the same number of steps on the same
 episodes; SGD and Adam start from the checkpoint's learned init (so only the update rule differs)
 with learning rates tuned on validation episodes; MAML and Meta-SGD (where a card has them:
-{peers_with_baselines(records)}) were meta-trained with the same routine, configuration and
-number of meta-steps as the checkpoint, and use their own init; `nn` is
+{peers_with_baselines(records)}) were meta-trained with the same routine and configuration
+as the checkpoint (meta-steps below), and use their own init; `nn` is
 1-nearest-neighbour in the init's feature space; BatchNorm uses only the episode's own support
 statistics (not transductive); 95% confidence intervals are 1.96 std / sqrt(episodes).
 {episodes_note(records)}
@@ -238,7 +238,7 @@ no Omniglot or sinusoid result of the Meta-Learner LSTM had been published. The 
 were meta-trained for {training_minutes(records)} minutes each on one shared GPU (see each
 model card), far from the tens of thousands of meta-iterations MAML used: the gap to the
 targets is a training-budget gap (longer runs, more filters, T) rather than a ceiling we
-measured (validation curves below). The peers trained by the same routine do not all lose (Omniglot
+measured (validation curves below). Against the peers trained by the same routine (Omniglot
 baselines: first order, T = 5, inner learning rate 0.4, on this CPU, `learned-optim
 meta-train --config configs/NAME.toml --method maml|metasgd --inner-lr 0.4 --meta-steps N`
 with N the meta-steps the checkpoint had when they were trained; meta-steps in brackets):

@@ -100,6 +100,8 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--ways", type=int)
     parser.add_argument("--shots", type=int)
     parser.add_argument("--inner-steps", type=int)
+    parser.add_argument("--protocol", help="evaluate on this omniglot split (vinyals|lake) or "
+                                           "sinusoid family (maml|metasgd) instead")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--baselines", default="",
@@ -193,7 +195,8 @@ def _evaluate(args) -> int:
 
     report = evaluate(
         args.checkpoint, task=args.task, ways=args.ways, shots=args.shots,
-        inner_steps=args.inner_steps, data_root=args.data_root, episodes=args.episodes,
+        inner_steps=args.inner_steps, protocol=args.protocol, data_root=args.data_root,
+        episodes=args.episodes,
         split=args.split, baselines=_baselines(args.baselines),
         baseline_checkpoints={k: v for k, v in (("maml", args.maml),
                                                 ("metasgd", args.metasgd)) if v},

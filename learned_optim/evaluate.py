@@ -127,6 +127,7 @@ def evaluate(
     ways: int | None = None,
     shots: int | None = None,
     inner_steps: int | None = None,
+    protocol: str | None = None,
     data_root: str | None = None,
     episodes: int = 600,
     split: str = "test",
@@ -138,11 +139,13 @@ def evaluate(
 ) -> EvaluationReport:
     """Mean query score with 95% CI of a checkpoint and of baselines, on the same episodes.
 
-    The setting (task, ways, shots, T, data) comes from the checkpoint's configuration unless
-    overridden. SGD and Adam fine-tune the same learner from the same initial weights, with the
-    learning rate chosen on ``tune_episodes`` validation episodes; MAML and Meta-SGD need
-    checkpoints meta-trained with ``learned-optim meta-train --method maml|metasgd``;
-    ``nn`` is 1-nearest-neighbour in the learner's feature space.
+    The setting (task, ways, shots, T, protocol, data) comes from the checkpoint's configuration
+    unless overridden; ``protocol`` evaluates on another Omniglot split (``vinyals``/``lake``) or
+    sinusoid family (``maml``/``metasgd``) than the checkpoint was trained on. SGD and Adam
+    fine-tune the same learner from the same initial weights, with the learning rate chosen on
+    ``tune_episodes`` validation episodes; MAML and Meta-SGD need checkpoints meta-trained with
+    ``learned-optim meta-train --method maml|metasgd``; ``nn`` is 1-nearest-neighbour in the
+    learner's feature space.
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -154,7 +157,7 @@ def evaluate(
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     saved = dict(checkpoint.record.get("config") or {})
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
-                 "data_root": data_root}
+                 "protocol": protocol, "data_root": data_root}
     saved.update({k: v for k, v in overrides.items() if v is not None})
     if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
         saved["inner_steps"] = None  # let the task default follow the new shot count
@@ -173,7 +176,8 @@ def evaluate(
     report = EvaluationReport(
         the_task.metric_name, split,
         {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
-         "queries": config.queries, "checkpoint": str(checkpoint.path)})
+         "queries": config.queries, "protocol": config.protocol,
+         "checkpoint": str(checkpoint.path)})
     name = {"lstm": "meta-learner LSTM"}.get(checkpoint.method, checkpoint.method)
     report.results[name] = evaluate_rule(learner, checkpoint, source, indices(name), steps,
                                          the_task, device)

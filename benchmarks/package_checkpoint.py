@@ -63,15 +63,20 @@ def continued_facts(shipped_card: dict, facts: dict) -> dict:
                 {**e, "step": e["step"] + steps} for e in facts["validation_trace"]]}
 
 
+def same_setting(card_test: dict, evaluation: dict) -> bool:
+    """Whether an evaluation ran in the setting of a card's test (any checkpoint)."""
+    return all(evaluation["setting"].get(k) == v
+               for k, v in card_test["setting"].items() if k != "checkpoint")
+
+
 def kept_baselines(shipped_test: dict, evaluation: dict) -> dict:
     """Rows of separately trained baselines that the new evaluation can keep (same episodes)."""
-    same_setting = all(evaluation["setting"].get(k) == v
-                       for k, v in shipped_test["setting"].items() if k != "checkpoint")
-    if not same_setting:
+    if not same_setting(shipped_test, evaluation):
         return {}
+    episodes = next(iter(evaluation["results"].values()))["episodes"]
     return {method: row for method, row in shipped_test["results"].items()
             if "trained" in row and method not in evaluation["results"]
-            and row["episodes"] == next(iter(evaluation["results"].values()))["episodes"]}
+            and row["episodes"] == episodes}
 
 
 def card_markdown(name: str, record: dict) -> str:
@@ -145,10 +150,8 @@ def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path]
     evaluation = json.loads(evaluation_path.read_text())
     ours_name, ours = next(iter(test["results"].items()))
     theirs = evaluation["results"].get(ours_name)
-    same_setting = all(evaluation["setting"].get(k) == v for k, v in test["setting"].items()
-                       if k != "checkpoint")
-    if (theirs is None or not same_setting or theirs["episodes"] != ours["episodes"]
-            or abs(theirs["mean"] - ours["mean"]) > 1e-9):
+    if (theirs is None or not same_setting(test, evaluation)
+            or theirs["episodes"] != ours["episodes"] or abs(theirs["mean"] - ours["mean"]) > 1e-9):
         raise SystemExit(
             f"{evaluation_path}: its {ours_name!r} row or setting differs from the card of "
             f"{name} ({ours['mean']:.6f} on {ours['episodes']} episodes): the baselines were "

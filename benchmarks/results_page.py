@@ -73,6 +73,15 @@ def results_table(records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _judged(result: dict, accuracy: bool, bound: float | None) -> tuple[str, bool]:
+    """A test result as the targets table shows it, and whether it meets the bound."""
+    value = result["mean"] * (100 if accuracy else 1)
+    shown = (f"{value:.2f}% +- {result['ci95'] * 100:.2f}" if accuracy
+             else f"{value:.3f} +- {result['ci95']:.3f}")
+    met = bound is not None and (value >= bound if accuracy else value <= bound)
+    return shown, met
+
+
 def targets_table(records: dict[str, dict], on_peer_protocol: dict[str, dict]) -> str:
     lines = ["| checkpoint | ours (test, 95% CI) | target | published | reached |",
              "|---|---|---|---|---|"]
@@ -81,19 +90,11 @@ def targets_table(records: dict[str, dict], on_peer_protocol: dict[str, dict]) -
         target, published = PUBLISHED.get(name, ("", ""))
         accuracy = record["card"]["test"]["metric"] == "accuracy"
         bound = float(target.split()[-1].rstrip("%")) if target else None
-
-        def judged(result, accuracy=accuracy, bound=bound):
-            value = result["mean"] * (100 if accuracy else 1)
-            shown = (f"{value:.2f}% +- {result['ci95'] * 100:.2f}" if accuracy
-                     else f"{value:.3f} +- {result['ci95']:.3f}")
-            met = bound is not None and (value >= bound if accuracy else value <= bound)
-            return shown, met
-
-        shown, met = judged(ours)
+        shown, met = _judged(ours, accuracy, bound)
         reached = "" if bound is None else ("yes" if met else "no")
         if name in on_peer_protocol:
             theirs = on_peer_protocol[name]
-            their_shown, their_met = judged(theirs)
+            their_shown, their_met = _judged(theirs, accuracy, bound)
             shown += f"; on the {theirs['protocol']} family: {their_shown}"
             reached = (f"{'yes' if their_met else 'no'} on the {theirs['protocol']} family; "
                        f"{reached} on the checkpoint's own")

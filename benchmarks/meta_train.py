@@ -5,6 +5,7 @@ one episode per meta-step (``--meta-batch``). Run from the repository root::
 
     python benchmarks/meta_train.py --data-root /work/shared/data/omniglot
     python benchmarks/meta_train.py --data-root ... --rounds 4 --json out.json   # quicker
+    python benchmarks/meta_train.py --data-root ... --device cuda                # on a GPU
 
 What is measured
 ----------------
@@ -20,7 +21,8 @@ What is measured
 ``peak RSS MB``     growth of the process's peak resident set during one meta-step: freed heap
                     returned with ``malloc_trim(0)``, the kernel's peak counter reset through
                     ``/proc/self/clear_refs``, then ``VmHWM - VmRSS`` (a secondary number: it
-                    includes allocator slack and temporaries).
+                    includes allocator slack and temporaries). With ``--device cuda``: growth
+                    of ``torch.cuda.max_memory_allocated`` during the step instead.
 
 Parts measured alone (first order), same learner and episode:
   (a) the learner: T x [forward + backward on the support set] + forward + backward on the
@@ -70,6 +72,7 @@ from learned_optim.config import MetaTrainConfig  # noqa: E402
 from learned_optim.learners import ConvLearner  # noqa: E402
 from learned_optim.metalearner import initial_state, prepare_step, update_rows  # noqa: E402
 from learned_optim.rule_trajectory import RuleTrajectory  # noqa: E402
+from learned_optim.tasks import to_device  # noqa: E402
 from learned_optim.train import MetaTrainer  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
@@ -118,6 +121,16 @@ def peak_rss_growth_mb(fn) -> float | None:
     return (peak - before) / 1024.0
 
 
+def peak_cuda_growth_mb(fn, device: torch.device) -> float:
+    """Growth of the CUDA caching allocator's peak allocation during ``fn()``, in MB."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def saved_tensor_bytes(fn) -> tuple[int, int]:
     """(bytes of unique storages autograd saved during ``fn()``, number of pack calls)."""
     storages: dict[int, int] = {}
@@ -148,25 +161,29 @@ class Parts:
     def __init__(self, trainer: MetaTrainer, steps: int) -> None:
         config = trainer.config
         self.steps = steps
-        episode = trainer.task.episodes("train").episode(0)
+        self.device = device = trainer.device
+        episode = to_device(trainer.task.episodes("train").episode(0), device)
         self.support = (episode.support_inputs, episode.support_targets)
         self.query = (episode.query_inputs, episode.query_targets)
         torch.manual_seed(1)
         self.learner = ConvLearner(1, config.ways, config.filters, config.image_size,
-                                   config.bn_momentum)
+                                   config.bn_momentum).to(device)
         self.learner.train()
         self.params = list(self.learner.parameters())
         self.rows = sum(p.numel() for p in self.params)
-        self.rule = MetaLearnerLSTM(hidden_size=config.hidden_size)
-        self.opt = LSTMMetaOptimizer(self.params, MetaLearnerLSTM(config.hidden_size))
-        # Tape version: a learned init c_0 and fixed gradients (constants, as in first order).
+        self.rule = MetaLearnerLSTM(hidden_size=config.hidden_size).to(device)
+        self.opt = LSTMMetaOptimizer(self.params, MetaLearnerLSTM(config.hidden_size).to(device))
+        # Tape version: a learned init c_0 and fixed gradients (constants, as in first order),
+        # drawn on the CPU so that every device times the same numbers.
         generator = torch.Generator().manual_seed(2)
         self.init = [nn.Parameter(p.detach().clone()) for p in self.params]
-        self.grads = [torch.randn(p.shape, generator=generator) * 1e-2 for p in self.params]
+        self.grads = [(torch.randn(p.shape, generator=generator) * 1e-2).to(device)
+                      for p in self.params]
         self.meta_params = list(self.rule.parameters()) + self.init
         self.adam = torch.optim.Adam(self.meta_params, lr=1e-3)
         for p in self.meta_params:
-            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+            p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(device)
+        self.loss = torch.tensor(1.6, device=device)
 
     def learner_passes(self) -> None:
         """(a) T x forward/backward on the support set, then forward/backward on the query."""
@@ -199,13 +216,12 @@ class Parts:
         optimizer runs them, + backward; ``chain=False``: one node per step (bs)."""
         weights = self.rule.weights()
         params = list(self.init)
-        state = initial_state(self.rows, self.rule.hidden_size)
+        state = initial_state(self.rows, self.rule.hidden_size, device=self.device)
         trajectory = (RuleTrajectory(state, torch.cat([p.reshape(-1) for p in params]))
                       if chain else None)
         sizes = [p.numel() for p in params]
-        loss = torch.tensor(1.6)
         for _ in range(self.steps):
-            constants = prepare_step(weights, loss, torch.float32)
+            constants = prepare_step(weights, self.loss, torch.float32, self.device)
             flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
             if trajectory is not None:
                 new_param, state = trajectory.step(constants, flat_grad)
@@ -238,9 +254,8 @@ class Parts:
         with torch.no_grad():
             for p, g in zip(self.params, self.grads):
                 p.grad = g.clone()
-        loss = torch.tensor(1.6)
         for _ in range(self.steps):
-            self.opt.step(loss=loss)
+            self.opt.step(loss=self.loss)
 
     def adam_step(self) -> None:
         """(c) clip + Adam on the meta-parameters (rule + learned init)."""
@@ -257,6 +272,7 @@ def make_trainer(args, first_order: bool, run_root: Path) -> MetaTrainer:
         inner_steps=args.steps,
         filters=args.filters, image_size=28, meta_batch=args.meta_batch, meta_steps=10**6,
         first_order=first_order, validate_every=10**6, checkpoint_every=10**6, seed=0,
+        device=args.device,
         run_dir=str(run_root / ("first" if first_order else "second")),
     )
     return MetaTrainer(config, progress=False)
@@ -265,9 +281,28 @@ def make_trainer(args, first_order: bool, run_root: Path) -> MetaTrainer:
 def profile_step(trainer: MetaTrainer, rows: int = 14) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    with profile(activities=activities) as prof:
         trainer.meta_step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        synchronize(trainer.device)
+    sort_by = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that wall time covers them (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall seconds of ``fn()``, queued device work included."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -278,6 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--filters", type=int, default=32)
     parser.add_argument("--meta-batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
@@ -291,7 +327,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     print(f"Setting: Omniglot {args.ways}-way {args.shots}-shot, T = {args.steps}, filters "
           f"{args.filters}, meta_batch {args.meta_batch}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); {load_average()} (start)")
+          f"{torch.get_num_threads()} thread(s); device {args.device}; {load_average()} "
+          "(start)")
 
     run_root = Path(tempfile.mkdtemp(prefix="meta_train_bench_"))
     trainers = {"first-order": make_trainer(args, True, run_root),
@@ -315,19 +352,16 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {name: [] for name in [*trainers, *part_fns]}
     for _ in range(args.rounds):
         for name, trainer in trainers.items():
-            t0 = time.perf_counter()
-            trainer.meta_step()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(trainer.meta_step, parts.device))
         for name, fn in part_fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(fn, parts.device))
     median = {name: statistics.median(values) for name, values in times.items()}
 
     memory = {}
     for name, trainer in trainers.items():
         saved, calls = saved_tensor_bytes(trainer.meta_step)
-        rss = peak_rss_growth_mb(trainer.meta_step)
+        rss = (peak_cuda_growth_mb(trainer.meta_step, parts.device)
+               if parts.device.type == "cuda" else peak_rss_growth_mb(trainer.meta_step))
         memory[name] = {"saved_mb": saved / 2**20, "pack_calls": calls, "peak_rss_mb": rss}
 
     part_saved = {}
@@ -345,7 +379,8 @@ def main(argv=None) -> int:
     print(f"\nlearner coordinates: {parts.rows:,}; meta-learner parameters: "
           f"{sum(p.numel() for p in parts.rule.parameters()):,}; "
           f"{args.rounds} timed rounds after {args.warmup} warm-up")
-    print("\n| mode | ms / meta-step | episodes/s | saved MB | pack calls | peak RSS MB |")
+    peak_label = "peak CUDA MB" if parts.device.type == "cuda" else "peak RSS MB"
+    print(f"\n| mode | ms / meta-step | episodes/s | saved MB | pack calls | {peak_label} |")
     print("|---|---|---|---|---|---|")
     for name in trainers:
         m = memory[name]
@@ -417,7 +452,7 @@ def main(argv=None) -> int:
     print(f"{'PASS' if verdicts['speed'] else 'FAIL'}: first-order episodes/s = {speedup:.2f}x "
           f"second-order (target >= {TARGET_SPEEDUP}x)")
     print(f"{'PASS' if verdicts['memory'] else 'FAIL'}: first-order saved-tensor memory = "
-          f"{mem_ratio:.2f} of second-order (target <= {TARGET_MEMORY_RATIO}); peak RSS growth "
+          f"{mem_ratio:.2f} of second-order (target <= {TARGET_MEMORY_RATIO}); {peak_label} growth "
           f"ratio {'n/a' if rss_ratio is None else f'{rss_ratio:.2f}'} (secondary)")
     print(f"{'PASS' if verdicts['overhead'] else 'FAIL'}: first-order meta-step = "
           f"{overhead:.2f}x the sum of its parts (target <= {TARGET_OVERHEAD}x)")
@@ -427,7 +462,8 @@ def main(argv=None) -> int:
         for name, trainer in trainers.items():
             with quiet_stderr():
                 profiles[name] = profile_step(trainer)
-            print(f"\n## torch.profiler, one {name} meta-step (top ops by self CPU time)\n")
+            clock = "CUDA" if parts.device.type == "cuda" else "CPU"
+            print(f"\n## torch.profiler, one {name} meta-step (top ops by self {clock} time)\n")
             print("\n".join("    " + line for line in profiles[name].splitlines()))
     elapsed = time.perf_counter() - started
     print(f"\n{load_average()} (end); run time {elapsed:.0f} s")
@@ -437,6 +473,7 @@ def main(argv=None) -> int:
                         "inner_steps": args.steps,
                         "filters": args.filters, "meta_batch": args.meta_batch,
                         "rounds": args.rounds, "threads": torch.get_num_threads(),
+                        "device": str(parts.device),
                         "load_average_end": os.getloadavg()},
             "median_s": median, "all_s": times, "episodes_per_s": eps, "memory": memory,
             "speedup": speedup, "saved_memory_ratio": mem_ratio, "rss_ratio": rss_ratio,

@@ -12,7 +12,8 @@ the human-readable card. ``EVAL.json`` is written by ``learned-optim evaluate ..
 Baselines evaluated later (MAML, Meta-SGD) join a shipped card without touching its tensors::
 
     python benchmarks/package_checkpoint.py NAME --add-results EVAL.json \
-        --baseline-runs maml=RUN_DIR metasgd=RUN_DIR [--hardware "..."]
+        --baseline-runs maml=RUN_DIR metasgd=RUN_DIR [--hardware "..."] \
+        [--baseline-notes metasgd="a fact the run folder does not hold"]
 
 A run warm-started from the shipped checkpoint itself (``--init-from
 learned_optim/pretrained/NAME.safetensors``) is packaged with ``--continues``: the shipped card's
@@ -32,7 +33,10 @@ import json
 from pathlib import Path
 
 from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint, save_checkpoint
+from learned_optim.config import MetaTrainConfig
 from learned_optim.train import read_log
+
+DEFAULT_META_LR = MetaTrainConfig().meta_lr
 
 
 def training_facts(runs: list[Path]) -> dict:
@@ -63,18 +67,28 @@ def continued_facts(shipped_card: dict, facts: dict) -> dict:
                 {**e, "step": e["step"] + steps} for e in facts["validation_trace"]]}
 
 
-def same_setting(card_test: dict, evaluation: dict) -> bool:
-    """Whether an evaluation ran in the setting of a card's test (any checkpoint)."""
-    return all(evaluation["setting"].get(k) == v
-               for k, v in card_test["setting"].items() if k != "checkpoint")
+def card_setting(record: dict) -> dict:
+    """The setting of a checkpoint's card test; cards written before evaluations recorded their
+    protocol (Omniglot split, sinusoid family) take it from the checkpoint's configuration."""
+    setting = dict(record["card"]["test"]["setting"])
+    setting.setdefault("protocol", record["config"].get("protocol"))
+    return setting
 
 
-def kept_baselines(shipped_test: dict, evaluation: dict) -> dict:
-    """Rows of separately trained baselines that the new evaluation can keep (same episodes)."""
-    if not same_setting(shipped_test, evaluation):
+def same_setting(setting: dict, evaluation: dict) -> bool:
+    """Whether an evaluation ran in ``setting`` (any checkpoint): every key of either agrees."""
+    theirs = evaluation["setting"]
+    return all(setting.get(k) == theirs.get(k) for k in setting.keys() | theirs.keys()
+               if k != "checkpoint")
+
+
+def kept_baselines(shipped: dict, evaluation: dict) -> dict:
+    """Rows of the shipped record's separately trained baselines that the new evaluation can
+    keep: same setting and episodes (a run continued on another family or split keeps none)."""
+    if not same_setting(card_setting(shipped), evaluation):
         return {}
     episodes = next(iter(evaluation["results"].values()))["episodes"]
-    return {method: row for method, row in shipped_test["results"].items()
+    return {method: row for method, row in shipped["card"]["test"]["results"].items()
             if "trained" in row and method not in evaluation["results"]
             and row["episodes"] == episodes}
 
@@ -130,18 +144,24 @@ transductive).
 """
 
 
-def baseline_training_note(run: Path, hardware: str) -> str:
-    """How a MAML / Meta-SGD baseline was trained, from its run folder."""
+def baseline_training_note(run: Path, hardware: str, note: str = "") -> str:
+    """How a MAML / Meta-SGD baseline was trained, from its run folder (plus ``note``)."""
     config = json.loads((run / "config.json").read_text())
     facts = training_facts([run])
     order = "first" if config["first_order"] else "second"
-    return (f"same routine and config as the LSTM ({order} order, T = {config['inner_steps']}, "
-            f"meta-batch {config['meta_batch']}, {facts['meta_steps']} meta-steps), inner lr "
+    meta_lr = config.get("meta_lr", DEFAULT_META_LR)
+    text = (f"same routine and config as the LSTM ({order} order, T = {config['inner_steps']}, "
+            f"meta-batch {config['meta_batch']}, {facts['meta_steps']} meta-steps"
+            f"{'' if meta_lr == DEFAULT_META_LR else f', meta-lr {meta_lr:g}'}), inner lr "
             f"{config['inner_lr']}, {facts['train_wall_time_s']} s on {hardware}")
+    planned = config.get("meta_steps", facts["meta_steps"])
+    if facts["meta_steps"] < planned:  # a run stopped early (a non-finite meta-loss, a limit)
+        text += f"; stopped at meta-step {facts['meta_steps']} of {planned}"
+    return f"{text}; {note}" if note else text
 
 
 def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path],
-                hardware: str) -> Path:
+                hardware: str, notes: dict[str, str] | None = None) -> Path:
     """Merge the baseline rows of an evaluation into the shipped checkpoint ``name``."""
     path = PRETRAINED_DIR / f"{name}.safetensors"
     shipped = load_checkpoint(path)
@@ -150,7 +170,7 @@ def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path]
     evaluation = json.loads(evaluation_path.read_text())
     ours_name, ours = next(iter(test["results"].items()))
     theirs = evaluation["results"].get(ours_name)
-    if (theirs is None or not same_setting(test, evaluation)
+    if (theirs is None or not same_setting(card_setting(record), evaluation)
             or theirs["episodes"] != ours["episodes"] or abs(theirs["mean"] - ours["mean"]) > 1e-9):
         raise SystemExit(
             f"{evaluation_path}: its {ours_name!r} row or setting differs from the card of "
@@ -160,8 +180,8 @@ def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path]
         if method == ours_name:
             continue
         if method in baseline_runs:
-            result = {**result, "trained": baseline_training_note(baseline_runs[method],
-                                                                  hardware)}
+            result = {**result, "trained": baseline_training_note(
+                baseline_runs[method], hardware, (notes or {}).get(method, ""))}
         test["results"][method] = result
     save_checkpoint(path, shipped.meta_learner, learned_init=shipped.learned_init,
                     config=record["config"], dataset=record["dataset"],
@@ -188,11 +208,11 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         if not init_from or Path(init_from).name != f"{name}.safetensors":
             raise SystemExit(f"{runs[0]}: --continues needs a first run started with "
                              f"--init-from .../{name}.safetensors, not {init_from!r}")
-        shipped = load_checkpoint(PRETRAINED_DIR / f"{name}.safetensors").record["card"]
-        facts = continued_facts(shipped, facts)
-        evaluation["results"].update(kept_baselines(shipped["test"], evaluation))
-        hardware = f"{shipped['hardware']}, then {hardware}"
-        command = f"{shipped['command']}; then {command}"
+        shipped = load_checkpoint(PRETRAINED_DIR / f"{name}.safetensors").record
+        facts = continued_facts(shipped["card"], facts)
+        evaluation["results"].update(kept_baselines(shipped, evaluation))
+        hardware = f"{shipped['card']['hardware']}, then {hardware}"
+        command = f"{shipped['card']['command']}; then {command}"
     learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
                f"image_size={config['image_size']})" if config["task"] != "sinusoid"
                else "SinusoidMLP (1-40-40-1, ReLU)")
@@ -225,11 +245,15 @@ def main() -> None:
                         help="add this evaluation's baseline rows to the shipped card")
     parser.add_argument("--baseline-runs", nargs="*", default=[], metavar="METHOD=RUN_DIR",
                         help="run folders of the baselines in --add-results")
+    parser.add_argument("--baseline-notes", nargs="*", default=[], metavar="METHOD=TEXT",
+                        help="a fact to add to a baseline's training note")
     args = parser.parse_args()
     if args.add_results:
         runs = dict(item.split("=", 1) for item in args.baseline_runs)
+        notes = dict(item.split("=", 1) for item in args.baseline_notes)
         path = add_results(args.name, args.add_results,
-                           {method: Path(run) for method, run in runs.items()}, args.hardware)
+                           {method: Path(run) for method, run in runs.items()}, args.hardware,
+                           notes)
         print(f"updated {path} and {args.name}.md")
         return
     if not (args.runs and args.evaluation and args.command):

@@ -37,8 +37,14 @@ def _baseline_run(folder: Path) -> Path:
     return folder
 
 
+def _shipped_test() -> dict:
+    """The shipped card's test, its setting as evaluations write it (protocol included)."""
+    record = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors").record
+    return {**record["card"]["test"], "setting": package_checkpoint.card_setting(record)}
+
+
 def _evaluation(tmp_path: Path, lstm_mean_shift: float = 0.0) -> Path:
-    test = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors").record["card"]["test"]
+    test = _shipped_test()
     lstm = dict(test["results"]["meta-learner LSTM"])
     lstm["mean"] += lstm_mean_shift
     results = {"meta-learner LSTM": lstm,
@@ -64,6 +70,16 @@ def test_baseline_rows_are_added_and_the_tensors_kept(shipped, tmp_path):
     assert "| maml | 90.00 | 1.00 |" in (shipped / f"{NAME}.md").read_text()
 
 
+def test_a_baseline_stopped_early_or_with_another_meta_lr_says_so(tmp_path):
+    run = _baseline_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "meta_lr": 1e-4, "meta_steps": 100}))
+    note = package_checkpoint.baseline_training_note(run, "a CPU", "best of step 30")
+    assert note == ("same routine and config as the LSTM (first order, T = 5, meta-batch 8, "
+                    "40 meta-steps, meta-lr 0.0001), inner lr 0.4, 100 s on a CPU; stopped at "
+                    "meta-step 40 of 100; best of step 30")
+
+
 def test_an_evaluation_on_other_episodes_is_refused(shipped, tmp_path):
     with pytest.raises(SystemExit, match="not evaluated on the card's episodes"):
         package_checkpoint.add_results(NAME, _evaluation(tmp_path, lstm_mean_shift=0.01), {},
@@ -85,13 +101,13 @@ def _continued_run(folder: Path, init_from: str) -> Path:
     return folder
 
 
-def _new_evaluation(tmp_path: Path, checkpoint: Path) -> Path:
+def _new_evaluation(tmp_path: Path, checkpoint: Path, **setting_changes) -> Path:
     """An evaluation of ``checkpoint`` with the LSTM and SGD rows only (no MAML, Meta-SGD)."""
-    test = load_checkpoint(PRETRAINED_DIR / f"{NAME}.safetensors").record["card"]["test"]
+    test = _shipped_test()
     results = {"meta-learner LSTM": {"mean": 0.95, "ci95": 0.005, "episodes": 600},
                "sgd": {"mean": 0.93, "ci95": 0.005, "episodes": 600, "lr": 0.03}}
     path = tmp_path / "new-eval.json"
-    setting = {**test["setting"], "checkpoint": str(checkpoint)}
+    setting = {**test["setting"], "checkpoint": str(checkpoint), **setting_changes}
     path.write_text(json.dumps({**test, "setting": setting, "results": results}))
     return path
 
@@ -113,6 +129,27 @@ def test_a_continued_run_counts_the_shipped_training_and_keeps_its_peers(shipped
     # MAML and Meta-SGD were trained apart, on the same episodes: their rows stay.
     assert results["maml"] == before["test"]["results"]["maml"]
     assert list(results)[0] == "meta-learner LSTM"
+
+
+def test_a_run_continued_on_another_split_drops_the_shipped_peers(shipped, tmp_path):
+    # The shipped MAML row was measured on the vinyals split (an old card: the protocol comes
+    # from its configuration), so it cannot stand beside a test on Lake's split.
+    assert "protocol" not in load_checkpoint(NAME).record["card"]["test"]["setting"]
+    run = _continued_run(tmp_path / "run", f"learned_optim/pretrained/{NAME}.safetensors")
+    evaluation = _new_evaluation(tmp_path, run / "best.safetensors", protocol="lake")
+    path = package_checkpoint.package(NAME, [run], evaluation, "a GPU", "meta-train again",
+                                      continues=True)
+    assert list(load_checkpoint(path).record["card"]["test"]["results"]) == [
+        "meta-learner LSTM", "sgd"]
+
+
+def test_baselines_from_another_split_are_refused(shipped, tmp_path):
+    path = _evaluation(tmp_path)
+    evaluation = json.loads(path.read_text())
+    evaluation["setting"]["protocol"] = "lake"
+    path.write_text(json.dumps(evaluation))
+    with pytest.raises(SystemExit, match="not evaluated on the card's episodes"):
+        package_checkpoint.add_results(NAME, path, {}, "a CPU")
 
 
 def test_packaging_refuses_a_mismatched_run_or_evaluation(shipped, tmp_path):

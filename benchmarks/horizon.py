@@ -161,7 +161,8 @@ def study(name: str, args) -> dict:
         "task": config.task,
         "setting": {"ways": config.ways, "shots": config.shots, "T": T,
                     "filters": config.filters if config.task != "sinusoid" else None,
-                    "queries": config.queries, "init": init_note},
+                    "queries": config.queries, "init": init_note,
+                    "protocol": config.protocol},
         "metric": task.metric_name, "higher_is_better": task.higher_is_better,
         "episodes": episodes, "tune_episodes": args.tune_episodes, "lr": lrs,
         "record_steps": record_steps,
@@ -187,6 +188,8 @@ def entry_markdown(entry: dict) -> list[str]:
              5 * T: f"{5 * T} (5T)"}
     title = (f"{entry['task']} {s['ways']}-way {s['shots']}-shot" if accuracy
              else f"{entry['task']} {s['shots']}-shot")
+    if s.get("protocol"):  # the Omniglot split or sinusoid family
+        title += f" ({s['protocol']})"
     unit = "query accuracy (%)" if accuracy else "query MSE (lower is better)"
     lines = [f"### `{entry.get('name', entry['checkpoint'])}`: {title}, T = {T}", "",
              f"{unit}, mean +- 95% CI over {entry['episodes']} test episodes (the same for every "

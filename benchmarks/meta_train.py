@@ -357,11 +357,12 @@ def main(argv=None) -> int:
             times[name].append(timed(fn, parts.device))
     median = {name: statistics.median(values) for name, values in times.items()}
 
+    on_cuda = parts.device.type == "cuda"
     memory = {}
     for name, trainer in trainers.items():
         saved, calls = saved_tensor_bytes(trainer.meta_step)
         rss = (peak_cuda_growth_mb(trainer.meta_step, parts.device)
-               if parts.device.type == "cuda" else peak_rss_growth_mb(trainer.meta_step))
+               if on_cuda else peak_rss_growth_mb(trainer.meta_step))
         memory[name] = {"saved_mb": saved / 2**20, "pack_calls": calls, "peak_rss_mb": rss}
 
     part_saved = {}
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
     print(f"\nlearner coordinates: {parts.rows:,}; meta-learner parameters: "
           f"{sum(p.numel() for p in parts.rule.parameters()):,}; "
           f"{args.rounds} timed rounds after {args.warmup} warm-up")
-    peak_label = "peak CUDA MB" if parts.device.type == "cuda" else "peak RSS MB"
+    peak_label = "peak CUDA MB" if on_cuda else "peak RSS MB"
     print(f"\n| mode | ms / meta-step | episodes/s | saved MB | pack calls | {peak_label} |")
     print("|---|---|---|---|---|---|")
     for name in trainers:
@@ -462,7 +463,7 @@ def main(argv=None) -> int:
         for name, trainer in trainers.items():
             with quiet_stderr():
                 profiles[name] = profile_step(trainer)
-            clock = "CUDA" if parts.device.type == "cuda" else "CPU"
+            clock = "CUDA" if on_cuda else "CPU"
             print(f"\n## torch.profiler, one {name} meta-step (top ops by self {clock} time)\n")
             print("\n".join("    " + line for line in profiles[name].splitlines()))
     elapsed = time.perf_counter() - started

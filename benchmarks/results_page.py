@@ -132,21 +132,23 @@ def peers_note(records: dict[str, dict]) -> str:
         test = record["card"]["test"]
         accuracy = test["metric"] == "accuracy"
         results = test["results"]
-
-        def shown(r, steps, accuracy=accuracy):
-            score = (f"{r['mean'] * 100:.2f} +- {r['ci95'] * 100:.2f}%" if accuracy
-                     else f"{r['mean']:.2f} +- {r['ci95']:.2f}")
-            return f"{score} ({steps} meta-steps)" if steps else score
-
         peers = [(label, results[key]) for key, label in (("maml", "MAML"),
                                                            ("metasgd", "Meta-SGD"))
                  if key in results]
         if peers:
             ours = next(iter(results.values()))
-            parts.append(f"`{name}`: ours {shown(ours, record['card'].get('meta_steps'))}, "
-                         + ", ".join(f"{label} {shown(r, _trained_steps(r))}"
-                                     for label, r in peers))
+            parts.append(
+                f"`{name}`: ours {_with_steps(ours, accuracy, record['card'].get('meta_steps'))}, "
+                + ", ".join(f"{label} {_with_steps(r, accuracy, _trained_steps(r))}"
+                            for label, r in peers))
     return "; ".join(parts) + "." if parts else ""
+
+
+def _with_steps(result: dict, accuracy: bool, steps: int | None) -> str:
+    """A test result as the peers note shows it, with the meta-steps behind it when known."""
+    score = (f"{result['mean'] * 100:.2f} +- {result['ci95'] * 100:.2f}%" if accuracy
+             else f"{result['mean']:.2f} +- {result['ci95']:.2f}")
+    return f"{score} ({steps} meta-steps)" if steps else score
 
 
 def _trained_steps(row: dict) -> int | None:

@@ -54,6 +54,7 @@ import argparse
 import ctypes
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -67,7 +68,7 @@ from _shared import load_average, quiet_stderr  # noqa: E402 (sibling module)
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM  # noqa: E402
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM, rule_trajectory  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
 from learned_optim.learners import ConvLearner  # noqa: E402
 from learned_optim.metalearner import initial_state, prepare_step, update_rows  # noqa: E402
@@ -296,6 +297,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_name(device: torch.device) -> str:
+    """What ran the benchmark, for the report: the GPU's name or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def timed(fn, device: torch.device) -> float:
     """Wall seconds of ``fn()``, queued device work included."""
     synchronize(device)
@@ -318,17 +332,26 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="torch.profiler tables: when a target fails (auto), always, never")
+    parser.add_argument("--replay-chunk-mb", type=float,
+                        help="memory of one chunk of the first-order replay, on every device "
+                             "(default: the package's per-device choice)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--markdown", help="also write the printed report to this file")
     args = parser.parse_args(argv)
     if args.markdown:
         sys.stdout = _Tee(sys.stdout)
+    if args.replay_chunk_mb is not None:
+        chunk_bytes = int(args.replay_chunk_mb * 2**20)
+        rule_trajectory.REPLAY_CHUNK_BYTES = rule_trajectory.ACCELERATOR_REPLAY_CHUNK_BYTES = (
+            chunk_bytes)
     torch.set_num_threads(1)
     started = time.perf_counter()
     print(f"Setting: Omniglot {args.ways}-way {args.shots}-shot, T = {args.steps}, filters "
           f"{args.filters}, meta_batch {args.meta_batch}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); device {args.device}; {load_average()} "
-          "(start)")
+          f"{torch.get_num_threads()} thread(s); device {args.device} "
+          f"({device_name(torch.device(args.device))}); replay chunks of "
+          f"{rule_trajectory.replay_chunk_bytes(torch.device(args.device)) / 2**20:g} MB; "
+          f"{load_average()} (start)")
 
     run_root = Path(tempfile.mkdtemp(prefix="meta_train_bench_"))
     trainers = {"first-order": make_trainer(args, True, run_root),
@@ -474,7 +497,8 @@ def main(argv=None) -> int:
                         "inner_steps": args.steps,
                         "filters": args.filters, "meta_batch": args.meta_batch,
                         "rounds": args.rounds, "threads": torch.get_num_threads(),
-                        "device": str(parts.device),
+                        "device": str(parts.device), "device_name": device_name(parts.device),
+                        "replay_chunk_bytes": rule_trajectory.replay_chunk_bytes(parts.device),
                         "load_average_end": os.getloadavg()},
             "median_s": median, "all_s": times, "episodes_per_s": eps, "memory": memory,
             "speedup": speedup, "saved_memory_ratio": mem_ratio, "rss_ratio": rss_ratio,

@@ -27,7 +27,8 @@ from torch import Tensor
 from learned_optim import metalearner
 from learned_optim.rule_backward import ConstantGrads, _rows_backward
 
-__all__ = ["RuleTrajectory", "SEGMENT_STEPS", "REPLAY_CHUNK_BYTES"]
+__all__ = ["RuleTrajectory", "SEGMENT_STEPS", "REPLAY_CHUNK_BYTES",
+           "ACCELERATOR_REPLAY_CHUNK_BYTES", "replay_chunk_bytes"]
 
 # Steps recorded against one anchor: bounds the replay's per-chunk memory and the cost of a
 # gradient that reaches an intermediate step.
@@ -35,7 +36,16 @@ SEGMENT_STEPS = 32
 # Per-chunk memory of the replay (every step's state, parameter and intermediates, about
 # 900 bytes a row and step at H = 20): 24 MB is about 2,200 rows at T = 12, cache-sized.
 REPLAY_CHUNK_BYTES = 24 * 2**20
+# On a GPU the replay is bound by kernel launches, not by cache: every chunk launches every
+# step's kernels again, so the chunks are as large as this memory allows (one chunk for the
+# paper's learner: about 310 MB at T = 12).
+ACCELERATOR_REPLAY_CHUNK_BYTES = 2**30
 _MIN_CHUNK_ROWS = 256
+
+
+def replay_chunk_bytes(device: torch.device) -> int:
+    """Memory one replay chunk may take on ``device`` (see the constants above)."""
+    return REPLAY_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_REPLAY_CHUNK_BYTES
 
 
 class RuleTrajectory:
@@ -173,7 +183,8 @@ def _chunked_replay(p, anchor_state, anchor_param, grads, flat, d_param_out, d_s
     # intermediates that the row backward reads.
     per_row_step = 4 * (width + 1 + sum(t.shape[1] for t in
                                         metalearner.row_scratch(1, hidden).values()))
-    chunk_rows = min(rows, max(_MIN_CHUNK_ROWS, REPLAY_CHUNK_BYTES // (per_row_step * steps)))
+    budget = replay_chunk_bytes(anchor_param.device)
+    chunk_rows = min(rows, max(_MIN_CHUNK_ROWS, budget // (per_row_step * steps)))
     states = torch.empty(steps + 1, chunk_rows, width, **options)
     params = torch.empty(steps + 1, chunk_rows, **options)
     scratches = [metalearner.row_scratch(chunk_rows, hidden, **options) for _ in range(steps)]

@@ -16,25 +16,27 @@ from tests.test_rule_backward import (
 ROWS = 257
 
 
-def _chain_inputs(rows: int = ROWS, steps: int = 5):
-    meta = _trained_looking_meta_learner(seed=5)
+def _chain_inputs(rows: int = ROWS, steps: int = 5, device: str = "cpu"):
+    meta = _trained_looking_meta_learner(seed=5).to(device)
     generator = torch.Generator().manual_seed(6)
     state = (torch.randn(rows, meta.state_width, dtype=DOUBLE, generator=generator) * 0.5)
     theta = torch.randn(rows, dtype=DOUBLE, generator=generator)
-    grads = [_gradients_both_preprocessing_branches(rows, generator) * (1 + t)
+    grads = [_gradients_both_preprocessing_branches(rows, generator).to(device) * (1 + t)
              for t in range(steps)]
-    losses = [torch.tensor(2.0 - 0.3 * t, dtype=DOUBLE) for t in range(steps)]
-    return meta, state.requires_grad_(), theta.requires_grad_(), grads, losses
+    losses = [torch.tensor(2.0 - 0.3 * t, dtype=DOUBLE, device=device) for t in range(steps)]
+    return (meta, state.to(device).requires_grad_(), theta.to(device).requires_grad_(), grads,
+            losses)
 
 
-def _meta_gradients(use_chain: bool, *, intermediate: bool = False, **chain_options):
+def _meta_gradients(use_chain: bool, *, intermediate: bool = False, device: str = "cpu",
+                    **chain_options):
     """d(meta-loss) w.r.t. anchor state, anchor theta and the meta-learner's weights."""
-    meta, state, theta, grads, losses = _chain_inputs()
+    meta, state, theta, grads, losses = _chain_inputs(device=device)
     chain = RuleTrajectory(state, theta, **chain_options) if use_chain else None
-    probe = torch.linspace(-1, 1, ROWS, dtype=DOUBLE)
+    probe = torch.linspace(-1, 1, ROWS, dtype=DOUBLE, device=device)
     param, rows, meta_loss = theta, state, 0.0
     for grad, loss in zip(grads, losses):
-        constants = prepare_step(meta.weights(), loss, DOUBLE)
+        constants = prepare_step(meta.weights(), loss, DOUBLE, device)
         if chain is None:
             param, rows = update_rows(constants, rows, grad, param, recompute=False)
         else:
@@ -61,6 +63,16 @@ def test_chunks_and_segments_give_the_same_gradients(monkeypatch):
     monkeypatch.setattr(rule_trajectory, "_MIN_CHUNK_ROWS", 40)  # 257 rows: 7 chunks
     _assert_same(_meta_gradients(True), reference)
     _assert_same(_meta_gradients(True, segment_steps=2), reference)  # anchors at 0, 2, 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_chain_replays_in_one_chunk_and_matches_the_cpu_tape():
+    rows = _chain_inputs()[1].shape[0]
+    assert rule_trajectory.replay_chunk_bytes(torch.device("cuda")) > 1000 * rows * 5
+    ours = [g.cpu() for g in _meta_gradients(True, device="cuda")]
+    for a, b in zip(ours, _meta_gradients(False)):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_losses_on_intermediate_steps_are_exact():

@@ -145,3 +145,20 @@ def test_classification_task_without_data_root_says_what_to_pass(tmp_path):
     config = MetaTrainConfig(task="omniglot", run_dir=str(tmp_path / "r"))
     with pytest.raises(ValueError, match="data_root.*images_background.zip"):
         MetaTrainer(config, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("first_order", [True, False])
+def test_cuda_meta_gradient_matches_the_cpu_one(tmp_path, first_order):
+    results = {}
+    for device in ("cpu", "cuda"):
+        config = MetaTrainConfig(meta_steps=1, first_order=first_order, device=device,
+                                 run_dir=str(tmp_path / device), **FAST)
+        trainer = MetaTrainer(config, progress=False)
+        log = trainer.meta_step()
+        grads = torch.cat([p.grad.cpu().reshape(-1) for p in trainer.meta_params])
+        results[device] = log["meta_loss"], grads
+    assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-4)
+    on_cuda, on_cpu = results["cuda"][1], results["cpu"][1]
+    assert on_cpu.norm() > 0
+    assert (on_cuda - on_cpu).norm() <= 1e-3 * on_cpu.norm()

@@ -44,7 +44,11 @@ _MIN_CHUNK_ROWS = 256
 
 
 def replay_chunk_bytes(device: torch.device) -> int:
-    """Memory one replay chunk may take on ``device`` (see the constants above)."""
+    """Memory one replay chunk may take on ``device`` (see the constants above).
+
+    >>> replay_chunk_bytes(torch.device("cpu")) // 2**20, replay_chunk_bytes(torch.device("cuda"))
+    (24, 1073741824)
+    """
     return REPLAY_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_REPLAY_CHUNK_BYTES
 
 

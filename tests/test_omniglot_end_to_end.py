@@ -36,4 +36,4 @@ def test_meta_training_beats_the_untrained_start_on_held_out_characters(trained)
     print(f"untrained {before}, meta-trained {after}")
     # Confidence intervals apart: not luck.
     assert after.mean - after.ci95 > before.mean + before.ci95
-    assert after.mean > before.mean + 0.1  # measured: 0.36 -> 0.55 after 60 meta-steps
+    assert after.mean > before.mean + 0.1  # measured: 0.36 -> 0.53 after 80 meta-steps

@@ -325,20 +325,21 @@ to cost less than its forward alone in place, (b') in the report); the memory an
 targets are met. At 20-way 5-shot (100 support images) all three are met.
 
 On the GPU all three are met at both episodes. Both modes are bound there by launching kernels,
-not by running them (the profiler finds the GPU busy for 9 ms of a first-order step), so what
-counts is how many operations each mode dispatches, and second order dispatches the double
-backward's besides. Two caveats, both in the reports. First, the memory target is judged on
-saved tensors, the tape that differs between the modes; the peak growth also counts the
+not by running them (the profiler finds the GPU busy for 8 ms of a first-order step), so what
+counts is how many operations each mode dispatches: second order dispatches the double
+backward's besides, and every chunked loop over coordinates launches its kernels once per
+chunk, which is why the package's loops take 262,144 rows at once on an accelerator and 8,192
+(cache-sized) on the CPU. Two caveats, both in the reports. First, the memory target is judged
+on saved tensors, the tape that differs between the modes; the peak growth also counts the
 transients that both modes share and the first-order replay's scratch (0.70 of second order's
 peak on the CPU at 5-way 1-shot, with 24 MB chunks), which on a GPU is one chunk of up to 1 GiB
-(all 28k coordinates
-at once, about 310 MB at T = 12, so 2.7x second order's peak at 5-way 1-shot; 0.38 at 20-way
-5-shot), because every chunk launches every step's kernels again. Smaller chunks trade speed
-for peak memory ([chunk sizes](results/replay_chunks_cuda.md): 48 MB gives 0.48 of second
-order's peak at 1.28x its speed, 192 MB 1.74 at 1.97x); no size meets both targets at once on
-this episode. Second, on a GPU the hand-written per-step backward that second order uses ((bs),
-150 ms) is slower than autograd's op-by-op tape ((b0), 42 ms, with 4.7x the saved memory):
-against a second order recorded op by op, first order would be about 1.6x faster, not 2.4x.
+(all 28k coordinates at once, about 310 MB at T = 12, so 2.2x second order's peak at 5-way
+1-shot; 0.38 at 20-way 5-shot). Smaller chunks trade speed for peak memory
+([chunk sizes](results/replay_chunks_cuda.md): 96 MB gives 0.75 of second order's peak at 1.46x
+its speed, 24 MB 0.27 at 0.72x); no size meets both targets at once on this episode. Second, the
+hand-written per-step backward that second order uses ((bs), 39 ms) is slower on a GPU than
+autograd's op-by-op tape ((b0), 30 ms, with 4.7x the saved memory): against a second order
+recorded op by op, first order would be about 1.8x faster rather than 1.9x.
 
 {cost_table()}
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from learned_optim.metalearner import (
     MetaLearnerLSTM,
+    chunk_rows,
     initial_state,
     prepare_step,
     row_scratch,
@@ -30,7 +31,8 @@ __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUN
 # Rows of the coordinate batch processed at once by the in-place optimizer: keeps the
 # temporaries (row_scratch, 182 floats a row at H = 20: about 6.0 MB in float32) bounded and
 # in the last-level cache. Measured on 2 cores at 1M parameters, 8192 was the fastest of
-# 2048 .. 65536 (smaller chunks pay per-call overhead, larger ones fall out of cache).
+# 2048 .. 65536 (smaller chunks pay per-call overhead, larger ones fall out of cache). Buckets
+# on an accelerator take metalearner.ACCELERATOR_CHUNK_ROWS unless chunk_size is given.
 DEFAULT_CHUNK_SIZE = 8192
 
 _LOSS_HELP = (
@@ -146,7 +148,10 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         For the ``higher`` twin: treat the learner's gradients and loss as constants (the
         paper's default). ``False`` gives full second-order meta-gradients.
     chunk_size:
-        Coordinates updated at once; bounds the scratch memory of :meth:`step`.
+        Coordinates updated at once; bounds the scratch memory of :meth:`step` (182 floats a
+        coordinate at H = 20). Default: :data:`DEFAULT_CHUNK_SIZE` (8192, cache-sized) for
+        parameters on the CPU, ``metalearner.ACCELERATOR_CHUNK_ROWS`` (262,144: fewer kernel
+        launches) on a GPU.
 
     Examples
     --------
@@ -165,19 +170,19 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         meta_learner: MetaLearnerLSTM | None = None,
         *,
         first_order: bool = True,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
     ) -> None:
         if meta_learner is not None and not isinstance(meta_learner, MetaLearnerLSTM):
             raise TypeError(
                 f"meta_learner must be a MetaLearnerLSTM, got {type(meta_learner).__name__}"
             )
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         # Set before Optimizer.__init__, which calls add_param_group.
         self._buffers: dict[tuple, Tensor] | None = None
         self.meta_learner = meta_learner if meta_learner is not None else MetaLearnerLSTM()
         self.first_order = bool(first_order)
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         super().__init__(params, defaults={})
 
     @classmethod
@@ -316,11 +321,12 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
         sizes = [p.numel() for p in params]
         active = [g is not None for g in grads]
+        chunk_size = self.chunk_size or chunk_rows(buffer.device, DEFAULT_CHUNK_SIZE)
         # Temporaries for one chunk, reused by every chunk of this step.
-        scratch = row_scratch(min(self.chunk_size, buffer.shape[0]),
+        scratch = row_scratch(min(chunk_size, buffer.shape[0]),
                               self.meta_learner.hidden_size, dtype=buffer.dtype,
                               device=buffer.device)
-        for first_row, segments in _plan_chunks(sizes, active, self.chunk_size):
+        for first_row, segments in _plan_chunks(sizes, active, chunk_size):
             if len(segments) == 1:
                 index, start, stop = segments[0]
                 param_rows = flat_params[index][start:stop]

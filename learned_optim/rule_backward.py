@@ -34,7 +34,8 @@ from learned_optim import metalearner
 __all__ = ["update_rows_recomputed", "BACKWARD_CHUNK_ROWS"]
 
 # Rows recomputed at once in the backward: bounds its temporaries (about 1.5 KB a row at
-# H = 20, so 12 MB) whatever the learner's size, and keeps them in cache on CPUs.
+# H = 20, so 12 MB) whatever the learner's size, and keeps them in cache on CPUs (accelerators
+# take metalearner.ACCELERATOR_CHUNK_ROWS).
 BACKWARD_CHUNK_ROWS = 8192
 
 
@@ -105,7 +106,7 @@ def _chunked_backward(constants, state, grad, param, d_param_out, d_state_out, n
     d_grad = torch.empty(rows, **options) if needs[1] else None
     d_param = torch.empty(rows, **options) if needs[2] else None
     constant_grads = ConstantGrads(constants)
-    chunk_rows = min(rows, BACKWARD_CHUNK_ROWS)
+    chunk_rows = min(rows, metalearner.chunk_rows(state.device, BACKWARD_CHUNK_ROWS))
     scratch = metalearner.row_scratch(chunk_rows, hidden, **options)
     next_state = torch.empty(chunk_rows, width, **options)
     for start in range(0, rows, chunk_rows):

@@ -59,7 +59,6 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
-from learned_optim.optimizer import DEFAULT_CHUNK_SIZE
 
 HIDDEN = 20
 P = 10.0
@@ -237,7 +236,7 @@ def measure_size(target: int, quick: bool, chunk_size: int | None, check: bool) 
     # ours
     model = clone_model(base)
     opt = LSTMMetaOptimizer(model.parameters(), meta, **kwargs)
-    result["chunk_size"] = opt.chunk_size or DEFAULT_CHUNK_SIZE  # the CPU's default
+    result["chunk_size"] = opt.chunk_size_for(torch.device("cpu"))
     opt.step(loss=loss)  # allocates the state
     result["state_floats"] = sum(s["lstm_state"].numel() for s in opt.state.values()) / n
     result["time"]["ours"] = median_seconds(lambda: opt.step(loss=loss), warmup, repeats, budget)

@@ -313,6 +313,16 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                                 buffer, prepare_step(weights, loss, buffer.dtype, buffer.device))
         return closure_loss
 
+    def chunk_size_for(self, device: torch.device) -> int:
+        """Coordinates that :meth:`step` updates at once on ``device``: ``chunk_size`` if it
+        was given, else the device's default.
+
+        >>> opt = LSTMMetaOptimizer(torch.nn.Linear(2, 1).parameters())
+        >>> opt.chunk_size_for(torch.device("cpu")), opt.chunk_size_for(torch.device("cuda"))
+        (8192, 262144)
+        """
+        return self.chunk_size or chunk_rows(device, DEFAULT_CHUNK_SIZE)
+
     def _update_bucket(
         self, params: list[Tensor], grads: list[Tensor | None], buffer: Tensor, constants
     ) -> None:
@@ -321,7 +331,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
         sizes = [p.numel() for p in params]
         active = [g is not None for g in grads]
-        chunk_size = self.chunk_size or chunk_rows(buffer.device, DEFAULT_CHUNK_SIZE)
+        chunk_size = self.chunk_size_for(buffer.device)
         # Temporaries for one chunk, reused by every chunk of this step.
         scratch = row_scratch(min(chunk_size, buffer.shape[0]),
                               self.meta_learner.hidden_size, dtype=buffer.dtype,

@@ -260,7 +260,8 @@ def _build_meta_learner(path: Path, record: dict, tensors: dict[str, Tensor]) ->
     if spec.get("class") != "MetaLearnerLSTM":
         raise CheckpointError(f"{path}: unknown meta-learner class {spec.get('class')!r}")
     try:
-        meta_learner = MetaLearnerLSTM(hidden_size=int(spec["hidden_size"]), p=float(spec["p"]))
+        meta_learner = MetaLearnerLSTM(hidden_size=int(spec["hidden_size"]), p=float(spec["p"]),
+                                       optional_loss=bool(spec.get("optional_loss", False)))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid meta-learner hyper-parameters: {error}") from None
     for name, expected in meta_learner.named_parameters():

@@ -36,6 +36,7 @@ __all__ = [
     "preprocess",
     "update_rows",
     "update_rows_chunked",
+    "apply_group_options",
     "initial_state",
     "row_scratch",
     "state_width",
@@ -108,13 +109,18 @@ def preprocess(x: Tensor, p: float) -> Tensor:
 
 
 def prepare_step(
-    weights: MetaWeights, loss: Tensor, dtype: torch.dtype, device: torch.device | None = None
+    weights: MetaWeights, loss: Tensor | None, dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> StepConstants:
     """Fold everything that does not depend on the coordinate into per-step constants.
 
     The loss is the same for every coordinate, so its two input features enter layer 1 as a
     bias; the gradient features and h1 share one fused matrix product. The gate columns of
     that product are reordered to (i, f, o, g), so the three sigmoid gates are adjacent.
+
+    ``loss=None`` means "no loss input": both loss features are zero, a pair that no real loss
+    produces (``log|L| / p = 0`` needs ``|L| = 1``, whose sign feature is 1). Rules meta-trained
+    with the loss sometimes withheld (``MetaLearnerLSTM(optional_loss=True)``) read it as such.
     """
     hidden = weights.weight_hh.shape[1]
 
@@ -125,8 +131,11 @@ def prepare_step(
         return torch.cat((rows[: 2 * hidden], rows[3 * hidden :], rows[2 * hidden : 3 * hidden]))
 
     weight_ih = cast(weights.weight_ih)
-    loss_features = preprocess(cast(loss.reshape(())), weights.p)
-    gate_bias = cast(weights.bias) + weight_ih[:, 2:] @ loss_features
+    if loss is None:
+        gate_bias = cast(weights.bias)
+    else:
+        loss_features = preprocess(cast(loss.reshape(())), weights.p)
+        gate_bias = cast(weights.bias) + weight_ih[:, 2:] @ loss_features
     input_weight = torch.cat((weight_ih[:, :2], cast(weights.weight_hh)), dim=1)
     meta_weight = cast(weights.meta_weight)
     return StepConstants(
@@ -295,8 +304,32 @@ def _on_tape(constants: StepConstants, *tensors: Tensor) -> bool:
         t.requires_grad for t in (*tensors, *constants[:-1]))
 
 
+def apply_group_options(
+    param: Tensor, rule_param: Tensor, lr: float = 1.0, weight_decay: float = 0.0
+) -> Tensor:
+    """Scale the rule's update by ``lr`` and add decoupled weight decay (per param group).
+
+    ``theta_t = theta_{t-1} + lr * (rule(theta_{t-1}) - theta_{t-1}) - lr * weight_decay *
+    theta_{t-1}``: ``lr`` multiplies the learned update (as a scheduler expects) and the decay
+    is decoupled from it, as in AdamW. ``lr = 1, weight_decay = 0`` returns ``rule_param``
+    itself, so the paper's rule stays bit-exact. Out of place (differentiable).
+
+    >>> theta, proposed = torch.tensor([1.0, -2.0]), torch.tensor([0.5, -1.0])
+    >>> apply_group_options(theta, proposed, lr=0.5)
+    tensor([ 0.7500, -1.5000])
+    >>> apply_group_options(theta, proposed, lr=1.0, weight_decay=0.1)
+    tensor([ 0.4000, -0.8000])
+    """
+    if lr == 1.0 and weight_decay == 0.0:
+        return rule_param
+    new_param = torch.lerp(param, rule_param, lr) if lr != 1.0 else rule_param
+    if weight_decay != 0.0:
+        new_param = new_param - (lr * weight_decay) * param
+    return new_param
+
+
 def meta_update(
-    weights: MetaWeights, state: Tensor, grad: Tensor, loss: Tensor, param: Tensor
+    weights: MetaWeights, state: Tensor, grad: Tensor, loss: Tensor | None, param: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The update rule as one pure function of (weights, state, grad, loss, param).
 
@@ -327,6 +360,10 @@ class MetaLearnerLSTM(nn.Module):
         Units of layer 1 (paper: 20).
     p:
         Preprocessing constant (paper: 10).
+    optional_loss:
+        Whether the rule may be stepped without the loss (``prepare_step(loss=None)``): true
+        for rules meta-trained with the loss input sometimes withheld, such as the shipped
+        ``general`` rule. The paper's rule reads the loss at every step (False).
 
     Examples
     --------
@@ -338,7 +375,8 @@ class MetaLearnerLSTM(nn.Module):
     (True, True)
     """
 
-    def __init__(self, hidden_size: int = 20, p: float = 10.0) -> None:
+    def __init__(self, hidden_size: int = 20, p: float = 10.0, optional_loss: bool = False
+                 ) -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
@@ -346,6 +384,7 @@ class MetaLearnerLSTM(nn.Module):
             raise ValueError(f"p must be positive, got {p!r}")
         self.hidden_size = int(hidden_size)
         self.p = float(p)
+        self.optional_loss = bool(optional_loss)
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, 4))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(4 * hidden_size))
@@ -374,13 +413,15 @@ class MetaLearnerLSTM(nn.Module):
 
     def hyperparameters(self) -> dict:
         """What is needed to rebuild this module (stored in checkpoints)."""
-        return {"hidden_size": self.hidden_size, "p": self.p}
+        return {"hidden_size": self.hidden_size, "p": self.p,
+                "optional_loss": self.optional_loss}
 
     def forward(
-        self, state: Tensor, grad: Tensor, loss: Tensor, param: Tensor
+        self, state: Tensor, grad: Tensor, loss: Tensor | None, param: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Apply :func:`meta_update` with this module's weights."""
         return meta_update(self.weights(), state, grad, loss, param)
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, p={self.p}"
+        return (f"hidden_size={self.hidden_size}, p={self.p}, "
+                f"optional_loss={self.optional_loss}")

@@ -415,6 +415,10 @@ def meta_train(config: MetaTrainConfig, *, resume: bool = False, progress: bool 
     Under ``torchrun`` (``torchrun --nproc-per-node 2 my_script.py``) the same call trains
     with every process: see :mod:`learned_optim.distributed` and docs/howto-distributed.md.
     """
+    if config.task == "general":  # a task distribution, unrolled in truncations
+        from learned_optim.truncated import TruncatedTrainer
+
+        return TruncatedTrainer(config, resume=resume, progress=progress).run()
     owned = distributed.init_from_env(config.resolved().device)
     best = MetaTrainer(config, resume=resume, progress=progress).run()
     if owned:  # left in place on errors: the process is about to stop anyway

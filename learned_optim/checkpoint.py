@@ -261,7 +261,9 @@ def _build_meta_learner(path: Path, record: dict, tensors: dict[str, Tensor]) ->
         raise CheckpointError(f"{path}: unknown meta-learner class {spec.get('class')!r}")
     try:
         meta_learner = MetaLearnerLSTM(hidden_size=int(spec["hidden_size"]), p=float(spec["p"]),
-                                       optional_loss=bool(spec.get("optional_loss", False)))
+                                       optional_loss=bool(spec.get("optional_loss", False)),
+                                       gradient_scale=spec.get("gradient_scale"),
+                                       rms_decay=float(spec.get("rms_decay", 0.99)))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid meta-learner hyper-parameters: {error}") from None
     for name, expected in meta_learner.named_parameters():

@@ -37,6 +37,8 @@ _CONFIG_OPTIONS = {
     "meta_lr": (float, "Adam learning rate (default 1e-3)", None),
     "grad_clip": (float, "global meta-gradient norm clip (default 0.25)", None),
     "hidden_size": (int, "meta-learner LSTM hidden size (default 20)", None),
+    "gradient_scale": (float, "the rule reads RMS-scaled gradients, a step at most this "
+                              "(general: 0.1; default: raw gradients, as in the paper)", None),
     "filters": (int, "conv learner filters", None),
     "image_size": (int, "input side in pixels", None),
     "bn_momentum": (float, "BatchNorm momentum of the learner", None),

@@ -46,6 +46,9 @@ class MetaTrainConfig:
     first_order: bool = True
     learned_init: bool = True  # meta-learn the learner's initial weights c_0
     hidden_size: int = 20
+    # None: the paper's rule (raw gradients); a number: the rule reads RMS-scaled gradients
+    # and a step is at most this (MetaLearnerLSTM(gradient_scale=...)); "general" uses 0.1.
+    gradient_scale: float | None = None
     filters: int | None = None
     image_size: int | None = None
     bn_momentum: float | None = None
@@ -83,6 +86,8 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_time_s is not None and not self.max_time_s > 0:
             raise ValueError(f"max_time_s must be positive, got {self.max_time_s!r}")
+        if self.gradient_scale is not None and not self.gradient_scale > 0:
+            raise ValueError(f"gradient_scale must be positive, got {self.gradient_scale!r}")
         if self.loss_dropout is not None and not 0 <= self.loss_dropout <= 1:
             raise ValueError(f"loss_dropout must lie in [0, 1], got {self.loss_dropout!r}")
         if (self.horizon_min is not None and self.horizon_max is not None
@@ -127,6 +132,7 @@ class MetaTrainConfig:
         """Defaults of the task distribution: fresh learners (no learned init), horizons of
         5-300 steps in truncations of 20, the loss withheld from half of the problems."""
         c.learned_init = False
+        c.gradient_scale = 0.1 if c.gradient_scale is None else c.gradient_scale
         c.truncation = c.truncation or 20
         c.horizon_min = c.horizon_min or 5
         c.horizon_max = c.horizon_max or max(300, c.horizon_min)

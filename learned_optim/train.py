@@ -47,7 +47,8 @@ def _detach_all(grads):
 def build_rule(config: MetaTrainConfig, learner: nn.Module) -> nn.Module | None:
     """What is meta-learned besides the init: the LSTM, Meta-SGD's step sizes, or nothing."""
     if config.method == "lstm":
-        return MetaLearnerLSTM(hidden_size=config.hidden_size)
+        return MetaLearnerLSTM(hidden_size=config.hidden_size,
+                               gradient_scale=config.gradient_scale)
     if config.method == "metasgd":
         return MetaSGDRates(learner, initial=config.inner_lr)
     return None  # maml: a fixed step size

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from learned_optim.checkpoint import CheckpointError, read_header_record, write_atomic
 
-__all__ = ["RunFolder", "save_training_state", "load_training_state"]
+__all__ = ["RunFolder", "save_training_state", "load_training_state", "read_log"]
 
 STATE_FORMAT = "learned_optim.training_state"
 STATE_VERSION = 1
@@ -114,3 +114,9 @@ def load_training_state(path, *, modules: dict[str, nn.Module], optimizer) -> di
     optimizer.load_state_dict({"state": state, "param_groups": optimizer_record["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
     return record
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The entries of a run's metrics log (``metrics.jsonl``), in order."""
+    path = RunFolder(run_dir).log_path
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -13,7 +13,6 @@ alone writes the run folder (:mod:`learned_optim.distributed`).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import platform
 import time
@@ -32,11 +31,12 @@ from learned_optim.finetune import finetune
 from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
-from learned_optim.runstate import RunFolder, load_training_state, save_training_state
+from learned_optim.runstate import RunFolder, load_training_state, read_log, save_training_state
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 
-__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores"]
+__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores",
+           "read_log"]
 
 
 def _detach_all(grads):
@@ -425,9 +425,3 @@ def meta_train(config: MetaTrainConfig, *, resume: bool = False, progress: bool 
     if owned:  # left in place on errors: the process is about to stop anyway
         distributed.shutdown()
     return best
-
-
-def read_log(run_dir: str | Path) -> list[dict]:
-    """The entries of a run's ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -55,6 +55,7 @@ BATCH = 64
 CURVE = (0, 50, 100, 200, 500, 1000, 1500, 2000)
 REPORTED = (100, 500, 2000)
 SEEDS = (1, 2, 3)
+RULE_METHODS = ("learned rule", "learned rule, no loss")
 METHOD_NAMES = ("learned rule", "learned rule, no loss", "SGD tuned", "Adam tuned", "Adam 1e-3")
 TUNE_SEED = 0
 
@@ -159,22 +160,31 @@ def summarise_runs(runs: list[list[dict]], steps: int) -> dict:
     return out
 
 
-def run_problem(args, rule, name) -> dict:
+def run_problem(args, rule, name, stored: dict | None) -> dict:
+    """Tune the baselines and run every method on one problem; a ``stored`` result of the
+    same setting keeps its tuning and the methods that do not depend on the rule."""
     relative, loader, make_model, _ = PROBLEMS[name]
     data = splits(loader(Path(args.data_root) / relative))
     started = time.perf_counter()
-    tuned, grids = {}, {}
-    for opt_name in ("sgd", "adam"):
-        tuned[opt_name], grids[opt_name] = tune(opt_name, make_model, data, args.steps)
-        print(f"  {name}: {opt_name} tuned lr {tuned[opt_name]:g} "
-              f"(val accuracy {grids[opt_name][tuned[opt_name]]:.3f})", flush=True)
-    result = {"lr": tuned, "lr_grid": {k: {str(lr): v for lr, v in g.items()}
-                                       for k, g in grids.items()},
-              "methods": {}}
+    if stored is not None:
+        result = {"lr": stored["lr"], "lr_grid": stored["lr_grid"],
+                  "methods": {m: e for m, e in stored["methods"].items()
+                              if m not in RULE_METHODS}}
+        tuned = result["lr"]
+        print(f"  {name}: tuning and baselines reused ({sorted(result['methods'])})")
+    else:
+        tuned, grids = {}, {}
+        for opt_name in ("sgd", "adam"):
+            tuned[opt_name], grids[opt_name] = tune(opt_name, make_model, data, args.steps)
+            print(f"  {name}: {opt_name} tuned lr {tuned[opt_name]:g} "
+                  f"(val accuracy {grids[opt_name][tuned[opt_name]]:.3f})", flush=True)
+        result = {"lr": tuned, "lr_grid": {k: {str(lr): v for lr, v in g.items()}
+                                           for k, g in grids.items()},
+                  "methods": {}}
     curve = tuple(s for s in CURVE if s <= args.steps) + ((args.steps,) if args.steps not in
                                                           CURVE else ())
     for method, (factory, reads_loss) in methods(rule, tuned).items():
-        if method not in args.methods:
+        if method not in args.methods or method in result["methods"]:
             continue
         t0 = time.perf_counter()
         runs = [train(make_model, factory, data, args.steps, seed, eval_split="test",
@@ -277,6 +287,25 @@ def plot(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def plot_long_run(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for method, run in doc["runs"].items():
+        steps = [p["step"] for p in run]
+        for axis, key in zip(axes, ("test_accuracy", "train_loss", "weight_norm")):
+            axis.plot(steps, [p[key] for p in run], label=method, marker=".")
+            axis.set_title(key.replace("_", " "), fontsize=9)
+            axis.set_xlabel("step")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def long_run(args, rule) -> int:
     """``--long N``: the MNIST-5k MLP for N steps with the rule (and Adam at 1e-3)."""
     relative, loader, make_model, label = PROBLEMS["mnist5k-mlp"]
@@ -312,8 +341,9 @@ def long_run(args, rule) -> int:
             cells += ([f"{100 * run[i]['test_accuracy']:.1f}", f"{run[i]['weight_norm']:.2f}"]
                       if i < len(run) else ["-", "-"])
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    lines += ["", f"Verdict: {doc['verdict']}.", ""]
+    lines += ["", f"Verdict: {doc['verdict']}.", "", "![long run](long_run.png)", ""]
     (out / "long_run.md").write_text("\n".join(lines))
+    plot_long_run(doc, out / "long_run.png")
     print(doc["verdict"])
     return 0
 
@@ -329,6 +359,9 @@ def main(argv=None) -> int:
                         help="';'-separated subset of: " + "; ".join(METHOD_NAMES))
     parser.add_argument("--long", type=int, help="instead: one run of this many steps")
     parser.add_argument("--out-dir", default="docs/results")
+    parser.add_argument("--reuse-baselines", action="store_true",
+                        help="keep the tuning and the SGD/Adam runs of a stored scratch.json "
+                             "of the same setting (rerun only the rule)")
     args = parser.parse_args(argv)
     args.methods = {name.strip() for name in args.methods.split(";")}
     unknown = sorted(args.methods - set(METHOD_NAMES))
@@ -339,13 +372,19 @@ def main(argv=None) -> int:
     rule = load_update_rule(args.rule)
     if args.long:
         return long_run(args, rule)
-    doc = {"setting": {"rule": args.rule, "steps": args.steps, "batch": BATCH,
-                       "seeds": list(SEEDS)}, "problems": {}}
-    for name in args.problems.split(","):
-        doc["problems"][name] = run_problem(args, rule, name)
-    doc["verdicts"] = verdicts(doc)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stored = json.loads((out / "scratch.json").read_text()) if (
+        args.reuse_baselines and (out / "scratch.json").is_file()) else {}
+    doc = {"setting": {"rule": args.rule, "steps": args.steps, "batch": BATCH,
+                       "seeds": list(SEEDS)}, "problems": {}}
+    same = {k: v for k, v in stored.get("setting", {}).items() if k != "rule"} == {
+        k: v for k, v in doc["setting"].items() if k != "rule"}
+    for name in args.problems.split(","):
+        previous = stored["problems"].get(name) if same else None
+        doc["problems"][name] = run_problem(args, rule, name, previous)
+        (out / "scratch.json").write_text(json.dumps(doc, indent=2))  # progress so far
+    doc["verdicts"] = verdicts(doc)
     (out / "scratch.json").write_text(json.dumps(doc, indent=2))
     (out / "scratch.md").write_text(markdown(doc))
     plot(doc, out / "scratch.png")

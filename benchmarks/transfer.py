@@ -96,7 +96,9 @@ def tune(name, sampler, indices, kind, ways, filters, shots, steps):
     return best, grid
 
 
-def run_cell(args, rule, fresh, dataset, kind, shots) -> dict:
+def run_cell(args, rule, fresh, dataset, kind, shots, baselines: dict | None = None) -> dict:
+    """All methods on one cell; ``baselines`` (a stored cell of the same setting and another
+    rule) keeps its tuning and the rows that do not depend on the rule."""
     ways, steps = args.ways, args.steps
     test = EpisodeSampler(dataset, ways, shots, args.queries, seed=TEST_SEED)
     tune_sampler = EpisodeSampler(dataset, ways, shots, args.queries, seed=TUNE_SEED)
@@ -105,7 +107,11 @@ def run_cell(args, rule, fresh, dataset, kind, shots) -> dict:
     common = (kind, ways, args.filters, shots, steps)
     started = time.perf_counter()
     cell = {"lr": {}, "lr_grid": {}, "results": {}}
-    for name in ("sgd", "adam"):
+    if baselines is not None:
+        cell = {"lr": baselines["lr"], "lr_grid": baselines["lr_grid"],
+                "results": {n: r for n, r in baselines["results"].items()
+                            if n != "learned rule"}}
+    for name in () if baselines is not None else ("sgd", "adam"):
         lr, grid = tune(name, tune_sampler, tune_idx, *common)
         cell["lr"][name], cell["lr_grid"][name] = lr, {str(k): v for k, v in grid.items()}
     factories = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -116,6 +122,8 @@ def run_cell(args, rule, fresh, dataset, kind, shots) -> dict:
         "Adam": functools.partial(factories["adam"], lr=cell["lr"]["adam"]),
     }
     for name, spec in methods.items():
+        if name in cell["results"]:
+            continue
         t0 = time.perf_counter()
         scores = episode_scores(spec, test, test_idx, *common, INIT_SEED_TEST)
         cell["results"][name] = {**summarize(scores).as_dict(),
@@ -123,6 +131,11 @@ def run_cell(args, rule, fresh, dataset, kind, shots) -> dict:
     cell["seconds"] = round(time.perf_counter() - started, 1)
     cell["load_average_end"] = list(os.getloadavg())
     return cell
+
+
+def _without_rule(setting: dict) -> dict:
+    """A setting less what describes the rule (what the baselines do not depend on)."""
+    return {k: v for k, v in setting.items() if not k.startswith("rule") and k != "checkpoint"}
 
 
 def cell_key(dataset: str, kind: str, shots: int) -> str:
@@ -199,6 +212,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="docs/results/transfer.json")
     parser.add_argument("--markdown", default="docs/results/transfer.md")
     parser.add_argument("--force", action="store_true", help="recompute cells already stored")
+    parser.add_argument("--reuse-baselines", action="store_true",
+                        help="for another rule in the same setting: keep the stored cells' "
+                             "tuning and SGD/Adam/untrained rows, rerun the rule only")
     parser.add_argument("--notes", help="a text file of conclusions to put in the Markdown")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -225,6 +241,11 @@ def main(argv=None) -> int:
     }
     path = Path(args.json)
     doc = json.loads(path.read_text()) if path.is_file() else {}
+    reusable = {}
+    if args.reuse_baselines and doc.get("cells") and _without_rule(doc["setting"]) == \
+            _without_rule(setting):
+        reusable, doc = doc["cells"], {"setting": setting, "cells": {}}
+        print(f"(reusing the tuning and baselines of {len(reusable)} stored cells)")
     if doc.get("setting") != setting:
         if doc.get("cells"):
             print("(stored cells had another setting: starting afresh)")
@@ -244,7 +265,7 @@ def main(argv=None) -> int:
                         args.episodes:
                     print(f"{key}: stored, skipped")
                     continue
-                cell = run_cell(args, rule, fresh, dataset, kind, shots)
+                cell = run_cell(args, rule, fresh, dataset, kind, shots, reusable.get(key))
                 doc["cells"][key] = cell
                 r = cell["results"]
                 print(f"{key}: " + "; ".join(

@@ -12,6 +12,7 @@ from torch import nn
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.checkpoint import load_checkpoint
 from learned_optim.config import MetaTrainConfig
+from learned_optim.evaluate import evaluate
 from learned_optim.general import KINDS, ProblemDistribution
 from learned_optim.metalearner import scale_gradient
 from learned_optim.train import read_log
@@ -89,6 +90,10 @@ def test_smoke_meta_training_improves_and_resumes_bit_identically(tmp_path):
     for p, q in zip(straight.rule.parameters(), resumed.rule.parameters()):
         assert torch.equal(p, q)
     assert straight.updates == resumed.updates
+    with pytest.raises(ValueError, match="task distribution"):
+        evaluate(best, episodes=2)
+    report = evaluate(best, task="sinusoid", episodes=3)  # its rule on another task's episodes
+    assert report.results["meta-learner LSTM"].n == 3
 
 
 def test_general_task_refuses_what_it_cannot_train(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import higher
 import pytest
@@ -15,7 +16,8 @@ from learned_optim.config import MetaTrainConfig
 from learned_optim.evaluate import evaluate
 from learned_optim.general import KINDS, ProblemDistribution
 from learned_optim.metalearner import scale_gradient
-from learned_optim.train import read_log
+from learned_optim.packaging import package_general
+from learned_optim.train import meta_train, read_log
 from learned_optim.truncated import ProblemRun, TruncatedTrainer, general_rule
 
 
@@ -173,3 +175,49 @@ def test_default_optimizer_trains_an_mlp_from_scratch_through_plain_steps(shared
     # Measured: see docs/results/scratch.md (chance is 10%; the paper's init collapses to 0).
     assert accuracy > 0.8
     assert norm > 0.5 * start_norm
+
+
+def _tiny_run(run_dir):
+    config = MetaTrainConfig(task="general", meta_steps=2, meta_batch=2, val_episodes=3,
+                             horizon_max=12, truncation=6, seed=2, run_dir=str(run_dir))
+    TruncatedTrainer(config, progress=False).run()
+    return run_dir
+
+
+def _benchmark_jsons(folder):
+    """The shapes benchmarks/scratch.py and transfer.py write, with made-up numbers."""
+    row = {"mean": 0.9, "ci95": 0.01, "n": 3}
+    methods = {m: {"summary": {"2000": {"test_accuracy": dict(row, mean=0.9 - i / 100),
+                                        "train_loss": row}}}
+               for i, m in enumerate(("learned rule", "SGD tuned", "Adam tuned", "Adam 1e-3"))}
+    scratch = {"setting": {"steps": 2000}, "verdicts": ["mnist5k-mlp: met"],
+               "problems": {"mnist5k-mlp": {"lr": {"sgd": 0.3, "adam": 0.003},
+                                            "methods": methods}}}
+    cells = {"digits/mlp/1-shot": {"results": {"learned rule": {"mean": 0.7},
+                                               "SGD": {"mean": 0.6}, "Adam": {"mean": 0.8}}}}
+    (folder / "scratch.json").write_text(json.dumps(scratch))
+    (folder / "transfer.json").write_text(json.dumps({"setting": {"steps": 5}, "cells": cells}))
+    return folder / "scratch.json", folder / "transfer.json"
+
+
+def test_packaging_ships_the_rule_with_a_card_from_the_measurements(tmp_path):
+    run = _tiny_run(tmp_path / "run")
+    scratch, transfer = _benchmark_jsons(tmp_path)
+    out = tmp_path / "shipped"
+    out.mkdir()
+    path = package_general("general", [run], scratch=scratch, transfer=[transfer],
+                           hardware="test CPU", out_dir=out)
+    shipped = load_checkpoint(path)
+    assert shipped.meta_learner.gradient_scale == pytest.approx(0.1)
+    assert "run_dir" not in shipped.record["config"]  # no machine paths shipped
+    card = shipped.record["card"]
+    assert card["meta_steps"] == 2 and card["episodes_trained"] == 4
+    assert card["test"]["results"]["meta-learner LSTM"]["mean"] == pytest.approx(0.9)
+    assert card["few_shot"] == [{"steps": 5, "cells": 1, "beats_sgd": 1, "beats_adam": 0}]
+    text = (out / "general.md").read_text()
+    assert "90.0 +- 1.0%" in text and "beats tuned SGD in 1 of 1 cells" in text
+    with pytest.raises(ValueError, match="not a 'general' one"):
+        other = tmp_path / "episodic"
+        meta_train(MetaTrainConfig(meta_steps=1, meta_batch=1, val_episodes=1,
+                                   run_dir=str(other)), progress=False)
+        package_general("x", [other], scratch=scratch, transfer=[], hardware="", out_dir=out)

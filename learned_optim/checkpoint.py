@@ -263,6 +263,7 @@ def _build_meta_learner(path: Path, record: dict, tensors: dict[str, Tensor]) ->
         meta_learner = MetaLearnerLSTM(hidden_size=int(spec["hidden_size"]), p=float(spec["p"]),
                                        optional_loss=bool(spec.get("optional_loss", False)),
                                        gradient_scale=spec.get("gradient_scale"),
+                                       momentum=float(spec.get("momentum", 0.9)),
                                        rms_decay=float(spec.get("rms_decay", 0.99)))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid meta-learner hyper-parameters: {error}") from None

@@ -330,23 +330,33 @@ def apply_group_options(
 
 
 def scale_gradient(
-    grad: Tensor, moment: Tensor, step: int, decay: float, scale: float
+    grad: Tensor, moments: Tensor | None, step: int, momentum: float, rms_decay: float,
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """The RMS-scaled gradient a rule with ``gradient_scale`` reads and applies instead of ``g``.
+    """The normalised gradient a rule with ``gradient_scale`` reads and applies instead of ``g``.
 
-    ``m_t = decay * m_{t-1} + (1 - decay) * g_t^2`` and ``g~_t = scale * g_t / (sqrt(m_t /
-    (1 - decay^t)) + 1e-12)``: every coordinate's gradient in units of its own recent size, so
-    the input gate (at most 1) bounds a step at ``scale`` instead of at one raw gradient, which
-    for small gradients is far below what a fresh model needs. ``step`` is ``t`` (from 1).
-    Returns ``(g~_t, m_t)``; out of place.
+    Adam's direction, in units of each coordinate's own recent gradient size::
 
-    >>> scaled, moment = scale_gradient(torch.tensor([4.0, -0.001]), torch.zeros(2), 1, 0.99, 0.1)
-    >>> scaled
-    tensor([ 0.1000, -0.1000])
+        m_t = momentum m_{t-1} + (1 - momentum) g_t
+        v_t = rms_decay v_{t-1} + (1 - rms_decay) g_t^2
+        g~_t = scale * (m_t / (1 - momentum^t)) / (sqrt(v_t / (1 - rms_decay^t)) + 1e-12)
+
+    The input gate (at most 1) then bounds a step at ``scale`` instead of at one raw gradient,
+    which for small gradients is far below what a fresh model needs. ``moments`` stacks
+    ``(m, v)`` as ``[2, *grad.shape]`` (``None``: zeros); ``step`` is ``t`` (from 1).
+    Returns ``(g~_t, moments_t)``; out of place.
+
+    >>> scaled, moments = scale_gradient(torch.tensor([4.0, -0.001]), None, 1, 0.9, 0.99, 0.1)
+    >>> scaled, moments.shape
+    (tensor([ 0.1000, -0.1000]), torch.Size([2, 2]))
     """
-    moment = torch.lerp(moment, grad * grad, 1.0 - decay)
-    rms = (moment / (1.0 - decay**step)).sqrt()
-    return grad * scale / (rms + 1e-12), moment
+    if moments is None:
+        moments = torch.zeros((2, *grad.shape), dtype=grad.dtype, device=grad.device)
+    mean = torch.lerp(moments[0], grad, 1.0 - momentum)
+    square = torch.lerp(moments[1], grad * grad, 1.0 - rms_decay)
+    rms = (square / (1.0 - rms_decay**step)).sqrt()
+    scaled = mean * (scale / (1.0 - momentum**step)) / (rms + 1e-12)
+    return scaled, torch.stack((mean, square))
 
 
 def meta_update(
@@ -388,10 +398,11 @@ class MetaLearnerLSTM(nn.Module):
     gradient_scale:
         ``None`` (the paper): the rule reads and applies the raw gradient, so a step is at
         most one raw gradient. A number: it reads and applies the RMS-scaled gradient of
-        :func:`scale_gradient` instead, a step being at most ``gradient_scale`` (an extension
-        for rules that train fresh models of any scale; the optimizer shells keep the moments).
-    rms_decay:
-        Decay of the squared-gradient average of :func:`scale_gradient`.
+        :func:`scale_gradient` (Adam's normalised direction) instead, a step being at most
+        ``gradient_scale`` (an extension for rules that train fresh models of any scale; the
+        optimizer shells keep the moments).
+    momentum, rms_decay:
+        Decays of the gradient's and the squared gradient's averages of :func:`scale_gradient`.
 
     Examples
     --------
@@ -404,7 +415,8 @@ class MetaLearnerLSTM(nn.Module):
     """
 
     def __init__(self, hidden_size: int = 20, p: float = 10.0, optional_loss: bool = False,
-                 gradient_scale: float | None = None, rms_decay: float = 0.99) -> None:
+                 gradient_scale: float | None = None, momentum: float = 0.9,
+                 rms_decay: float = 0.99) -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
@@ -417,6 +429,9 @@ class MetaLearnerLSTM(nn.Module):
             raise ValueError(f"gradient_scale must be None or positive, got {gradient_scale!r}")
         if not 0 < rms_decay < 1:
             raise ValueError(f"rms_decay must lie in (0, 1), got {rms_decay!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
         self.gradient_scale = None if gradient_scale is None else float(gradient_scale)
         self.rms_decay = float(rms_decay)
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, 4))
@@ -449,22 +464,21 @@ class MetaLearnerLSTM(nn.Module):
         """What is needed to rebuild this module (stored in checkpoints)."""
         return {"hidden_size": self.hidden_size, "p": self.p,
                 "optional_loss": self.optional_loss, "gradient_scale": self.gradient_scale,
-                "rms_decay": self.rms_decay}
+                "momentum": self.momentum, "rms_decay": self.rms_decay}
 
-    def rule_gradient(self, grad: Tensor, moment: Tensor | None, step: int
+    def rule_gradient(self, grad: Tensor, moments: Tensor | None, step: int
                       ) -> tuple[Tensor, Tensor | None]:
-        """The gradient this rule reads and applies at ``step`` (from 1), and the new moment:
+        """The gradient this rule reads and applies at ``step`` (from 1), and the new moments:
         the raw gradient for the paper's rule, :func:`scale_gradient`'s with
-        ``gradient_scale``. ``moment`` None starts from zeros.
+        ``gradient_scale``. ``moments`` None starts from zeros.
 
         >>> MetaLearnerLSTM().rule_gradient(torch.ones(2), None, 1)
         (tensor([1., 1.]), None)
         """
         if self.gradient_scale is None:
             return grad, None
-        if moment is None:
-            moment = torch.zeros_like(grad)
-        return scale_gradient(grad, moment, step, self.rms_decay, self.gradient_scale)
+        return scale_gradient(grad, moments, step, self.momentum, self.rms_decay,
+                              self.gradient_scale)
 
     def forward(
         self, state: Tensor, grad: Tensor, loss: Tensor | None, param: Tensor

@@ -316,16 +316,16 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
 
     def _rule_gradients(self, params: list[Tensor], grads: dict[int, Tensor]
                         ) -> dict[int, Tensor]:
-        """The gradients the rule reads and applies: raw for the paper's rule, RMS-scaled
-        (moments kept in ``state[p]["grad_moment"]``) for a rule with ``gradient_scale``."""
+        """The gradients the rule reads and applies: raw for the paper's rule, normalised
+        (moments kept in ``state[p]["grad_moments"]``) for a rule with ``gradient_scale``."""
         if self.meta_learner.gradient_scale is None:
             return grads
         scaled = {}
         for i, grad in grads.items():
             state = self.state[params[i]]
             state["rule_step"] = state.get("rule_step", 0) + 1
-            scaled[i], state["grad_moment"] = self.meta_learner.rule_gradient(
-                grad, state.get("grad_moment"), state["rule_step"])
+            scaled[i], state["grad_moments"] = self.meta_learner.rule_gradient(
+                grad, state.get("grad_moments"), state["rule_step"])
         return scaled
 
     def chunk_size_for(self, device: torch.device) -> int:
@@ -393,7 +393,7 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         self._loss: Tensor | None = None
         # RMS-scaled rules (gradient_scale): per-parameter moments and step counts, starting
         # from the drop-in optimizer's (copied by higher).
-        self._moments = [{i: (self.state[g][i].get("grad_moment"),
+        self._moments = [{i: (self.state[g][i].get("grad_moments"),
                               self.state[g][i].get("rule_step", 0))
                           for i in range(len(group["params"]))}
                          for g, group in enumerate(self.param_groups)]

@@ -50,8 +50,8 @@ def general_rule(hidden_size: int = 20, gradient_scale: float | None = 0.1) -> M
     The paper's forget bias (sigmoid ~ 0.995) shrinks every weight by 0.5% a step, harmless
     over 12 steps and fatal over thousands; here it starts at ~0.9999, and the input gate at
     ~0.02-0.05, which meta-training then adapts per coordinate. With ``gradient_scale`` the rule
-    reads RMS-scaled gradients (:func:`learned_optim.metalearner.scale_gradient`): the start is
-    then close to RMSprop with a step of 0.002-0.005, instead of SGD with that step.
+    reads Adam's normalised direction (:func:`learned_optim.metalearner.scale_gradient`): the
+    start is then close to Adam with a step of 0.002-0.005, instead of SGD with that step.
 
     >>> f, i = torch.sigmoid(general_rule().meta_bias.detach())
     >>> bool(f > 0.9998), bool(0.015 < i < 0.05)
@@ -76,7 +76,7 @@ class ProblemRun:
     buffers: dict[str, Tensor]
     state: Tensor  # [n, 2H + 2]
     step: int = 0
-    moment: Tensor | None = None  # squared-gradient average of an RMS-scaled rule
+    moments: Tensor | None = None  # gradient averages of a rule with gradient_scale
     first_loss: float | None = None
     first_val: float | None = None
     diverged: bool = False
@@ -128,7 +128,7 @@ class ProblemRun:
                     or loss_value > DIVERGED_FACTOR * max(self.first_loss, 1e-3)):
                 self.diverged = True
                 break
-            grad, self.moment = rule.rule_gradient(grad, self.moment, self.step + 1)
+            grad, self.moments = rule.rule_gradient(grad, self.moments, self.step + 1)
             constants = prepare_step(weights, None if self.problem.withhold_loss
                                      else loss.detach(), flat.dtype)
             flat, state = update_rows(constants, state, grad, flat)

@@ -108,12 +108,16 @@ def test_general_task_refuses_what_it_cannot_train(tmp_path):
 
 def test_scaled_gradient_is_in_units_of_its_own_size():
     grads = [torch.tensor([1e-4, 10.0]), torch.tensor([2e-4, 20.0])]
-    moment = torch.zeros(2)
+    moments = None
     for step, grad in enumerate(grads, start=1):
-        scaled, moment = scale_gradient(grad, moment, step, 0.99, 0.1)
+        scaled, moments = scale_gradient(grad, moments, step, 0.9, 0.99, 0.1)
     # both coordinates doubled their gradient: same scaled value despite 1e5 in scale
     assert scaled[0].item() == pytest.approx(scaled[1].item(), rel=1e-4)
-    assert 0.1 < scaled[0].item() < 0.2
+    assert 0.09 < scaled[0].item() < 0.11
+    # a gradient that flips sign is damped by the momentum, as Adam's step is
+    flipped, _ = scale_gradient(torch.tensor([-1.0]), scale_gradient(
+        torch.tensor([1.0]), None, 1, 0.9, 0.99, 0.1)[1], 2, 0.9, 0.99, 0.1)
+    assert abs(flipped.item()) < 0.05
 
 
 def _mlp():

@@ -405,6 +405,14 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 _group_option(group, name, group_index)
         self.meta_learner = meta_learner
         self._bucket_cache = {}
+        # Copy the loaded state into this optimizer's own buffers now: torch.optim would keep
+        # references to the given tensors, which the optimizer that saved them may still step.
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
+            for (device, dtype), indices in _bucket_by_device_and_dtype(params).items():
+                bucket = [params[i] for i in indices]
+                if any("lstm_state" in self.state.get(p, {}) for p in bucket):
+                    self._bucket_state(group_index, bucket, device, dtype)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from learned_optim.checkpoint import CheckpointError, read_header_record, write_atomic
 
-__all__ = ["RunFolder", "save_training_state", "load_training_state"]
+__all__ = ["RunFolder", "save_training_state", "load_training_state", "read_training_record"]
 
 STATE_FORMAT = "learned_optim.training_state"
 STATE_VERSION = 1
@@ -42,6 +42,17 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.config_path, json.dumps(config.to_dict(), indent=2).encode())
         write_atomic(self.log_path, b"")
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files that writes killed mid-way left (``.NAME.*.tmp``, see
+        :func:`learned_optim.checkpoint.write_atomic`) next to this run's files."""
+        if not self.path.is_dir():
+            return []
+        names = (self.config_path, self.log_path, self.state_path, self.best_path)
+        stale = [found for path in names for found in self.path.glob(f".{path.name}.*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def log(self, entry: dict) -> None:
         with self.log_path.open("a") as stream:
@@ -80,6 +91,17 @@ def save_training_state(path, *, modules: dict[str, nn.Module], optimizer, recor
             "optimizer": optimizer_record}
     return write_atomic(path, safetensors_bytes(tensors, metadata={"learned_optim":
                                                                    json.dumps(full)}))
+
+
+def read_training_record(path) -> dict:
+    """The JSON record of a training state (step, best, configuration), without its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state to resume at {path}")
+    record = read_header_record(path, path.read_bytes(), expected_format=STATE_FORMAT)
+    if not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{path}: training state without a configuration record")
+    return record
 
 
 def load_training_state(path, *, modules: dict[str, nn.Module], optimizer) -> dict:

@@ -285,7 +285,7 @@ def _header_json(path: Path, raw: bytes, body_size: int) -> tuple[dict, dict]:
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: {where} has no valid header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
             raise CheckpointError(f"{path}: {where} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or len(shape) > 8 or not all(
                 _is_int(d) and d >= 0 for d in shape):

@@ -237,7 +237,9 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
     >>> opt.state[model.weight]["lstm_state"].shape
     torch.Size([4, 42])
     >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    >>> scheduler.step(); opt.param_groups[0]["lr"]
+    >>> loss = torch.nn.functional.mse_loss(model(x), y)
+    >>> opt.zero_grad(); loss.backward(); opt.step(loss=loss); scheduler.step()
+    >>> opt.param_groups[0]["lr"]  # the next step takes half the rule's update
     0.5
     """
 

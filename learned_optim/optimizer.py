@@ -149,6 +149,7 @@ def _plan_chunks(
 
 def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list[Tensor]) -> None:
     """Raise before any parameter changes if a gradient holds NaN or Inf."""
+    grads = {i: g for i, g in grads.items() if g.numel()}  # inf-norm of nothing is undefined
     if not grads or next(iter(grads.values())).device.type == "meta":
         return
     peaks = torch.stack(torch._foreach_norm(list(grads.values()), math.inf))

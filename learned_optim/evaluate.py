@@ -7,6 +7,7 @@ BatchNorm protocol (running statistics of the episode's own support set).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,7 +20,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from learned_optim.checkpoint import Checkpoint, load_checkpoint, load_learned_init
+from learned_optim.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_learned_init,
+)
 from learned_optim.config import MetaTrainConfig
 from learned_optim.learners import reset_batchnorm
 from learned_optim.stats import Summary, summarize
@@ -221,7 +227,9 @@ def evaluate(
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    saved = dict(checkpoint.record.get("config") or {})
+    # The record's config may hold fields of a newer writer: only this version's are read.
+    known = {f.name for f in dataclasses.fields(MetaTrainConfig)}
+    saved = {k: v for k, v in (checkpoint.record.get("config") or {}).items() if k in known}
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
                  "protocol": protocol, "data_root": data_root}
     saved.update({k: v for k, v in overrides.items() if v is not None})
@@ -230,7 +238,11 @@ def evaluate(
     if "queries" in saved and shots is not None and saved.get("task") == "sinusoid":
         saved["queries"] = None
     saved["device"] = device
-    config = MetaTrainConfig.from_dict(saved).resolved()
+    try:
+        config = MetaTrainConfig.from_dict(saved).resolved()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint.path}: field 'config' does not describe a valid "
+                              f"setting ({error})") from None
     the_task = build_task(config)
     steps = config.inner_steps
     def indices(label: str):  # the same test episodes for every method, with a progress bar

@@ -73,3 +73,18 @@ def test_cli_evaluate_json(tmp_path, monkeypatch, capsys):
     assert len(saved["results"]["sgd"]["scores"]) == 4
     assert "paired_difference" in saved["results"]["sgd"]
     assert "minus meta-learner LSTM" in capsys.readouterr().out
+
+
+def test_config_fields_of_a_newer_writer_are_ignored_and_bad_ones_named(tmp_path):
+    from learned_optim.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    shipped = load_checkpoint("sinusoid-10shot")
+    newer = dict(shipped.record["config"], preprocessing={"scale": 2.0})
+    path = save_checkpoint(tmp_path / "newer.safetensors", shipped.meta_learner,
+                           learned_init=shipped.learned_init, config=newer)
+    assert evaluate(path, episodes=3).scores["meta-learner LSTM"] == evaluate(
+        "sinusoid-10shot", episodes=3).scores["meta-learner LSTM"]
+    broken = save_checkpoint(tmp_path / "broken.safetensors", shipped.meta_learner,
+                             config=dict(newer, shots="ten"))
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors: field 'config'"):
+        evaluate(broken, episodes=3)

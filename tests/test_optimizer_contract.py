@@ -416,3 +416,16 @@ def test_twin_lr_override_is_differentiable():
             diffopt.step(F.mse_loss(fmodel(x), y))
         F.mse_loss(fmodel(x), y).backward()
     assert lr.grad is not None and lr.grad.item() != 0.0
+
+
+def test_twin_keeps_the_first_order_chain_only_for_default_options():
+    meta = MetaLearnerLSTM()
+    chains = {}
+    for lr in (1.0, 0.5):
+        model, x, y = regression()
+        opt = LSTMMetaOptimizer(model.parameters(), meta, lr=lr)
+        with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(F.mse_loss(fmodel(x), y))
+            chains[lr] = sum(len(c) for c in diffopt._chains)
+    assert chains == {1.0: 1, 0.5: 0}

@@ -73,6 +73,19 @@ def _group_option(group: dict, name: str, group_index: int) -> Any:
     return value
 
 
+def _plain_number(value: Any) -> Any:
+    """A tensor option as a Python float (the in-place step needs no graph through it)."""
+    if isinstance(value, Tensor) and value.device.type != "meta":
+        return float(value)
+    return value
+
+
+def _like(value: Any, tensor: Tensor) -> Any:
+    """A tensor option in ``tensor``'s dtype and device (differentiably); numbers as they are."""
+    return value.to(dtype=tensor.dtype, device=tensor.device) if isinstance(value, Tensor) else (
+        value)
+
+
 def _is_default(lr: Any, weight_decay: Any) -> bool:
     """Whether a group's options leave the rule's update untouched (no extra arithmetic)."""
     return (not isinstance(lr, Tensor) and not isinstance(weight_decay, Tensor)
@@ -557,7 +570,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                     bucket = [params[i] for i in indices]
                     buffer = self._bucket_state(group_index, bucket, device, dtype)
                     work.append((bucket, [grads.get(i) for i in indices], buffer,
-                                 (lr, weight_decay)))
+                                 (_plain_number(lr), _plain_number(weight_decay))))
         for bucket, grads, buffer, options in work:
             self._update_bucket(bucket, grads, buffer,
                                 prepare_step(weights, loss, buffer.dtype, buffer.device),
@@ -764,7 +777,9 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                     new_param, new_rows = update_rows(constants, active_rows, flat_grad,
                                                       flat_param)
                     if not plain:
-                        new_param = apply_group_options(flat_param, new_param, lr, weight_decay)
+                        new_param = apply_group_options(flat_param, new_param,
+                                                        _like(lr, flat_param),
+                                                        _like(weight_decay, flat_param))
                 active_sizes = [params[i].numel() for i in active]
                 for i, piece, piece_state in zip(
                     active, new_param.split(active_sizes), new_rows.split(active_sizes)

@@ -409,7 +409,7 @@ def test_twin_agrees_with_the_drop_in_for_group_options():
 def test_twin_lr_override_is_differentiable():
     meta = MetaLearnerLSTM().double()
     model, x, y = regression(dtype=torch.float64)
-    lr = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor(0.5, requires_grad=True)  # float32 with float64 parameters: cast
     opt = LSTMMetaOptimizer(model.parameters(), meta)
     with higher.innerloop_ctx(model, opt, override={"lr": [lr]}) as (fmodel, diffopt):
         for _ in range(2):

@@ -228,3 +228,16 @@ def test_nothing_to_resume_says_to_rerun_without_resume(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing to resume.*without --resume"):
         meta_train(config, resume=True, progress=False)
     meta_train(config, progress=False)  # the advice works
+
+
+def test_cli_resume_with_a_lower_meta_lr_as_the_nan_advice_says(tmp_path):
+    from learned_optim import cli
+
+    common = ["meta-train", "--no-progress", "--test-episodes", "0", "--meta-batch", "2",
+              "--val-episodes", "3", "--validate-every", "10", "--checkpoint-every", "5",
+              "--run-dir", str(tmp_path / "kk")]
+    assert cli.main([*common, "--meta-steps", "1"]) == 0
+    assert cli.main([*common, "--meta-steps", "2", "--resume", "--meta-lr", "0.0003",
+                     "--grad-clip", "0.1", "--run-dir", str(tmp_path / "kk") + "/"]) == 0
+    change = [e for e in read_log(tmp_path / "kk") if "resumed_with_changes" in e]
+    assert change[0]["resumed_with_changes"]["meta_lr"] == {"saved": 1e-3, "given": 3e-4}

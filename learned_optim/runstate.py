@@ -124,15 +124,20 @@ def load_training_state(path, *, modules: dict[str, nn.Module], optimizer) -> di
             module.load_state_dict(own)
         except RuntimeError as error:
             raise CheckpointError(f"{path}: saved {name} does not match: {error}") from None
-    optimizer_record = record["optimizer"]
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            _, index, name = key.split("/", 2)
+    try:  # a damaged record or tensor table is a CheckpointError naming the file, not a crash
+        optimizer_record = record["optimizer"]
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = value
+        for key, value in optimizer_record["scalars"].items():
+            index, name = key.split("/", 1)
             state.setdefault(int(index), {})[name] = value
-    for key, value in optimizer_record["scalars"].items():
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer_record["param_groups"]})
-    torch.set_rng_state(tensors["rng/torch"])
+        optimizer.load_state_dict({"state": state,
+                                   "param_groups": optimizer_record["param_groups"]})
+        torch.set_rng_state(tensors["rng/torch"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: damaged training state "
+                              f"({type(error).__name__}: {error})") from None
     return record

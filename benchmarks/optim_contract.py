@@ -63,6 +63,7 @@ def optim_inputs() -> list[OptimInput]:
         OptimInput("weight_decay=0.1", {"weight_decay": 0.1}, _fixed_rule()),
         OptimInput("lr=0.5, weight_decay=0.01", {"lr": 0.5, "weight_decay": 0.01},
                    _fixed_rule()),
+        OptimInput("RMS-scaled rule (gradient_scale=0.1)", {}, _fixed_rule(gradient_scale=0.1)),
         OptimInput("shipped rule omniglot-5w1s", {}, lambda: copy.deepcopy(shipped)),
     ]
 

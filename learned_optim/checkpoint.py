@@ -242,6 +242,7 @@ def shipped_path(name: str) -> Path:
 # module (16 H^2 floats) or a step (182 floats a coordinate at H = 20) an allocation hazard.
 MAX_HIDDEN_SIZE = 1024
 MAX_P = 100.0
+MAX_GRADIENT_SCALE = 1e6
 # safetensors' own limit on a header: a larger one is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
 # Element sizes of the safetensors dtypes; the floating ones are accepted for rule and init.
@@ -388,7 +389,8 @@ def validate_record(path: str | os.PathLike, record: dict, tensors: dict | None 
     the file and the field, else return the record.
 
     Checked: ``method``; for the LSTM the ``meta_learner`` spec (``class``, ``hidden_size`` an
-    integer in 1..1024, ``p`` a number in (0, 100], ``optional_loss`` a boolean); the learned
+    integer in 1..1024, ``p`` a number in (0, 100], ``optional_loss`` a boolean,
+    ``gradient_scale`` null or a positive number, ``rms_decay`` in (0, 1)); the learned
     init's names and shapes; MAML's ``inner_lr``; Meta-SGD's step-size shapes; the types of
     the descriptive fields (``config``, ``metrics``, ``card``: objects, ``dataset``: a string),
     whose contents, like any other top-level key, are free. With ``tensors`` (the safetensors
@@ -433,6 +435,14 @@ def validate_record(path: str | os.PathLike, record: dict, tensors: dict | None 
         if not isinstance(spec.get("optional_loss", False), bool):
             raise _fail(path, "meta_learner.optional_loss",
                         f"must be true or false, got {spec['optional_loss']!r}")
+        scale = spec.get("gradient_scale")
+        if scale is not None and (not _is_number(scale) or not 0 < scale <= MAX_GRADIENT_SCALE):
+            raise _fail(path, "meta_learner.gradient_scale",
+                        f"must be null or a number in (0, {MAX_GRADIENT_SCALE:g}], got {scale!r}")
+        decay = spec.get("rms_decay", 0.99)
+        if not _is_number(decay) or not 0 < decay < 1:
+            raise _fail(path, "meta_learner.rms_decay",
+                        f"must be a number in (0, 1), got {decay!r}")
         if tensors is not None:
             for name, shape in _rule_shapes(hidden).items():
                 _check_tensor(path, tensors, f"rule/{name}", shape, "update-rule")
@@ -514,8 +524,11 @@ def load_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
     init = {name: tensors[f"init/{name}"] for name in init_names} if init_names else None
     if method == "lstm":
         spec = record["meta_learner"]
+        scale = spec.get("gradient_scale")
         meta_learner = MetaLearnerLSTM(hidden_size=spec["hidden_size"], p=float(spec["p"]),
-                                       optional_loss=spec.get("optional_loss", False))
+                                       optional_loss=spec.get("optional_loss", False),
+                                       gradient_scale=None if scale is None else float(scale),
+                                       rms_decay=float(spec.get("rms_decay", 0.99)))
         with torch.no_grad():
             for name, weight in meta_learner.named_parameters():
                 weight.copy_(tensors[f"rule/{name}"])

@@ -233,6 +233,12 @@ def evaluate(
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
                  "protocol": protocol, "data_root": data_root}
     saved.update({k: v for k, v in overrides.items() if v is not None})
+    if saved.get("task") == "general":
+        raise ValueError(
+            f"{checkpoint.path} was meta-trained over a task distribution (task 'general'), "
+            "which has no episodes of its own: pass task='omniglot' (or sinusoid, "
+            "miniimagenet) to evaluate its rule on those episodes with a fresh learner, or "
+            "run benchmarks/scratch.py and benchmarks/transfer.py")
     if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
         saved["inner_steps"] = None  # let the task default follow the new shot count
     if "queries" in saved and shots is not None and saved.get("task") == "sinusoid":

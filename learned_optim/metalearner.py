@@ -37,6 +37,7 @@ __all__ = [
     "update_rows",
     "update_rows_chunked",
     "apply_group_options",
+    "scale_gradient",
     "initial_state",
     "row_scratch",
     "state_width",
@@ -329,6 +330,26 @@ def apply_group_options(
     return new_param
 
 
+def scale_gradient(
+    grad: Tensor, moment: Tensor, step: int, decay: float, scale: float
+) -> tuple[Tensor, Tensor]:
+    """The RMS-scaled gradient a rule with ``gradient_scale`` reads and applies instead of ``g``.
+
+    ``m_t = decay * m_{t-1} + (1 - decay) * g_t^2`` and ``g~_t = scale * g_t / (sqrt(m_t /
+    (1 - decay^t)) + 1e-12)``: every coordinate's gradient in units of its own recent size, so
+    the input gate (at most 1) bounds a step at ``scale`` instead of at one raw gradient, which
+    for small gradients is far below what a fresh model needs. ``step`` is ``t`` (from 1).
+    Returns ``(g~_t, m_t)``; out of place.
+
+    >>> scaled, moment = scale_gradient(torch.tensor([4.0, -0.001]), torch.zeros(2), 1, 0.99, 0.1)
+    >>> scaled
+    tensor([ 0.1000, -0.1000])
+    """
+    moment = torch.lerp(moment, grad * grad, 1.0 - decay)
+    rms = (moment / (1.0 - decay**step)).sqrt()
+    return grad * scale / (rms + 1e-12), moment
+
+
 def meta_update(
     weights: MetaWeights, state: Tensor, grad: Tensor, loss: Tensor | None, param: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -365,6 +386,13 @@ class MetaLearnerLSTM(nn.Module):
         Whether the rule may be stepped without the loss (``prepare_step(loss=None)``): true
         for rules meta-trained with the loss input sometimes withheld, such as the shipped
         ``general`` rule. The paper's rule reads the loss at every step (False).
+    gradient_scale:
+        ``None`` (the paper): the rule reads and applies the raw gradient, so a step is at
+        most one raw gradient. A number: it reads and applies the RMS-scaled gradient of
+        :func:`scale_gradient` instead, a step being at most ``gradient_scale`` (an extension
+        for rules that train fresh models of any scale; the optimizer shells keep the moments).
+    rms_decay:
+        Decay of the squared-gradient average of :func:`scale_gradient`.
 
     Examples
     --------
@@ -376,8 +404,8 @@ class MetaLearnerLSTM(nn.Module):
     (True, True)
     """
 
-    def __init__(self, hidden_size: int = 20, p: float = 10.0, optional_loss: bool = False
-                 ) -> None:
+    def __init__(self, hidden_size: int = 20, p: float = 10.0, optional_loss: bool = False,
+                 gradient_scale: float | None = None, rms_decay: float = 0.99) -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
@@ -386,6 +414,12 @@ class MetaLearnerLSTM(nn.Module):
         self.hidden_size = int(hidden_size)
         self.p = float(p)
         self.optional_loss = bool(optional_loss)
+        if gradient_scale is not None and not 0 < gradient_scale < math.inf:
+            raise ValueError(f"gradient_scale must be None or positive, got {gradient_scale!r}")
+        if not 0 < rms_decay < 1:
+            raise ValueError(f"rms_decay must lie in (0, 1), got {rms_decay!r}")
+        self.gradient_scale = None if gradient_scale is None else float(gradient_scale)
+        self.rms_decay = float(rms_decay)
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, 4))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(4 * hidden_size))
@@ -415,7 +449,23 @@ class MetaLearnerLSTM(nn.Module):
     def hyperparameters(self) -> dict:
         """What is needed to rebuild this module (stored in checkpoints)."""
         return {"hidden_size": self.hidden_size, "p": self.p,
-                "optional_loss": self.optional_loss}
+                "optional_loss": self.optional_loss, "gradient_scale": self.gradient_scale,
+                "rms_decay": self.rms_decay}
+
+    def rule_gradient(self, grad: Tensor, moment: Tensor | None, step: int
+                      ) -> tuple[Tensor, Tensor | None]:
+        """The gradient this rule reads and applies at ``step`` (from 1), and the new moment:
+        the raw gradient for the paper's rule, :func:`scale_gradient`'s with
+        ``gradient_scale``. ``moment`` None starts from zeros.
+
+        >>> MetaLearnerLSTM().rule_gradient(torch.ones(2), None, 1)
+        (tensor([1., 1.]), None)
+        """
+        if self.gradient_scale is None:
+            return grad, None
+        if moment is None:
+            moment = torch.zeros_like(grad)
+        return scale_gradient(grad, moment, step, self.rms_decay, self.gradient_scale)
 
     def forward(
         self, state: Tensor, grad: Tensor, loss: Tensor | None, param: Tensor
@@ -425,7 +475,7 @@ class MetaLearnerLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, p={self.p}, "
-                f"optional_loss={self.optional_loss}")
+                f"optional_loss={self.optional_loss}, gradient_scale={self.gradient_scale}")
 
 
 def rule_fingerprint(meta_learner: MetaLearnerLSTM) -> str:

@@ -343,8 +343,10 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         it was loaded: its name and fingerprint identify it. ``with_weights`` forces either way.
 
         >>> identity = LSTMMetaOptimizer(torch.nn.Linear(2, 1).parameters()).rule_identity()
-        >>> identity["hyperparameters"], identity["name"], sorted(identity["weights"])[:2]
-        ({'hidden_size': 20, 'p': 10.0, 'optional_loss': False}, None, ['bias', 'meta_bias'])
+        >>> identity["hyperparameters"]["hidden_size"], identity["name"]
+        (20, None)
+        >>> sorted(identity["weights"])[:2]
+        ['bias', 'meta_bias']
         """
         rule = self.meta_learner
         fingerprint = rule_fingerprint(rule)
@@ -567,15 +569,29 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                     grads[i] = grad
                 _check_finite_grads(grads, group_index, params)
                 if grads:
-                    bucket = [params[i] for i in indices]
-                    buffer = self._bucket_state(group_index, bucket, device, dtype)
-                    work.append((bucket, [grads.get(i) for i in indices], buffer,
-                                 (_plain_number(lr), _plain_number(weight_decay))))
-        for bucket, grads, buffer, options in work:
-            self._update_bucket(bucket, grads, buffer,
-                                prepare_step(weights, loss, buffer.dtype, buffer.device),
+                    work.append((params, indices, grads, self._bucket_state(
+                        group_index, [params[i] for i in indices], device, dtype),
+                        (_plain_number(lr), _plain_number(weight_decay))))
+        for params, indices, grads, buffer, options in work:
+            grads = self._rule_gradients(params, grads)
+            self._update_bucket([params[i] for i in indices], [grads.get(i) for i in indices],
+                                buffer, prepare_step(weights, loss, buffer.dtype, buffer.device),
                                 options)
         return closure_loss
+
+    def _rule_gradients(self, params: list[Tensor], grads: dict[int, Tensor]
+                        ) -> dict[int, Tensor]:
+        """The gradients the rule reads and applies: raw for the paper's rule, RMS-scaled
+        (moments kept in ``state[p]["grad_moment"]``) for a rule with ``gradient_scale``."""
+        if self.meta_learner.gradient_scale is None:
+            return grads
+        scaled = {}
+        for i, grad in grads.items():
+            state = self.state[params[i]]
+            state["rule_step"] = state.get("rule_step", 0) + 1
+            scaled[i], state["grad_moment"] = self.meta_learner.rule_gradient(
+                grad, state.get("grad_moment"), state["rule_step"])
+        return scaled
 
     def chunk_size_for(self, device: torch.device) -> int:
         """Coordinates that :meth:`step` updates at once on ``device``: ``chunk_size`` if it
@@ -678,6 +694,12 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         # First order: one anchored trajectory per bucket (see learned_optim.rule_trajectory).
         self._chains: list[dict[tuple, _Chain]] = [{} for _ in self.param_groups]
         self._loss: Tensor | None = None
+        # RMS-scaled rules (gradient_scale): per-parameter moments and step counts, starting
+        # from the drop-in optimizer's (copied by higher).
+        self._moments = [{i: (self.state[g][i].get("grad_moment"),
+                              self.state[g][i].get("rule_step", 0))
+                          for i in range(len(group["params"]))}
+                         for g, group in enumerate(self.param_groups)]
 
     def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **kwargs):
         """Compute the gradients of ``loss`` and take one differentiable step.
@@ -724,6 +746,17 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
             self._fmodel.update_params(new_params)
         return new_params
 
+    def _rule_gradient(self, group_index: int, index: int, grad: Tensor) -> Tensor:
+        """As :meth:`LSTMMetaOptimizer._rule_gradients`, for one parameter."""
+        if self.meta_learner.gradient_scale is None:
+            return grad
+        moment, step = self._moments[group_index][index]
+        if moment is not None:
+            moment = moment.to(dtype=grad.dtype, device=grad.device)
+        scaled, moment = self.meta_learner.rule_gradient(grad, moment, step + 1)
+        self._moments[group_index][index] = (moment, step + 1)
+        return scaled
+
     def _chain_applies(self, flat_grad: Tensor) -> bool:
         """Whether this step can join a first-order trajectory: on a tape, with the gradient
         and the loss constants (first order), so that only the last parameters need the tape."""
@@ -762,7 +795,8 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 rows = dict(zip(indices, state.split(sizes)))
                 active_rows = (torch.cat([rows[i] for i in active])
                                if len(active) < len(indices) else state)
-                flat_grad = torch.cat([grads[i].reshape(-1) for i in active])
+                flat_grad = torch.cat([self._rule_gradient(group_index, i, grads[i]).reshape(-1)
+                                       for i in active])
                 chains = self._chains[group_index]
                 if plain and self._chain_applies(flat_grad):
                     chain = chains.get(key)

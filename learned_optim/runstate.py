@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from learned_optim.checkpoint import CheckpointError, read_header_record, write_atomic
 
-__all__ = ["RunFolder", "save_training_state", "load_training_state", "read_training_record"]
+__all__ = ["RunFolder", "save_training_state", "load_training_state", "read_training_record",
+           "read_log"]
 
 STATE_FORMAT = "learned_optim.training_state"
 STATE_VERSION = 1
@@ -141,3 +142,9 @@ def load_training_state(path, *, modules: dict[str, nn.Module], optimizer) -> di
         raise CheckpointError(f"{path}: damaged training state "
                               f"({type(error).__name__}: {error})") from None
     return record
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The entries of a run's metrics log (``metrics.jsonl``), in order."""
+    path = RunFolder(run_dir).log_path
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -13,7 +13,6 @@ alone writes the run folder (:mod:`learned_optim.distributed`).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import platform
 import time
@@ -35,6 +34,7 @@ from learned_optim.optimizer import LSTMMetaOptimizer
 from learned_optim.runstate import (
     RunFolder,
     load_training_state,
+    read_log,
     read_training_record,
     save_training_state,
 )
@@ -42,7 +42,7 @@ from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 
 __all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores",
-           "RESUME_OVERRIDES"]
+           "read_log", "RESUME_OVERRIDES"]
 
 # Configuration fields a resumed run may change: how long and how fast it trains, how often it
 # validates and saves, and where it runs. Anything else would make a different run.
@@ -58,7 +58,8 @@ def _detach_all(grads):
 def build_rule(config: MetaTrainConfig, learner: nn.Module) -> nn.Module | None:
     """What is meta-learned besides the init: the LSTM, Meta-SGD's step sizes, or nothing."""
     if config.method == "lstm":
-        return MetaLearnerLSTM(hidden_size=config.hidden_size)
+        return MetaLearnerLSTM(hidden_size=config.hidden_size,
+                               gradient_scale=config.gradient_scale)
     if config.method == "metasgd":
         return MetaSGDRates(learner, initial=config.inner_lr)
     return None  # maml: a fixed step size
@@ -454,14 +455,12 @@ def meta_train(config: MetaTrainConfig, *, resume: bool = False, progress: bool 
     Under ``torchrun`` (``torchrun --nproc-per-node 2 my_script.py``) the same call trains
     with every process: see :mod:`learned_optim.distributed` and docs/howto-distributed.md.
     """
+    if config.task == "general":  # a task distribution, unrolled in truncations
+        from learned_optim.truncated import TruncatedTrainer
+
+        return TruncatedTrainer(config, resume=resume, progress=progress).run()
     owned = distributed.init_from_env(config.resolved().device)
     best = MetaTrainer(config, resume=resume, progress=progress).run()
     if owned:  # left in place on errors: the process is about to stop anyway
         distributed.shutdown()
     return best
-
-
-def read_log(run_dir: str | Path) -> list[dict]:
-    """The entries of a run's ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -64,6 +64,9 @@ def set_field(record, dotted, value):
     ("meta_learner.p", 1e6),
     ("meta_learner.p", -1.0),
     ("meta_learner.optional_loss", "yes"),
+    ("meta_learner.gradient_scale", -0.1),
+    ("meta_learner.gradient_scale", "0.1"),
+    ("meta_learner.rms_decay", 1.0),
     ("meta_learner", "MetaLearnerLSTM"),
     ("learned_init", [1, 2]),
     ("learned_init.parameters", [1]),
@@ -140,9 +143,11 @@ def test_descriptive_fields_accept_unknown_keys(tmp_path):
     assert read_record(path)["config"]["future_option"] == 3
 
 
-def test_optional_loss_round_trips_as_a_bool(tmp_path):
-    path = save_checkpoint(tmp_path / "g.safetensors", MetaLearnerLSTM(optional_loss=True))
-    assert load_checkpoint(path).meta_learner.optional_loss is True
+def test_optional_loss_and_gradient_scale_round_trip(tmp_path):
+    path = save_checkpoint(tmp_path / "g.safetensors",
+                           MetaLearnerLSTM(optional_loss=True, gradient_scale=0.1, rms_decay=0.9))
+    rule = load_checkpoint(path).meta_learner
+    assert (rule.optional_loss, rule.gradient_scale, rule.rms_decay) == (True, 0.1, 0.9)
     assert read_record(path)["meta_learner"]["optional_loss"] is True
 
 
@@ -180,7 +185,8 @@ json_values = st.recursive(
 )
 record_paths = st.sampled_from([
     "method", "format_version", "meta_learner", "meta_learner.class", "meta_learner.hidden_size",
-    "meta_learner.p", "meta_learner.optional_loss", "learned_init", "learned_init.parameters",
+    "meta_learner.p", "meta_learner.optional_loss", "meta_learner.gradient_scale",
+    "meta_learner.rms_decay", "learned_init", "learned_init.parameters",
     "learned_init.parameters.weight", "config", "metrics", "card", "dataset", "inner_lr",
     "learning_rates",
 ])
@@ -266,6 +272,7 @@ def test_mutated_files_load_validly_or_raise_checkpoint_error(tmp_path_factory, 
     if loaded is not None and loaded.meta_learner is not None:
         rule = loaded.meta_learner
         assert 1 <= rule.hidden_size <= 1024 and 0 < rule.p <= 100
-        assert isinstance(rule.optional_loss, bool)
+        assert isinstance(rule.optional_loss, bool) and 0 < rule.rms_decay < 1
+        assert rule.gradient_scale is None or 0 < rule.gradient_scale <= 1e6
         assert all(bool(torch.isfinite(t).all()) for t in rule.parameters())
         assert all(bool(torch.isfinite(t).all()) for t in (loaded.learned_init or {}).values())

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from learned_optim.checkpoint import CheckpointError, read_header_record, write_atomic
 
 __all__ = ["RunFolder", "save_training_state", "load_training_state", "read_training_record",
-           "read_log"]
+           "read_log", "RESUME_OVERRIDES"]
+
+# Configuration fields a resumed run may change: how long and how fast it trains, how often it
+# validates and saves, and where it runs. Anything else would make a different run.
+RESUME_OVERRIDES = ("meta_lr", "grad_clip", "meta_steps", "max_time_s", "validate_every",
+                    "checkpoint_every", "device")
 
 STATE_FORMAT = "learned_optim.training_state"
 STATE_VERSION = 1
@@ -35,6 +40,7 @@ class RunFolder:
 
     def start(self, config) -> None:
         """Begin a new run; refuses to overwrite one that could be resumed."""
+        self.remove_stale_temporaries()
         if self.state_path.exists():
             raise FileExistsError(
                 f"{self.path} already holds a run ({self.state_path.name}): resume it with "
@@ -54,6 +60,44 @@ class RunFolder:
         for path in stale:
             path.unlink(missing_ok=True)
         return stale
+
+    def resume_record(self, config) -> tuple[dict, dict]:
+        """Check that ``config`` may resume this run; return the saved state's record (its
+        tensors not yet loaded) and the changes to log.
+
+        Stale temporary files are removed first. A resumed run may change the fields of
+        :data:`RESUME_OVERRIDES`; any other difference is a ``ValueError`` naming the fields.
+        ``run_dir`` is not compared: the folder being resumed is the run, however its path is
+        written and wherever it was moved (a different path is reported among the changes).
+        Raises ``FileNotFoundError`` telling to rerun without ``--resume`` if there is no
+        saved state.
+        """
+        self.remove_stale_temporaries()
+        if not self.state_path.is_file():
+            raise FileNotFoundError(
+                f"nothing to resume in {self.path}: it holds no {self.state_path.name} (the run "
+                "never started, or was stopped before its first save); rerun the same command "
+                "without --resume (resume=False) to start it")
+        record = read_training_record(self.state_path)
+        try:
+            saved = type(config).from_dict(record["config"]).to_dict()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"cannot resume {self.path}: its saved configuration is invalid "
+                             f"({error})") from None
+        given = config.to_dict()
+        changed = sorted(k for k in given if k not in RESUME_OVERRIDES and k != "run_dir"
+                         and given[k] != saved[k])
+        if changed:
+            raise ValueError(
+                f"cannot resume {self.path}: the configuration differs in {changed} "
+                f"(saved: {[saved[k] for k in changed]}, given: {[given[k] for k in changed]}); "
+                f"a resumed run may change only {list(RESUME_OVERRIDES)}"
+            )
+        changes = {k: {"saved": saved[k], "given": given[k]} for k in RESUME_OVERRIDES
+                   if given[k] != saved[k]}
+        if Path(str(saved["run_dir"])).resolve() != Path(str(given["run_dir"])).resolve():
+            changes["run_dir"] = {"saved": saved["run_dir"], "given": given["run_dir"]}
+        return record, changes
 
     def log(self, entry: dict) -> None:
         with self.log_path.open("a") as stream:

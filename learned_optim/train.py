@@ -32,10 +32,10 @@ from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
 from learned_optim.runstate import (
+    RESUME_OVERRIDES,
     RunFolder,
     load_training_state,
     read_log,
-    read_training_record,
     save_training_state,
 )
 from learned_optim.stats import Summary, summarize
@@ -44,10 +44,6 @@ from learned_optim.tasks import Task, build_task, to_device
 __all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores",
            "read_log", "RESUME_OVERRIDES"]
 
-# Configuration fields a resumed run may change: how long and how fast it trains, how often it
-# validates and saves, and where it runs. Anything else would make a different run.
-RESUME_OVERRIDES = ("meta_lr", "grad_clip", "meta_steps", "max_time_s", "validate_every",
-                    "checkpoint_every", "device")
 
 
 def _detach_all(grads):
@@ -169,7 +165,6 @@ class MetaTrainer:
         distributed.broadcast_(self._module_tensors(), "sharing the initial weights")
 
     def _start(self) -> None:
-        self.folder.remove_stale_temporaries()
         if self.config.init_from:
             self._warm_start(self.config.init_from)
         self.folder.start(self.config)
@@ -218,37 +213,10 @@ class MetaTrainer:
         self.step, self.best, self.elapsed = record["step"], record["best"], record["elapsed"]
 
     def _load_state(self) -> tuple[dict, dict | None]:
-        self.folder.remove_stale_temporaries()
-        if not self.folder.state_path.is_file():
-            raise FileNotFoundError(
-                f"nothing to resume in {self.folder.path}: it holds no "
-                f"{self.folder.state_path.name} (the run never started, or was stopped before "
-                "its first save); rerun the same command without --resume (resume=False) to "
-                "start it")
         # The configuration is compared before any tensor is loaded into this run's modules.
-        record = read_training_record(self.folder.state_path)
-        try:
-            saved = MetaTrainConfig.from_dict(record["config"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"cannot resume {self.folder.path}: its saved configuration is "
-                             f"invalid ({error})") from None
-        mine, theirs = self.config.to_dict(), saved.to_dict()
-        # The folder being resumed is the run, wherever it lives now (relative, absolute,
-        # with a trailing slash, or moved): run_dir is not a setting to compare.
-        changed = sorted(k for k in mine if k not in RESUME_OVERRIDES and k != "run_dir"
-                         and mine[k] != theirs[k])
-        if changed:
-            raise ValueError(
-                f"cannot resume {self.folder.path}: the configuration differs in {changed} "
-                f"(saved: {[theirs[k] for k in changed]}, given: {[mine[k] for k in changed]}); "
-                f"a resumed run may change only {list(RESUME_OVERRIDES)}"
-            )
+        _, overrides = self.folder.resume_record(self.config)
         record = load_training_state(self.folder.state_path, modules=self._modules(),
                                      optimizer=self.adam)
-        overrides = {k: {"saved": theirs[k], "given": mine[k]} for k in RESUME_OVERRIDES
-                     if mine[k] != theirs[k]}
-        if Path(theirs["run_dir"]).resolve() != Path(mine["run_dir"]).resolve():
-            overrides["run_dir"] = {"saved": theirs["run_dir"], "given": mine["run_dir"]}
         # Adam's loaded param groups carry the saved learning rate: the given one applies now.
         for group in self.adam.param_groups:
             group["lr"] = self.config.meta_lr

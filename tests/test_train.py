@@ -241,3 +241,24 @@ def test_cli_resume_with_a_lower_meta_lr_as_the_nan_advice_says(tmp_path):
                      "--grad-clip", "0.1", "--run-dir", str(tmp_path / "kk") + "/"]) == 0
     change = [e for e in read_log(tmp_path / "kk") if "resumed_with_changes" in e]
     assert change[0]["resumed_with_changes"]["meta_lr"] == {"saved": 1e-3, "given": 3e-4}
+
+
+def test_task_distribution_trainer_resumes_under_the_same_policy(tmp_path):
+    from learned_optim.truncated import TruncatedTrainer
+
+    def config(steps, **changes):
+        values = dict(task="general", meta_steps=steps, meta_batch=2, val_episodes=2,
+                      horizon_max=20, truncation=10, validate_every=5, checkpoint_every=1,
+                      run_dir=str(tmp_path / "g"))
+        return MetaTrainConfig(**{**values, **changes})
+
+    TruncatedTrainer(config(1), progress=False).run()
+    (tmp_path / "g" / ".last.state.safetensors.x.tmp").write_bytes(b"killed mid-write")
+    resumed = TruncatedTrainer(config(2, meta_lr=3e-4, run_dir=str(tmp_path / "g") + "/"),
+                               resume=True, progress=False)
+    assert [g["lr"] for g in resumed.adam.param_groups] == [3e-4]
+    assert not (tmp_path / "g" / ".last.state.safetensors.x.tmp").exists()
+    change = [e for e in read_log(tmp_path / "g") if "resumed_with_changes" in e]
+    assert change[0]["resumed_with_changes"]["meta_lr"] == {"saved": 1e-3, "given": 3e-4}
+    with pytest.raises(ValueError, match=r"differs in \['seed'\]"):
+        TruncatedTrainer(config(2, seed=9), resume=True, progress=False)

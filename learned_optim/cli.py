@@ -73,7 +73,11 @@ def _add_meta_train(commands) -> None:
                         default=None, help="keep the learner's initial weights fixed")
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir; it may change --meta-lr, "
+                             "--grad-clip, --meta-steps, --max-time-s, --validate-every, "
+                             "--checkpoint-every, --device and --threads (configuration "
+                             "changes are logged in metrics.jsonl)")
     parser.add_argument("--test-episodes", type=int, default=600,
                         help="test episodes evaluated after training (0: skip)")
     parser.add_argument("--baselines", default="sgd,adam",

@@ -43,6 +43,7 @@ __all__ = [
     "state_width",
     "chunk_rows",
     "ACCELERATOR_CHUNK_ROWS",
+    "rule_fingerprint",
 ]
 
 
@@ -489,3 +490,26 @@ class MetaLearnerLSTM(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, p={self.p}, "
                 f"optional_loss={self.optional_loss}, gradient_scale={self.gradient_scale}")
+
+
+def rule_fingerprint(meta_learner: MetaLearnerLSTM) -> str:
+    """A digest that identifies an update rule: its hyper-parameters and exact weights.
+
+    Two rules share a fingerprint only if they compute the same updates bit for bit (same
+    hyper-parameters, same weight values, dtypes and shapes); the device does not count.
+
+    >>> a, b = MetaLearnerLSTM(), MetaLearnerLSTM()
+    >>> rule_fingerprint(a) == rule_fingerprint(a), rule_fingerprint(a) == rule_fingerprint(b)
+    (True, False)
+    >>> rule_fingerprint(a)[:7]
+    'sha256:'
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(meta_learner.hyperparameters(), sort_keys=True).encode())
+    for name, tensor in meta_learner.named_parameters():
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

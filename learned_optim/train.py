@@ -31,12 +31,19 @@ from learned_optim.finetune import finetune
 from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
-from learned_optim.runstate import RunFolder, load_training_state, read_log, save_training_state
+from learned_optim.runstate import (
+    RESUME_OVERRIDES,
+    RunFolder,
+    load_training_state,
+    read_log,
+    save_training_state,
+)
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 
 __all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores",
-           "read_log"]
+           "read_log", "RESUME_OVERRIDES"]
+
 
 
 def _detach_all(grads):
@@ -206,18 +213,16 @@ class MetaTrainer:
         self.step, self.best, self.elapsed = record["step"], record["best"], record["elapsed"]
 
     def _load_state(self) -> tuple[dict, dict | None]:
+        # The configuration is compared before any tensor is loaded into this run's modules.
+        _, overrides = self.folder.resume_record(self.config)
         record = load_training_state(self.folder.state_path, modules=self._modules(),
                                      optimizer=self.adam)
-        saved = MetaTrainConfig.from_dict(record["config"])
-        mine, theirs = self.config.to_dict(), saved.to_dict()
-        changed = sorted(k for k in mine if k not in ("meta_steps", "device", "max_time_s") and
-                         mine[k] != theirs[k])
-        if changed:
-            raise ValueError(
-                f"cannot resume {self.folder.path}: the configuration differs in {changed} "
-                f"(saved: {[theirs[k] for k in changed]}, given: {[mine[k] for k in changed]})"
-            )
+        # Adam's loaded param groups carry the saved learning rate: the given one applies now.
+        for group in self.adam.param_groups:
+            group["lr"] = self.config.meta_lr
         self.folder.truncate_log(record["step"])
+        if overrides:
+            self.folder.log({"step": record["step"], "resumed_with_changes": overrides})
         if self.world_size == 1:
             return record, None
         state = self.adam.state_dict()
@@ -239,7 +244,9 @@ class MetaTrainer:
         loss_sum = metric_sum = 0.0
         failure = None
         stopped = (f"at meta-step {self.step + 1}: training stopped; the last good state is "
-                   f"kept in {self.folder.state_path} (resume with a lower meta_lr or grad_clip)")
+                   f"kept in {self.folder.state_path} (resume with a lower meta_lr or grad_clip: "
+                   f"the same command with --resume --meta-lr {config.meta_lr / 3:.3g}, or "
+                   "--grad-clip, added)")
         for slot in distributed.rank_slots(config.meta_batch):
             episode = to_device(episodes.episode(self.step * config.meta_batch + slot),
                                 self.device)

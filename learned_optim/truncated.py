@@ -220,16 +220,14 @@ class TruncatedTrainer:
                                     "config": self.config.to_dict()})
 
     def _resume(self) -> None:
+        _, overrides = self.folder.resume_record(self.config)  # before any tensor loads
         record = load_training_state(self.folder.state_path, modules={"rule": self.rule},
                                      optimizer=self.adam)
-        saved = MetaTrainConfig.from_dict(record["config"]).to_dict()
-        mine = self.config.to_dict()
-        changed = sorted(k for k in mine if k not in ("meta_steps", "device", "max_time_s")
-                         and mine[k] != saved[k])
-        if changed:
-            raise ValueError(f"cannot resume {self.folder.path}: the configuration differs in "
-                             f"{changed}")
+        for group in self.adam.param_groups:  # a changed meta_lr applies from now on
+            group["lr"] = self.config.meta_lr
         self.folder.truncate_log(record["step"])
+        if overrides:
+            self.folder.log({"step": record["step"], "resumed_with_changes": overrides})
         self.step, self.updates = record["step"], record["updates"]
         self.best, self.elapsed = record["best"], record["elapsed"]
 

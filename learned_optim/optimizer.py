@@ -17,6 +17,7 @@ import torch
 from higher.optim import DifferentiableOptimizer
 from torch import Tensor
 
+from learned_optim.checkpoint import load_update_rule, shipped_path
 from learned_optim.metalearner import (
     MetaLearnerLSTM,
     apply_group_options,
@@ -30,6 +31,7 @@ from learned_optim.metalearner import (
 from learned_optim.rule_trajectory import RuleTrajectory
 
 __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUNK_SIZE",
+           "DEFAULT_RULE", "default_rule",
            "GROUP_DEFAULTS"]
 
 # Rows of the coordinate batch processed at once by the in-place optimizer: keeps the
@@ -185,6 +187,20 @@ class _BucketCache(NamedTuple):
     views: tuple[Tensor, ...]
 
 
+DEFAULT_RULE = "general"
+
+
+def default_rule() -> MetaLearnerLSTM:
+    """A new copy of the rule ``LSTMMetaOptimizer`` runs when given no meta-learner: the
+    shipped :data:`DEFAULT_RULE` (``general``).
+
+    >>> rule = default_rule()
+    >>> rule.optional_loss, rule.gradient_scale is not None, rule is default_rule()
+    (True, True, False)
+    """
+    return load_update_rule(DEFAULT_RULE)
+
+
 class LSTMMetaOptimizer(torch.optim.Optimizer):
     r"""The Meta-Learner LSTM update rule as a ``torch.optim`` optimizer.
 
@@ -219,8 +235,11 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         Parameters or param groups, as for any ``torch.optim`` optimizer. Groups may set
         ``lr`` (a non-negative multiplier on the rule's update) and ``weight_decay``.
     meta_learner:
-        The update rule; a freshly initialised :class:`MetaLearnerLSTM` (close to SGD with a
-        small step) if omitted. Kept by reference, never copied, so meta-gradients reach it.
+        The update rule; if omitted, the shipped rule ``general`` (:func:`default_rule`:
+        meta-trained over many fresh models and tasks, no learning rate, the loss optional).
+        ``MetaLearnerLSTM()`` is the paper's freshly initialised rule (close to SGD with a
+        small step), the start of meta-training. Kept by reference, never copied, so
+        meta-gradients reach it.
     lr, weight_decay:
         Defaults of the param groups' options (1.0 and 0.0).
     first_order:
@@ -278,7 +297,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             _group_option(defaults, name, 0)
         # Set before Optimizer.__init__, which calls add_param_group.
         self._bucket_cache: dict[tuple, _BucketCache] = {}
-        self.meta_learner = meta_learner if meta_learner is not None else MetaLearnerLSTM()
+        self.meta_learner = meta_learner if meta_learner is not None else default_rule()
         # A default rule gives way to the rule of a loaded state_dict; an explicit one does not.
         self._rule_is_default = meta_learner is None
         self.first_order = bool(first_order)
@@ -305,8 +324,6 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         Only the update rule is used; see :func:`learned_optim.load_learned_init` for the
         learned initial weights.
         """
-        from learned_optim.checkpoint import load_update_rule
-
         return cls(params, load_update_rule(name_or_path), **kwargs)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -343,10 +360,11 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         it was loaded: its name and fingerprint identify it. ``with_weights`` forces either way.
 
         >>> identity = LSTMMetaOptimizer(torch.nn.Linear(2, 1).parameters()).rule_identity()
-        >>> identity["hyperparameters"]["hidden_size"], identity["name"]
-        (20, None)
-        >>> sorted(identity["weights"])[:2]
-        ['bias', 'meta_bias']
+        >>> identity["name"], identity["weights"]  # the shipped default, unchanged
+        ('general', None)
+        >>> fresh = LSTMMetaOptimizer(torch.nn.Linear(2, 1).parameters(), MetaLearnerLSTM())
+        >>> fresh.rule_identity()["name"], sorted(fresh.rule_identity()["weights"])[:2]
+        (None, ['bias', 'meta_bias'])
         """
         rule = self.meta_learner
         fingerprint = rule_fingerprint(rule)
@@ -653,8 +671,6 @@ def _rule_from_saved(identity: dict) -> MetaLearnerLSTM:
         name = identity.get("name")
         if not isinstance(name, str):
             raise ValueError("state_dict['rule'] has neither weights nor a shipped rule's name")
-        from learned_optim.checkpoint import load_update_rule, shipped_path
-
         rule = load_update_rule(shipped_path(name))
         if rule_fingerprint(rule) != identity.get("fingerprint"):
             raise ValueError(

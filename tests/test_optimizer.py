@@ -65,7 +65,7 @@ def test_forced_gates_reproduce_sgd_step_for_step(digits):
 
 def test_step_without_loss_explains_both_ways():
     model = nn.Linear(2, 1)
-    opt = LSTMMetaOptimizer(model.parameters())
+    opt = LSTMMetaOptimizer(model.parameters(), MetaLearnerLSTM())  # the paper's rule needs it
     model(torch.ones(1, 2)).sum().backward()
     with pytest.raises(ValueError, match=r"step\(loss=loss\).*closure"):
         opt.step()

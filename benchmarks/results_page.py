@@ -248,6 +248,9 @@ def main() -> None:
     names = available_pretrained()
     STATIC.mkdir(parents=True, exist_ok=True)
     records = {name: load_checkpoint(name).record for name in names}  # each file read once
+    # The general rule has no episodes of its own: docs/general-rule.md and its own pages.
+    records = {name: r for name, r in records.items() if r["config"].get("task") != "general"}
+    names = list(records)
     plot_curves(records, STATIC / "results_curves.png")
     for name, label in (("omniglot-5w1s", "1-shot"), ("omniglot-5w5s", "5-shot")):
         if name in names:

@@ -1,13 +1,11 @@
 """Swap torch.optim.SGD for LSTMMetaOptimizer in an ordinary PyTorch training loop.
 
 The two training functions below are the same loop, once with SGD and once with the learned
-update rule; the lines marked ``# <-`` are the whole change (plus the import). Both train the
-same model from the same initial weights on the same mini-batches.
+update rule; the line marked ``# <-`` is the whole change (plus the import). Both train the
+same model from the same initial weights on the same mini-batches. With no meta-learner the
+optimizer runs the shipped ``general`` rule, which needs no learning rate and no loss.
 
 Run: ``python examples/replace_sgd.py`` (offline, a few seconds on a CPU).
-
-The meta-trained ``sinusoid-10shot`` rule is used when this version ships it; otherwise the
-paper's initial rule, which behaves like SGD with a step of about 0.01.
 """
 
 import copy
@@ -17,9 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from learned_optim import LSTMMetaOptimizer, available_pretrained
-
-PRETRAINED = "sinusoid-10shot"
+from learned_optim import LSTMMetaOptimizer
 
 
 def make_data(seed: int = 0) -> TensorDataset:
@@ -28,13 +24,6 @@ def make_data(seed: int = 0) -> TensorDataset:
     x = torch.rand(64, 1, generator=generator) * 4 - 2
     y = torch.sin(3 * x) + 0.05 * torch.randn(64, 1, generator=generator)
     return TensorDataset(x, y)
-
-
-def learned_optimizer(params) -> LSTMMetaOptimizer:
-    """The meta-trained rule if shipped, else a freshly initialised one."""
-    if PRETRAINED in available_pretrained():
-        return LSTMMetaOptimizer.from_pretrained(PRETRAINED, params)
-    return LSTMMetaOptimizer(params)
 
 
 def train_with_sgd(model, loader, epochs):
@@ -49,13 +38,13 @@ def train_with_sgd(model, loader, epochs):
 
 
 def train_with_learned_rule(model, loader, epochs):
-    opt = learned_optimizer(model.parameters())  # <- was torch.optim.SGD(..., lr=0.01)
+    opt = LSTMMetaOptimizer(model.parameters())  # <- was torch.optim.SGD(..., lr=0.01)
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()
             loss = F.mse_loss(model(x), y)
             loss.backward()
-            opt.step(loss=loss)  # <- the learned rule reads the loss too
+            opt.step()
     return model
 
 
@@ -79,7 +68,7 @@ def main(epochs: int = 5) -> dict:
     learned_loss = full_loss(
         train_with_learned_rule(twin, DataLoader(data, 16, shuffle=True), epochs), data)
 
-    rule = PRETRAINED if PRETRAINED in available_pretrained() else "fresh rule"
+    rule = "general"
     for name, value in (("MSE at start", start), (f"SGD (lr 0.01), {steps} steps", sgd_loss),
                         (f"LSTMMetaOptimizer ({rule}), {steps} steps", learned_loss)):
         print(f"{name:45s} {value:.4f}")

@@ -45,10 +45,11 @@ def test_replace_sgd_trains_side_by_side_with_sgd(tmp_path):
     sgd = float(re.search(r"SGD \(lr 0.01\), 20 steps\s+" + NUMBER, out).group(1))
     learned = float(re.search(r"LSTMMetaOptimizer \(.*\), 20 steps\s+" + NUMBER, out).group(1))
     assert sgd < start and learned < start
+    assert learned < sgd  # the general rule, untuned, against SGD at 0.01
 
 
-def test_replace_sgd_is_a_change_of_at_most_three_lines():
-    # The SGD loop and the learned-rule loop differ in two lines; the import is the third.
+def test_replace_sgd_is_a_change_of_one_line():
+    # The SGD loop and the learned-rule loop differ in the line that builds the optimizer.
     source = (EXAMPLES / "replace_sgd.py").read_text()
     functions = {node.name: ast.get_source_segment(source, node).splitlines()[1:]
                  for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
@@ -56,7 +57,7 @@ def test_replace_sgd_is_a_change_of_at_most_three_lines():
                                                      functions["train_with_learned_rule"],
                                                      lineterm="", n=0)
                if line.startswith("+") and not line.startswith("+++")]
-    assert len(changed) == 2 and all("# <-" in line for line in changed)
+    assert len(changed) == 1 and all("# <-" in line for line in changed)
 
 
 @pytest.fixture(scope="module")

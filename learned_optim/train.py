@@ -15,13 +15,11 @@ from __future__ import annotations
 import functools
 import math
 import platform
-import time
 from pathlib import Path
 
 import higher
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from learned_optim import distributed
 from learned_optim.baselines import MetaSGDRates, PerCoordinateSGD
@@ -38,6 +36,7 @@ from learned_optim.runstate import (
     read_log,
     save_training_state,
 )
+from learned_optim.schedule import run_schedule
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 
@@ -319,7 +318,7 @@ class MetaTrainer:
         distributed.all_reduce_sum_([scores], f"validation at meta-step {self.step}")
         return summarize(scores.tolist())
 
-    def _record_validation(self, summary: Summary) -> None:
+    def record_validation(self, summary: Summary) -> None:
         name = self.task.metric_name
         if self.rank == 0:
             self.folder.log({"step": self.step, f"val_{name}": summary.mean,
@@ -358,34 +357,11 @@ class MetaTrainer:
         return self.folder.best_path
 
     def _train(self) -> None:
-        config, main, name = self.config, self.rank == 0, self.task.metric_name
-        if self.step == 0 and self.best is None:
-            self._record_validation(self.validate())  # the untrained starting point
-            if main:
-                self.save_state()
-        bar = tqdm(total=config.meta_steps, initial=self.step, disable=not self.progress,
-                   desc=f"meta-train {Path(config.run_dir).name}", dynamic_ncols=True)
-        with bar:
-            while self.step < config.meta_steps:
-                started = time.perf_counter()
-                entry = self.meta_step()
-                self.elapsed += time.perf_counter() - started
-                entry["elapsed_s"] = round(self.elapsed, 3)
-                if main:
-                    self.folder.log(entry)
-                bar.update(1)
-                bar.set_postfix(meta_loss=f"{entry['meta_loss']:.4f}",
-                                **{name: f"{entry['train_' + name]:.4f}"})
-                out_of_time = config.max_time_s is not None and self.elapsed >= config.max_time_s
-                if config.max_time_s is not None:  # ranks' clocks differ: stop together
-                    out_of_time = distributed.any_true(out_of_time, "the time-budget check")
-                last = self.step == config.meta_steps or out_of_time
-                if self.step % config.validate_every == 0 or last:
-                    self._record_validation(self.validate())
-                if main and (self.step % config.checkpoint_every == 0 or last):
-                    self.save_state()
-                if out_of_time:
-                    break
+        name = self.task.metric_name
+        run_schedule(self, progress=self.progress, main=self.rank == 0,
+                     postfix=lambda entry: {"meta_loss": f"{entry['meta_loss']:.4f}",
+                                            name: f"{entry['train_' + name]:.4f}"},
+                     stop_together=lambda out: distributed.any_true(out, "the time-budget check"))
 
 
 def _hardware(device: torch.device, processes: int = 1) -> str:

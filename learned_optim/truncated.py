@@ -20,20 +20,19 @@ the seed and ``i``), so it continues bit-identically.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from learned_optim.checkpoint import load_update_rule, save_checkpoint
 from learned_optim.config import MetaTrainConfig
 from learned_optim.general import Problem, ProblemDistribution
 from learned_optim.metalearner import MetaLearnerLSTM, initial_state, prepare_step, update_rows
 from learned_optim.runstate import RunFolder, load_training_state, save_training_state
+from learned_optim.schedule import run_schedule
 
 __all__ = ["TruncatedTrainer", "ProblemRun", "general_rule", "LOSS_FLOOR"]
 
@@ -280,7 +279,7 @@ class TruncatedTrainer:
         return {"mean": mean, "ci95": 1.96 * std / math.sqrt(len(scores)),
                 "episodes": len(scores)}
 
-    def _record_validation(self, summary: dict) -> None:
+    def record_validation(self, summary: dict) -> None:
         self.folder.log({"step": self.step, "val_log_loss_ratio": summary["mean"],
                          "val_log_loss_ratio_ci95": summary["ci95"],
                          "val_episodes": summary["episodes"]})
@@ -302,27 +301,6 @@ class TruncatedTrainer:
 
     def run(self) -> Path:
         """Train up to ``meta_steps`` (validating and saving on schedule); the best's path."""
-        config = self.config
-        if self.step == 0 and self.best is None:
-            self._record_validation(self.validate())
-            self.save_state()
-        bar = tqdm(total=config.meta_steps, initial=self.step, disable=not self.progress,
-                   desc=f"meta-train {Path(config.run_dir).name}", dynamic_ncols=True)
-        with bar:
-            while self.step < config.meta_steps:
-                started = time.perf_counter()
-                entry = self.meta_step()
-                self.elapsed += time.perf_counter() - started
-                entry["elapsed_s"] = round(self.elapsed, 3)
-                self.folder.log(entry)
-                bar.update(1)
-                bar.set_postfix(meta_loss=f"{entry['meta_loss']:.3f}")
-                out_of_time = config.max_time_s is not None and self.elapsed >= config.max_time_s
-                last = self.step == config.meta_steps or out_of_time
-                if self.step % config.validate_every == 0 or last:
-                    self._record_validation(self.validate())
-                if self.step % config.checkpoint_every == 0 or last:
-                    self.save_state()
-                if out_of_time:
-                    break
+        run_schedule(self, progress=self.progress,
+                     postfix=lambda entry: {"meta_loss": f"{entry['meta_loss']:.3f}"})
         return self.folder.best_path

@@ -34,7 +34,8 @@ from learned_optim.metalearner import MetaLearnerLSTM, initial_state, prepare_st
 from learned_optim.runstate import RunFolder, load_training_state, save_training_state
 from learned_optim.schedule import run_schedule
 
-__all__ = ["TruncatedTrainer", "ProblemRun", "general_rule", "LOSS_FLOOR"]
+__all__ = ["TruncatedTrainer", "ProblemRun", "general_rule", "trajectory_objective",
+           "trajectory_score", "LOSS_FLOOR"]
 
 # Added to every validation loss before its logarithm: a problem fitted to 1e-4 should not
 # dominate the meta-gradient through 1 / loss.

@@ -76,8 +76,9 @@ def _transfer_counts(path: Path) -> dict:
 
 
 def package_general(name: str, runs: list[Path], *, scratch: Path, transfer: list[Path],
-                    hardware: str, out_dir: Path = PRETRAINED_DIR) -> Path:
-    """Re-save the last run's best checkpoint as ``out_dir/NAME.safetensors`` with its card."""
+                    hardware: str, notes: list[str] = (), out_dir: Path = PRETRAINED_DIR) -> Path:
+    """Re-save the last run's best checkpoint as ``out_dir/NAME.safetensors`` with its card;
+    ``notes`` are facts the run folders do not hold (e.g. a run stopped by hand)."""
     runs = [Path(run) for run in runs]
     checkpoint = load_checkpoint(runs[-1] / "best.safetensors")
     config = {k: v for k, v in checkpoint.record["config"].items() if k not in _LOCAL_FIELDS}
@@ -100,6 +101,7 @@ def package_general(name: str, runs: list[Path], *, scratch: Path, transfer: lis
                              "adam 1e-3": headline["Adam 1e-3"]}},
         "scratch": scratch_results,
         "few_shot": [_transfer_counts(path) for path in transfer],
+        "notes": list(notes),
     }
     path = save_checkpoint(Path(out_dir) / f"{name}.safetensors", checkpoint.meta_learner,
                            config=config, dataset="general", metrics=checkpoint.record["metrics"],
@@ -157,6 +159,8 @@ def card_markdown(name: str, config: dict, card: dict, rule) -> str:
                      f"{counts['beats_sgd']} of {counts['cells']} cells and tuned Adam in "
                      f"{counts['beats_adam']}.")
     lines += ["", "## Targets", ""] + [f"- {v}" for v in card["scratch"]["verdicts"]] + [""]
+    if card.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in card["notes"]] + [""]
     return "\n".join(lines)
 
 
@@ -167,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=Path("docs/results/scratch.json"))
     parser.add_argument("--transfer", nargs="*", type=Path, default=[])
     parser.add_argument("--hardware", default="the 2-core CPU (1 thread, shared)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a fact for the card that the run folders do not hold (repeatable)")
     args = parser.parse_args(argv)
     path = package_general(args.name, args.runs, scratch=args.scratch, transfer=args.transfer,
-                           hardware=args.hardware)
+                           hardware=args.hardware, notes=args.note)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 

@@ -193,7 +193,8 @@ def _benchmark_jsons(folder):
     row = {"mean": 0.9, "ci95": 0.01, "n": 3}
     methods = {m: {"summary": {"2000": {"test_accuracy": dict(row, mean=0.9 - i / 100),
                                         "train_loss": row}}}
-               for i, m in enumerate(("learned rule", "SGD tuned", "Adam tuned", "Adam 1e-3"))}
+               for i, m in enumerate(("learned rule, no loss", "learned rule", "SGD tuned",
+                                      "Adam tuned", "Adam 1e-3"))}
     scratch = {"setting": {"steps": 2000}, "verdicts": ["mnist5k-mlp: met"],
                "problems": {"mnist5k-mlp": {"lr": {"sgd": 0.3, "adam": 0.003},
                                             "methods": methods}}}

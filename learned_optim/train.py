@@ -17,6 +17,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import higher
@@ -176,7 +177,15 @@ class MetaTrainer:
                 for name, rate in zip(self.rule.names, self.rule.rates):
                     rate.copy_(checkpoint.learning_rates[name])
         if checkpoint.learned_init is not None:
-            load_learned_init(self.learner, checkpoint)
+            # Another number of ways: the head's shape differs; it keeps its fresh weights.
+            report = load_learned_init(self.learner, checkpoint, strict=False)
+            fresh = report.missing + report.mismatched
+            if report.unexpected or (fresh and self.config.method == "metasgd"):
+                load_learned_init(self.learner, checkpoint)  # raises, naming the mismatch
+            if fresh:
+                warnings.warn(f"init_from {path}: learned init loaded except {fresh}, whose "
+                              "shapes differ (another number of ways?); those are re-initialised",
+                              stacklevel=2)
 
     # --- state -------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:

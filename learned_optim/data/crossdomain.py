@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learned_optim.data._images import check_image_size, decode_image, resize_images
+from learned_optim.data._images import check_image_size, resize_images
 from learned_optim.data.dataset import FewShotDataset
+from learned_optim.data.preprocessing import Preprocessing, preprocess
 
 __all__ = ["image_folder", "sklearn_digits", "mnist5k", "animal_mnist", "ANIMAL_CLASSES"]
 
@@ -41,7 +42,10 @@ def _existing_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def image_folder(
-    root: str | os.PathLike, image_size: int = 28, grayscale: bool = True
+    root: str | os.PathLike,
+    image_size: int = 28,
+    grayscale: bool = True,
+    preprocessing: Preprocessing | None = None,
 ) -> FewShotDataset:
     """Load ``root/<class>/<image>`` ("one folder per class") as a :class:`FewShotDataset`.
 
@@ -56,6 +60,10 @@ def image_folder(
         Side of the square output images (bilinear resize).
     grayscale : bool
         One channel (PIL mode ``"L"``) if True, else three (``"RGB"``).
+    preprocessing : Preprocessing, optional
+        The exact steps of a checkpoint (e.g. ``Preprocessing.omniglot()``: Lanczos resize
+        and inversion, so black-on-white files reach an ink = 1 learner correctly); replaces
+        ``image_size`` and ``grayscale``. Default: bilinear, not inverted.
 
     Returns
     -------
@@ -89,19 +97,19 @@ def image_folder(
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class folders (expected root/<class>/<image files>)")
-    mode = "L" if grayscale else "RGB"
+    if preprocessing is None:
+        mode = "L" if grayscale else "RGB"
+        preprocessing = Preprocessing(image_size, mode, "bilinear", invert=False)
     images, labels = [], []
     for label, folder in enumerate(classes):
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
             raise ValueError(f"class folder {folder} holds no image files")
         for path in files:
-            images.append(decode_image(path, mode, image_size))
+            images.append(preprocess(path, preprocessing))
             labels.append(label)
-    array = np.stack(images)
-    inputs = torch.from_numpy(array[:, None] if grayscale else array.transpose(0, 3, 1, 2))
     return FewShotDataset(
-        inputs.to(torch.float32).div_(255.0).contiguous(),
+        torch.cat(images),
         torch.tensor(labels, dtype=torch.int64),
         [folder.name for folder in classes],
         name=root.name,

@@ -27,7 +27,8 @@ _CONFIG_OPTIONS = {
     "task": (str, "task family", TASKS),
     "method": (str, "what is meta-learned: the LSTM rule or a baseline", METHODS),
     "data_root": (str, "folder of the data set (Omniglot zips, miniImageNet images+CSVs)", None),
-    "protocol": (str, "omniglot split (vinyals|lake) or sinusoid family (maml|metasgd)", None),
+    "protocol": (str, "omniglot split (vinyals|lake|lake-within) or sinusoid family "
+                      "(maml|metasgd)", None),
     "ways": (int, "classes per episode (N)", None),
     "shots": (int, "support examples per class (K), or support points (sinusoid)", None),
     "queries": (int, "query examples per class (default 15)", None),
@@ -100,8 +101,13 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--ways", type=int)
     parser.add_argument("--shots", type=int)
     parser.add_argument("--inner-steps", type=int)
-    parser.add_argument("--protocol", help="evaluate on this omniglot split (vinyals|lake) or "
+    parser.add_argument("--protocol", help="evaluate on this omniglot protocol (vinyals|lake|"
+                                           "lake-within: Lake et al.'s within-alphabet runs) or "
                                            "sinusoid family (maml|metasgd) instead")
+    parser.add_argument("--queries", type=int, help="query examples per class (Lake: 1)")
+    parser.add_argument("--force-overlap", action="store_true",
+                        help="evaluate even on characters the checkpoint was meta-trained or "
+                             "validated on (refused otherwise; the overlap is reported)")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--baselines", default="",
@@ -200,7 +206,8 @@ def _evaluate(args) -> int:
         split=args.split, baselines=_baselines(args.baselines),
         baseline_checkpoints={k: v for k, v in (("maml", args.maml),
                                                 ("metasgd", args.metasgd)) if v},
-        tune_episodes=args.tune_episodes, device=args.device, progress=not args.no_progress)
+        tune_episodes=args.tune_episodes, device=args.device, progress=not args.no_progress,
+        queries=args.queries, force_overlap=args.force_overlap)
     print(json.dumps(report.setting))
     print(report.to_markdown())
     if args.json:

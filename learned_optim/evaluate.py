@@ -18,8 +18,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from learned_optim.checkpoint import Checkpoint, load_checkpoint, load_learned_init
+from learned_optim.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_learned_init,
+    read_training_data,
+)
 from learned_optim.config import MetaTrainConfig
+from learned_optim.data import splits
 from learned_optim.learners import reset_batchnorm
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
@@ -108,6 +114,15 @@ def _learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.M
     return learner.to(device), note
 
 
+def _overlap(checkpoint: Checkpoint, config: MetaTrainConfig, split: str):
+    """How many characters of the evaluated split ``checkpoint`` was meta-trained on."""
+    if config.task != "omniglot":
+        return None
+    seen = read_training_data(checkpoint) or splits.training_data(
+        checkpoint.record.get("config") or {})
+    return splits.split_overlap(seen, config.protocol, split)
+
+
 def _tune_lr(name, learner, task, steps, tune_episodes, device) -> tuple[float, Summary]:
     """The learning rate of ``LR_GRIDS[name]`` with the best validation score, and that score."""
     factory = TUNED_OPTIMIZERS[name]
@@ -136,6 +151,8 @@ def evaluate(
     tune_episodes: int = 50,
     device: str = "cpu",
     progress: bool = False,
+    queries: int | None = None,
+    force_overlap: bool = False,
 ) -> EvaluationReport:
     """Mean query score with 95% CI of a checkpoint and of baselines, on the same episodes.
 
@@ -146,6 +163,13 @@ def evaluate(
     ``tune_episodes`` validation episodes; MAML and Meta-SGD need checkpoints meta-trained with
     ``learned-optim meta-train --method maml|metasgd``; ``nn`` is 1-nearest-neighbour in the
     learner's feature space.
+
+    ``protocol="lake-within"`` runs Lake et al.'s one-shot protocol on Omniglot's 20 evaluation
+    alphabets: every episode's classes come from one alphabet and support and query sets from
+    different drawers (``queries=1`` is Lake's one test drawer). An Omniglot checkpoint that was
+    meta-trained or validated on characters of the evaluated split is refused with a
+    ``ValueError`` that says how many overlap, unless ``force_overlap=True`` (the report's
+    setting then records the overlap).
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -157,7 +181,7 @@ def evaluate(
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     saved = dict(checkpoint.record.get("config") or {})
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
-                 "protocol": protocol, "data_root": data_root}
+                 "protocol": protocol, "data_root": data_root, "queries": queries}
     saved.update({k: v for k, v in overrides.items() if v is not None})
     if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
         saved["inner_steps"] = None  # let the task default follow the new shot count
@@ -165,6 +189,19 @@ def evaluate(
         saved["queries"] = None
     saved["device"] = device
     config = MetaTrainConfig.from_dict(saved).resolved()
+    overlaps = {name: _overlap(other, config, split) for name, other in
+                [("checkpoint", checkpoint)] + [(b, load_checkpoint(p)) for b, p in
+                                                (baseline_checkpoints or {}).items()
+                                                if b in baselines]}
+    overlaps = {name: o for name, o in overlaps.items() if o is not None and o.seen}
+    if overlaps and not force_overlap:
+        raise ValueError(
+            "; ".join(o.message(f"{name} ({path})") for name, (o, path) in (
+                (n, (o, checkpoint.path if n == "checkpoint" else baseline_checkpoints[n]))
+                for n, o in overlaps.items()))
+            + f": its {split} score would not measure generalisation to unseen characters. "
+            "Evaluate on a split it has not seen, or pass force_overlap=True "
+            "(learned-optim evaluate --force-overlap) to report it anyway.")
     the_task = build_task(config)
     steps = config.inner_steps
     def indices(label: str):  # the same test episodes for every method, with a progress bar
@@ -178,6 +215,11 @@ def evaluate(
         {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
          "queries": config.queries, "protocol": config.protocol,
          "checkpoint": str(checkpoint.path)})
+    for name, overlap in overlaps.items():  # only when forced
+        report.setting.setdefault("overlap", {})[name] = {
+            "characters": overlap.characters, "seen": overlap.seen,
+            "seen_in_training": overlap.seen_in_training,
+            "seen_in_validation": overlap.seen_in_validation}
     name = {"lstm": "meta-learner LSTM"}.get(checkpoint.method, checkpoint.method)
     report.results[name] = evaluate_rule(learner, checkpoint, source, indices(name), steps,
                                          the_task, device)

@@ -29,6 +29,8 @@ from learned_optim import distributed
 from learned_optim.baselines import MetaSGDRates, PerCoordinateSGD
 from learned_optim.checkpoint import load_checkpoint, load_learned_init, save_checkpoint
 from learned_optim.config import MetaTrainConfig
+from learned_optim.data import splits
+from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.finetune import finetune
 from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
@@ -109,6 +111,11 @@ def query_scores(learner, spec, episodes, indices, steps, task: Task, device="cp
 def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> Summary:
     """Mean query metric with its 95% CI, adapting through :func:`finetune` (test protocol)."""
     return summarize(query_scores(learner, spec, episodes, indices, steps, task, device))
+
+
+def _preprocessing_record(config: MetaTrainConfig) -> dict | None:
+    spec = Preprocessing.for_config(config)
+    return None if spec is None else spec.to_dict()
 
 
 class MetaTrainer:
@@ -345,6 +352,8 @@ class MetaTrainer:
                   "wall_time_s": round(self.elapsed, 1),
                   "hardware": _hardware(self.device, self.world_size),
                   "learned_init_trained": config.learned_init},
+            preprocessing=_preprocessing_record(config),
+            training_data=splits.training_data(config.to_dict()),
         )
 
     def run(self) -> Path:

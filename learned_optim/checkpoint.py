@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 import tempfile
@@ -23,7 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from learned_optim.metalearner import MetaLearnerLSTM
+from learned_optim.metalearner import MetaLearnerLSTM, rule_fingerprint
 
 __all__ = [
     "Checkpoint",
@@ -34,8 +35,11 @@ __all__ = [
     "load_learned_init",
     "load_update_rule",
     "read_preprocessing",
+    "read_record",
     "read_training_data",
     "resolve_checkpoint",
+    "shipped_path",
+    "validate_record",
     "save_checkpoint",
     "write_atomic",
 ]
@@ -285,33 +289,98 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def read_header_record(path: Path, data: bytes, expected_format: str = FORMAT) -> dict:
-    """Parse the header without trusting it: size, JSON, our format key and version."""
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: truncated file ({len(data)} bytes), not a checkpoint")
-    (header_size,) = struct.unpack("<Q", data[:8])
-    if header_size > len(data) - 8:
-        raise CheckpointError(
-            f"{path}: truncated or not a safetensors file (header claims {header_size} bytes, "
-            f"file has {len(data)})"
-        )
+def shipped_path(name: str) -> Path:
+    """The file of the shipped checkpoint ``name`` (never a local file of that name).
+
+    >>> shipped_path("omniglot-5w1s").name
+    'omniglot-5w1s.safetensors'
+    """
+    path = PRETRAINED_DIR / f"{name}{SUFFIX}"
+    if "/" in name or "\\" in name or not path.is_file():
+        names = ", ".join(available_pretrained()) or "none are shipped in this version"
+        raise CheckpointError(f"no shipped checkpoint named {name!r} (available: {names})")
+    return path
+
+
+# --- reading: the whole record and the tensor table are validated before anything is built ---
+
+# Bounds of a record's meta-learner: far above any trained rule, far below what would make the
+# module (16 H^2 floats) or a step (182 floats a coordinate at H = 20) an allocation hazard.
+MAX_HIDDEN_SIZE = 1024
+MAX_P = 100.0
+MAX_GRADIENT_SCALE = 1e6
+# safetensors' own limit on a header: a larger one is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+# Element sizes of the safetensors dtypes; the floating ones are accepted for rule and init.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_METHODS = ("lstm", "maml", "metasgd")
+
+
+def _fail(path: Path, field_name: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: field {field_name!r} {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _header_json(path: Path, raw: bytes, body_size: int) -> tuple[dict, dict]:
+    """The safetensors header's tensor table (validated) and its metadata."""
     try:
-        header = json.loads(data[8 : 8 + header_size])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt header, not a safetensors file") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict) or RECORD_KEY not in metadata:
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt header (a JSON {type(header).__name__}, not an "
+                              "object), not a safetensors file")
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(RECORD_KEY), str):
         raise CheckpointError(
             f"{path}: not a learned_optim checkpoint (no {RECORD_KEY!r} record in its metadata)"
         )
+    table = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path}: {where} has no valid header entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise CheckpointError(f"{path}: {where} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(
+                _is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: {where} has invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+                or not 0 <= offsets[0] <= offsets[1] <= body_size):
+            raise CheckpointError(f"{path}: truncated or corrupt: {where} has data offsets "
+                                  f"{offsets!r}, the file holds {body_size} bytes of tensor "
+                                  "data")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: {where} of shape {shape} and dtype {dtype} does not "
+                                  f"fit its {offsets[1] - offsets[0]} bytes")
+        table[name] = {"dtype": dtype, "shape": shape}
+    return table, metadata
+
+
+def _record_from_metadata(path: Path, metadata: dict, expected_format: str) -> dict:
     try:
         record = json.loads(metadata[RECORD_KEY])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: the {RECORD_KEY!r} record is not valid JSON") from None
-    if not isinstance(record, dict) or record.get("format") != expected_format:
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: the {RECORD_KEY!r} record is a JSON "
+                              f"{type(record).__name__}, not an object")
+    if record.get("format") != expected_format:
         raise CheckpointError(f"{path}: foreign record (format {record.get('format')!r})")
     version = record.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if not _is_int(version) or version < 1:
         raise CheckpointError(f"{path}: invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
@@ -321,81 +390,228 @@ def read_header_record(path: Path, data: bytes, expected_format: str = FORMAT) -
     return record
 
 
-def _build_meta_learner(path: Path, record: dict, tensors: dict[str, Tensor]) -> MetaLearnerLSTM:
-    spec = record.get("meta_learner") or {}
-    if spec.get("class") != "MetaLearnerLSTM":
-        raise CheckpointError(f"{path}: unknown meta-learner class {spec.get('class')!r}")
-    try:
-        meta_learner = MetaLearnerLSTM(hidden_size=int(spec["hidden_size"]), p=float(spec["p"]),
-                                       optional_loss=bool(spec.get("optional_loss", False)))
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: invalid meta-learner hyper-parameters: {error}") from None
-    for name, expected in meta_learner.named_parameters():
-        stored = tensors.get(f"rule/{name}")
-        if stored is None:
-            raise CheckpointError(f"{path}: update-rule tensor 'rule/{name}' is missing")
-        if stored.shape != expected.shape or not stored.is_floating_point():
-            raise CheckpointError(
-                f"{path}: update-rule tensor 'rule/{name}' has shape {tuple(stored.shape)} and "
-                f"dtype {stored.dtype}, expected floating point {tuple(expected.shape)}"
-            )
-        if not bool(torch.isfinite(stored).all()):
-            raise CheckpointError(f"{path}: update-rule tensor 'rule/{name}' holds NaN or Inf")
-        with torch.no_grad():
-            expected.copy_(stored)
-    return meta_learner
+def _split_header(path: Path, prefix: bytes, file_size: int) -> int:
+    """The header's size from the first 8 bytes, checked against the file's size."""
+    if file_size < 8 or len(prefix) < 8:
+        raise CheckpointError(f"{path}: truncated file ({file_size} bytes), not a checkpoint")
+    (header_size,) = struct.unpack("<Q", prefix[:8])
+    if header_size > file_size - 8:
+        raise CheckpointError(
+            f"{path}: truncated or not a safetensors file (header claims {header_size} bytes, "
+            f"file has {file_size})"
+        )
+    if header_size > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: header of {header_size} bytes exceeds the "
+                              f"{MAX_HEADER_BYTES}-byte limit")
+    return header_size
 
 
-def _learned_init(path: Path, record: dict, tensors: dict[str, Tensor]) -> dict | None:
-    spec = record.get("learned_init")
-    if not spec:
+def read_header_record(path: Path, data: bytes, expected_format: str = FORMAT) -> dict:
+    """Parse the header of ``data`` without trusting it: size, JSON, format key and version.
+
+    Only the envelope is checked (see :func:`read_record` for the full schema of a
+    checkpoint's record).
+    """
+    header_size = _split_header(path, data[:8], len(data))
+    _, metadata = _header_json(path, data[8 : 8 + header_size], len(data) - 8 - header_size)
+    return _record_from_metadata(path, metadata, expected_format)
+
+
+def _check_dict(path: Path, record: dict, name: str, *, optional: bool = True) -> dict | None:
+    value = record.get(name)
+    if value is None and optional:
         return None
-    init = {}
-    for name, shape in spec.get("parameters", {}).items():
-        stored = tensors.get(f"init/{name}")
-        if stored is None:
-            raise CheckpointError(f"{path}: learned-init tensor 'init/{name}' is missing")
-        if list(stored.shape) != list(shape):
-            raise CheckpointError(
-                f"{path}: learned-init tensor 'init/{name}' has shape {tuple(stored.shape)}, "
-                f"its record says {tuple(shape)}"
-            )
-        init[name] = stored
-    return init
+    if not isinstance(value, dict):
+        raise _fail(path, name, f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_tensor(path: Path, table: dict, name: str, shape: list[int], what: str) -> None:
+    entry = table.get(name)
+    if entry is None:
+        raise CheckpointError(f"{path}: {what} tensor {name!r} is missing")
+    if entry["dtype"] not in _FLOAT_DTYPES or entry["shape"] != list(shape):
+        raise CheckpointError(
+            f"{path}: {what} tensor {name!r} has shape {tuple(entry['shape'])} and dtype "
+            f"{entry['dtype']}, expected floating point {tuple(shape)}")
+
+
+def _check_shape_field(path: Path, field_name: str, shape: Any) -> list[int]:
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+            _is_int(d) and d >= 0 for d in shape):
+        raise _fail(path, field_name, f"must be a list of non-negative integers, got {shape!r}")
+    return shape
+
+
+def _rule_shapes(hidden_size: int) -> dict[str, list[int]]:
+    """The shapes of a MetaLearnerLSTM's weights, without building one."""
+    h = hidden_size
+    return {"weight_ih": [4 * h, 4], "weight_hh": [4 * h, h], "bias": [4 * h],
+            "meta_weight": [2, h + 2], "meta_bias": [2]}
+
+
+def validate_record(path: str | os.PathLike, record: dict, tensors: dict | None = None) -> dict:
+    """Check a checkpoint's record against the schema; raise :class:`CheckpointError` naming
+    the file and the field, else return the record.
+
+    Checked: ``method``; for the LSTM the ``meta_learner`` spec (``class``, ``hidden_size`` an
+    integer in 1..1024, ``p`` a number in (0, 100], ``optional_loss`` a boolean,
+    ``gradient_scale`` null or a positive number, ``momentum`` in [0, 1), ``rms_decay`` in
+    (0, 1)); the learned
+    init's names and shapes; MAML's ``inner_lr``; Meta-SGD's step-size shapes; the types of
+    the descriptive fields (``config``, ``metrics``, ``card``: objects, ``dataset``: a string),
+    whose contents, like any other top-level key, are free. With ``tensors`` (the safetensors
+    header's table, name -> ``{"dtype", "shape"}``) every tensor the record names must exist
+    with that shape and a floating-point dtype.
+
+    >>> spec = {"class": "MetaLearnerLSTM", "hidden_size": 10**6, "p": 10.0}
+    >>> validate_record("x.safetensors", {"method": "lstm", "meta_learner": spec})
+    Traceback (most recent call last):
+    ...
+    learned_optim.checkpoint.CheckpointError: x.safetensors: field 'meta_learner.hidden_size' must be an integer in 1..1024, got 1000000
+    """  # noqa: E501
+    path = Path(path)
+    method = record.get("method", "lstm")
+    if method not in _METHODS:
+        raise _fail(path, "method", f"must be one of {_METHODS}, got {method!r}")
+    for name in ("config", "metrics", "card"):
+        _check_dict(path, record, name)
+    if record.get("dataset") is not None and not isinstance(record["dataset"], str):
+        raise _fail(path, "dataset", f"must be a string, got {type(record['dataset']).__name__}")
+    init = _check_dict(path, record, "learned_init")
+    if init:
+        parameters = init.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise _fail(path, "learned_init.parameters", "must be a JSON object")
+        for name, shape in parameters.items():
+            shape = _check_shape_field(path, f"learned_init.parameters.{name}", shape)
+            if tensors is not None:
+                _check_tensor(path, tensors, f"init/{name}", shape, "learned-init")
+    if method == "lstm":
+        spec = _check_dict(path, record, "meta_learner", optional=False)
+        if spec.get("class") != "MetaLearnerLSTM":
+            raise CheckpointError(f"{path}: unknown meta-learner class {spec.get('class')!r} "
+                                  "(field 'meta_learner.class')")
+        hidden = spec.get("hidden_size")
+        if not _is_int(hidden) or not 1 <= hidden <= MAX_HIDDEN_SIZE:
+            raise _fail(path, "meta_learner.hidden_size",
+                        f"must be an integer in 1..{MAX_HIDDEN_SIZE}, got {hidden!r}")
+        p = spec.get("p")
+        if not _is_number(p) or not 0 < p <= MAX_P:  # NaN fails both comparisons
+            raise _fail(path, "meta_learner.p", f"must be a number in (0, {MAX_P:g}], got {p!r}")
+        if not isinstance(spec.get("optional_loss", False), bool):
+            raise _fail(path, "meta_learner.optional_loss",
+                        f"must be true or false, got {spec['optional_loss']!r}")
+        scale = spec.get("gradient_scale")
+        if scale is not None and (not _is_number(scale) or not 0 < scale <= MAX_GRADIENT_SCALE):
+            raise _fail(path, "meta_learner.gradient_scale",
+                        f"must be null or a number in (0, {MAX_GRADIENT_SCALE:g}], got {scale!r}")
+        decay = spec.get("rms_decay", 0.99)
+        if not _is_number(decay) or not 0 < decay < 1:
+            raise _fail(path, "meta_learner.rms_decay",
+                        f"must be a number in (0, 1), got {decay!r}")
+        momentum = spec.get("momentum", 0.9)
+        if not _is_number(momentum) or not 0 <= momentum < 1:
+            raise _fail(path, "meta_learner.momentum",
+                        f"must be a number in [0, 1), got {momentum!r}")
+        if tensors is not None:
+            for name, shape in _rule_shapes(hidden).items():
+                _check_tensor(path, tensors, f"rule/{name}", shape, "update-rule")
+    elif method == "maml":
+        inner_lr = record.get("inner_lr")
+        if not _is_number(inner_lr) or not 0 < inner_lr < math.inf:
+            raise _fail(path, "inner_lr", f"must be a positive finite number, got {inner_lr!r}")
+    else:
+        rates = _check_dict(path, record, "learning_rates", optional=False)
+        for name, shape in rates.items():
+            shape = _check_shape_field(path, f"learning_rates.{name}", shape)
+            if tensors is not None:
+                _check_tensor(path, tensors, f"rule/{name}", shape, "Meta-SGD step-size")
+    return record
+
+
+def read_record(name_or_path: str | os.PathLike) -> dict:
+    """The JSON record of a checkpoint (a shipped name or a path), validated, without reading
+    its tensors: only the header is read from the file.
+
+    >>> record = read_record("omniglot-5w1s")
+    >>> record["meta_learner"]["hidden_size"], record["config"]["ways"]
+    (20, 5)
+    """
+    path = resolve_checkpoint(name_or_path)
+    try:
+        with path.open("rb") as stream:
+            file_size = os.fstat(stream.fileno()).st_size
+            header_size = _split_header(path, stream.read(8), file_size)
+            raw = stream.read(header_size)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    table, metadata = _header_json(path, raw, file_size - 8 - header_size)
+    return validate_record(path, _record_from_metadata(path, metadata, FORMAT), table)
+
+
+def _load_tensors(path: Path, data: bytes, table: dict, names: list[str]) -> dict[str, Tensor]:
+    """The named tensors (all validated floating point by the record's check), each finite."""
+    try:
+        loaded = load_safetensors_bytes(data)
+    except Exception as error:  # safetensors raises its own error types for damaged bodies
+        raise CheckpointError(f"{path}: corrupt tensor data ({error})") from None
+    tensors = {}
+    for name in names:
+        tensor = loaded[name]
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf")
+        tensors[name] = tensor
+    return tensors
 
 
 def load_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
     """Read and validate a checkpoint (a shipped name or a path).
 
-    Raises :class:`CheckpointError` naming the file and the problem for a missing, truncated,
-    corrupt, foreign or newer-format file. Only JSON and raw tensor bytes are read.
+    The record and the tensor table are checked against the schema (:func:`validate_record`)
+    before any tensor or module is built; every failure is a :class:`CheckpointError` naming
+    the file and the problem (missing, truncated, corrupt, foreign or newer-format file, a
+    field of the wrong type or out of range, a missing, misshapen, non-floating or non-finite
+    tensor). Only JSON and raw tensor bytes are read.
     """
     path = resolve_checkpoint(name_or_path)
-    data = path.read_bytes()
-    record = read_header_record(path, data)
     try:
-        tensors = load_safetensors_bytes(data)
-    except Exception as error:  # safetensors raises its own error types for damaged bodies
-        raise CheckpointError(f"{path}: corrupt tensor data ({error})") from None
-    init = _learned_init(path, record, tensors)
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    header_size = _split_header(path, data[:8], len(data))
+    table, metadata = _header_json(path, data[8 : 8 + header_size], len(data) - 8 - header_size)
+    record = validate_record(path, _record_from_metadata(path, metadata, FORMAT), table)
     method = record.get("method", "lstm")
+    init_names = list((record.get("learned_init") or {}).get("parameters", {}))
     if method == "lstm":
-        return Checkpoint(_build_meta_learner(path, record, tensors), init, record, path)
+        rule_names = list(_rule_shapes(1))
+    elif method == "metasgd":
+        rule_names = list(record["learning_rates"])
+    else:
+        rule_names = []
+    tensors = _load_tensors(path, data, table, [f"init/{n}" for n in init_names]
+                            + [f"rule/{n}" for n in rule_names])
+    init = {name: tensors[f"init/{name}"] for name in init_names} if init_names else None
+    if method == "lstm":
+        spec = record["meta_learner"]
+        scale = spec.get("gradient_scale")
+        meta_learner = MetaLearnerLSTM(hidden_size=spec["hidden_size"], p=float(spec["p"]),
+                                       optional_loss=spec.get("optional_loss", False),
+                                       gradient_scale=None if scale is None else float(scale),
+                                       momentum=float(spec.get("momentum", 0.9)),
+                                       rms_decay=float(spec.get("rms_decay", 0.99)))
+        with torch.no_grad():
+            for name, weight in meta_learner.named_parameters():
+                weight.copy_(tensors[f"rule/{name}"])
+        if path.parent == PRETRAINED_DIR:  # a shipped rule: state dicts may name it
+            meta_learner.pretrained_name = path.name[: -len(SUFFIX)]
+            meta_learner.pretrained_fingerprint = rule_fingerprint(meta_learner)
+        return Checkpoint(meta_learner, init, record, path)
     if method == "maml":
-        inner_lr = record.get("inner_lr")
-        if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
-            raise CheckpointError(f"{path}: invalid MAML inner_lr {inner_lr!r}")
-        return Checkpoint(None, init, record, path, method, inner_lr=float(inner_lr))
-    if method == "metasgd":
-        rates = {}
-        for name, shape in (record.get("learning_rates") or {}).items():
-            stored = tensors.get(f"rule/{name}")
-            if stored is None or list(stored.shape) != list(shape):
-                raise CheckpointError(f"{path}: Meta-SGD step sizes 'rule/{name}' missing or "
-                                      f"not of shape {tuple(shape)}")
-            rates[name] = stored
-        return Checkpoint(None, init, record, path, method, learning_rates=rates)
-    raise CheckpointError(f"{path}: unknown update-rule method {method!r}")
+        return Checkpoint(None, init, record, path, method, inner_lr=float(record["inner_lr"]))
+    rates = {name: tensors[f"rule/{name}"] for name in rule_names}
+    return Checkpoint(None, init, record, path, method, learning_rates=rates)
 
 
 def load_update_rule(name_or_path: str | os.PathLike) -> MetaLearnerLSTM:

@@ -39,6 +39,8 @@ _CONFIG_OPTIONS = {
     "meta_lr": (float, "Adam learning rate (default 1e-3)", None),
     "grad_clip": (float, "global meta-gradient norm clip (default 0.25)", None),
     "hidden_size": (int, "meta-learner LSTM hidden size (default 20)", None),
+    "gradient_scale": (float, "the rule reads RMS-scaled gradients, a step at most this "
+                              "(general: 0.1; default: raw gradients, as in the paper)", None),
     "filters": (int, "conv learner filters", None),
     "image_size": (int, "input side in pixels", None),
     "bn_momentum": (float, "BatchNorm momentum of the learner", None),
@@ -48,6 +50,11 @@ _CONFIG_OPTIONS = {
     "checkpoint_every": (int, "meta-updates between saved states", None),
     "init_from": (str, "start from this checkpoint's rule and learned init", None),
     "max_time_s": (float, "stop after this many seconds of training (validated, saved)", None),
+    "truncation": (int, "general: steps per truncated unroll (default 20)", None),
+    "horizon_min": (int, "general: shortest training horizon in steps (default 5)", None),
+    "horizon_max": (int, "general: longest training horizon in steps (default 300)", None),
+    "loss_dropout": (float, "general: share of problems that withhold the loss (default 0.5)",
+                     None),
     "seed": (int, "random seed", None),
     "run_dir": (str, "run folder (default runs/<task>-...)", None),
     "device": (str, "cpu, cuda, cuda:1, ...", None),
@@ -68,7 +75,11 @@ def _add_meta_train(commands) -> None:
                         default=None, help="keep the learner's initial weights fixed")
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir; it may change --meta-lr, "
+                             "--grad-clip, --meta-steps, --max-time-s, --validate-every, "
+                             "--checkpoint-every, --device and --threads (configuration "
+                             "changes are logged in metrics.jsonl)")
     parser.add_argument("--test-episodes", type=int, default=600,
                         help="test episodes evaluated after training (0: skip)")
     parser.add_argument("--baselines", default="sgd,adam",
@@ -86,7 +97,7 @@ def _add_threads(parser) -> None:
 def _set_threads(threads: int | None, task: str) -> None:
     import torch
 
-    if threads is None and task == "sinusoid":
+    if threads is None and task in ("sinusoid", "general"):
         threads = 1
     if threads is not None:
         if threads < 1:
@@ -225,6 +236,8 @@ def _meta_train(args) -> int:
     config = _config_from(args).resolved()
     _set_threads(args.threads, config.task)
     best = meta_train(config, resume=args.resume, progress=not args.no_progress)
+    if config.task == "general":
+        return _report_general(config, best)
     if not distributed.is_main():  # under torchrun: rank 0 reports and runs the test episodes
         return 0
     record = load_checkpoint(best).record
@@ -240,6 +253,21 @@ def _meta_train(args) -> int:
         print(f"\ntest split, {args.test_episodes} episodes:")
         print(report.to_markdown())
         report.write_json(Path(config.run_dir) / "test_results.json")
+    return 0
+
+
+def _report_general(config: MetaTrainConfig, best: Path) -> int:
+    from learned_optim.checkpoint import load_checkpoint
+    from learned_optim.train import read_log
+
+    record = load_checkpoint(best).record
+    start = next(e for e in read_log(config.run_dir) if "val_log_loss_ratio" in e)
+    print(f"validation log-loss ratio (lower is better): untrained "
+          f"{start['val_log_loss_ratio']:.4f}, best {record['metrics']['val_log_loss_ratio']:.4f}"
+          f" (meta-step {record['card']['meta_steps']})")
+    print(f"best checkpoint: {best}")
+    print("compare it with tuned SGD and Adam: python benchmarks/scratch.py and "
+          "benchmarks/transfer.py --rule PATH")
     return 0
 
 

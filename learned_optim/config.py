@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = ["MetaTrainConfig", "TASKS", "METHODS", "load_config"]
 
-TASKS = ("sinusoid", "omniglot", "miniimagenet")
+TASKS = ("sinusoid", "omniglot", "miniimagenet", "general")
 METHODS = ("lstm", "maml", "metasgd")
 
 
@@ -46,6 +46,9 @@ class MetaTrainConfig:
     first_order: bool = True
     learned_init: bool = True  # meta-learn the learner's initial weights c_0
     hidden_size: int = 20
+    # None: the paper's rule (raw gradients); a number: the rule reads RMS-scaled gradients
+    # and a step is at most this (MetaLearnerLSTM(gradient_scale=...)); "general" uses 0.1.
+    gradient_scale: float | None = None
     filters: int | None = None
     image_size: int | None = None
     bn_momentum: float | None = None
@@ -55,6 +58,13 @@ class MetaTrainConfig:
     checkpoint_every: int | None = None
     init_from: str | None = None  # start from a checkpoint's rule and learned init
     max_time_s: float | None = None  # stop (validated and saved) after this much training time
+    # task "general" (learned_optim.general): fresh learners trained for horizon_min ..
+    # horizon_max steps in truncations of `truncation` steps; `loss_dropout` of the problems
+    # withhold the loss from the rule, so that it also works without one.
+    truncation: int | None = None
+    horizon_min: int | None = None
+    horizon_max: int | None = None
+    loss_dropout: float | None = None
     seed: int = 0
     run_dir: str | None = None
     device: str = "cpu"
@@ -67,7 +77,7 @@ class MetaTrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("ways", "shots", "queries", "inner_steps", "meta_batch", "meta_steps",
                      "hidden_size", "filters", "image_size", "validate_every", "val_episodes",
-                     "checkpoint_every"):
+                     "checkpoint_every", "truncation", "horizon_min", "horizon_max"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -76,6 +86,14 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_time_s is not None and not self.max_time_s > 0:
             raise ValueError(f"max_time_s must be positive, got {self.max_time_s!r}")
+        if self.gradient_scale is not None and not self.gradient_scale > 0:
+            raise ValueError(f"gradient_scale must be positive, got {self.gradient_scale!r}")
+        if self.loss_dropout is not None and not 0 <= self.loss_dropout <= 1:
+            raise ValueError(f"loss_dropout must lie in [0, 1], got {self.loss_dropout!r}")
+        if (self.horizon_min is not None and self.horizon_max is not None
+                and self.horizon_min > self.horizon_max):
+            raise ValueError(f"horizon_min {self.horizon_min} exceeds horizon_max "
+                             f"{self.horizon_max}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum!r}")
 
@@ -86,6 +104,8 @@ class MetaTrainConfig:
     def resolved(self) -> MetaTrainConfig:
         """A copy with every task default filled in."""
         c = dataclasses.replace(self)
+        if c.task == "general":
+            return self._resolved_general(c)
         sinusoid = c.task == "sinusoid"
         c.protocol = c.protocol or ("maml" if sinusoid else "vinyals")
         c.shots = c.shots or (10 if sinusoid else 1)
@@ -108,7 +128,28 @@ class MetaTrainConfig:
         return c
 
     @staticmethod
+    def _resolved_general(c: MetaTrainConfig) -> MetaTrainConfig:
+        """Defaults of the task distribution: fresh learners (no learned init), horizons of
+        5-300 steps in truncations of 20, the loss withheld from half of the problems."""
+        c.learned_init = False
+        c.gradient_scale = 0.1 if c.gradient_scale is None else c.gradient_scale
+        c.truncation = c.truncation or 20
+        c.horizon_min = c.horizon_min or 5
+        c.horizon_max = c.horizon_max or max(300, c.horizon_min)
+        if c.horizon_min > c.horizon_max:
+            raise ValueError(f"horizon_min {c.horizon_min} exceeds horizon_max {c.horizon_max}")
+        c.loss_dropout = 0.5 if c.loss_dropout is None else c.loss_dropout
+        c.meta_steps = c.meta_steps or 2000
+        c.validate_every = c.validate_every or 20
+        c.val_episodes = c.val_episodes or 16
+        c.checkpoint_every = c.checkpoint_every or 5
+        c.run_dir = c.run_dir or str(Path("runs") / "general-lstm")
+        return c
+
+    @staticmethod
     def default_name(c: MetaTrainConfig) -> str:
+        if c.task == "general":
+            return "general-lstm"
         if c.task == "sinusoid":
             return f"sinusoid-{c.shots}shot-{c.method}"
         return f"{c.task}-{c.ways}w{c.shots}s-{c.method}"

@@ -7,9 +7,11 @@ BatchNorm protocol (running statistics of the episode's own support set).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from learned_optim.checkpoint import (
     Checkpoint,
+    CheckpointError,
     load_checkpoint,
     load_learned_init,
     read_training_data,
@@ -29,7 +32,7 @@ from learned_optim.data import splits
 from learned_optim.learners import reset_batchnorm
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
-from learned_optim.train import evaluate_rule
+from learned_optim.train import evaluate_rule, query_scores
 
 __all__ = ["evaluate", "EvaluationReport", "BASELINES", "nearest_neighbour_score"]
 
@@ -41,33 +44,96 @@ LR_GRIDS = {
 }
 
 
+def environment() -> dict:
+    """Versions that produced a result: learned_optim, torch, higher and Python."""
+    import higher
+
+    import learned_optim
+
+    return {"learned_optim": learned_optim.__version__, "torch": torch.__version__,
+            "higher": getattr(higher, "__version__", "unknown"),
+            "python": platform.python_version()}
+
+
 @dataclass
 class EvaluationReport:
-    """Results of :func:`evaluate`: one :class:`Summary` per method, plus the setting."""
+    """Results of :func:`evaluate`: per-episode scores and a :class:`Summary` per method, the
+    setting, the seed and the versions, and each baseline's paired difference to the first
+    method (the checkpoint's, e.g. the meta-learner LSTM) on the same episodes.
+
+    >>> report = EvaluationReport("accuracy", "test", {"task": "omniglot"}, seed=0)
+    >>> report.add("meta-learner LSTM", [0.6, 0.8, 0.7, 0.9])
+    >>> report.add("sgd", [0.5, 0.6, 0.7, 0.6])
+    >>> difference = report.paired_differences()["sgd"]
+    >>> round(difference.mean, 3), difference.n
+    (-0.15, 4)
+    """
 
     metric: str
     split: str
     setting: dict
     results: dict[str, Summary] = field(default_factory=dict)
     details: dict[str, dict] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    seed: int | None = None  # of the learner's initial weights (episodes are drawn by index)
+    versions: dict = field(default_factory=environment)
+
+    def add(self, name: str, scores: Sequence[float], details: dict | None = None) -> None:
+        """Record a method's per-episode scores (in episode order) and their summary."""
+        self.scores[name] = [float(s) for s in scores]
+        self.results[name] = summarize(self.scores[name])
+        if details is not None:
+            self.details[name] = details
+
+    @property
+    def reference(self) -> str | None:
+        """The method the baselines are compared with: the checkpoint's, evaluated first."""
+        return next(iter(self.results), None)
+
+    def paired_differences(self) -> dict[str, Summary]:
+        """Per baseline: mean and 95% CI of (baseline - reference) over the same episodes.
+
+        Positive means the baseline scored higher (better for accuracy, worse for MSE).
+        """
+        reference = self.scores.get(self.reference, [])
+        differences = {}
+        for name, scores in self.scores.items():
+            if name == self.reference or len(scores) != len(reference):
+                continue
+            differences[name] = summarize([b - a for a, b in zip(reference, scores)])
+        return differences
 
     def as_dict(self) -> dict:
+        paired = self.paired_differences()
+        results = {}
+        for name, summary in self.results.items():
+            entry = {**summary.as_dict(), **self.details.get(name, {})}
+            if name in paired:
+                entry["paired_difference"] = {"minus": self.reference,
+                                              **paired[name].as_dict()}
+            if name in self.scores:
+                entry["scores"] = self.scores[name]
+            results[name] = entry
         return {"metric": self.metric, "split": self.split, "setting": self.setting,
-                "results": {name: {**s.as_dict(), **self.details.get(name, {})}
-                            for name, s in self.results.items()}}
+                "seed": self.seed, "versions": self.versions,
+                "reference": self.reference, "results": results}
 
     def to_markdown(self) -> str:
         scale = 100.0 if self.metric == "accuracy" else 1.0
         unit = " (%)" if self.metric == "accuracy" else ""
-        lines = [f"| method | {self.metric}{unit} | 95% CI | episodes | notes |",
-                 "|---|---|---|---|---|"]
+        paired = self.paired_differences()
+        lines = [f"| method | {self.metric}{unit} | 95% CI | minus {self.reference} (paired, "
+                 "95% CI) | episodes | notes |", "|---|---|---|---|---|---|"]
         for name, summary in self.results.items():
             notes = ", ".join(f"{k} {v}" for k, v in self.details.get(name, {}).items())
+            difference = (f"{paired[name].mean * scale:+.2f} +- {paired[name].ci95 * scale:.2f}"
+                          if name in paired else "")
             lines.append(f"| {name} | {summary.mean * scale:.2f} | {summary.ci95 * scale:.2f} | "
-                         f"{summary.n} | {notes} |")
+                         f"{difference} | {summary.n} | {notes} |")
         return "\n".join(lines)
 
     def write_json(self, path: str | os.PathLike) -> None:
+        """Write :meth:`as_dict` as JSON (per-episode scores, seed, versions included)."""
         Path(path).write_text(json.dumps(self.as_dict(), indent=2))
 
 
@@ -162,7 +228,9 @@ def evaluate(
     fine-tune the same learner from the same initial weights, with the learning rate chosen on
     ``tune_episodes`` validation episodes; MAML and Meta-SGD need checkpoints meta-trained with
     ``learned-optim meta-train --method maml|metasgd``; ``nn`` is 1-nearest-neighbour in the
-    learner's feature space.
+    learner's feature space. The report keeps every method's per-episode scores (in episode
+    order), the seed and the versions, and gives each baseline's paired difference to the
+    checkpoint's method with its 95% CI (:meth:`EvaluationReport.paired_differences`).
 
     ``protocol="lake-within"`` runs Lake et al.'s one-shot protocol on Omniglot's 20 evaluation
     alphabets: every episode's classes come from one alphabet and support and query sets from
@@ -179,16 +247,28 @@ def evaluate(
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    saved = dict(checkpoint.record.get("config") or {})
+    # The record's config may hold fields of a newer writer: only this version's are read.
+    known = {f.name for f in dataclasses.fields(MetaTrainConfig)}
+    saved = {k: v for k, v in (checkpoint.record.get("config") or {}).items() if k in known}
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
                  "protocol": protocol, "data_root": data_root, "queries": queries}
     saved.update({k: v for k, v in overrides.items() if v is not None})
+    if saved.get("task") == "general":
+        raise ValueError(
+            f"{checkpoint.path} was meta-trained over a task distribution (task 'general'), "
+            "which has no episodes of its own: pass task='omniglot' (or sinusoid, "
+            "miniimagenet) to evaluate its rule on those episodes with a fresh learner, or "
+            "run benchmarks/scratch.py and benchmarks/transfer.py")
     if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
         saved["inner_steps"] = None  # let the task default follow the new shot count
     if "queries" in saved and shots is not None and saved.get("task") == "sinusoid":
         saved["queries"] = None
     saved["device"] = device
-    config = MetaTrainConfig.from_dict(saved).resolved()
+    try:
+        config = MetaTrainConfig.from_dict(saved).resolved()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint.path}: field 'config' does not describe a valid "
+                              f"setting ({error})") from None
     overlaps = {name: _overlap(other, config, split) for name, other in
                 [("checkpoint", checkpoint)] + [(b, load_checkpoint(p)) for b, p in
                                                 (baseline_checkpoints or {}).items()
@@ -214,24 +294,21 @@ def evaluate(
         the_task.metric_name, split,
         {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
          "queries": config.queries, "protocol": config.protocol,
-         "checkpoint": str(checkpoint.path)})
+         "checkpoint": str(checkpoint.path)}, seed=config.seed)
     for name, overlap in overlaps.items():  # only when forced
         report.setting.setdefault("overlap", {})[name] = {
             "characters": overlap.characters, "seen": overlap.seen,
             "seen_in_training": overlap.seen_in_training,
             "seen_in_validation": overlap.seen_in_validation}
     name = {"lstm": "meta-learner LSTM"}.get(checkpoint.method, checkpoint.method)
-    report.results[name] = evaluate_rule(learner, checkpoint, source, indices(name), steps,
-                                         the_task, device)
-    report.details[name] = {"init": init_note}
+    report.add(name, query_scores(learner, checkpoint, source, indices(name), steps, the_task,
+                                  device), {"init": init_note})
     for baseline in baselines:
         if baseline in ("sgd", "adam"):
             lr, _ = _tune_lr(baseline, learner, the_task, steps, tune_episodes, device)
             tuned = functools.partial(TUNED_OPTIMIZERS[baseline], lr=lr)
-            report.results[baseline] = evaluate_rule(learner, tuned,
-                                                     source, indices(baseline), steps, the_task,
-                                                     device)
-            report.details[baseline] = {"lr": lr, "init": init_note}
+            report.add(baseline, query_scores(learner, tuned, source, indices(baseline), steps,
+                                              the_task, device), {"lr": lr, "init": init_note})
         elif baseline in ("maml", "metasgd"):
             path = (baseline_checkpoints or {}).get(baseline)
             if path is None:
@@ -242,14 +319,11 @@ def evaluate(
             if other.method != baseline:
                 raise ValueError(f"{path} is a {other.method!r} checkpoint, not {baseline!r}")
             other_learner, other_note = _learner_with_init(the_task, other, device)
-            report.results[baseline] = evaluate_rule(other_learner, other, source,
-                                                     indices(baseline),
-                                                     steps, the_task, device)
-            report.details[baseline] = {"init": other_note}
+            report.add(baseline, query_scores(other_learner, other, source, indices(baseline),
+                                              steps, the_task, device), {"init": other_note})
         else:
             scores = [nearest_neighbour_score(learner, to_device(source.episode(i), device),
                                               the_task) for i in indices("nn")]
-            report.results["nn"] = summarize(scores)
-            report.details["nn"] = {"features": "learner features" if hasattr(
-                learner, "features") else "raw inputs"}
+            report.add("nn", scores, {"features": "learner features" if hasattr(
+                learner, "features") else "raw inputs"})
     return report

@@ -37,11 +37,13 @@ __all__ = [
     "update_rows",
     "update_rows_chunked",
     "apply_group_options",
+    "scale_gradient",
     "initial_state",
     "row_scratch",
     "state_width",
     "chunk_rows",
     "ACCELERATOR_CHUNK_ROWS",
+    "rule_fingerprint",
 ]
 
 
@@ -328,6 +330,36 @@ def apply_group_options(
     return new_param
 
 
+def scale_gradient(
+    grad: Tensor, moments: Tensor | None, step: int, momentum: float, rms_decay: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """The normalised gradient a rule with ``gradient_scale`` reads and applies instead of ``g``.
+
+    Adam's direction, in units of each coordinate's own recent gradient size::
+
+        m_t = momentum m_{t-1} + (1 - momentum) g_t
+        v_t = rms_decay v_{t-1} + (1 - rms_decay) g_t^2
+        g~_t = scale * (m_t / (1 - momentum^t)) / (sqrt(v_t / (1 - rms_decay^t)) + 1e-12)
+
+    The input gate (at most 1) then bounds a step at ``scale`` instead of at one raw gradient,
+    which for small gradients is far below what a fresh model needs. ``moments`` stacks
+    ``(m, v)`` as ``[2, *grad.shape]`` (``None``: zeros); ``step`` is ``t`` (from 1).
+    Returns ``(g~_t, moments_t)``; out of place.
+
+    >>> scaled, moments = scale_gradient(torch.tensor([4.0, -0.001]), None, 1, 0.9, 0.99, 0.1)
+    >>> scaled, moments.shape
+    (tensor([ 0.1000, -0.1000]), torch.Size([2, 2]))
+    """
+    if moments is None:
+        moments = torch.zeros((2, *grad.shape), dtype=grad.dtype, device=grad.device)
+    mean = torch.lerp(moments[0], grad, 1.0 - momentum)
+    square = torch.lerp(moments[1], grad * grad, 1.0 - rms_decay)
+    rms = (square / (1.0 - rms_decay**step)).sqrt()
+    scaled = mean * (scale / (1.0 - momentum**step)) / (rms + 1e-12)
+    return scaled, torch.stack((mean, square))
+
+
 def meta_update(
     weights: MetaWeights, state: Tensor, grad: Tensor, loss: Tensor | None, param: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -364,6 +396,14 @@ class MetaLearnerLSTM(nn.Module):
         Whether the rule may be stepped without the loss (``prepare_step(loss=None)``): true
         for rules meta-trained with the loss input sometimes withheld, such as the shipped
         ``general`` rule. The paper's rule reads the loss at every step (False).
+    gradient_scale:
+        ``None`` (the paper): the rule reads and applies the raw gradient, so a step is at
+        most one raw gradient. A number: it reads and applies the RMS-scaled gradient of
+        :func:`scale_gradient` (Adam's normalised direction) instead, a step being at most
+        ``gradient_scale`` (an extension for rules that train fresh models of any scale; the
+        optimizer shells keep the moments).
+    momentum, rms_decay:
+        Decays of the gradient's and the squared gradient's averages of :func:`scale_gradient`.
 
     Examples
     --------
@@ -375,8 +415,9 @@ class MetaLearnerLSTM(nn.Module):
     (True, True)
     """
 
-    def __init__(self, hidden_size: int = 20, p: float = 10.0, optional_loss: bool = False
-                 ) -> None:
+    def __init__(self, hidden_size: int = 20, p: float = 10.0, optional_loss: bool = False,
+                 gradient_scale: float | None = None, momentum: float = 0.9,
+                 rms_decay: float = 0.99) -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
@@ -385,6 +426,15 @@ class MetaLearnerLSTM(nn.Module):
         self.hidden_size = int(hidden_size)
         self.p = float(p)
         self.optional_loss = bool(optional_loss)
+        if gradient_scale is not None and not 0 < gradient_scale < math.inf:
+            raise ValueError(f"gradient_scale must be None or positive, got {gradient_scale!r}")
+        if not 0 < rms_decay < 1:
+            raise ValueError(f"rms_decay must lie in (0, 1), got {rms_decay!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.gradient_scale = None if gradient_scale is None else float(gradient_scale)
+        self.rms_decay = float(rms_decay)
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, 4))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(4 * hidden_size))
@@ -414,7 +464,22 @@ class MetaLearnerLSTM(nn.Module):
     def hyperparameters(self) -> dict:
         """What is needed to rebuild this module (stored in checkpoints)."""
         return {"hidden_size": self.hidden_size, "p": self.p,
-                "optional_loss": self.optional_loss}
+                "optional_loss": self.optional_loss, "gradient_scale": self.gradient_scale,
+                "momentum": self.momentum, "rms_decay": self.rms_decay}
+
+    def rule_gradient(self, grad: Tensor, moments: Tensor | None, step: int
+                      ) -> tuple[Tensor, Tensor | None]:
+        """The gradient this rule reads and applies at ``step`` (from 1), and the new moments:
+        the raw gradient for the paper's rule, :func:`scale_gradient`'s with
+        ``gradient_scale``. ``moments`` None starts from zeros.
+
+        >>> MetaLearnerLSTM().rule_gradient(torch.ones(2), None, 1)
+        (tensor([1., 1.]), None)
+        """
+        if self.gradient_scale is None:
+            return grad, None
+        return scale_gradient(grad, moments, step, self.momentum, self.rms_decay,
+                              self.gradient_scale)
 
     def forward(
         self, state: Tensor, grad: Tensor, loss: Tensor | None, param: Tensor
@@ -424,4 +489,27 @@ class MetaLearnerLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, p={self.p}, "
-                f"optional_loss={self.optional_loss}")
+                f"optional_loss={self.optional_loss}, gradient_scale={self.gradient_scale}")
+
+
+def rule_fingerprint(meta_learner: MetaLearnerLSTM) -> str:
+    """A digest that identifies an update rule: its hyper-parameters and exact weights.
+
+    Two rules share a fingerprint only if they compute the same updates bit for bit (same
+    hyper-parameters, same weight values, dtypes and shapes); the device does not count.
+
+    >>> a, b = MetaLearnerLSTM(), MetaLearnerLSTM()
+    >>> rule_fingerprint(a) == rule_fingerprint(a), rule_fingerprint(a) == rule_fingerprint(b)
+    (True, False)
+    >>> rule_fingerprint(a)[:7]
+    'sha256:'
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(meta_learner.hyperparameters(), sort_keys=True).encode())
+    for name, tensor in meta_learner.named_parameters():
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

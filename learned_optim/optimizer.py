@@ -8,6 +8,7 @@ so ``higher.innerloop_ctx(model, LSTMMetaOptimizer(...))`` works unchanged.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -18,15 +19,18 @@ from torch import Tensor
 
 from learned_optim.metalearner import (
     MetaLearnerLSTM,
+    apply_group_options,
     chunk_rows,
     initial_state,
     prepare_step,
     row_scratch,
+    rule_fingerprint,
     update_rows,
 )
 from learned_optim.rule_trajectory import RuleTrajectory
 
-__all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUNK_SIZE",
+           "GROUP_DEFAULTS"]
 
 # Rows of the coordinate batch processed at once by the in-place optimizer: keeps the
 # temporaries (row_scratch, 182 floats a row at H = 20: about 6.0 MB in float32) bounded and
@@ -35,11 +39,57 @@ __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUN
 # on an accelerator take metalearner.ACCELERATOR_CHUNK_ROWS unless chunk_size is given.
 DEFAULT_CHUNK_SIZE = 8192
 
+# Per-group options and their defaults: ``lr`` multiplies the rule's update, ``weight_decay``
+# is decoupled (see metalearner.apply_group_options). The defaults leave the rule bit-exact.
+GROUP_DEFAULTS = {"lr": 1.0, "weight_decay": 0.0}
+
 _LOSS_HELP = (
-    "LSTMMetaOptimizer.step() needs the training loss, an input of the meta-learner: "
-    "call opt.step(loss=loss) after loss.backward(), or opt.step(closure) with a closure "
-    "that computes the loss, calls backward() and returns the loss"
+    "LSTMMetaOptimizer.step() needs the training loss, an input of this meta-learner "
+    "(optional_loss=False): call opt.step(loss=loss) after loss.backward(), or "
+    "opt.step(closure) with a closure that computes the loss, calls backward() and returns "
+    "the loss. Only rules meta-trained to do without the loss (MetaLearnerLSTM(..., "
+    "optional_loss=True), such as the shipped 'general' rule) accept opt.step() without one"
 )
+
+
+def _group_option(group: dict, name: str, group_index: int) -> Any:
+    """A group's ``lr`` or ``weight_decay``, checked: a finite, non-negative number."""
+    value = group.get(name, GROUP_DEFAULTS[name])
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} of param group {group_index} must be a scalar, got a "
+                             f"tensor of shape {tuple(value.shape)}")
+        if value.device.type == "meta" or value.requires_grad:
+            return value  # no data-dependent check on meta tensors or on a tape (higher)
+        number = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"{name} of param group {group_index} must be a number, got "
+                         f"{value!r}")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} of param group {group_index} must be finite and "
+                         f"non-negative, got {number!r}")
+    return value
+
+
+def _plain_number(value: Any) -> Any:
+    """A tensor option as a Python float (the in-place step needs no graph through it)."""
+    if isinstance(value, Tensor) and value.device.type != "meta":
+        return float(value)
+    return value
+
+
+def _like(value: Any, tensor: Tensor) -> Any:
+    """A tensor option in ``tensor``'s dtype and device (differentiably); numbers as they are."""
+    return value.to(dtype=tensor.dtype, device=tensor.device) if isinstance(value, Tensor) else (
+        value)
+
+
+def _is_default(lr: Any, weight_decay: Any) -> bool:
+    """Whether a group's options leave the rule's update untouched (no extra arithmetic)."""
+    return (not isinstance(lr, Tensor) and not isinstance(weight_decay, Tensor)
+            and lr == 1.0 and weight_decay == 0.0)
 
 
 def _bucket_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
@@ -58,6 +108,8 @@ def _loss_tensor(loss: Any) -> Tensor:
             f"the loss passed to LSTMMetaOptimizer.step must be a scalar, got shape "
             f"{tuple(loss.shape)}"
         )
+    if loss.device.type == "meta":  # no data to check (as torch.optim.SGD on meta tensors)
+        return loss.reshape(())
     if not bool(torch.isfinite(loss).all()):
         raise FloatingPointError(
             f"the loss is {loss.item()}: parameters were left untouched (a learned optimizer "
@@ -110,7 +162,8 @@ def _plan_chunks(
 
 def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list[Tensor]) -> None:
     """Raise before any parameter changes if a gradient holds NaN or Inf."""
-    if not grads:
+    grads = {i: g for i, g in grads.items() if g.numel()}  # inf-norm of nothing is undefined
+    if not grads or next(iter(grads.values())).device.type == "meta":
         return
     peaks = torch.stack(torch._foreach_norm(list(grads.values()), math.inf))
     if bool(torch.isfinite(peaks).all()):
@@ -124,26 +177,52 @@ def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list
             )
 
 
+class _BucketCache(NamedTuple):
+    """A bucket's contiguous state buffer and the views of it that ``opt.state`` holds."""
+
+    params: tuple[Tensor, ...]
+    buffer: Tensor
+    views: tuple[Tensor, ...]
+
+
 class LSTMMetaOptimizer(torch.optim.Optimizer):
     r"""The Meta-Learner LSTM update rule as a ``torch.optim`` optimizer.
 
     For every scalar parameter :math:`\theta` with gradient :math:`g` and loss :math:`L`:
 
     .. math::
-        \theta_t = f_t \odot \theta_{t-1} - i_t \odot g_t, \qquad
+        \tilde\theta_t = f_t \odot \theta_{t-1} - i_t \odot g_t, \qquad
         (f_t, i_t) = \mathrm{MetaLearnerLSTM}(g_t, L_t, \theta_{t-1}, \text{state}_{t-1})
 
-    The meta-learner reads the loss, so :meth:`step` needs it: from the closure's return value
-    or the ``loss=`` keyword. Per-coordinate state (42 floats at the default hidden size) is
-    kept per parameter and starts anew with :meth:`reset_state` (a new task).
+    .. math::
+        \theta_t = \theta_{t-1} + \mathrm{lr}\,(\tilde\theta_t - \theta_{t-1})
+                   - \mathrm{lr}\cdot\mathrm{weight\_decay}\cdot\theta_{t-1}
+
+    with the param group's ``lr`` (default 1: the rule's own step) and decoupled
+    ``weight_decay`` (default 0), which learning-rate schedulers change like any optimizer's.
+
+    The meta-learner reads the loss, so :meth:`step` needs it (from the closure's return value
+    or the ``loss=`` keyword), unless the rule was meta-trained to do without it
+    (``meta_learner.optional_loss``). Per-coordinate state (42 floats at the default hidden
+    size) lives in ``opt.state[p]["lstm_state"]`` and nowhere else; :meth:`reset_state` (or
+    ``opt.state.clear()``) starts a new task.
+
+    Every parameter that has a gradient moves through the forget gate, even where the gradient
+    is exactly zero: :math:`\theta_t = f_t\,\theta_{t-1}` with :math:`f_t` slightly below 1
+    for the paper's rule (a learned shrinkage, like weight decay). Parameters whose ``.grad``
+    is ``None`` are left untouched; freeze a parameter with ``requires_grad_(False)``, not by
+    zeroing its gradient.
 
     Parameters
     ----------
     params:
-        Parameters or param groups, as for any ``torch.optim`` optimizer.
+        Parameters or param groups, as for any ``torch.optim`` optimizer. Groups may set
+        ``lr`` (a non-negative multiplier on the rule's update) and ``weight_decay``.
     meta_learner:
         The update rule; a freshly initialised :class:`MetaLearnerLSTM` (close to SGD with a
         small step) if omitted. Kept by reference, never copied, so meta-gradients reach it.
+    lr, weight_decay:
+        Defaults of the param groups' options (1.0 and 0.0).
     first_order:
         For the ``higher`` twin: treat the learner's gradients and loss as constants (the
         paper's default). ``False`` gives full second-order meta-gradients.
@@ -152,6 +231,15 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         coordinate at H = 20). Default: :data:`DEFAULT_CHUNK_SIZE` (8192, cache-sized) for
         parameters on the CPU, ``metalearner.ACCELERATOR_CHUNK_ROWS`` (262,144: fewer kernel
         launches) on a GPU.
+
+    Notes
+    -----
+    :meth:`state_dict` carries the rule's identity (``"rule"``: hyper-parameters, fingerprint,
+    and its weights, or only the name of a shipped rule loaded unchanged), so that
+    ``LSTMMetaOptimizer(params).load_state_dict(sd)`` continues exactly; loading the state of
+    another rule into an optimizer given an explicit ``meta_learner`` is refused unless
+    ``rule="load"`` or ``rule="keep"`` is passed to :meth:`load_state_dict`. Parameters on the
+    ``meta`` device are stepped like ``torch.optim.SGD`` steps them (shapes only, no checks).
 
     Examples
     --------
@@ -162,6 +250,11 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
     >>> opt.zero_grad(); loss.backward(); opt.step(loss=loss)
     >>> opt.state[model.weight]["lstm_state"].shape
     torch.Size([4, 42])
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    >>> loss = torch.nn.functional.mse_loss(model(x), y)
+    >>> opt.zero_grad(); loss.backward(); opt.step(loss=loss); scheduler.step()
+    >>> opt.param_groups[0]["lr"]  # the next step takes half the rule's update
+    0.5
     """
 
     def __init__(
@@ -169,6 +262,8 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         params: Iterable,
         meta_learner: MetaLearnerLSTM | None = None,
         *,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
         first_order: bool = True,
         chunk_size: int | None = None,
     ) -> None:
@@ -178,12 +273,30 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        defaults = {"lr": lr, "weight_decay": weight_decay}
+        for name in defaults:
+            _group_option(defaults, name, 0)
         # Set before Optimizer.__init__, which calls add_param_group.
-        self._buffers: dict[tuple, Tensor] | None = None
+        self._bucket_cache: dict[tuple, _BucketCache] = {}
         self.meta_learner = meta_learner if meta_learner is not None else MetaLearnerLSTM()
+        # A default rule gives way to the rule of a loaded state_dict; an explicit one does not.
+        self._rule_is_default = meta_learner is None
         self.first_order = bool(first_order)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
-        super().__init__(params, defaults={})
+        super().__init__(params, defaults=defaults)
+
+    # --- the object contract: copies, pickles, state dicts ---------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer keeps only defaults, state and param_groups: add the rule.
+        # The bucket cache is not kept: the next step rebuilds it from ``state``.
+        return {**super().__getstate__(), "meta_learner": self.meta_learner,
+                "first_order": self.first_order, "chunk_size": self.chunk_size,
+                "_rule_is_default": self._rule_is_default}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._bucket_cache = {}
+        self.__dict__.setdefault("_rule_is_default", False)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, params: Iterable, **kwargs) -> LSTMMetaOptimizer:
@@ -197,69 +310,212 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         return cls(params, load_update_rule(name_or_path), **kwargs)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (its ``lr`` and ``weight_decay`` default to the optimizer's)."""
+        group_index = len(self.param_groups)
+        if isinstance(param_group, dict):
+            for name in GROUP_DEFAULTS:
+                if name in param_group:
+                    _group_option(param_group, name, group_index)
         super().add_param_group(param_group)
         for index, param in enumerate(self.param_groups[-1]["params"]):
             if param.is_complex():
                 raise TypeError(
-                    f"parameter {index} of param group {len(self.param_groups) - 1} is complex "
+                    f"parameter {index} of param group {group_index} is complex "
                     f"({param.dtype}): LSTMMetaOptimizer supports real floating-point parameters"
                 )
             if not param.is_floating_point():
                 raise TypeError(
-                    f"parameter {index} of param group {len(self.param_groups) - 1} has dtype "
+                    f"parameter {index} of param group {group_index} has dtype "
                     f"{param.dtype}: LSTMMetaOptimizer supports floating-point parameters"
                 )
-        self._buffers = None
 
     def reset_state(self) -> None:
         """Forget all per-coordinate state: the next step starts a new task."""
         self.state.clear()
-        self._buffers = None
+        self._bucket_cache = {}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        width = self.meta_learner.state_width
+    def rule_identity(self, *, with_weights: bool | None = None) -> dict:
+        """What :meth:`state_dict` stores under ``"rule"``: the rule's class, hyper-parameters,
+        fingerprint (:func:`learned_optim.metalearner.rule_fingerprint`), the name of the shipped
+        rule it was loaded from (or ``None``) and its weights.
+
+        The weights are left out (``None``) for a shipped rule whose weights are unchanged since
+        it was loaded: its name and fingerprint identify it. ``with_weights`` forces either way.
+
+        >>> identity = LSTMMetaOptimizer(torch.nn.Linear(2, 1).parameters()).rule_identity()
+        >>> identity["hyperparameters"]["hidden_size"], identity["name"]
+        (20, None)
+        >>> sorted(identity["weights"])[:2]
+        ['bias', 'meta_bias']
+        """
+        rule = self.meta_learner
+        fingerprint = rule_fingerprint(rule)
+        name = getattr(rule, "pretrained_name", None)
+        shipped_unchanged = name is not None and fingerprint == getattr(
+            rule, "pretrained_fingerprint", None)
+        if with_weights is None:
+            with_weights = not shipped_unchanged
+        weights = ({n: t.detach().clone() for n, t in rule.named_parameters()}
+                   if with_weights else None)
+        return {"class": type(rule).__name__, "hyperparameters": rule.hyperparameters(),
+                "fingerprint": fingerprint, "name": name if shipped_unchanged else None,
+                "weights": weights}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state (``state``, ``param_groups``) plus ``"rule"``, the identity of
+        its update rule (see :meth:`rule_identity`). Hooks run in ``torch.optim``'s order."""
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            state_dict = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
+        state_dict["rule"] = self.rule_identity()
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict, *, rule: str = "check") -> None:
+        """Load a state dict from :meth:`state_dict`, including, where needed, its rule.
+
+        Load-state-dict pre-hooks run first (in ``torch.optim``'s order), then the checks:
+        the state dict's rule (``state_dict["rule"]``, if present) against this optimizer's.
+
+        Parameters
+        ----------
+        state_dict:
+            As returned by :meth:`state_dict` (a plain ``torch.optim`` state dict without
+            ``"rule"`` is accepted as is).
+        rule:
+            ``"check"`` (default): the same rule continues; an optimizer built without a
+            ``meta_learner`` adopts the saved rule; one built with another rule refuses it
+            (``ValueError`` naming what differs). ``"load"``: adopt the saved rule
+            (``self.meta_learner`` becomes a new module). ``"keep"``: keep this optimizer's
+            rule and load only the state.
+        """
+        if rule not in ("check", "load", "keep"):
+            raise ValueError(f"rule must be 'check', 'load' or 'keep', got {rule!r}")
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        identity = state_dict.pop("rule", None)
+        meta_learner = self.meta_learner
+        if identity is not None and rule != "keep":
+            adopt = rule == "load" or self._rule_is_default
+            meta_learner = self._rule_from_identity(identity, adopt)
+        self._check_loaded_state(state_dict, meta_learner)
+        hooks = (self._optimizer_load_state_dict_pre_hooks,
+                 self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # they have run
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # they run last
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            (self._optimizer_load_state_dict_pre_hooks,
+             self._optimizer_load_state_dict_post_hooks) = hooks
+        for group_index, group in enumerate(self.param_groups):
+            for name in GROUP_DEFAULTS:
+                group.setdefault(name, self.defaults[name])
+                _group_option(group, name, group_index)
+        self.meta_learner = meta_learner
+        self._bucket_cache = {}
+        # Copy the loaded state into this optimizer's own buffers now: torch.optim would keep
+        # references to the given tensors, which the optimizer that saved them may still step.
+        for group_index, group in enumerate(self.param_groups):
+            params = group["params"]
+            for (device, dtype), indices in _bucket_by_device_and_dtype(params).items():
+                bucket = [params[i] for i in indices]
+                if any("lstm_state" in self.state.get(p, {}) for p in bucket):
+                    self._bucket_state(group_index, bucket, device, dtype)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _rule_from_identity(self, identity: Any, adopt: bool) -> MetaLearnerLSTM:
+        """This optimizer's rule if the saved identity matches it; else the saved rule (when
+        ``adopt``) or a ValueError naming the mismatch."""
+        if not isinstance(identity, dict):
+            raise ValueError(f"state_dict['rule'] must be a dict, got {type(identity).__name__}")
+        mine = rule_fingerprint(self.meta_learner)
+        theirs = identity.get("fingerprint")
+        if theirs == mine:
+            return self.meta_learner
+        hyper = self.meta_learner.hyperparameters()
+        saved_hyper = identity.get("hyperparameters")
+        if not adopt:
+            what = (f"hyper-parameters {saved_hyper} vs this optimizer's {hyper}"
+                    if saved_hyper != hyper else
+                    f"weights (fingerprint {str(theirs)[:19]}... vs {mine[:19]}...)")
+            named = f" (shipped rule {identity['name']!r})" if identity.get("name") else ""
+            raise ValueError(
+                f"the state_dict was saved with another update rule{named}: it differs in "
+                f"{what}. Pass rule='load' to continue with the saved rule, or rule='keep' to "
+                "apply its state to this optimizer's rule")
+        return _rule_from_saved(identity)
+
+    def _check_loaded_state(self, state_dict: dict, meta_learner: MetaLearnerLSTM) -> None:
+        """Each ``lstm_state`` fits its parameter and the rule's hidden size."""
+        width = meta_learner.state_width
         groups = state_dict.get("param_groups", [])
         ids = [pid for group in groups for pid in group.get("params", [])]
         params = [p for group in self.param_groups for p in group["params"]]
         by_id = dict(zip(ids, params))
         for pid, entry in state_dict.get("state", {}).items():
-            lstm_state = entry.get("lstm_state")
             param = by_id.get(pid)
-            if lstm_state is None or param is None:
+            if param is None or not isinstance(entry, dict):
+                continue  # a non-parameter entry: kept as is, as torch.optim does
+            lstm_state = entry.get("lstm_state")
+            if lstm_state is None:
                 continue
             if tuple(lstm_state.shape) != (param.numel(), width):
                 raise ValueError(
                     f"optimizer state of parameter {pid} has shape {tuple(lstm_state.shape)}, "
                     f"expected ({param.numel()}, {width}) for a parameter of shape "
                     f"{tuple(param.shape)} and a meta-learner with hidden size "
-                    f"{self.meta_learner.hidden_size}"
+                    f"{meta_learner.hidden_size}"
                 )
-        super().load_state_dict(state_dict)
-        self._buffers = None
 
-    def _state_buffers(self) -> dict[tuple, Tensor]:
-        """One contiguous state buffer per (group, device, dtype); ``state[p]`` holds views."""
-        if self._buffers is not None:
-            return self._buffers
-        hidden = self.meta_learner.hidden_size
-        buffers = {}
-        for group_index, group in enumerate(self.param_groups):
-            params = group["params"]
-            for (device, dtype), indices in _bucket_by_device_and_dtype(params).items():
-                rows = sum(params[i].numel() for i in indices)
-                buffer = initial_state(rows, hidden, dtype=dtype, device=device)
-                offset = 0
-                for i in indices:
-                    size = params[i].numel()
-                    view = buffer[offset : offset + size]
-                    previous = self.state[params[i]].get("lstm_state")
-                    if previous is not None:
-                        view.copy_(previous)
-                    self.state[params[i]]["lstm_state"] = view
-                    offset += size
-                buffers[(group_index, device, dtype)] = buffer
-        self._buffers = buffers
-        return buffers
+    # --- the step ------------------------------------------------------------------------
+    def _bucket_state(self, group_index: int, params: list[Tensor], device, dtype) -> Tensor:
+        """The contiguous state buffer of one bucket, whose views ``opt.state[p]`` holds.
+
+        The cached buffer is reused only if every ``opt.state[p]["lstm_state"]`` is still the
+        view this optimizer put there; otherwise (state cleared, replaced or loaded) a new
+        buffer is assembled from ``opt.state``, zeros where a parameter has no state.
+        """
+        key = (device, dtype, tuple(id(p) for p in params))
+        cached = self._bucket_cache.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached.params, params)):
+            for param, view in zip(params, cached.views):
+                entry = self.state.get(param)
+                if entry is None or entry.get("lstm_state") is not view:
+                    break
+            else:
+                return cached.buffer
+        width = self.meta_learner.state_width
+        rows = sum(p.numel() for p in params)
+        buffer = initial_state(rows, self.meta_learner.hidden_size, dtype=dtype, device=device)
+        views, offset = [], 0
+        for param in params:
+            size = param.numel()
+            view = buffer[offset : offset + size]
+            previous = self.state[param].get("lstm_state")
+            if previous is not None:
+                if not isinstance(previous, Tensor) or tuple(previous.shape) != (size, width):
+                    raise ValueError(
+                        f"opt.state[p]['lstm_state'] of a parameter of shape "
+                        f"{tuple(param.shape)} in param group {group_index} must be a tensor "
+                        f"of shape ({size}, {width}), got "
+                        f"{tuple(previous.shape) if isinstance(previous, Tensor) else previous!r}")
+                view.copy_(previous)
+            self.state[param]["lstm_state"] = view
+            views.append(view)
+            offset += size
+        self._bucket_cache[key] = _BucketCache(tuple(params), buffer, tuple(views))
+        return buffer
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
@@ -271,7 +527,8 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             Re-evaluates the model, calls ``backward()`` and returns the loss.
         loss:
             The loss whose gradients are in ``.grad`` (used when there is no closure, or in
-            preference to the closure's value).
+            preference to the closure's value). May be omitted for a rule with
+            ``optional_loss=True``.
 
         Returns
         -------
@@ -283,15 +540,20 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 closure_loss = closure()
         if loss is None:
             loss = closure_loss
-        if loss is None:
+        if loss is None and not self.meta_learner.optional_loss:
             raise ValueError(_LOSS_HELP)
-        loss = _loss_tensor(loss)
+        loss = None if loss is None else _loss_tensor(loss)
 
-        buffers = self._state_buffers()
         weights = self.meta_learner.weights()
+        # Buckets of parameters no longer in any group (a removed group) leave the cache.
+        live = {id(p) for group in self.param_groups for p in group["params"]}
+        self._bucket_cache = {key: entry for key, entry in self._bucket_cache.items()
+                              if all(id(p) in live for p in entry.params)}
         work = []
         # Validate everything before touching any parameter.
         for group_index, group in enumerate(self.param_groups):
+            lr = _group_option(group, "lr", group_index)
+            weight_decay = _group_option(group, "weight_decay", group_index)
             params = group["params"]
             for (device, dtype), indices in _bucket_by_device_and_dtype(params).items():
                 grads = {}
@@ -307,11 +569,29 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                     grads[i] = grad
                 _check_finite_grads(grads, group_index, params)
                 if grads:
-                    work.append((params, indices, grads, buffers[(group_index, device, dtype)]))
-        for params, indices, grads, buffer in work:
+                    work.append((params, indices, grads, self._bucket_state(
+                        group_index, [params[i] for i in indices], device, dtype),
+                        (_plain_number(lr), _plain_number(weight_decay))))
+        for params, indices, grads, buffer, options in work:
+            grads = self._rule_gradients(params, grads)
             self._update_bucket([params[i] for i in indices], [grads.get(i) for i in indices],
-                                buffer, prepare_step(weights, loss, buffer.dtype, buffer.device))
+                                buffer, prepare_step(weights, loss, buffer.dtype, buffer.device),
+                                options)
         return closure_loss
+
+    def _rule_gradients(self, params: list[Tensor], grads: dict[int, Tensor]
+                        ) -> dict[int, Tensor]:
+        """The gradients the rule reads and applies: raw for the paper's rule, normalised
+        (moments kept in ``state[p]["grad_moments"]``) for a rule with ``gradient_scale``."""
+        if self.meta_learner.gradient_scale is None:
+            return grads
+        scaled = {}
+        for i, grad in grads.items():
+            state = self.state[params[i]]
+            state["rule_step"] = state.get("rule_step", 0) + 1
+            scaled[i], state["grad_moments"] = self.meta_learner.rule_gradient(
+                grad, state.get("grad_moments"), state["rule_step"])
+        return scaled
 
     def chunk_size_for(self, device: torch.device) -> int:
         """Coordinates that :meth:`step` updates at once on ``device``: ``chunk_size`` if it
@@ -324,8 +604,11 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         return self.chunk_size or chunk_rows(device, DEFAULT_CHUNK_SIZE)
 
     def _update_bucket(
-        self, params: list[Tensor], grads: list[Tensor | None], buffer: Tensor, constants
+        self, params: list[Tensor], grads: list[Tensor | None], buffer: Tensor, constants,
+        options: tuple[Any, Any] = (1.0, 0.0),
     ) -> None:
+        lr, weight_decay = options
+        plain = _is_default(lr, weight_decay)
         # Flat views in the parameters' own memory; non-contiguous ones work on a copy.
         flat_params = [p.view(-1) if p.is_contiguous() else p.reshape(-1) for p in params]
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
@@ -347,6 +630,8 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             state_rows = buffer[first_row : first_row + param_rows.numel()]
             new_param, _ = update_rows(constants, state_rows, grad_rows, param_rows,
                                        out=state_rows, scratch=scratch)
+            if not plain:
+                new_param = apply_group_options(param_rows, new_param, lr, weight_decay)
             if len(segments) == 1:
                 param_rows.copy_(new_param)
             else:
@@ -358,6 +643,35 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 param.copy_(flat.view(param.shape))
 
 
+def _rule_from_saved(identity: dict) -> MetaLearnerLSTM:
+    """The update rule a state dict's ``"rule"`` entry describes: its weights, or the shipped
+    rule it names (whose fingerprint must match)."""
+    if identity.get("class") != "MetaLearnerLSTM":
+        raise ValueError(f"state_dict['rule'] has unknown class {identity.get('class')!r}")
+    weights = identity.get("weights")
+    if weights is None:
+        name = identity.get("name")
+        if not isinstance(name, str):
+            raise ValueError("state_dict['rule'] has neither weights nor a shipped rule's name")
+        from learned_optim.checkpoint import load_update_rule, shipped_path
+
+        rule = load_update_rule(shipped_path(name))
+        if rule_fingerprint(rule) != identity.get("fingerprint"):
+            raise ValueError(
+                f"the shipped rule {name!r} of this version of learned_optim differs from the "
+                "one the state_dict was saved with (fingerprints differ)")
+        return rule
+    hyper = identity.get("hyperparameters")
+    if not isinstance(hyper, dict):
+        raise ValueError("state_dict['rule'] has no hyperparameters")
+    try:
+        rule = MetaLearnerLSTM(**hyper)
+        rule.load_state_dict(weights)
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise ValueError(f"state_dict['rule'] does not describe a valid rule: {error}") from None
+    return rule
+
+
 class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
     """The differentiable twin of :class:`LSTMMetaOptimizer`, used by ``higher.innerloop_ctx``.
 
@@ -365,6 +679,10 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
     back-propagates into the meta-learner's weights and (with ``copy_initial_weights=False``)
     into the model's initial weights. With ``first_order=True`` the learner's gradients are
     computed without ``create_graph``: no double-backward graph is built at all.
+
+    The param groups' ``lr`` and ``weight_decay`` come from higher's copy of the drop-in's
+    groups; ``override={"lr": [tensor]}`` (as for higher's SGD) makes them tensors, even ones
+    that require grad. ``step(loss)`` always takes the loss.
     """
 
     def __init__(self, other: LSTMMetaOptimizer, reference_params, *args, **kwargs) -> None:
@@ -376,6 +694,12 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         # First order: one anchored trajectory per bucket (see learned_optim.rule_trajectory).
         self._chains: list[dict[tuple, _Chain]] = [{} for _ in self.param_groups]
         self._loss: Tensor | None = None
+        # RMS-scaled rules (gradient_scale): per-parameter moments and step counts, starting
+        # from the drop-in optimizer's (copied by higher).
+        self._moments = [{i: (self.state[g][i].get("grad_moments"),
+                              self.state[g][i].get("rule_step", 0))
+                          for i in range(len(group["params"]))}
+                         for g, group in enumerate(self.param_groups)]
 
     def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **kwargs):
         """Compute the gradients of ``loss`` and take one differentiable step.
@@ -422,6 +746,17 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
             self._fmodel.update_params(new_params)
         return new_params
 
+    def _rule_gradient(self, group_index: int, index: int, grad: Tensor) -> Tensor:
+        """As :meth:`LSTMMetaOptimizer._rule_gradients`, for one parameter."""
+        if self.meta_learner.gradient_scale is None:
+            return grad
+        moment, step = self._moments[group_index][index]
+        if moment is not None:
+            moment = moment.to(dtype=grad.dtype, device=grad.device)
+        scaled, moment = self.meta_learner.rule_gradient(grad, moment, step + 1)
+        self._moments[group_index][index] = (moment, step + 1)
+        return scaled
+
     def _chain_applies(self, flat_grad: Tensor) -> bool:
         """Whether this step can join a first-order trajectory: on a tape, with the gradient
         and the loss constants (first order), so that only the last parameters need the tape."""
@@ -444,6 +779,10 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         weights = self.meta_learner.weights()
         for group_index, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
             params = group["params"]
+            # From higher's copy of the param groups (or an ``override``): may be tensors.
+            lr = _group_option(group, "lr", group_index)
+            weight_decay = _group_option(group, "weight_decay", group_index)
+            plain = _is_default(lr, weight_decay)
             for key, indices in _bucket_by_device_and_dtype(params).items():
                 state = self._buckets[group_index].get(key)
                 if state is None:
@@ -456,9 +795,10 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 rows = dict(zip(indices, state.split(sizes)))
                 active_rows = (torch.cat([rows[i] for i in active])
                                if len(active) < len(indices) else state)
-                flat_grad = torch.cat([grads[i].reshape(-1) for i in active])
+                flat_grad = torch.cat([self._rule_gradient(group_index, i, grads[i]).reshape(-1)
+                                       for i in active])
                 chains = self._chains[group_index]
-                if self._chain_applies(flat_grad):
+                if plain and self._chain_applies(flat_grad):
                     chain = chains.get(key)
                     if chain is None or not chain.continues(active, params):
                         chain = _Chain(RuleTrajectory(active_rows, torch.cat(
@@ -467,9 +807,13 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                     new_param, new_rows = chain.trajectory.step(constants, flat_grad)
                 else:
                     chains.pop(key, None)
-                    new_param, new_rows = update_rows(
-                        constants, active_rows, flat_grad,
-                        torch.cat([params[i].reshape(-1) for i in active]))
+                    flat_param = torch.cat([params[i].reshape(-1) for i in active])
+                    new_param, new_rows = update_rows(constants, active_rows, flat_grad,
+                                                      flat_param)
+                    if not plain:
+                        new_param = apply_group_options(flat_param, new_param,
+                                                        _like(lr, flat_param),
+                                                        _like(weight_decay, flat_param))
                 active_sizes = [params[i].numel() for i in active]
                 for i, piece, piece_state in zip(
                     active, new_param.split(active_sizes), new_rows.split(active_sizes)

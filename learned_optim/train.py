@@ -13,7 +13,6 @@ alone writes the run folder (:mod:`learned_optim.distributed`).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import platform
 import time
@@ -35,11 +34,19 @@ from learned_optim.finetune import finetune
 from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
-from learned_optim.runstate import RunFolder, load_training_state, save_training_state
+from learned_optim.runstate import (
+    RESUME_OVERRIDES,
+    RunFolder,
+    load_training_state,
+    read_log,
+    save_training_state,
+)
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 
-__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores"]
+__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores",
+           "read_log", "RESUME_OVERRIDES"]
+
 
 
 def _detach_all(grads):
@@ -50,7 +57,8 @@ def _detach_all(grads):
 def build_rule(config: MetaTrainConfig, learner: nn.Module) -> nn.Module | None:
     """What is meta-learned besides the init: the LSTM, Meta-SGD's step sizes, or nothing."""
     if config.method == "lstm":
-        return MetaLearnerLSTM(hidden_size=config.hidden_size)
+        return MetaLearnerLSTM(hidden_size=config.hidden_size,
+                               gradient_scale=config.gradient_scale)
     if config.method == "metasgd":
         return MetaSGDRates(learner, initial=config.inner_lr)
     return None  # maml: a fixed step size
@@ -221,18 +229,16 @@ class MetaTrainer:
         self.step, self.best, self.elapsed = record["step"], record["best"], record["elapsed"]
 
     def _load_state(self) -> tuple[dict, dict | None]:
+        # The configuration is compared before any tensor is loaded into this run's modules.
+        _, overrides = self.folder.resume_record(self.config)
         record = load_training_state(self.folder.state_path, modules=self._modules(),
                                      optimizer=self.adam)
-        saved = MetaTrainConfig.from_dict(record["config"])
-        mine, theirs = self.config.to_dict(), saved.to_dict()
-        changed = sorted(k for k in mine if k not in ("meta_steps", "device", "max_time_s") and
-                         mine[k] != theirs[k])
-        if changed:
-            raise ValueError(
-                f"cannot resume {self.folder.path}: the configuration differs in {changed} "
-                f"(saved: {[theirs[k] for k in changed]}, given: {[mine[k] for k in changed]})"
-            )
+        # Adam's loaded param groups carry the saved learning rate: the given one applies now.
+        for group in self.adam.param_groups:
+            group["lr"] = self.config.meta_lr
         self.folder.truncate_log(record["step"])
+        if overrides:
+            self.folder.log({"step": record["step"], "resumed_with_changes": overrides})
         if self.world_size == 1:
             return record, None
         state = self.adam.state_dict()
@@ -254,7 +260,9 @@ class MetaTrainer:
         loss_sum = metric_sum = 0.0
         failure = None
         stopped = (f"at meta-step {self.step + 1}: training stopped; the last good state is "
-                   f"kept in {self.folder.state_path} (resume with a lower meta_lr or grad_clip)")
+                   f"kept in {self.folder.state_path} (resume with a lower meta_lr or grad_clip: "
+                   f"the same command with --resume --meta-lr {config.meta_lr / 3:.3g}, or "
+                   "--grad-clip, added)")
         for slot in distributed.rank_slots(config.meta_batch):
             episode = to_device(episodes.episode(self.step * config.meta_batch + slot),
                                 self.device)
@@ -433,14 +441,12 @@ def meta_train(config: MetaTrainConfig, *, resume: bool = False, progress: bool 
     Under ``torchrun`` (``torchrun --nproc-per-node 2 my_script.py``) the same call trains
     with every process: see :mod:`learned_optim.distributed` and docs/howto-distributed.md.
     """
+    if config.task == "general":  # a task distribution, unrolled in truncations
+        from learned_optim.truncated import TruncatedTrainer
+
+        return TruncatedTrainer(config, resume=resume, progress=progress).run()
     owned = distributed.init_from_env(config.resolved().device)
     best = MetaTrainer(config, resume=resume, progress=progress).run()
     if owned:  # left in place on errors: the process is about to stop anyway
         distributed.shutdown()
     return best
-
-
-def read_log(run_dir: str | Path) -> list[dict]:
-    """The entries of a run's ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

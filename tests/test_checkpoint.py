@@ -46,7 +46,8 @@ def test_round_trip_keeps_rule_init_and_record(saved):
     path, meta = saved
     loaded = load_checkpoint(path)
     assert loaded.meta_learner.hyperparameters() == {"hidden_size": 12, "p": 8.0,
-                                                     "optional_loss": False}
+                                                     "optional_loss": False, "gradient_scale": None,
+                                                     "momentum": 0.9, "rms_decay": 0.99}
     for (name, ours), theirs in zip(meta.named_parameters(), loaded.meta_learner.parameters()):
         assert torch.equal(ours, theirs), name
     assert loaded.record["config"] == {"ways": 5, "shots": 1}

@@ -64,7 +64,7 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
 
 def test_resume_without_state_is_a_clear_error(tmp_path):
     config = MetaTrainConfig(meta_steps=1, run_dir=str(tmp_path / "none"), **FAST)
-    with pytest.raises(FileNotFoundError, match="no training state to resume"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
         meta_train(config, resume=True, progress=False)
 
 
@@ -162,6 +162,106 @@ def test_cuda_meta_gradient_matches_the_cpu_one(tmp_path, first_order):
     on_cuda, on_cpu = results["cuda"][1], results["cpu"][1]
     assert on_cpu.norm() > 0
     assert (on_cuda - on_cpu).norm() <= 1e-3 * on_cpu.norm()
+
+
+def test_resume_finds_the_same_folder_however_it_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    meta_train(MetaTrainConfig(meta_steps=1, run_dir="kk", **FAST), progress=False)
+    for steps, spelling in enumerate(("./kk", "kk/", str(tmp_path / "kk")), start=2):
+        meta_train(MetaTrainConfig(meta_steps=steps, run_dir=spelling, **FAST), resume=True,
+                   progress=False)
+    (tmp_path / "kk").rename(tmp_path / "moved")
+    meta_train(MetaTrainConfig(meta_steps=5, run_dir="moved", **FAST), resume=True,
+               progress=False)
+    assert [e["step"] for e in read_log("moved") if "meta_loss" in e] == [1, 2, 3, 4, 5]
+    moved = [e for e in read_log("moved") if "resumed_with_changes" in e][-1]
+    assert moved["resumed_with_changes"]["run_dir"] == {"saved": str(tmp_path / "kk"),
+                                                        "given": "moved"}
+
+
+def test_resume_with_a_lower_meta_lr_and_grad_clip_applies_and_logs_them(tmp_path):
+    run = str(tmp_path / "run")
+    meta_train(MetaTrainConfig(meta_steps=2, run_dir=run, **FAST), progress=False)
+    trainer = MetaTrainer(MetaTrainConfig(meta_steps=4, run_dir=run, meta_lr=3e-4,
+                                          grad_clip=0.1, **FAST), resume=True, progress=False)
+    assert [g["lr"] for g in trainer.adam.param_groups] == [3e-4]
+    assert trainer.step == 2
+    trainer.run()
+    changes = [e for e in read_log(run) if "resumed_with_changes" in e]
+    assert changes == [{"step": 2, "resumed_with_changes": {
+        "meta_lr": {"saved": 1e-3, "given": 3e-4}, "grad_clip": {"saved": 0.25, "given": 0.1},
+        "meta_steps": {"saved": 2, "given": 4}}}]
+    # The saved state now carries the new values: resuming with them again changes nothing.
+    again = MetaTrainer(MetaTrainConfig(meta_steps=4, run_dir=run, meta_lr=3e-4, grad_clip=0.1,
+                                        **FAST), resume=True, progress=False)
+    assert again.step == 4 and [g["lr"] for g in again.adam.param_groups] == [3e-4]
+
+
+def test_resume_refuses_other_changes_naming_the_field(tmp_path):
+    run = str(tmp_path / "run")
+    meta_train(MetaTrainConfig(meta_steps=1, run_dir=run, **FAST), progress=False)
+    with pytest.raises(ValueError, match=r"differs in \['hidden_size'\].*may change only"):
+        meta_train(MetaTrainConfig(meta_steps=2, run_dir=run, hidden_size=8, **FAST),
+                   resume=True, progress=False)
+
+
+def test_stale_temporary_files_are_removed_on_start_and_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".last.state.safetensors.abc123.tmp", run / ".metrics.jsonl.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a write")
+    keep = run / "notes.tmp"
+    keep.write_text("not ours")
+    meta_train(MetaTrainConfig(meta_steps=1, run_dir=str(run), **FAST), progress=False)
+    assert not any(path.exists() for path in stale) and keep.exists()
+    stale[0].write_bytes(b"half a write")
+    meta_train(MetaTrainConfig(meta_steps=2, run_dir=str(run), **FAST), resume=True,
+               progress=False)
+    assert not stale[0].exists()
+
+
+def test_nothing_to_resume_says_to_rerun_without_resume(tmp_path):
+    config = MetaTrainConfig(meta_steps=1, run_dir=str(tmp_path / "run"), **FAST)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")  # a run killed before its first save
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume.*without --resume"):
+        meta_train(config, resume=True, progress=False)
+    meta_train(config, progress=False)  # the advice works
+
+
+def test_cli_resume_with_a_lower_meta_lr_as_the_nan_advice_says(tmp_path):
+    from learned_optim import cli
+
+    common = ["meta-train", "--no-progress", "--test-episodes", "0", "--meta-batch", "2",
+              "--val-episodes", "3", "--validate-every", "10", "--checkpoint-every", "5",
+              "--run-dir", str(tmp_path / "kk")]
+    assert cli.main([*common, "--meta-steps", "1"]) == 0
+    assert cli.main([*common, "--meta-steps", "2", "--resume", "--meta-lr", "0.0003",
+                     "--grad-clip", "0.1", "--run-dir", str(tmp_path / "kk") + "/"]) == 0
+    change = [e for e in read_log(tmp_path / "kk") if "resumed_with_changes" in e]
+    assert change[0]["resumed_with_changes"]["meta_lr"] == {"saved": 1e-3, "given": 3e-4}
+
+
+def test_task_distribution_trainer_resumes_under_the_same_policy(tmp_path):
+    from learned_optim.truncated import TruncatedTrainer
+
+    def config(steps, **changes):
+        values = dict(task="general", meta_steps=steps, meta_batch=2, val_episodes=2,
+                      horizon_max=20, truncation=10, validate_every=5, checkpoint_every=1,
+                      run_dir=str(tmp_path / "g"))
+        return MetaTrainConfig(**{**values, **changes})
+
+    TruncatedTrainer(config(1), progress=False).run()
+    (tmp_path / "g" / ".last.state.safetensors.x.tmp").write_bytes(b"killed mid-write")
+    resumed = TruncatedTrainer(config(2, meta_lr=3e-4, run_dir=str(tmp_path / "g") + "/"),
+                               resume=True, progress=False)
+    assert [g["lr"] for g in resumed.adam.param_groups] == [3e-4]
+    assert not (tmp_path / "g" / ".last.state.safetensors.x.tmp").exists()
+    change = [e for e in read_log(tmp_path / "g") if "resumed_with_changes" in e]
+    assert change[0]["resumed_with_changes"]["meta_lr"] == {"saved": 1e-3, "given": 3e-4}
+    with pytest.raises(ValueError, match=r"differs in \['seed'\]"):
+        TruncatedTrainer(config(2, seed=9), resume=True, progress=False)
 
 
 def test_warm_start_from_another_number_of_ways_reinitialises_only_the_head(tmp_path):

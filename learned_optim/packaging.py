@@ -1,0 +1,178 @@
+"""Ship a rule meta-trained over the task distribution (``task = "general"``) with its card.
+
+    python -m learned_optim.packaging general --runs runs/general [RUN ...] \\
+        --scratch docs/results/scratch.json --transfer docs/results/transfer_general_T5.json
+
+``--runs`` lists the run folders in training order (each continuing the previous one with
+``--resume`` in the same folder, or ``--init-from`` its best checkpoint in a new one). The best
+checkpoint of the last run is re-saved as ``learned_optim/pretrained/NAME.safetensors`` with a
+configuration free of machine paths and a record holding the card's facts; ``NAME.md`` beside
+it is the card. The results come from the benchmark JSONs (``benchmarks/scratch.py`` and
+``benchmarks/transfer.py``): nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint, save_checkpoint
+from learned_optim.runstate import read_log
+
+__all__ = ["training_facts", "package_general", "card_markdown"]
+
+# Machine-specific fields dropped from a shipped configuration.
+_LOCAL_FIELDS = ("run_dir", "data_root", "init_from", "device", "max_time_s")
+
+
+def training_facts(runs: list[Path]) -> dict:
+    """Meta-steps, Adam updates, problems and wall time summed over the runs (a run resumed in
+    its own folder counts once), and the validation trace, steps counted from the first run."""
+    steps = updates = problems = 0
+    wall = 0.0
+    trace = []
+    for run in runs:
+        config = json.loads((Path(run) / "config.json").read_text())
+        log = read_log(run)
+        trained = [e for e in log if "meta_loss" in e]
+        if not trained:
+            raise ValueError(f"run {run} has no meta-step in its metrics log")
+        last = max(trained, key=lambda e: e["step"])
+        trace += [{**e, "step": e["step"] + steps} for e in log if "val_log_loss_ratio" in e
+                  and (e["step"] > 0 or not trace)]
+        steps += last["step"]
+        updates += last["updates"]
+        problems += last["step"] * config["meta_batch"]
+        wall += last["elapsed_s"]
+    return {"meta_steps": steps, "meta_updates": updates, "episodes_trained": problems,
+            "train_wall_time_s": round(wall), "validation_trace": trace}
+
+
+def _scratch_results(path: Path) -> dict:
+    """Final test accuracy per method and problem, and the verdicts, from scratch.json."""
+    doc = json.loads(Path(path).read_text())
+    final = str(doc["setting"]["steps"])
+    results = {}
+    for problem, entry in doc["problems"].items():
+        for method, data in entry["methods"].items():
+            summary = data["summary"].get(final)
+            results.setdefault(problem, {})[method] = (
+                None if summary is None else summary["test_accuracy"])
+    return {"steps": doc["setting"]["steps"], "results": results,
+            "lr": {p: e["lr"] for p, e in doc["problems"].items()},
+            "verdicts": doc.get("verdicts", [])}
+
+
+def _transfer_counts(path: Path) -> dict:
+    """How many few-shot cells the rule wins against tuned SGD and tuned Adam."""
+    doc = json.loads(Path(path).read_text())
+    cells = doc["cells"].values()
+    rule = [c["results"]["learned rule"]["mean"] for c in cells]
+    return {"steps": doc["setting"]["steps"], "cells": len(rule),
+            "beats_sgd": sum(r > c["results"]["SGD"]["mean"] for r, c in zip(rule, cells)),
+            "beats_adam": sum(r > c["results"]["Adam"]["mean"] for r, c in zip(rule, cells))}
+
+
+def package_general(name: str, runs: list[Path], *, scratch: Path, transfer: list[Path],
+                    hardware: str, out_dir: Path = PRETRAINED_DIR) -> Path:
+    """Re-save the last run's best checkpoint as ``out_dir/NAME.safetensors`` with its card."""
+    runs = [Path(run) for run in runs]
+    checkpoint = load_checkpoint(runs[-1] / "best.safetensors")
+    config = {k: v for k, v in checkpoint.record["config"].items() if k not in _LOCAL_FIELDS}
+    if config.get("task") != "general":
+        raise ValueError(f"{runs[-1]} is a {config.get('task')!r} run, not a 'general' one")
+    facts = training_facts(runs)
+    scratch_results = _scratch_results(scratch)
+    headline = scratch_results["results"]["mnist5k-mlp"]
+    card = {
+        **facts, "hardware": hardware, "learned_init_trained": False,
+        "best_meta_step": checkpoint.record["card"]["meta_steps"],
+        "regenerate": " && ".join(
+            [f"learned-optim meta-train --config configs/{name}.toml --data-root "
+             "PATH/TO/omniglot"] + ["(same command) --resume"] * (len(runs) - 1)),
+        "test": {"metric": "accuracy",
+                 "what": f"784-64-64-10 MLP on MNIST-5k from scratch, "
+                         f"{scratch_results['steps']} steps, test split, 3 seeds",
+                 "results": {"meta-learner LSTM": headline["learned rule"],
+                             "sgd": headline["SGD tuned"], "adam": headline["Adam tuned"],
+                             "adam 1e-3": headline["Adam 1e-3"]}},
+        "scratch": scratch_results,
+        "few_shot": [_transfer_counts(path) for path in transfer],
+    }
+    path = save_checkpoint(Path(out_dir) / f"{name}.safetensors", checkpoint.meta_learner,
+                           config=config, dataset="general", metrics=checkpoint.record["metrics"],
+                           card=card)
+    (Path(out_dir) / f"{name}.md").write_text(card_markdown(name, config, card,
+                                                            checkpoint.meta_learner))
+    return path
+
+
+def _percent(row: dict | None) -> str:
+    return "diverged" if row is None else f"{100 * row['mean']:.1f} +- {100 * row['ci95']:.1f}%"
+
+
+def card_markdown(name: str, config: dict, card: dict, rule) -> str:
+    """The human-readable model card of a general rule."""
+    trace = card["validation_trace"]
+    lines = [
+        f"# Model card: `{name}`", "",
+        "Meta-Learner LSTM (Ravi & Larochelle 2017) update rule alone (no learned init), "
+        "meta-trained over a distribution of fresh learners, tasks and horizons "
+        "(`learned_optim.general`). It is what `LSTMMetaOptimizer(params)` uses when no "
+        "meta-learner is given.", "",
+        "| | |", "|---|---|",
+        f"| meta-learner | LSTM, hidden size {rule.hidden_size}, p = {rule.p}, RMS-scaled "
+        f"gradients (scale {rule.gradient_scale}, decay {rule.rms_decay}), loss input "
+        f"optional |",
+        f"| task distribution | MLPs (1-3 hidden layers, 16-256 units, ReLU/tanh/GELU) and conv "
+        f"nets (2-4 blocks, 8-64 filters), with and without BatchNorm, random init scale; "
+        f"Omniglot background alphabets (few-shot and minibatch), sinusoids, teacher "
+        f"regression, blobs, teacher classification; horizons {config['horizon_min']}-"
+        f"{config['horizon_max']} steps in truncations of {config['truncation']}; the loss "
+        f"withheld from {config['loss_dropout']:.0%} of the problems |",
+        "| never seen | scikit-learn digits, MNIST, Animal-MNIST, Omniglot's evaluation "
+        "alphabets |",
+        f"| training | Adam {config['meta_lr']}, clip {config['grad_clip']}, "
+        f"{config['meta_batch']} problems a meta-step, first order, mean log validation loss "
+        f"over each truncation |",
+        f"| trained | {card['meta_steps']} meta-steps ({card['meta_updates']} Adam updates, "
+        f"{card['episodes_trained']} problems), {card['train_wall_time_s']} s on "
+        f"{card['hardware']}; best at meta-step {card['best_meta_step']} |",
+        f"| validation | mean log loss ratio {trace[0]['val_log_loss_ratio']:.3f} untrained, "
+        f"{min(e['val_log_loss_ratio'] for e in trace):.3f} best (lower is better) |",
+        f"| regenerate | `{card['regenerate']}` |", "",
+        f"## From scratch ({card['scratch']['steps']} minibatch steps, test accuracy, 3 seeds)",
+        "", "No tuning for the rule; SGD and Adam tuned on a validation split "
+        "(`docs/results/scratch.md` has the curves and the training losses).", "",
+        "| problem | rule | tuned SGD | tuned Adam | Adam 1e-3 |", "|---|---|---|---|---|"]
+    for problem, row in card["scratch"]["results"].items():
+        lines.append(f"| {problem} | {_percent(row.get('learned rule'))} | "
+                     f"{_percent(row.get('SGD tuned'))} | {_percent(row.get('Adam tuned'))} | "
+                     f"{_percent(row.get('Adam 1e-3'))} |")
+    lines += ["", "## Few-shot, fresh models (`docs/results/transfer_general_T*.md`)", ""]
+    for counts in card["few_shot"]:
+        lines.append(f"- T = {counts['steps']}: the rule beats tuned SGD in "
+                     f"{counts['beats_sgd']} of {counts['cells']} cells and tuned Adam in "
+                     f"{counts['beats_adam']}.")
+    lines += ["", "## Targets", ""] + [f"- {v}" for v in card["scratch"]["verdicts"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--runs", nargs="+", type=Path, required=True)
+    parser.add_argument("--scratch", type=Path, default=Path("docs/results/scratch.json"))
+    parser.add_argument("--transfer", nargs="*", type=Path, default=[])
+    parser.add_argument("--hardware", default="the 2-core CPU (1 thread, shared)")
+    args = parser.parse_args(argv)
+    path = package_general(args.name, args.runs, scratch=args.scratch, transfer=args.transfer,
+                           hardware=args.hardware)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -261,7 +261,7 @@ def evaluate(
             "run benchmarks/scratch.py and benchmarks/transfer.py")
     if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
         saved["inner_steps"] = None  # let the task default follow the new shot count
-    if "queries" in saved and shots is not None and saved.get("task") == "sinusoid":
+    if queries is None and shots is not None and saved.get("task") == "sinusoid":
         saved["queries"] = None
     saved["device"] = device
     try:

@@ -291,6 +291,10 @@ class WithinAlphabetSampler(EpisodeSampler):
         column = torch.searchsorted(ids, drawers)
         # by_drawer[c, d] = position of class c's example by drawer ids[d]
         self._by_drawer = torch.full((dataset.num_classes, len(ids)), -1, dtype=torch.int64)
+        pairs = dataset.labels * len(ids) + column
+        if len(torch.unique(pairs)) < len(dataset):
+            raise ValueError(f"data set{label} holds two examples of one class by one drawer: "
+                             "drawer ids must be unique inside a class")
         self._by_drawer[dataset.labels, column] = torch.arange(len(dataset))
         lacking = torch.nonzero(self._by_drawer < 0)
         if len(lacking):

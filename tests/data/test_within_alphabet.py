@@ -102,3 +102,11 @@ def test_lake_within_task_tests_on_evaluation_alphabets_and_validates_on_backgro
     assert names.isdisjoint(train.dataset.class_names) and names.isdisjoint(
         val.dataset.class_names)
     assert len(np.unique([n.split("/")[0] for n in train.dataset.class_names])) == 30
+
+
+def test_refuses_two_examples_of_a_class_by_one_drawer():
+    names = ["A/character01", "A/character02"]
+    data = FewShotDataset(torch.rand(6, 1, 2, 2), torch.tensor([0, 0, 0, 1, 1, 1]), names)
+    with pytest.raises(ValueError, match="two examples of one class by one drawer"):
+        WithinAlphabetSampler(data, ways=2, shots=1, queries=1,
+                              drawers=torch.tensor([0, 1, 1, 0, 1, 2]))

@@ -40,7 +40,7 @@ from _shared import load_average  # noqa: E402 (sibling module)
 
 from learned_optim import LSTMMetaOptimizer, load_checkpoint  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
-from learned_optim.evaluate import _learner_with_init, _tune_lr  # noqa: E402
+from learned_optim.evaluate import _learner_with_init, _overlap, _tune_lr  # noqa: E402
 from learned_optim.finetune import finetune  # noqa: E402
 from learned_optim.learners import reset_batchnorm  # noqa: E402
 from learned_optim.stats import summarize  # noqa: E402
@@ -96,8 +96,13 @@ def study(name: str, args) -> dict:
     saved = dict(checkpoint.record.get("config") or {})
     if saved.get("task") != "sinusoid":
         saved["data_root"] = args.data_root
+    if getattr(args, "protocol", None) and saved.get("task") == "omniglot":
+        saved["protocol"] = args.protocol  # e.g. lake-within: Lake's within-alphabet runs
     saved["device"] = "cpu"
     config = MetaTrainConfig.from_dict(saved).resolved()
+    overlap = _overlap(checkpoint, config, "test")
+    if overlap is not None and overlap.seen and not getattr(args, "force_overlap", False):
+        raise SystemExit(overlap.message(str(name)) + ": pass --force-overlap to study it anyway")
     task = build_task(config)
     T = config.inner_steps
     record_steps = sorted({max(1, math.ceil(T / 2)), T, 2 * T, 5 * T})
@@ -254,6 +259,10 @@ def main(argv=None) -> int:
                         help="test episodes per checkpoint (default 100 for 5-way, 40 for "
                              "20-way, 200 for sinusoid)")
     parser.add_argument("--tune-episodes", type=int, default=20)
+    parser.add_argument("--protocol", help="Omniglot protocol to test on instead of the "
+                                           "checkpoint's (vinyals|lake|lake-within)")
+    parser.add_argument("--force-overlap", action="store_true",
+                        help="study a checkpoint on test characters it was meta-trained on")
     parser.add_argument("--json", default="docs/results/horizon.json")
     parser.add_argument("--markdown", default="docs/results/horizon.md")
     parser.add_argument("--notes", help="a text file of conclusions to put in the Markdown")

@@ -32,11 +32,28 @@ import argparse
 import json
 from pathlib import Path
 
-from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint, save_checkpoint
+from learned_optim.checkpoint import (
+    PRETRAINED_DIR,
+    load_checkpoint,
+    read_preprocessing,
+    read_training_data,
+    save_checkpoint,
+)
 from learned_optim.config import MetaTrainConfig
+from learned_optim.data.preprocessing import Preprocessing
+from learned_optim.data.splits import training_data
 from learned_optim.train import read_log
 
 DEFAULT_META_LR = MetaTrainConfig().meta_lr
+
+
+def preprocessing_of(record: dict) -> dict | None:
+    """The record's preprocessing, or the one its configuration implies (older runs)."""
+    stored = read_preprocessing(record)
+    if stored is not None:
+        return stored
+    spec = Preprocessing.for_config(record["config"])
+    return None if spec is None else spec.to_dict()
 
 
 def training_facts(runs: list[Path]) -> dict:
@@ -93,6 +110,20 @@ def kept_baselines(shipped: dict, evaluation: dict) -> dict:
             and row["episodes"] == episodes}
 
 
+def seen_characters(data: dict) -> str:
+    counts = ", ".join(f"{len(v)} {k}" for k, v in data["characters"].items())
+    return (f"{data['dataset']} characters: {counts} (protocol {data['split_protocol']}, split "
+            f"seed {data['split_seed']}; `learned_optim.data.splits`)")
+
+
+def preprocessing_text(spec: dict) -> str:
+    steps = [f"mode {spec['mode']}", f"{spec['resample']} resize to {spec['size']}x{spec['size']}",
+             "inverted (ink = 1)" if spec["invert"] else "not inverted"]
+    if spec.get("mean") is not None:
+        steps.append(f"normalised mean {spec['mean']} std {spec['std']}")
+    return ", ".join(steps) + " (`learned_optim.data.preprocess`)"
+
+
 def card_markdown(name: str, record: dict) -> str:
     config, card = record["config"], record["card"]
     evaluation = card["test"]
@@ -112,6 +143,10 @@ def card_markdown(name: str, record: dict) -> str:
         ("task", f"{config['task']} {task}, {setting['inner_steps']} inner steps (T), "
                  f"{setting['queries']} queries"),
         ("split", f"{config.get('protocol')} (see `learned_optim.data`)"),
+        *([("seen in meta-training", seen_characters(record["training_data"]))]
+          if record.get("training_data") else []),
+        *([("preprocessing", preprocessing_text(record["preprocessing"]))]
+          if record.get("preprocessing") else []),
         ("learner", card["learner"]),
         ("meta-learner", f"LSTM, hidden size {meta['hidden_size']}, p = {meta['p']}"),
         ("training", f"Adam {config['meta_lr']}, clip {config['grad_clip']}, meta-batch "
@@ -141,6 +176,21 @@ they differ from the LSTM in the update rule only; MAML and Meta-SGD, where pres
 meta-trained with the same routine and use their own learned init; `nn` is 1-nearest-neighbour in
 the learned init's feature space. BatchNorm uses the support set's statistics only (not
 transductive).
+{lake_note(config, evaluation)}"""
+
+
+def lake_note(config: dict, evaluation: dict) -> str:
+    """For Lake's protocol: the error rates beside Lake et al.'s published 20-way figures."""
+    if config.get("protocol") != "lake-within" or evaluation["metric"] != "accuracy":
+        return ""
+    errors = ", ".join(f"{method} {100 * (1 - r['mean']):.1f}% +- {100 * r['ci95']:.1f}"
+                       for method, r in evaluation["results"].items())
+    return f"""
+Lake et al.'s protocol (`lake-within`): meta-trained on the 30 background alphabets only; tested
+on the 20 evaluation alphabets, which it never saw, each episode's classes from one alphabet and
+its support and query images by different drawers. Error rates: {errors}. Published by Lake et
+al. (Science 2015) for 20-way within-alphabet one-shot classification: people 4.5%, Bayesian
+Program Learning 3.3%, Siamese convnet 8.0%, convnet 13.5%.
 """
 
 
@@ -185,7 +235,9 @@ def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path]
         test["results"][method] = result
     save_checkpoint(path, shipped.meta_learner, learned_init=shipped.learned_init,
                     config=record["config"], dataset=record["dataset"],
-                    metrics=record["metrics"], card=record["card"])
+                    metrics=record["metrics"], card=record["card"],
+                    preprocessing=record.get("preprocessing"),
+                    training_data=record.get("training_data"))
     (PRETRAINED_DIR / f"{name}.md").write_text(card_markdown(name, load_checkpoint(path).record))
     return path
 
@@ -226,7 +278,8 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         learned_init=best.learned_init, config=config, dataset=config["task"],
         metrics={f"test_{metric}": ours["mean"], f"test_{metric}_ci95": ours["ci95"],
                  "test_episodes": ours["episodes"]},
-        card=card)
+        card=card, preprocessing=preprocessing_of(best.record),
+        training_data=read_training_data(best.record) or training_data(best.record["config"]))
     record = load_checkpoint(path).record
     (PRETRAINED_DIR / f"{name}.md").write_text(card_markdown(name, record))
     return path

@@ -13,6 +13,7 @@ from learned_optim.checkpoint import (
     load_learned_init,
     save_checkpoint,
 )
+from learned_optim.classifier import FewShotClassifier
 from learned_optim.metalearner import MetaLearnerLSTM, meta_update
 from learned_optim.optimizer import DifferentiableLSTMMetaOptimizer, LSTMMetaOptimizer
 
@@ -26,6 +27,7 @@ __all__ = [
     "load_learned_init",
     "save_checkpoint",
     "DifferentiableLSTMMetaOptimizer",
+    "FewShotClassifier",
     "LSTMMetaOptimizer",
     "MetaLearnerLSTM",
     "meta_update",

@@ -34,7 +34,9 @@ __all__ = [
     "load_checkpoint",
     "load_learned_init",
     "load_update_rule",
+    "read_preprocessing",
     "read_record",
+    "read_training_data",
     "resolve_checkpoint",
     "shipped_path",
     "validate_record",
@@ -155,6 +157,8 @@ def save_checkpoint(
     dataset: str | None = None,
     metrics: dict | None = None,
     card: dict | None = None,
+    preprocessing: dict | None = None,
+    training_data: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically and return its path.
 
@@ -171,6 +175,12 @@ def save_checkpoint(
         Training configuration (a dataclass or a JSON-serialisable dict).
     dataset, metrics, card:
         Free-form facts for the record (data set name, measured results, model card fields).
+    preprocessing:
+        How images become the learner's inputs (``Preprocessing.to_dict()``); read back with
+        :func:`read_preprocessing`.
+    training_data:
+        What was meta-trained and validated on (``learned_optim.data.splits.training_data``);
+        read back with :func:`read_training_data`.
 
     Examples
     --------
@@ -198,8 +208,64 @@ def save_checkpoint(
         "metrics": _jsonable(metrics or {}, "metrics"),
         "card": _jsonable(card or {}, "card"),
     }
+    # Optional fields (absent in files written before them): each has one reader below.
+    if preprocessing is not None:
+        record["preprocessing"] = _jsonable(preprocessing, "preprocessing")
+    if training_data is not None:
+        record["training_data"] = _jsonable(training_data, "training_data")
     payload = safetensors_bytes(tensors, metadata={RECORD_KEY: json.dumps(record)})
     return write_atomic(path, payload)
+
+
+def _record_of(checkpoint: Checkpoint | dict) -> tuple[dict, str]:
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint.record, str(checkpoint.path)
+    return checkpoint, "checkpoint record"
+
+
+def read_preprocessing(checkpoint: Checkpoint | dict) -> dict | None:
+    """The record's ``preprocessing`` field, checked; ``None`` if the file predates it.
+
+    Raises :class:`CheckpointError` naming the file and the field if it is malformed.
+
+    >>> read_preprocessing({"preprocessing": {"size": 28, "mode": "L"}})["size"]
+    28
+    """
+    record, where = _record_of(checkpoint)
+    value = record.get("preprocessing")
+    if value is None:
+        return None
+    from learned_optim.data.preprocessing import Preprocessing
+
+    try:
+        Preprocessing.from_dict(value)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}: invalid field 'preprocessing': {error}") from None
+    return value
+
+
+def read_training_data(checkpoint: Checkpoint | dict) -> dict | None:
+    """The record's ``training_data`` field, checked; ``None`` if the file predates it.
+
+    Raises :class:`CheckpointError` naming the file and the field if it is malformed.
+
+    >>> read_training_data({"training_data": {"dataset": "omniglot",
+    ...     "characters": {"train": [0, 1], "val": [2]}}})["characters"]["val"]
+    [2]
+    """
+    record, where = _record_of(checkpoint)
+    value = record.get("training_data")
+    if value is None:
+        return None
+    characters = value.get("characters") if isinstance(value, dict) else None
+    valid = (isinstance(characters, dict) and isinstance(value.get("dataset"), str)
+             and all(isinstance(k, str) and isinstance(v, list)
+                     and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                             for i in v) for k, v in characters.items()))
+    if not valid:
+        raise CheckpointError(f"{where}: invalid field 'training_data': expected a dataset name "
+                              "and characters {split: [non-negative integers]}")
+    return value
 
 
 def available_pretrained() -> list[str]:

@@ -7,6 +7,7 @@ Examples::
     learned-optim meta-train --config configs/omniglot-5w1s.toml --resume
     learned-optim evaluate runs/omniglot-5w1s-lstm/best.safetensors --baselines sgd,adam,nn
     learned-optim plot runs/omniglot-5w1s-lstm        # curves.png from metrics.jsonl
+    learned-optim predict omniglot-lake-20w1s --support SUPPORT_DIR --query QUERY_DIR
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _CONFIG_OPTIONS = {
     "task": (str, "task family", TASKS),
     "method": (str, "what is meta-learned: the LSTM rule or a baseline", METHODS),
     "data_root": (str, "folder of the data set (Omniglot zips, miniImageNet images+CSVs)", None),
-    "protocol": (str, "omniglot split (vinyals|lake) or sinusoid family (maml|metasgd)", None),
+    "protocol": (str, "omniglot split (vinyals|lake|lake-within) or sinusoid family "
+                      "(maml|metasgd)", None),
     "ways": (int, "classes per episode (N)", None),
     "shots": (int, "support examples per class (K), or support points (sinusoid)", None),
     "queries": (int, "query examples per class (default 15)", None),
@@ -111,8 +113,13 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--ways", type=int)
     parser.add_argument("--shots", type=int)
     parser.add_argument("--inner-steps", type=int)
-    parser.add_argument("--protocol", help="evaluate on this omniglot split (vinyals|lake) or "
+    parser.add_argument("--protocol", help="evaluate on this omniglot protocol (vinyals|lake|"
+                                           "lake-within: Lake et al.'s within-alphabet runs) or "
                                            "sinusoid family (maml|metasgd) instead")
+    parser.add_argument("--queries", type=int, help="query examples per class (Lake: 1)")
+    parser.add_argument("--force-overlap", action="store_true",
+                        help="evaluate even on characters the checkpoint was meta-trained or "
+                             "validated on (refused otherwise; the overlap is reported)")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--baselines", default="",
@@ -126,6 +133,52 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_predict(commands) -> None:
+    parser = commands.add_parser(
+        "predict", help="classify images with a checkpoint after fitting a few examples",
+        description="Fit a checkpoint's learner to SUPPORT (one sub-folder per class, the folder "
+                    "name is the label) with its update rule, then print one line per image "
+                    "file under QUERY: file, predicted label, probability.")
+    parser.add_argument("checkpoint", help="checkpoint path or shipped name")
+    parser.add_argument("--support", type=Path, required=True,
+                        help="folder of class folders holding the labelled examples")
+    parser.add_argument("--query", type=Path, required=True,
+                        help="folder of images to label (searched recursively)")
+    parser.add_argument("--inner-steps", type=int, help="updates on the support set (default: "
+                                                        "the checkpoint's T)")
+    parser.add_argument("--json", type=Path, help="also write the predictions as JSON here")
+    parser.add_argument("--device", default="cpu")
+    _add_threads(parser)
+
+
+def _predict(args) -> int:
+    _set_threads(args.threads, "")
+    from learned_optim.classifier import FewShotClassifier, list_images, read_class_folders
+
+    paths, labels = read_class_folders(args.support)
+    queries = list_images(args.query)
+    if not queries:
+        raise ValueError(f"{args.query}: no image files to classify")
+    classifier = FewShotClassifier.from_pretrained(args.checkpoint, inner_steps=args.inner_steps,
+                                                   device=args.device)
+    classifier.fit(paths, labels)
+    probabilities = classifier.predict_proba(queries)
+    rows = []
+    for path, row in zip(queries, probabilities):
+        best = int(row.argmax())
+        name = path.relative_to(args.query).as_posix()
+        rows.append({"file": name, "label": classifier.classes_[best],
+                     "probability": round(float(row[best]), 6),
+                     "probabilities": {str(c): round(float(p), 6)
+                                       for c, p in zip(classifier.classes_, row)}})
+        print(f"{name}\t{classifier.classes_[best]}\t{row[best]:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps({"checkpoint": str(classifier.checkpoint.path),
+                                         "classes": classifier.classes_,
+                                         "predictions": rows}, indent=2))
+    return 0
 
 
 def _add_plot(commands) -> None:
@@ -153,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_meta_train(commands)
     _add_evaluate(commands)
+    _add_predict(commands)
     _add_plot(commands)
     return parser
 
@@ -228,7 +282,8 @@ def _evaluate(args) -> int:
         split=args.split, baselines=_baselines(args.baselines),
         baseline_checkpoints={k: v for k, v in (("maml", args.maml),
                                                 ("metasgd", args.metasgd)) if v},
-        tune_episodes=args.tune_episodes, device=args.device, progress=not args.no_progress)
+        tune_episodes=args.tune_episodes, device=args.device, progress=not args.no_progress,
+        queries=args.queries, force_overlap=args.force_overlap)
     print(json.dumps(report.setting))
     print(report.to_markdown())
     if args.json:
@@ -246,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return _meta_train(args)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "predict":
+            return _predict(args)
         return _evaluate(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
             distributed.DistributedError) as error:

@@ -25,8 +25,10 @@ from learned_optim.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_learned_init,
+    read_training_data,
 )
 from learned_optim.config import MetaTrainConfig
+from learned_optim.data import splits
 from learned_optim.learners import reset_batchnorm
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
@@ -178,6 +180,15 @@ def _learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.M
     return learner.to(device), note
 
 
+def _overlap(checkpoint: Checkpoint, config: MetaTrainConfig, split: str):
+    """How many characters of the evaluated split ``checkpoint`` was meta-trained on."""
+    if config.task != "omniglot":
+        return None
+    seen = read_training_data(checkpoint) or splits.training_data(
+        checkpoint.record.get("config") or {})
+    return splits.split_overlap(seen, config.protocol, split)
+
+
 def _tune_lr(name, learner, task, steps, tune_episodes, device) -> tuple[float, Summary]:
     """The learning rate of ``LR_GRIDS[name]`` with the best validation score, and that score."""
     factory = TUNED_OPTIMIZERS[name]
@@ -206,6 +217,8 @@ def evaluate(
     tune_episodes: int = 50,
     device: str = "cpu",
     progress: bool = False,
+    queries: int | None = None,
+    force_overlap: bool = False,
 ) -> EvaluationReport:
     """Mean query score with 95% CI of a checkpoint and of baselines, on the same episodes.
 
@@ -218,6 +231,13 @@ def evaluate(
     learner's feature space. The report keeps every method's per-episode scores (in episode
     order), the seed and the versions, and gives each baseline's paired difference to the
     checkpoint's method with its 95% CI (:meth:`EvaluationReport.paired_differences`).
+
+    ``protocol="lake-within"`` runs Lake et al.'s one-shot protocol on Omniglot's 20 evaluation
+    alphabets: every episode's classes come from one alphabet and support and query sets from
+    different drawers (``queries=1`` is Lake's one test drawer). An Omniglot checkpoint that was
+    meta-trained or validated on characters of the evaluated split is refused with a
+    ``ValueError`` that says how many overlap, unless ``force_overlap=True`` (the report's
+    setting then records the overlap).
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -231,7 +251,7 @@ def evaluate(
     known = {f.name for f in dataclasses.fields(MetaTrainConfig)}
     saved = {k: v for k, v in (checkpoint.record.get("config") or {}).items() if k in known}
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
-                 "protocol": protocol, "data_root": data_root}
+                 "protocol": protocol, "data_root": data_root, "queries": queries}
     saved.update({k: v for k, v in overrides.items() if v is not None})
     if saved.get("task") == "general":
         raise ValueError(
@@ -241,7 +261,7 @@ def evaluate(
             "run benchmarks/scratch.py and benchmarks/transfer.py")
     if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
         saved["inner_steps"] = None  # let the task default follow the new shot count
-    if "queries" in saved and shots is not None and saved.get("task") == "sinusoid":
+    if queries is None and shots is not None and saved.get("task") == "sinusoid":
         saved["queries"] = None
     saved["device"] = device
     try:
@@ -249,6 +269,19 @@ def evaluate(
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{checkpoint.path}: field 'config' does not describe a valid "
                               f"setting ({error})") from None
+    overlaps = {name: _overlap(other, config, split) for name, other in
+                [("checkpoint", checkpoint)] + [(b, load_checkpoint(p)) for b, p in
+                                                (baseline_checkpoints or {}).items()
+                                                if b in baselines]}
+    overlaps = {name: o for name, o in overlaps.items() if o is not None and o.seen}
+    if overlaps and not force_overlap:
+        raise ValueError(
+            "; ".join(o.message(f"{name} ({path})") for name, (o, path) in (
+                (n, (o, checkpoint.path if n == "checkpoint" else baseline_checkpoints[n]))
+                for n, o in overlaps.items()))
+            + f": its {split} score would not measure generalisation to unseen characters. "
+            "Evaluate on a split it has not seen, or pass force_overlap=True "
+            "(learned-optim evaluate --force-overlap) to report it anyway.")
     the_task = build_task(config)
     steps = config.inner_steps
     def indices(label: str):  # the same test episodes for every method, with a progress bar
@@ -262,6 +295,11 @@ def evaluate(
         {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
          "queries": config.queries, "protocol": config.protocol,
          "checkpoint": str(checkpoint.path)}, seed=config.seed)
+    for name, overlap in overlaps.items():  # only when forced
+        report.setting.setdefault("overlap", {})[name] = {
+            "characters": overlap.characters, "seen": overlap.seen,
+            "seen_in_training": overlap.seen_in_training,
+            "seen_in_validation": overlap.seen_in_validation}
     name = {"lstm": "meta-learner LSTM"}.get(checkpoint.method, checkpoint.method)
     report.add(name, query_scores(learner, checkpoint, source, indices(name), steps, the_task,
                                   device), {"init": init_note})

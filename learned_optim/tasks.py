@@ -82,15 +82,23 @@ def build_task(config: MetaTrainConfig) -> Task:
         return Task(config, sinusoid_episodes, SinusoidMLP, F.mse_loss,
                     F.mse_loss, "mse", higher_is_better=False)
 
-    from learned_optim.data import EpisodeSampler
+    from learned_optim.data import EpisodeSampler, WithinAlphabetSampler
 
     cache: dict[str, object] = {}
 
     def classification_episodes(split: str):
         if split not in cache:
             dataset = _classification_dataset(config, split)
-            cache[split] = EpisodeSampler(dataset, config.ways, config.shots, config.queries,
-                                          seed=config.seed + SPLIT_SEED_OFFSETS[split])
+            seed = config.seed + SPLIT_SEED_OFFSETS[split]
+            if config.task == "omniglot" and config.protocol == "lake-within":
+                # Lake's runs: one alphabet per episode, support and query by other drawers.
+                # The few validation characters per alphabet: one group, drawers still apart.
+                alphabets = ["all"] * dataset.num_classes if split == "val" else None
+                cache[split] = WithinAlphabetSampler(dataset, config.ways, config.shots,
+                                                     config.queries, seed, alphabets=alphabets)
+            else:
+                cache[split] = EpisodeSampler(dataset, config.ways, config.shots,
+                                              config.queries, seed=seed)
         return cache[split]
 
     channels = 1 if config.task == "omniglot" else 3

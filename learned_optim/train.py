@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import platform
+import warnings
 from pathlib import Path
 
 import higher
@@ -25,6 +26,8 @@ from learned_optim import distributed
 from learned_optim.baselines import MetaSGDRates, PerCoordinateSGD
 from learned_optim.checkpoint import load_checkpoint, load_learned_init, save_checkpoint
 from learned_optim.config import MetaTrainConfig
+from learned_optim.data import splits
+from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.finetune import finetune
 from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
@@ -117,6 +120,11 @@ def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="c
     return summarize(query_scores(learner, spec, episodes, indices, steps, task, device))
 
 
+def _preprocessing_record(config: MetaTrainConfig) -> dict | None:
+    spec = Preprocessing.for_config(config)
+    return None if spec is None else spec.to_dict()
+
+
 class MetaTrainer:
     """One meta-training run; see :func:`meta_train`.
 
@@ -183,7 +191,15 @@ class MetaTrainer:
                 for name, rate in zip(self.rule.names, self.rule.rates):
                     rate.copy_(checkpoint.learning_rates[name])
         if checkpoint.learned_init is not None:
-            load_learned_init(self.learner, checkpoint)
+            # Another number of ways: the head's shape differs; it keeps its fresh weights.
+            report = load_learned_init(self.learner, checkpoint, strict=False)
+            fresh = report.missing + report.mismatched
+            if report.unexpected or (fresh and self.config.method == "metasgd"):
+                load_learned_init(self.learner, checkpoint)  # raises, naming the mismatch
+            if fresh:
+                warnings.warn(f"init_from {path}: learned init loaded except {fresh}, whose "
+                              "shapes differ (another number of ways?); those are re-initialised",
+                              stacklevel=2)
 
     # --- state -------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
@@ -343,6 +359,8 @@ class MetaTrainer:
                   "wall_time_s": round(self.elapsed, 1),
                   "hardware": _hardware(self.device, self.world_size),
                   "learned_init_trained": config.learned_init},
+            preprocessing=_preprocessing_record(config),
+            training_data=splits.training_data(config.to_dict()),
         )
 
     def run(self) -> Path:

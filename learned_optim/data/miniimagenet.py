@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from learned_optim.data import cache
 from learned_optim.data._images import check_image_size, decode_image
 from learned_optim.data.dataset import FewShotDataset
+from learned_optim.data.preprocessing import RESAMPLE_FILTERS, Preprocessing, adjust_loaded
 
 __all__ = ["miniimagenet", "read_split_csv"]
 
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 CACHE_FORMAT = 1
-_RESAMPLE = Image.BILINEAR
 
 
 def read_split_csv(path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -90,6 +89,7 @@ def miniimagenet(
     image_size: int = 84,
     csv_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> FewShotDataset:
     """Load one split of miniImageNet as a :class:`FewShotDataset`.
 
@@ -106,6 +106,9 @@ def miniimagenet(
     cache_dir : path, optional
         Where the decoded-image cache goes; default ``$LEARNED_OPTIM_CACHE`` or
         ``~/.cache/learned_optim``.
+    preprocessing : Preprocessing, optional
+        Other steps than the default ``Preprocessing.miniimagenet(image_size)`` (RGB,
+        bilinear, not inverted); its size replaces ``image_size``. Mode must be ``"RGB"``.
 
     Returns
     -------
@@ -132,6 +135,12 @@ def miniimagenet(
     """
     if split not in SPLITS:
         raise ValueError(f"miniImageNet split must be one of {SPLITS}, got {split!r}")
+    if preprocessing is not None:
+        if preprocessing.mode != "RGB":
+            raise ValueError(f"miniImageNet images are colour: preprocessing mode must be "
+                             f"'RGB', got {preprocessing.mode!r}")
+        image_size = preprocessing.size
+    resample = "bilinear" if preprocessing is None else preprocessing.resample
     check_image_size(image_size)
     root = Path(root).expanduser()
     csv_path = Path(csv_dir if csv_dir is not None else root).expanduser() / f"{split}.csv"
@@ -148,6 +157,7 @@ def miniimagenet(
         "format": CACHE_FORMAT,
         "image_dir": str(image_dir.resolve()),
         "image_size": image_size,
+        **({} if resample == "bilinear" else {"resample": resample}),
         "content": digest.hexdigest(),
     }
     cache_root = cache.default_cache_dir() if cache_dir is None else cache_dir
@@ -157,7 +167,7 @@ def miniimagenet(
         log.info("decoding %d miniImageNet images (once; cached at %s)", len(paths), cache_path)
 
         def decode(path: Path) -> np.ndarray:
-            return decode_image(path, "RGB", image_size, _RESAMPLE)
+            return decode_image(path, "RGB", image_size, RESAMPLE_FILTERS[resample])
 
         # PIL releases the GIL while decoding, so threads use all cores.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -168,8 +178,11 @@ def miniimagenet(
     index = {wnid: c for c, wnid in enumerate(class_names)}
     labels = torch.tensor([index[w] for w in wnids], dtype=torch.int64)
     images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2)  # [n, S, S, 3] -> NCHW
+    inputs = images.to(torch.float32).div_(255.0).contiguous()
+    if preprocessing is not None:
+        inputs = adjust_loaded(inputs, Preprocessing(image_size, "RGB", resample), preprocessing)
     return FewShotDataset(
-        images.to(torch.float32).div_(255.0).contiguous(),
+        inputs,
         labels,
         class_names,
         name=f"miniimagenet-{split}",

@@ -18,6 +18,12 @@ Two split protocols:
     The background set (30 alphabets, 964 characters) is "train" minus a held-out 10%
     (96 characters, chosen by ``numpy.random.default_rng(LAKE_SPLIT_SEED)``, seed 0) that
     is "val"; the evaluation set (20 alphabets, 659 characters) is "test". No rotations.
+``"lake-within"`` (Lake et al. 2015, their one-shot runs)
+    The same characters as ``"lake"``; :func:`learned_optim.tasks.build_task` then draws
+    episodes with :class:`~learned_optim.data.WithinAlphabetSampler`: all classes of an
+    episode from one alphabet, support and query written by different drawers. (The 96
+    validation characters are spread over 30 alphabets, too few per alphabet for 20-way
+    episodes: validation episodes keep the drawer rule but mix alphabets.)
 
 Images are float32 ``[1, S, S]`` with ink = 1 and background = 0, resized from 105 x 105 with
 PIL's Lanczos filter. Decoding the 32,460 PNGs takes seconds, so the decoded uint8 images of
@@ -41,6 +47,7 @@ from learned_optim.data import cache
 from learned_optim.data import download as downloading
 from learned_optim.data._images import check_image_size, decode_image
 from learned_optim.data.dataset import FewShotDataset
+from learned_optim.data.preprocessing import RESAMPLE_FILTERS, Preprocessing, adjust_loaded
 
 __all__ = ["omniglot", "load_omniglot_characters", "omniglot_split_characters"]
 
@@ -53,7 +60,7 @@ MD5 = {
     "images_background": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-PROTOCOLS = ("vinyals", "lake")
+PROTOCOLS = ("vinyals", "lake", "lake-within")
 SPLITS = ("train", "val", "trainval", "test")
 VINYALS_SPLIT_SEED = 0
 VINYALS_CHARACTERS = 1623
@@ -158,7 +165,8 @@ def _fingerprint(source: _Source) -> dict:
     return {"archive": source.archive, "folder_sha256": digest.hexdigest()}
 
 
-def _decode(sources: list[_Source], image_size: int) -> dict[str, np.ndarray]:
+def _decode(sources: list[_Source], image_size: int, resample: int = _RESAMPLE
+            ) -> dict[str, np.ndarray]:
     """Decode every PNG: images uint8 [n, S, S] (ink 255), character [n], names, archive."""
     images: list[np.ndarray] = []
     character: list[int] = []
@@ -173,10 +181,10 @@ def _decode(sources: list[_Source], image_size: int) -> dict[str, np.ndarray]:
                     if opened:
                         with opened.open(member) as handle:
                             pixels = decode_image(
-                                handle, "L", image_size, _RESAMPLE, f"{source.path}/{member}"
+                                handle, "L", image_size, resample, f"{source.path}/{member}"
                             )
                     else:
-                        pixels = decode_image(source.path / member, "L", image_size, _RESAMPLE)
+                        pixels = decode_image(source.path / member, "L", image_size, resample)
                     images.append(255 - pixels)  # mode "1" has white background: make ink 255
                     character.append(len(names))
                 names.append(name)
@@ -197,6 +205,7 @@ def load_omniglot_characters(
     image_size: int = 28,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    resample: str = "lanczos",
 ) -> dict[str, np.ndarray]:
     """All Omniglot images of both archives, decoded (or read back from the cache).
 
@@ -204,6 +213,8 @@ def load_omniglot_characters(
     ----------
     root, image_size, download, cache_dir
         As for :func:`omniglot`.
+    resample : str
+        PIL resize filter (a key of ``RESAMPLE_FILTERS``); Lanczos as in MAML.
 
     Returns
     -------
@@ -220,14 +231,14 @@ def load_omniglot_characters(
     key = {
         "format": CACHE_FORMAT,
         "image_size": image_size,
-        "resample": "lanczos",
+        "resample": resample,
         "sources": [_fingerprint(s) for s in sources],
     }
     path = cache.cache_file(cache_root, f"omniglot_{image_size}px", key)
     arrays = cache.load_arrays(path)
     if arrays is None:
         log.info("decoding Omniglot from %s (once; cached at %s)", root, path)
-        arrays = _decode(sources, image_size)
+        arrays = _decode(sources, image_size, RESAMPLE_FILTERS[resample])
         cache.save_arrays(path, **arrays)
     return arrays
 
@@ -243,7 +254,7 @@ def omniglot_split_characters(
         ``[characters]``: 0 for a background character, 1 for an evaluation one, in the
         order of :func:`load_omniglot_characters`.
     split : {"train", "val", "trainval", "test"}
-    protocol : {"vinyals", "lake"}
+    protocol : {"vinyals", "lake", "lake-within"}
 
     Examples
     --------
@@ -270,7 +281,7 @@ def omniglot_split_characters(
             "trainval": order[: VINYALS_TRAIN + VINYALS_VAL],
             "test": order[VINYALS_TRAIN + VINYALS_VAL :],
         }
-    else:
+    else:  # lake, lake-within
         background = np.flatnonzero(archive == 0)
         shuffled = np.random.default_rng(LAKE_SPLIT_SEED).permutation(background)
         n_val = round(LAKE_VAL_FRACTION * len(background))
@@ -290,6 +301,7 @@ def omniglot(
     image_size: int = 28,
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> FewShotDataset:
     """Load one split of Omniglot as a :class:`FewShotDataset` (one class per character).
 
@@ -301,9 +313,10 @@ def omniglot(
         writable).
     split : {"train", "val", "trainval", "test"}
         See the module docstring for the definitions.
-    protocol : {"vinyals", "lake"}
+    protocol : {"vinyals", "lake", "lake-within"}
         ``"vinyals"``: 1200/423 random characters plus rotations (MAML, ProtoNets).
-        ``"lake"``: background/evaluation alphabets, no rotations.
+        ``"lake"``: background/evaluation alphabets, no rotations; ``"lake-within"`` the same
+        data (it changes how episodes are drawn, see the module docstring).
     image_size : int
         Side of the square output images (28 in MAML; 105 keeps the originals).
     download : bool
@@ -312,6 +325,9 @@ def omniglot(
     cache_dir : path, optional
         Where the decoded-image cache goes; default ``$LEARNED_OPTIM_CACHE`` or
         ``~/.cache/learned_optim``.
+    preprocessing : Preprocessing, optional
+        Other steps than the default ``Preprocessing.omniglot(image_size)`` (gray, Lanczos,
+        inverted so that ink = 1); its size replaces ``image_size``. Mode must be ``"L"``.
 
     Returns
     -------
@@ -339,7 +355,13 @@ def omniglot(
         raise ValueError(f"Omniglot protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if split not in SPLITS:
         raise ValueError(f"Omniglot split must be one of {SPLITS}, got {split!r}")
-    arrays = load_omniglot_characters(root, image_size, download, cache_dir)
+    if preprocessing is not None:
+        if preprocessing.mode != "L":
+            raise ValueError(f"Omniglot images are gray: preprocessing mode must be 'L', got "
+                             f"{preprocessing.mode!r}")
+        image_size = preprocessing.size
+    resample = "lanczos" if preprocessing is None else preprocessing.resample
+    arrays = load_omniglot_characters(root, image_size, download, cache_dir, resample)
     chosen = omniglot_split_characters(arrays["archive"], split, protocol)
     names = [str(n) for n in arrays["names"][chosen]]
     # position of every kept character in the split (-1 = not in this split)
@@ -348,7 +370,7 @@ def omniglot(
     rows = np.flatnonzero(position[arrays["character"]] >= 0)
     images = torch.from_numpy(arrays["images"][rows]).unsqueeze(1)  # [n, 1, S, S] uint8
     labels = torch.from_numpy(position[arrays["character"][rows]])
-    if protocol == "lake":
+    if protocol != "vinyals":
         inputs, class_names = images, names
     else:
         # class 4 * c + r is character c rotated by ROTATIONS[r] degrees
@@ -357,8 +379,12 @@ def omniglot(
         class_names = [
             name + (f"@rot{angle}" if angle else "") for name in names for angle in ROTATIONS
         ]
+    inputs = inputs.to(torch.float32).div_(255.0)
+    if preprocessing is not None:
+        loaded = Preprocessing(image_size, "L", resample, invert=True)
+        inputs = adjust_loaded(inputs, loaded, preprocessing)
     return FewShotDataset(
-        inputs.to(torch.float32).div_(255.0),
+        inputs,
         labels,
         class_names,
         name=f"omniglot-{protocol}-{split}",

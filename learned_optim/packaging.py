@@ -127,9 +127,9 @@ def card_markdown(name: str, config: dict, card: dict, rule) -> str:
         "(`learned_optim.general`). It is what `LSTMMetaOptimizer(params)` uses when no "
         "meta-learner is given.", "",
         "| | |", "|---|---|",
-        f"| meta-learner | LSTM, hidden size {rule.hidden_size}, p = {rule.p}, RMS-scaled "
-        f"gradients (scale {rule.gradient_scale}, decay {rule.rms_decay}), loss input "
-        f"optional |",
+        f"| meta-learner | LSTM, hidden size {rule.hidden_size}, p = {rule.p}; reads and applies "
+        f"Adam's normalised gradient (scale {rule.gradient_scale}, momentum {rule.momentum}, "
+        f"decay {rule.rms_decay}); loss input optional |",
         f"| task distribution | MLPs (1-3 hidden layers, 16-256 units, ReLU/tanh/GELU) and conv "
         f"nets (2-4 blocks, 8-64 filters), with and without BatchNorm, random init scale; "
         f"Omniglot background alphabets (few-shot and minibatch), sinusoids, teacher "

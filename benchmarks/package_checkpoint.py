@@ -92,6 +92,15 @@ def card_setting(record: dict) -> dict:
     return setting
 
 
+def read_evaluation(path: Path) -> dict:
+    """An ``evaluate --json`` file without its per-episode scores (kept in the file, not on
+    the card, whose rows are summaries)."""
+    evaluation = json.loads(Path(path).read_text())
+    for row in evaluation.get("results", {}).values():
+        row.pop("scores", None)
+    return evaluation
+
+
 def same_setting(setting: dict, evaluation: dict) -> bool:
     """Whether an evaluation ran in ``setting`` (any checkpoint): every key of either agrees."""
     theirs = evaluation["setting"]
@@ -217,7 +226,7 @@ def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path]
     shipped = load_checkpoint(path)
     record = shipped.record
     test = record["card"]["test"]
-    evaluation = json.loads(evaluation_path.read_text())
+    evaluation = read_evaluation(evaluation_path)
     ours_name, ours = next(iter(test["results"].items()))
     theirs = evaluation["results"].get(ours_name)
     if (theirs is None or not same_setting(card_setting(record), evaluation)
@@ -249,7 +258,7 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
     config = dict(best.record["config"])
     for machine_specific in ("data_root", "run_dir", "init_from", "max_time_s", "device"):
         config.pop(machine_specific, None)
-    evaluation = json.loads(evaluation_path.read_text())
+    evaluation = read_evaluation(evaluation_path)
     evaluated = Path(evaluation["setting"].get("checkpoint", ""))
     if evaluated.resolve() != (runs[-1] / "best.safetensors").resolve():
         raise SystemExit(f"{evaluation_path}: it evaluated {str(evaluated)!r}, not the best "

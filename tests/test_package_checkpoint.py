@@ -162,3 +162,11 @@ def test_packaging_refuses_a_mismatched_run_or_evaluation(shipped, tmp_path):
         package_checkpoint.package(NAME, [run], _new_evaluation(tmp_path, foreign), "a GPU", "x")
     assert (shipped / f"{NAME}.safetensors").read_bytes() == (
         PRETRAINED_DIR / f"{NAME}.safetensors").read_bytes()
+
+
+def test_cards_take_summaries_not_per_episode_scores(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"results": {"meta-learner LSTM": {
+        "mean": 0.8, "ci95": 0.01, "episodes": 3, "scores": [0.7, 0.8, 0.9]}}}))
+    row = package_checkpoint.read_evaluation(path)["results"]["meta-learner LSTM"]
+    assert row == {"mean": 0.8, "ci95": 0.01, "episodes": 3}

@@ -106,14 +106,15 @@ def run_cell(args, rule, fresh, dataset, kind, shots, baselines: dict | None = N
     test_idx = range(args.episodes)
     common = (kind, ways, args.filters, shots, steps)
     started = time.perf_counter()
-    cell = {"lr": {}, "lr_grid": {}, "results": {}}
     if baselines is not None:
         cell = {"lr": baselines["lr"], "lr_grid": baselines["lr_grid"],
                 "results": {n: r for n, r in baselines["results"].items()
                             if n != "learned rule"}}
-    for name in () if baselines is not None else ("sgd", "adam"):
-        lr, grid = tune(name, tune_sampler, tune_idx, *common)
-        cell["lr"][name], cell["lr_grid"][name] = lr, {str(k): v for k, v in grid.items()}
+    else:
+        cell = {"lr": {}, "lr_grid": {}, "results": {}}
+        for name in ("sgd", "adam"):
+            lr, grid = tune(name, tune_sampler, tune_idx, *common)
+            cell["lr"][name], cell["lr_grid"][name] = lr, {str(k): v for k, v in grid.items()}
     factories = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
     methods = {
         "learned rule": rule,

@@ -283,9 +283,6 @@ class ProblemDistribution:
         return model, f"{what}{' bn' if batchnorm else ''} init x{scale:.2f}"
 
     # --- problem kinds -----------------------------------------------------------------
-    def _problem(self, rng, name, model, train, val, loss, horizon, withhold) -> Problem:
-        return Problem(name, model, train, val, loss, horizon, withhold)
-
     @staticmethod
     def _batches(x: Tensor, y: Tensor, batch: int | None, seed: int):
         """Full batch (``batch`` None) or a minibatch stream drawn with replacement by steps."""
@@ -321,9 +318,9 @@ class ProblemDistribution:
                                    query.reshape(-1, 1, size, size))
         sy, qy = labels.repeat_interleave(shots), labels.repeat_interleave(5)
         model, what = self._learner(rng, (1, size, size), ways, allow_conv=True)
-        return self._problem(rng, f"omniglot {ways}w{shots}s {size}px, {what}, T={horizon}",
-                             model, lambda: (sx, sy), lambda: (qx, qy), F.cross_entropy,
-                             horizon, withhold)
+        return Problem(f"omniglot {ways}w{shots}s {size}px, {what}, T={horizon}",
+                       model, lambda: (sx, sy), lambda: (qx, qy), F.cross_entropy, horizon,
+                       withhold)
 
     def _omniglot_minibatch(self, rng: _Rng, horizon: int, withhold: bool) -> Problem:
         ways = rng.log_integer(10, min(200, self.images.classes))
@@ -337,13 +334,14 @@ class ProblemDistribution:
         batch = rng.choice([16, 32, 64, 128])
         model, what = self._learner(rng, (1, size, size), ways, allow_conv=True)
         val_batch = self._batches(vx, vy, 128, rng.seed())
-        return self._problem(
-            rng, f"omniglot {ways} classes batch {batch} {size}px, {what}, T={horizon}", model,
+        return Problem(
+            f"omniglot {ways} classes batch {batch} {size}px, {what}, T={horizon}", model,
             self._batches(tx, ty, batch, rng.seed()), val_batch, F.cross_entropy, horizon,
             withhold)
 
-    def _split_regression(self, rng, x, y, name, horizon, withhold, outputs, loss) -> Problem:
-        """Few-shot full batch (a few examples) or minibatch over many: the rest is held out."""
+    def _vector_problem(self, rng, x, y, name, horizon, withhold, outputs, loss) -> Problem:
+        """An MLP on vector data, trained full batch on a few examples (few-shot) or by
+        minibatches over many; the last 256 examples are held out for the meta-objective."""
         if rng.bernoulli(0.5):
             train = rng.log_integer(5, 50)
             batch = None
@@ -351,8 +349,8 @@ class ProblemDistribution:
             train = x.shape[0] - 256
             batch = rng.choice([16, 32, 64, 128])
         model, what = self._learner(rng, tuple(x.shape[1:]), outputs, allow_conv=False)
-        return self._problem(
-            rng, f"{name} n={train}{'' if batch is None else f' batch {batch}'}, {what}, "
+        return Problem(
+            f"{name} n={train}{'' if batch is None else f' batch {batch}'}, {what}, "
             f"T={horizon}", model, self._batches(x[:train], y[:train], batch, rng.seed()),
             lambda: (x[-256:], y[-256:]), loss, horizon, withhold)
 
@@ -361,7 +359,7 @@ class ProblemDistribution:
         frequency = rng.uniform(0.8, 1.2)
         x = torch.rand(1280, 1, generator=rng.generator) * 10 - 5
         y = amplitude * torch.sin(frequency * x - phase)
-        return self._split_regression(rng, x, y, "sinusoid", horizon, withhold, 1, F.mse_loss)
+        return self._vector_problem(rng, x, y, "sinusoid", horizon, withhold, 1, F.mse_loss)
 
     def _teacher(self, rng: _Rng, inputs: int, outputs: int) -> Callable[[Tensor], Tensor]:
         hidden = rng.log_integer(8, 64)
@@ -376,12 +374,8 @@ class ProblemDistribution:
         y = self._teacher(rng, inputs, outputs)(x)
         y = (y - y.mean(0)) / y.std(0).clamp_min(1e-3)
         y = y + rng.uniform(0.0, 0.3) * torch.randn(y.shape, generator=rng.generator)
-        return self._split_regression(rng, x, y, f"teacher regression {inputs}->{outputs}",
-                                      horizon, withhold, outputs, F.mse_loss)
-
-    def _classification(self, rng, x, y, classes, name, horizon, withhold) -> Problem:
-        return self._split_regression(rng, x, y, name, horizon, withhold, classes,
-                                      F.cross_entropy)
+        return self._vector_problem(rng, x, y, f"teacher regression {inputs}->{outputs}",
+                                    horizon, withhold, outputs, F.mse_loss)
 
     def _blobs(self, rng: _Rng, horizon: int, withhold: bool) -> Problem:
         classes, inputs = rng.integer(2, 10), rng.log_integer(2, 64)
@@ -389,13 +383,12 @@ class ProblemDistribution:
         centres = torch.randn(classes, inputs, generator=rng.generator) * spread
         y = torch.randint(0, classes, (1280,), generator=rng.generator)
         x = centres[y] + torch.randn(1280, inputs, generator=rng.generator)
-        return self._classification(rng, x, y, classes, f"blobs {classes}c {inputs}d",
-                                    horizon, withhold)
+        return self._vector_problem(rng, x, y, f"blobs {classes}c {inputs}d", horizon,
+                                    withhold, classes, F.cross_entropy)
 
     def _teacher_classification(self, rng: _Rng, horizon: int, withhold: bool) -> Problem:
         classes, inputs = rng.integer(2, 10), rng.log_integer(2, 64)
         x = torch.randn(1280, inputs, generator=rng.generator)
         y = self._teacher(rng, inputs, classes)(x).argmax(dim=1)
-        return self._classification(rng, x, y, classes,
-                                    f"teacher classification {classes}c {inputs}d",
-                                    horizon, withhold)
+        return self._vector_problem(rng, x, y, f"teacher classification {classes}c {inputs}d",
+                                    horizon, withhold, classes, F.cross_entropy)

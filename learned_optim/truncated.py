@@ -33,6 +33,7 @@ from learned_optim.general import Problem, ProblemDistribution
 from learned_optim.metalearner import MetaLearnerLSTM, initial_state, prepare_step, update_rows
 from learned_optim.runstate import RunFolder, load_training_state, save_training_state
 from learned_optim.schedule import run_schedule
+from learned_optim.stats import summarize
 
 __all__ = ["TruncatedTrainer", "ProblemRun", "general_rule", "trajectory_objective",
            "trajectory_score", "LOSS_FLOOR"]
@@ -273,12 +274,9 @@ class TruncatedTrainer:
     def validate(self) -> dict:
         """Mean :func:`trajectory_score` over ``val_episodes`` validation problems."""
         problems = self.distributions["val"]
-        scores = [trajectory_score(self.rule, problems.problem(i), self.config.hidden_size)
-                  for i in range(self.config.val_episodes)]
-        mean = sum(scores) / len(scores)
-        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1))
-        return {"mean": mean, "ci95": 1.96 * std / math.sqrt(len(scores)),
-                "episodes": len(scores)}
+        return summarize([trajectory_score(self.rule, problems.problem(i),
+                                           self.config.hidden_size)
+                          for i in range(self.config.val_episodes)]).as_dict()
 
     def record_validation(self, summary: dict) -> None:
         self.folder.log({"step": self.step, "val_log_loss_ratio": summary["mean"],

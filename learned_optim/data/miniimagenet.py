@@ -136,10 +136,7 @@ def miniimagenet(
     if split not in SPLITS:
         raise ValueError(f"miniImageNet split must be one of {SPLITS}, got {split!r}")
     if preprocessing is not None:
-        if preprocessing.mode != "RGB":
-            raise ValueError(f"miniImageNet images are colour: preprocessing mode must be "
-                             f"'RGB', got {preprocessing.mode!r}")
-        image_size = preprocessing.size
+        image_size = preprocessing.require_mode("RGB", "miniImageNet").size
     resample = "bilinear" if preprocessing is None else preprocessing.resample
     check_image_size(image_size)
     root = Path(root).expanduser()

@@ -356,10 +356,7 @@ def omniglot(
     if split not in SPLITS:
         raise ValueError(f"Omniglot split must be one of {SPLITS}, got {split!r}")
     if preprocessing is not None:
-        if preprocessing.mode != "L":
-            raise ValueError(f"Omniglot images are gray: preprocessing mode must be 'L', got "
-                             f"{preprocessing.mode!r}")
-        image_size = preprocessing.size
+        image_size = preprocessing.require_mode("L", "Omniglot").size
     resample = "lanczos" if preprocessing is None else preprocessing.resample
     arrays = load_omniglot_characters(root, image_size, download, cache_dir, resample)
     chosen = omniglot_split_characters(arrays["archive"], split, protocol)

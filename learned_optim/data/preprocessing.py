@@ -124,6 +124,21 @@ class Preprocessing:
         """1 for mode ``"L"``, 3 for ``"RGB"``."""
         return MODES[self.mode]
 
+    def require_mode(self, mode: str, dataset: str) -> Preprocessing:
+        """This preprocessing, if it produces ``mode``, the colour mode of ``dataset``'s
+        images; else a ValueError naming both (a loader's check).
+
+        >>> Preprocessing.omniglot().require_mode("RGB", "miniImageNet")
+        Traceback (most recent call last):
+        ...
+        ValueError: miniImageNet images are colour: preprocessing mode must be 'RGB', got 'L'
+        """
+        if self.mode != mode:
+            kind = "gray" if mode == "L" else "colour"
+            raise ValueError(f"{dataset} images are {kind}: preprocessing mode must be "
+                             f"{mode!r}, got {self.mode!r}")
+        return self
+
     @classmethod
     def omniglot(cls, size: int = 28) -> Preprocessing:
         """The Omniglot loader's steps: gray, Lanczos resize, inverted (ink = 1)."""

@@ -18,17 +18,11 @@ from pathlib import Path
 
 import torch
 
-from learned_optim import (
-    LSTMMetaOptimizer,
-    available_pretrained,
-    load_checkpoint,
-    load_learned_init,
-)
+from learned_optim import available_pretrained, finetune, load_checkpoint
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data.sinusoid import PROTOCOLS as SINUSOID_PROTOCOLS
 from learned_optim.evaluate import evaluate
-from learned_optim.learners import reset_batchnorm
-from learned_optim.plots import _pyplot, plot_gates, record_gates
+from learned_optim.plots import plot_gates, pyplot, record_gates
 from learned_optim.tasks import build_task
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -240,7 +234,7 @@ def cost_table() -> str:
 
 
 def plot_curves(records: dict[str, dict], out_png: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for name, record in records.items():
         card = record["card"]
@@ -270,17 +264,11 @@ def gate_records(name: str, data_root: str, episodes: int, steps: int | None = N
     records = []
     for index in range(episodes):
         episode = source.episode(index)
-        learner = task.make_learner()
-        load_learned_init(learner, checkpoint)
-        reset_batchnorm(learner)
-        learner.train()
-        opt = LSTMMetaOptimizer(learner.parameters(), checkpoint.meta_learner)
-        for step in range(1, (steps or config.inner_steps) + 1):
-            opt.zero_grad()
-            loss = task.loss(learner(episode.support_inputs), episode.support_targets)
-            loss.backward()
-            opt.step(loss=loss)
-            records += record_gates(opt, step=step, episode=index, model=learner)
+        finetune(task.make_learner(), episode.support_inputs, episode.support_targets,
+                 optimizer=checkpoint.meta_learner, steps=steps or config.inner_steps,
+                 loss_fn=task.loss, learned_init=checkpoint,
+                 on_step=lambda step, index=index: records.extend(record_gates(
+                     step.optimizer, step=step.step, episode=index, model=step.model)))
     return records
 
 

@@ -22,10 +22,10 @@ from torch import nn
 
 from learned_optim.runstate import METRICS_LOG, log_path, read_log
 
-__all__ = ["gate_values", "record_gates", "plot_gates", "plot_run"]
+__all__ = ["gate_values", "record_gates", "plot_gates", "plot_run", "pyplot"]
 
 
-def _pyplot():
+def pyplot():
     """``matplotlib.pyplot`` on the Agg backend, or an error that names the missing extra."""
     try:
         import matplotlib
@@ -164,7 +164,7 @@ def plot_gates(records: Iterable[dict], out_png: str | os.PathLike,
     records = list(records)
     if not records:
         raise ValueError("no gate records to plot (record them after each optimizer step)")
-    plt = _pyplot()
+    plt = pyplot()
     # layer -> step -> list of per-episode records
     table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
@@ -263,7 +263,7 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = Non
                        and k != "val_episodes"), "score")
     validation = [e for e in log if f"val_{metric}" in e]
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     steps = [e["step"] for e in train]
     axes[0].plot(steps, [e["meta_loss"] for e in train], color="tab:blue", alpha=0.35,

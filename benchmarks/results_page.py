@@ -149,7 +149,7 @@ def _with_steps(result: dict, accuracy: bool, steps: int | None) -> str:
 
 
 def _trained_steps(row: dict) -> int | None:
-    """The meta-steps a baseline's training note names (``package_checkpoint`` writes it)."""
+    """The meta-steps a baseline's training note names (``packaging.episodic`` writes it)."""
     found = re.search(r"(\d+) meta-steps", row.get("trained", ""))
     return int(found.group(1)) if found else None
 

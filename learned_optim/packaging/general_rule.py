@@ -19,35 +19,12 @@ import sys
 from pathlib import Path
 
 from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint, save_checkpoint
-from learned_optim.runstate import read_log
+from learned_optim.packaging.facts import training_facts
 
-__all__ = ["training_facts", "package_general", "card_markdown"]
+__all__ = ["package_general", "card_markdown"]
 
 # Machine-specific fields dropped from a shipped configuration.
 _LOCAL_FIELDS = ("run_dir", "data_root", "init_from", "device", "max_time_s")
-
-
-def training_facts(runs: list[Path]) -> dict:
-    """Meta-steps, Adam updates, problems and wall time summed over the runs (a run resumed in
-    its own folder counts once), and the validation trace, steps counted from the first run."""
-    steps = updates = problems = 0
-    wall = 0.0
-    trace = []
-    for run in runs:
-        config = json.loads((Path(run) / "config.json").read_text())
-        log = read_log(run)
-        trained = [e for e in log if "meta_loss" in e]
-        if not trained:
-            raise ValueError(f"run {run} has no meta-step in its metrics log")
-        last = max(trained, key=lambda e: e["step"])
-        trace += [{**e, "step": e["step"] + steps} for e in log if "val_log_loss_ratio" in e
-                  and (e["step"] > 0 or not trace)]
-        steps += last["step"]
-        updates += last["updates"]
-        problems += last["step"] * config["meta_batch"]
-        wall += last["elapsed_s"]
-    return {"meta_steps": steps, "meta_updates": updates, "episodes_trained": problems,
-            "train_wall_time_s": round(wall), "validation_trace": trace}
 
 
 def _scratch_results(path: Path) -> dict:
@@ -84,7 +61,8 @@ def package_general(name: str, runs: list[Path], *, scratch: Path, transfer: lis
     config = {k: v for k, v in checkpoint.record["config"].items() if k not in _LOCAL_FIELDS}
     if config.get("task") != "general":
         raise ValueError(f"{runs[-1]} is a {config.get('task')!r} run, not a 'general' one")
-    facts = training_facts(runs)
+    # Continuation runs re-validate the checkpoint the previous run ended on: counted once.
+    facts = training_facts(runs, restarted_validations=False)
     scratch_results = _scratch_results(scratch)
     headline = scratch_results["results"]["mnist5k-mlp"]
     card = {

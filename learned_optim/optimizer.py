@@ -709,6 +709,14 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                           for i in range(len(group["params"]))}
                          for g, group in enumerate(self.param_groups)]
 
+    # Overrides higher's step, whose body this follows, because the rule needs three things
+    # that higher's cannot give: (1) first order must not build the double-backward graph
+    # (higher always takes the gradients with create_graph=track_higher_grads); (2) the rule
+    # reads the loss, which higher does not pass to _update; (3) with track_higher_grads=False
+    # the update must record nothing. It relies on five protected attributes of
+    # higher.optim.DifferentiableOptimizer (_apply_override, _fmodel, _track_higher_grads,
+    # _grad_callback, _group_to_param_list; and on self.state holding the drop-in's state per
+    # group and parameter index): tests/test_higher_twin.py pins what it expects of them.
     def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **kwargs):
         """Compute the gradients of ``loss`` and take one differentiable step.
 

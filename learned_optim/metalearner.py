@@ -15,10 +15,13 @@ import math
 import torch
 from torch import Tensor, nn
 
+from learned_optim.rule import math as rule_math
+
 # Re-exported: the pure functions were public names of this module before learned_optim.rule.
 from learned_optim.rule.math import (
     MetaWeights,
     StepConstants,
+    apply_group_options,
     initial_state,
     prepare_step,
     preprocess,
@@ -31,6 +34,7 @@ __all__ = [
     "MetaLearnerLSTM",
     "MetaWeights",
     "StepConstants",
+    "apply_group_options",
     "initial_state",
     "meta_update",
     "prepare_step",
@@ -39,6 +43,19 @@ __all__ = [
     "scale_gradient",
     "state_width",
 ]
+
+
+def update_rows(
+    constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor, *,
+    out: Tensor | None = None, scratch: dict[str, Tensor] | None = None, recompute: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """This module's ``update_rows`` before :mod:`learned_optim.rule`, kept for code written
+    against it: :func:`learned_optim.rule.math.update_rows` with ``out`` or ``scratch``,
+    :func:`learned_optim.rule.tape.update_rows_differentiable` without. New code calls those.
+    """
+    if out is None and scratch is None:
+        return update_rows_differentiable(constants, state, grad, param, recompute=recompute)
+    return rule_math.update_rows(constants, state, grad, param, out=out, scratch=scratch)
 
 
 def meta_update(

@@ -47,6 +47,8 @@ from learned_optim.packaging.facts import continued_facts, training_facts
 __all__ = ["package", "add_results", "card_markdown", "card_setting", "read_evaluation",
            "baseline_training_note"]
 
+PROG = "python -m learned_optim.packaging.episodic"  # as the module is run
+
 DEFAULT_META_LR = MetaTrainConfig().meta_lr
 
 
@@ -270,7 +272,7 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("--runs", type=Path, nargs="+")
     parser.add_argument("--evaluation", type=Path)

@@ -23,6 +23,8 @@ from learned_optim.packaging.facts import training_facts
 
 __all__ = ["package_general", "card_markdown"]
 
+PROG = "python -m learned_optim.packaging"  # as the module is run
+
 # Machine-specific fields dropped from a shipped configuration.
 _LOCAL_FIELDS = ("run_dir", "data_root", "init_from", "device", "max_time_s")
 
@@ -147,7 +149,7 @@ def card_markdown(name: str, config: dict, card: dict, rule) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("--runs", nargs="+", type=Path, required=True)
     parser.add_argument("--scratch", type=Path, default=Path("docs/results/scratch.json"))

@@ -2,8 +2,8 @@
 
 For each checkpoint (shipped name or path), the learner starts from the checkpoint's learned
 init and is adapted on test episodes by the learned rule, by SGD and by Adam (learning rates
-tuned at T on validation episodes with ``learned_optim.evaluate._tune_lr``, from the same
-learned init). The query score is recorded after ceil(T/2), T, 2T and 5T steps; for the learned
+tuned at T on validation episodes with ``learned_optim.evaluate.tuned_on_validation``, from the
+same learned init). The query score is recorded after ceil(T/2), T, 2T and 5T steps; for the learned
 rule the script also records, after every step, the mean forget gate f_t and input gate i_t over
 all coordinates, and for every method the support loss and the L2 norm of the learner's
 weights, to show what happens past T. Run from the repository root::
@@ -15,16 +15,16 @@ Results accumulate in ``--json`` (default ``docs/results/horizon.json``), one en
 checkpoint (recomputed only with ``--force`` or a different episode count); ``--markdown`` is
 rewritten from all entries every time, so the study can be run one checkpoint per call.
 
-The adaptation loop is :func:`learned_optim.finetune.finetune`'s, unrolled: a deep copy of the
-learner, BatchNorm statistics reset, support steps in train mode; the query set is scored in
-eval mode (the support set's running statistics) at each recorded step, which changes nothing
-for later steps. A self-check compares the score at T with ``finetune`` itself on one episode.
+The adaptation loop is :func:`learned_optim.finetune.finetune`'s own, watched through its
+``on_step`` hook: the query set is scored in eval mode (the support set's running statistics) at
+each recorded step, which changes nothing for later steps, and the gates are read with
+:func:`learned_optim.plots.gate_values`. A self-check compares the hook's score at T with the
+model ``finetune`` returns, on one episode.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import math
@@ -40,9 +40,13 @@ from _shared import load_average  # noqa: E402 (sibling module)
 
 from learned_optim import LSTMMetaOptimizer, load_checkpoint  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
-from learned_optim.evaluate import _learner_with_init, _overlap, _tune_lr  # noqa: E402
-from learned_optim.finetune import finetune  # noqa: E402
-from learned_optim.learners import reset_batchnorm  # noqa: E402
+from learned_optim.evaluate import (  # noqa: E402
+    learner_with_init,
+    split_overlap_of,
+    tuned_on_validation,
+)
+from learned_optim.finetune import FinetuneStep, finetune  # noqa: E402
+from learned_optim.plots import gate_values  # noqa: E402
 from learned_optim.stats import summarize  # noqa: E402
 from learned_optim.tasks import build_task  # noqa: E402
 
@@ -54,40 +58,37 @@ def weight_norm(params) -> float:
     return math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params))
 
 
-def trajectory(learner, make_opt, learned: bool, episode, max_steps, record_steps, task):
-    """Adapt a copy of ``learner`` for ``max_steps``; per-step traces and scores at record steps.
+def trajectory(learner, spec, episode, max_steps, record_steps, task):
+    """Adapt ``learner`` through :func:`finetune` for ``max_steps``; per-step traces (gates for
+    the learned rule, support loss, weight norm) and query scores at ``record_steps``.
 
-    Identical to ``finetune(..., steps=s)`` for every ``s`` in ``record_steps``.
+    The hook scores the query set in eval mode (the support set's running statistics) and
+    returns the model to train mode, which changes nothing for later steps.
     """
-    model = copy.deepcopy(learner)
-    reset_batchnorm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_opt(params)
     trace = {"loss": [], "weight_norm": [], "f": [], "f_min": [], "i": [], "i_max": []}
     scores = {}
-    model.train()
-    for step in range(1, max_steps + 1):
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss(model(episode.support_inputs), episode.support_targets)
-        loss.backward()
-        if learned:
-            opt.step(loss=loss)
-            state = torch.cat([opt.state[p]["lstm_state"] for p in params])
-            forget, inp = torch.sigmoid(state[:, 40]), torch.sigmoid(state[:, 41])
+
+    def watch(step: FinetuneStep) -> None:
+        if isinstance(step.optimizer, LSTMMetaOptimizer):
+            gates = list(gate_values(step.optimizer).values())
+            forget = torch.cat([f.reshape(-1) for f, _ in gates])
+            inp = torch.cat([i.reshape(-1) for _, i in gates])
             trace["f"].append(float(forget.double().mean()))
             trace["f_min"].append(float(forget.min()))
             trace["i"].append(float(inp.double().mean()))
             trace["i_max"].append(float(inp.max()))
-        else:
-            opt.step()
-        trace["loss"].append(float(loss.detach()))
-        trace["weight_norm"].append(weight_norm(params))
-        if step in record_steps:
-            model.eval()
+        trace["loss"].append(float(step.loss.detach()))
+        trace["weight_norm"].append(weight_norm(p for p in step.model.parameters()
+                                                if p.requires_grad))
+        if step.step in record_steps:
+            step.model.eval()
             with torch.no_grad():
-                scores[step] = float(task.metric(model(episode.query_inputs),
-                                                 episode.query_targets))
-            model.train()
+                scores[step.step] = float(task.metric(step.model(episode.query_inputs),
+                                                      episode.query_targets))
+            step.model.train()
+
+    finetune(learner, episode.support_inputs, episode.support_targets, optimizer=spec,
+             steps=max_steps, loss_fn=task.loss, on_step=watch)
     return scores, trace
 
 
@@ -100,14 +101,14 @@ def study(name: str, args) -> dict:
         saved["protocol"] = args.protocol  # e.g. lake-within: Lake's within-alphabet runs
     saved["device"] = "cpu"
     config = MetaTrainConfig.from_dict(saved).resolved()
-    overlap = _overlap(checkpoint, config, "test")
+    overlap = split_overlap_of(checkpoint, config, "test")
     if overlap is not None and overlap.seen and not getattr(args, "force_overlap", False):
         raise SystemExit(overlap.message(str(name)) + ": pass --force-overlap to study it anyway")
     task = build_task(config)
     T = config.inner_steps
     record_steps = sorted({max(1, math.ceil(T / 2)), T, 2 * T, 5 * T})
     max_steps = record_steps[-1]
-    learner, init_note = _learner_with_init(task, checkpoint, "cpu")
+    learner, init_note = learner_with_init(task, checkpoint, "cpu")
     initial_norm = weight_norm(learner.parameters())
     if args.episodes:
         episodes = args.episodes
@@ -119,26 +120,25 @@ def study(name: str, args) -> dict:
 
     lrs = {}
     for method in ("sgd", "adam"):
-        lr, summary = _tune_lr(method, learner, task, T, args.tune_episodes, "cpu")
-        lrs[method] = lr
+        lrs[method] = tuned_on_validation(method, learner, task, T, args.tune_episodes, "cpu")
     tune_s = time.perf_counter() - started
-    makers = {
-        "learned rule": (lambda params: LSTMMetaOptimizer(params, checkpoint.meta_learner), True),
-        "SGD": (functools.partial(torch.optim.SGD, lr=lrs["sgd"]), False),
-        "Adam": (functools.partial(torch.optim.Adam, lr=lrs["adam"]), False),
+    specs = {
+        "learned rule": checkpoint.meta_learner,
+        "SGD": functools.partial(torch.optim.SGD, lr=lrs["sgd"]),
+        "Adam": functools.partial(torch.optim.Adam, lr=lrs["adam"]),
     }
     source = task.episodes("test")
 
-    # Self-check against finetune itself (episode 0, T steps).
+    # Self-check: the hook's score at T is finetune's own (episode 0).
     episode = source.episode(0)
     check = {}
-    for method, spec in (("learned rule", checkpoint.meta_learner),
-                         ("SGD", functools.partial(torch.optim.SGD, lr=lrs["sgd"]))):
+    for method in ("learned rule", "SGD"):
+        spec = specs[method]
         adapted = finetune(learner, episode.support_inputs, episode.support_targets,
                            optimizer=spec, steps=T, loss_fn=task.loss)
         with torch.no_grad():
             reference = float(task.metric(adapted(episode.query_inputs), episode.query_targets))
-        mine, _ = trajectory(learner, makers[method][0], makers[method][1], episode, T, {T}, task)
+        mine, _ = trajectory(learner, spec, episode, T, {T}, task)
         check[method] = abs(reference - mine[T]) <= 1e-5 * max(1.0, abs(reference))
     if not all(check.values()):
         raise RuntimeError(f"{name}: the unrolled loop disagrees with finetune: {check}")
@@ -147,9 +147,8 @@ def study(name: str, args) -> dict:
     traces = {m: {} for m in METHODS}
     for index in range(episodes):
         episode = source.episode(index)
-        for method, (make_opt, learned) in makers.items():
-            got, trace = trajectory(learner, make_opt, learned, episode, max_steps,
-                                    set(record_steps), task)
+        for method, spec in specs.items():
+            got, trace = trajectory(learner, spec, episode, max_steps, set(record_steps), task)
             for step, value in got.items():
                 scores[method][step].append(value)
             for key, values in trace.items():

@@ -32,10 +32,10 @@ Parts measured alone (first order), same learner and episode:
       of the gradients and parameters that the differentiable optimizer does) + one backward
       through the chain of T updates. Every step is recorded against the chain's start and
       saves only its gradient; the backward replays the chain chunk by chunk of rows
-      (``learned_optim.rule_trajectory``).
+      (``learned_optim.rule.tape``).
   (bs) the same with one node per step, as second order records it (its gradients depend on
       the parameters, so no anchor applies): each node saves its inputs and recomputes the rest
-      in a hand-written backward (``learned_optim.rule_backward``); (b0) is that with every
+      in a hand-written backward (``learned_optim.rule.tape``); (b0) is that with every
       operation recorded by autograd, the straightforward tape, for comparison. The in-place
       ``LSTMMetaOptimizer.step`` (no tape) is also timed (b'), for reference: meta-training
       cannot use it, because the meta-gradient needs the tape.
@@ -68,11 +68,12 @@ from _shared import load_average, quiet_stderr  # noqa: E402 (sibling module)
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM, rule_trajectory  # noqa: E402
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
 from learned_optim.learners import ConvLearner  # noqa: E402
-from learned_optim.metalearner import initial_state, prepare_step, update_rows  # noqa: E402
-from learned_optim.rule_trajectory import RuleTrajectory  # noqa: E402
+from learned_optim.rule import policy  # noqa: E402
+from learned_optim.rule.math import initial_state, prepare_step  # noqa: E402
+from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable  # noqa: E402
 from learned_optim.tasks import to_device  # noqa: E402
 from learned_optim.train import MetaTrainer  # noqa: E402
 
@@ -227,9 +228,9 @@ class Parts:
             if trajectory is not None:
                 new_param, state = trajectory.step(constants, flat_grad)
             else:
-                new_param, state = update_rows(constants, state, flat_grad,
-                                               torch.cat([p.reshape(-1) for p in params]),
-                                               recompute=recompute)
+                new_param, state = update_rows_differentiable(
+                    constants, state, flat_grad, torch.cat([p.reshape(-1) for p in params]),
+                    recompute=recompute)
             params = [piece.view(p.shape) for piece, p in zip(new_param.split(sizes), params)]
         # the query loss's gradient w.r.t. theta_T stands in for a constant vector
         if backward:
@@ -342,15 +343,14 @@ def main(argv=None) -> int:
         sys.stdout = _Tee(sys.stdout)
     if args.replay_chunk_mb is not None:
         chunk_bytes = int(args.replay_chunk_mb * 2**20)
-        rule_trajectory.REPLAY_CHUNK_BYTES = rule_trajectory.ACCELERATOR_REPLAY_CHUNK_BYTES = (
-            chunk_bytes)
+        policy.REPLAY_CHUNK_BYTES = policy.ACCELERATOR_REPLAY_CHUNK_BYTES = chunk_bytes
     torch.set_num_threads(1)
     started = time.perf_counter()
     print(f"Setting: Omniglot {args.ways}-way {args.shots}-shot, T = {args.steps}, filters "
           f"{args.filters}, meta_batch {args.meta_batch}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); device {args.device} "
           f"({device_name(torch.device(args.device))}); replay chunks of "
-          f"{rule_trajectory.replay_chunk_bytes(torch.device(args.device)) / 2**20:g} MB; "
+          f"{policy.replay_chunk_bytes(torch.device(args.device)) / 2**20:g} MB; "
           f"{load_average()} (start)")
 
     run_root = Path(tempfile.mkdtemp(prefix="meta_train_bench_"))
@@ -498,7 +498,7 @@ def main(argv=None) -> int:
                         "filters": args.filters, "meta_batch": args.meta_batch,
                         "rounds": args.rounds, "threads": torch.get_num_threads(),
                         "device": str(parts.device), "device_name": device_name(parts.device),
-                        "replay_chunk_bytes": rule_trajectory.replay_chunk_bytes(parts.device),
+                        "replay_chunk_bytes": policy.replay_chunk_bytes(parts.device),
                         "load_average_end": os.getloadavg()},
             "median_s": median, "all_s": times, "episodes_per_s": eps, "memory": memory,
             "speedup": speedup, "saved_memory_ratio": mem_ratio, "rss_ratio": rss_ratio,

@@ -1,7 +1,7 @@
 """How the first-order replay's chunk size trades meta-step time for peak memory.
 
 First order records the update rule as one chain per inner loop and, in the backward pass,
-replays it chunk by chunk of coordinates (``learned_optim.rule_trajectory``). A chunk holds every
+replays it chunk by chunk of coordinates (``learned_optim.rule.tape``). A chunk holds every
 step's state and intermediates for its rows, so a larger chunk costs memory; each chunk launches
 every step's kernels again, so a smaller one costs time wherever launches dominate (a GPU with a
 small learner). This runs ``benchmarks/meta_train.py`` once per chunk size and tabulates first
@@ -10,8 +10,8 @@ against second order (second order has no replay, so only its noise varies)::
     python benchmarks/replay_chunks.py --data-root DATA --device cuda --out-dir runs/chunks
     python benchmarks/replay_chunks.py --tabulate runs/chunks --markdown chunks.md  # no run
 
-The package's default is ``replay_chunk_bytes(device)``: 24 MB on the CPU (cache-sized),
-1 GiB on accelerators; set ``learned_optim.rule_trajectory.REPLAY_CHUNK_BYTES`` or
+The package's default is ``learned_optim.rule.policy.replay_chunk_bytes(device)``: 24 MB on the
+CPU (cache-sized), 1 GiB on accelerators; set ``learned_optim.rule.policy.REPLAY_CHUNK_BYTES`` or
 ``ACCELERATOR_REPLAY_CHUNK_BYTES`` to choose another point of this table.
 """
 

@@ -6,7 +6,8 @@ Tables come from each checkpoint's model card (its measured test results); the f
 validation curves recorded during meta-training and the gates i_t and f_t of the learned rule
 over the inner steps (the paper's Figure 2 analysis), measured here on test episodes. The
 transfer and horizon studies (``benchmarks/transfer.py``, ``benchmarks/horizon.py``) are
-included from ``docs/results/`` when present.
+included from ``docs/results/`` when present. The page's prose, with the figures it discusses,
+is ``docs/results/notes/results_page.md``: edit it there when the measurements change.
 """
 
 from __future__ import annotations
@@ -18,21 +19,17 @@ from pathlib import Path
 
 import torch
 
-from learned_optim import (
-    LSTMMetaOptimizer,
-    available_pretrained,
-    load_checkpoint,
-    load_learned_init,
-)
+from learned_optim import available_pretrained, finetune, load_checkpoint
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data.sinusoid import PROTOCOLS as SINUSOID_PROTOCOLS
 from learned_optim.evaluate import evaluate
-from learned_optim.learners import reset_batchnorm
-from learned_optim.plots import _pyplot, plot_gates, record_gates
+from learned_optim.plots import plot_gates, pyplot, record_gates
 from learned_optim.tasks import build_task
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 STATIC = DOCS / "_static"
+# The page's text: prose and measured figures, with {placeholders} for the generated parts.
+NOTES = DOCS / "results" / "notes" / "results_page.md"
 
 # (target of the issue, published figures to compare with) per shipped checkpoint
 PUBLISHED = {
@@ -155,7 +152,7 @@ def _with_steps(result: dict, accuracy: bool, steps: int | None) -> str:
 
 
 def _trained_steps(row: dict) -> int | None:
-    """The meta-steps a baseline's training note names (``package_checkpoint`` writes it)."""
+    """The meta-steps a baseline's training note names (``packaging.episodic`` writes it)."""
     found = re.search(r"(\d+) meta-steps", row.get("trained", ""))
     return int(found.group(1)) if found else None
 
@@ -240,7 +237,7 @@ def cost_table() -> str:
 
 
 def plot_curves(records: dict[str, dict], out_png: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for name, record in records.items():
         card = record["card"]
@@ -270,17 +267,11 @@ def gate_records(name: str, data_root: str, episodes: int, steps: int | None = N
     records = []
     for index in range(episodes):
         episode = source.episode(index)
-        learner = task.make_learner()
-        load_learned_init(learner, checkpoint)
-        reset_batchnorm(learner)
-        learner.train()
-        opt = LSTMMetaOptimizer(learner.parameters(), checkpoint.meta_learner)
-        for step in range(1, (steps or config.inner_steps) + 1):
-            opt.zero_grad()
-            loss = task.loss(learner(episode.support_inputs), episode.support_targets)
-            loss.backward()
-            opt.step(loss=loss)
-            records += record_gates(opt, step=step, episode=index, model=learner)
+        finetune(task.make_learner(), episode.support_inputs, episode.support_targets,
+                 optimizer=checkpoint.meta_learner, steps=steps or config.inner_steps,
+                 loss_fn=task.loss, learned_init=checkpoint,
+                 on_step=lambda step, index=index: records.extend(record_gates(
+                     step.optimizer, step=step.step, episode=index, model=step.model)))
     return records
 
 
@@ -309,95 +300,14 @@ def main() -> None:
     studies = "\n\n".join((DOCS / "results" / f"{study}.md").read_text()
                           for study in ("transfer", "horizon")
                           if (DOCS / "results" / f"{study}.md").exists())
-    page = f"""# Results
-
-Measured on the test splits with the evaluation harness of this package (`learned-optim
-evaluate`): every method adapts the same learner for the same number of steps on the same
-episodes; SGD and Adam start from the checkpoint's learned init (so only the update rule differs)
-with learning rates tuned on validation episodes; MAML and Meta-SGD (where a card has them:
-{peers_with_baselines(records)}) were meta-trained with the same routine and configuration
-as the checkpoint (meta-steps below), and use their own init; `nn` is
-1-nearest-neighbour in the init's feature space; BatchNorm uses only the episode's own support
-statistics (not transductive); 95% confidence intervals are 1.96 std / sqrt(episodes).
-{episodes_note(records)}
-Regenerate this page with `python benchmarks/results_page.py --data-root PATH/TO/omniglot`.
-
-## Shipped checkpoints against their targets
-
-{targets_table(records, other_family_results(records))}
-
-The targets are the published figures of the strongest optimisation-based peers (METHOD.md);
-no Omniglot or sinusoid result of the Meta-Learner LSTM had been published. The Vinyals-split
-Omniglot rules were meta-trained for {training_minutes(records)} minutes each on one shared GPU
-(see each model card), far from the tens of thousands of meta-iterations MAML used: the gap to the
-targets is a training-budget gap (longer runs, more filters, T) rather than a ceiling we
-measured (validation curves below). Against the peers trained by the same routine (Omniglot
-baselines: first order, T = 5, MAML's inner learning rates, 0.4 at 5-way and 0.1 at 20-way, on
-this CPU, `learned-optim meta-train --config configs/NAME.toml --method maml|metasgd --inner-lr
-0.4|0.1 --meta-steps N` with N the meta-steps the checkpoint had when they were trained at
-5-way, and what the CPU time allowed at 20-way (a quarter to a fifth of the LSTM's); meta-steps
-in brackets):
-{peers_note(records)}
-Numbers below are what the files in `learned_optim/pretrained/` do today.
-
-## Each checkpoint beside the baselines
-
-{results_table(records)}
-
-{lake_section(records)}
-
-## Meta-training curves
-
-![validation curves](_static/results_curves.png)
-
-## Gates of the learned rule over the inner steps
-
-The update is theta_t = f_t theta_(t-1) - i_t grad_t. Lines are means over test episodes of the
-per-tensor mean gate; bands are the spread over coordinates.
-
-![gates 1-shot](_static/gates_omniglot-5w1s.png)
-
-![gates 5-shot](_static/gates_omniglot-5w5s.png)
-
-## Meta-training cost: first against second order
-
-`python benchmarks/meta_train.py` on this package's 2-core CPU (one thread) and, with
-`--device cuda`, on one NVIDIA H200 (targets: first order >= 1.5x the episodes/s of second
-order, <= 0.5 of its memory, per-episode time <= 3x the sum of its parts). Second order adds
-the learner's double backward, which grows with the support set, and keeps the update rule's
-state on the tape at every step (176 bytes per learner coordinate, the rule's inputs; the gates
-are recomputed in a hand-written backward; 832 bytes when every operation is recorded). First
-order records the whole inner loop against its start and keeps only each step's gradient, 4
-bytes per coordinate a step, so its memory is about the learner's alone. The ceilings are what
-first order could reach if the update rule cost nothing.
-
-On the CPU, at 5-way 1-shot (5 support images, 28k coordinates) the double backward costs less
-time than the rule itself, whose forward and backward run in both modes, so the speed target
-lies beyond what this CPU can reach (it would need the rule's forward and backward over T steps
-to cost less than its forward alone in place, (b') in the report); the memory and overhead
-targets are met. At 20-way 5-shot (100 support images) all three are met.
-
-On the GPU all three are met at both episodes. Both modes are bound there by launching kernels,
-not by running them (the profiler finds the GPU busy for 8 ms of a first-order step), so what
-counts is how many operations each mode dispatches: second order dispatches the double
-backward's besides, and every chunked loop over coordinates launches its kernels once per
-chunk, which is why the package's loops take 262,144 rows at once on an accelerator and 8,192
-(cache-sized) on the CPU. Two caveats, both in the reports. First, the memory target is judged
-on saved tensors, the tape that differs between the modes; the peak growth also counts the
-transients that both modes share and the first-order replay's scratch (0.70 of second order's
-peak on the CPU at 5-way 1-shot, with 24 MB chunks), which on a GPU is one chunk of up to 1 GiB
-(all 28k coordinates at once, about 310 MB at T = 12, so 2.2x second order's peak at 5-way
-1-shot; 0.38 at 20-way 5-shot). Smaller chunks trade speed for peak memory
-([chunk sizes](results/replay_chunks_cuda.md): 96 MB gives 0.75 of second order's peak at 1.46x
-its speed, 24 MB 0.27 at 0.72x); no size meets both targets at once on this episode. Second, the
-hand-written per-step backward that second order uses ((bs), 39 ms) is slower on a GPU than
-autograd's op-by-op tape ((b0), 30 ms, with 4.7x the saved memory): against a second order
-recorded op by op, first order would be about 1.8x faster rather than 1.9x.
-
-{cost_table()}
-
-{studies}
-"""
+    # The page's prose, with the figures it discusses, lives in a notes file beside the JSONs
+    # it was written from; only the tables and lists below are generated here.
+    page = NOTES.read_text().format(
+        peers_with_baselines=peers_with_baselines(records), episodes_note=episodes_note(records),
+        targets_table=targets_table(records, other_family_results(records)),
+        training_minutes=training_minutes(records), peers_note=peers_note(records),
+        results_table=results_table(records), lake_section=lake_section(records),
+        cost_table=cost_table(), studies=studies)
     (DOCS / "results.md").write_text(page)
     print(f"wrote {DOCS / 'results.md'}")
 

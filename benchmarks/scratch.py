@@ -39,7 +39,7 @@ from torch.nn import functional as F  # noqa: E402
 from learned_optim import LSTMMetaOptimizer  # noqa: E402
 from learned_optim.checkpoint import load_update_rule  # noqa: E402
 from learned_optim.data import animal_mnist, mnist5k, sklearn_digits  # noqa: E402
-from learned_optim.evaluate import LR_GRIDS  # noqa: E402
+from learned_optim.evaluate import tune_learning_rate  # noqa: E402
 from learned_optim.general import make_convnet, make_mlp  # noqa: E402
 from learned_optim.stats import summarize  # noqa: E402
 
@@ -120,14 +120,14 @@ def _finite(value) -> bool:
 
 
 def tune(name, make_model, data, steps) -> tuple[float, dict]:
-    """The learning rate of LR_GRIDS[name] with the best validation accuracy after ``steps``."""
-    factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
-    grid = {}
-    for lr in LR_GRIDS[name]:
-        points = train(make_model, functools.partial(factory, lr=lr), data, steps, TUNE_SEED,
-                       eval_split="val", curve=(steps,), reads_loss=False)
-        grid[lr] = points[-1]["val_accuracy"] if len(points) == 1 else 0.0
-    return max(grid, key=grid.get), grid
+    """The learning rate of ``LR_GRIDS[name]`` with the best validation accuracy after a whole
+    run of ``steps`` (0 for a run that diverged before it), and every rate's accuracy."""
+    def val_accuracy(factory) -> float:
+        points = train(make_model, factory, data, steps, TUNE_SEED, eval_split="val",
+                       curve=(steps,), reads_loss=False)
+        return points[-1]["val_accuracy"] if len(points) == 1 else 0.0
+
+    return tune_learning_rate(name, val_accuracy)
 
 
 def methods(rule, tuned: dict) -> dict:

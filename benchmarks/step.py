@@ -63,7 +63,7 @@ from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 HIDDEN = 20
 P = 10.0
 
-# Floating-point operations per coordinate and step, from the math in learned_optim.metalearner
+# Floating-point operations per coordinate and step, from the math in learned_optim.rule.math
 # (each elementwise operation, including a transcendental one, counts as one).
 FLOPS_PER_COORD = {
     "preprocess gradient (abs, compare, clamp, log, div, where, sign, mul, where)": 9,

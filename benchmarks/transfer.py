@@ -26,7 +26,8 @@ Protocol
   non-transductive protocol (queries use the support set's running statistics).
 - Methods: the checkpoint's rule; a freshly initialised (untrained) MetaLearnerLSTM (reference:
   close to SGD with a ~0.01 step); SGD and Adam, each with the learning rate from
-  ``learned_optim.evaluate.LR_GRIDS`` that is best on ``--tune-episodes`` tuning episodes.
+  ``learned_optim.evaluate.LR_GRIDS`` that is best on ``--tune-episodes`` tuning episodes
+  (``learned_optim.evaluate.tune_learning_rate``).
 - Score: mean query accuracy with a 95% CI (1.96 std / sqrt(n)).
 """
 
@@ -48,7 +49,7 @@ from torch import nn  # noqa: E402
 
 from learned_optim import MetaLearnerLSTM, load_checkpoint  # noqa: E402
 from learned_optim.data import EpisodeSampler, animal_mnist, mnist5k, sklearn_digits  # noqa: E402
-from learned_optim.evaluate import LR_GRIDS  # noqa: E402
+from learned_optim.evaluate import TUNED_OPTIMIZERS, tune_learning_rate  # noqa: E402
 from learned_optim.finetune import finetune  # noqa: E402
 from learned_optim.learners import ConvLearner  # noqa: E402
 from learned_optim.stats import summarize  # noqa: E402
@@ -85,17 +86,6 @@ def episode_scores(spec, sampler, indices, kind, ways, filters, shots, steps, in
     return scores
 
 
-def tune(name, sampler, indices, kind, ways, filters, shots, steps):
-    factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
-    grid = {}
-    for lr in LR_GRIDS[name]:
-        scores = episode_scores(functools.partial(factory, lr=lr), sampler, indices, kind, ways,
-                                filters, shots, steps, INIT_SEED_TUNE)
-        grid[lr] = sum(scores) / len(scores)
-    best = max(grid, key=grid.get)
-    return best, grid
-
-
 def run_cell(args, rule, fresh, dataset, kind, shots, baselines: dict | None = None) -> dict:
     """All methods on one cell; ``baselines`` (a stored cell of the same setting and another
     rule) keeps its tuning and the rows that do not depend on the rule."""
@@ -112,15 +102,18 @@ def run_cell(args, rule, fresh, dataset, kind, shots, baselines: dict | None = N
                             if n != "learned rule"}}
     else:
         cell = {"lr": {}, "lr_grid": {}, "results": {}}
+        def mean_accuracy(factory) -> float:  # on the tuning stream, with its own inits
+            scores = episode_scores(factory, tune_sampler, tune_idx, *common, INIT_SEED_TUNE)
+            return sum(scores) / len(scores)
+
         for name in ("sgd", "adam"):
-            lr, grid = tune(name, tune_sampler, tune_idx, *common)
+            lr, grid = tune_learning_rate(name, mean_accuracy)
             cell["lr"][name], cell["lr_grid"][name] = lr, {str(k): v for k, v in grid.items()}
-    factories = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
     methods = {
         "learned rule": rule,
         "untrained MetaLearnerLSTM": fresh,
-        "SGD": functools.partial(factories["sgd"], lr=cell["lr"]["sgd"]),
-        "Adam": functools.partial(factories["adam"], lr=cell["lr"]["adam"]),
+        "SGD": functools.partial(TUNED_OPTIMIZERS["sgd"], lr=cell["lr"]["sgd"]),
+        "Adam": functools.partial(TUNED_OPTIMIZERS["adam"], lr=cell["lr"]["adam"]),
     }
     for name, spec in methods.items():
         if name in cell["results"]:

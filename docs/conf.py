@@ -31,7 +31,8 @@ extensions = [
     "cli_reference",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
+# results/notes: templates of generated pages (benchmarks/results_page.py fills them in).
+exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store", "results/notes"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 

@@ -30,7 +30,8 @@ from learned_optim.config import MetaTrainConfig
 from learned_optim.data import SinusoidTasks
 from learned_optim.finetune import finetune
 from learned_optim.learners import SinusoidMLP
-from learned_optim.train import meta_train, read_log
+from learned_optim.runstate import read_log
+from learned_optim.train import meta_train
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,9 +26,9 @@ import torch
 from torch.nn import functional as F
 
 from learned_optim import (
-    LSTMMetaOptimizer,
     MetaLearnerLSTM,
     available_pretrained,
+    finetune,
     load_checkpoint,
     load_learned_init,
 )
@@ -72,16 +72,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = SinusoidMLP()
         if checkpoint is not None and checkpoint.learned_init is not None:
             load_learned_init(model, checkpoint)
-        opt = LSTMMetaOptimizer(model.parameters(), rule)  # a new task: new per-coordinate state
         before = F.mse_loss(model(episode.query_inputs), episode.query_targets).item()
-        for step in range(1, args.steps + 1):
-            opt.zero_grad()
-            loss = F.mse_loss(model(episode.support_inputs), episode.support_targets)
-            loss.backward()
-            opt.step(loss=loss)
-            records += record_gates(opt, step=step, episode=index, model=model)
+        # A new task: finetune gives the rule a new optimizer (new per-coordinate state); the
+        # hook records the gates after every step.
+        adapted = finetune(model, episode.support_inputs, episode.support_targets,
+                           optimizer=rule, steps=args.steps, loss_fn=F.mse_loss,
+                           on_step=lambda step, index=index: records.extend(record_gates(
+                               step.optimizer, step=step.step, episode=index,
+                               model=step.model)))
         with torch.no_grad():
-            after = F.mse_loss(model(episode.query_inputs), episode.query_targets).item()
+            after = F.mse_loss(adapted(episode.query_inputs), episode.query_targets).item()
         print(f"episode {index}: query MSE {before:.3f} -> {after:.3f} after {args.steps} steps")
 
     last = [r for r in records if r["step"] == args.steps]

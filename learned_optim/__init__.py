@@ -3,6 +3,8 @@
 >>> import torch, learned_optim
 >>> model = torch.nn.Linear(3, 1)
 >>> opt = learned_optim.LSTMMetaOptimizer(model.parameters())
+>>> learned_optim.finetune.__module__, learned_optim.meta_train.__module__
+('learned_optim.finetune', 'learned_optim.train')
 """
 
 from learned_optim.checkpoint import (
@@ -14,10 +16,18 @@ from learned_optim.checkpoint import (
     save_checkpoint,
 )
 from learned_optim.classifier import FewShotClassifier
+from learned_optim.config import MetaTrainConfig
+
+# Imported eagerly, not through a module __getattr__: ``evaluate`` and ``finetune`` are also the
+# names of submodules, and importing a submodule binds its name on the package, which would
+# hide a lazily provided function of the same name. (Import time does not change: the
+# classifier already imports most of what they need.)
+from learned_optim.evaluate import evaluate
+from learned_optim.finetune import finetune
 from learned_optim.metalearner import MetaLearnerLSTM, meta_update
 from learned_optim.optimizer import DifferentiableLSTMMetaOptimizer, LSTMMetaOptimizer
-
-__version__ = "0.1.0"
+from learned_optim.train import meta_train
+from learned_optim.version import __version__
 
 __all__ = [
     "Checkpoint",
@@ -30,6 +40,10 @@ __all__ = [
     "FewShotClassifier",
     "LSTMMetaOptimizer",
     "MetaLearnerLSTM",
+    "MetaTrainConfig",
+    "evaluate",
+    "finetune",
+    "meta_train",
     "meta_update",
     "__version__",
 ]

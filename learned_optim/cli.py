@@ -20,6 +20,7 @@ from pathlib import Path
 
 from learned_optim import distributed
 from learned_optim.config import METHODS, TASKS, MetaTrainConfig, load_config
+from learned_optim.runstate import METRICS_LOG, read_log
 
 __all__ = ["main", "build_parser"]
 
@@ -79,7 +80,7 @@ def _add_meta_train(commands) -> None:
                         help="continue the run in --run-dir; it may change --meta-lr, "
                              "--grad-clip, --meta-steps, --max-time-s, --validate-every, "
                              "--checkpoint-every, --device and --threads (configuration "
-                             "changes are logged in metrics.jsonl)")
+                             f"changes are logged in {METRICS_LOG})")
     parser.add_argument("--test-episodes", type=int, default=600,
                         help="test episodes evaluated after training (0: skip)")
     parser.add_argument("--baselines", default="sgd,adam",
@@ -182,11 +183,11 @@ def _predict(args) -> int:
 
 
 def _add_plot(commands) -> None:
-    parser = commands.add_parser("plot", help="draw a run's metrics.jsonl as PNG curves",
+    parser = commands.add_parser("plot", help=f"draw a run's {METRICS_LOG} as PNG curves",
                                  description="Draw the meta-loss, training and validation curves "
                                              "of a meta-training run (needs matplotlib: "
                                              "pip install \"learned_optim[plot]\").")
-    parser.add_argument("run_dir", type=Path, help="run folder holding metrics.jsonl")
+    parser.add_argument("run_dir", type=Path, help=f"run folder holding {METRICS_LOG}")
     parser.add_argument("--out", type=Path, help="output PNG (default RUN_DIR/curves.png)")
 
 
@@ -231,7 +232,7 @@ def _baselines(text: str) -> list[str]:
 def _meta_train(args) -> int:
     from learned_optim.checkpoint import load_checkpoint
     from learned_optim.evaluate import evaluate
-    from learned_optim.train import meta_train, read_log
+    from learned_optim.train import meta_train
 
     config = _config_from(args).resolved()
     _set_threads(args.threads, config.task)
@@ -258,7 +259,6 @@ def _meta_train(args) -> int:
 
 def _report_general(config: MetaTrainConfig, best: Path) -> int:
     from learned_optim.checkpoint import load_checkpoint
-    from learned_optim.train import read_log
 
     record = load_checkpoint(best).record
     start = next(e for e in read_log(config.run_dir) if "val_log_loss_ratio" in e)

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +29,15 @@ from learned_optim.checkpoint import (
 )
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data import splits
+from learned_optim.finetune import finetune
 from learned_optim.learners import reset_batchnorm
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
-from learned_optim.train import evaluate_rule, query_scores
+from learned_optim.version import __version__
 
-__all__ = ["evaluate", "EvaluationReport", "BASELINES", "nearest_neighbour_score"]
+__all__ = ["evaluate", "EvaluationReport", "BASELINES", "LR_GRIDS", "TUNED_OPTIMIZERS",
+           "evaluate_rule", "learner_with_init", "nearest_neighbour_score", "query_scores",
+           "split_overlap_of", "tune_learning_rate", "tuned_on_validation"]
 
 BASELINES = ("sgd", "adam", "maml", "metasgd", "nn")
 TUNED_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -48,9 +51,7 @@ def environment() -> dict:
     """Versions that produced a result: learned_optim, torch, higher and Python."""
     import higher
 
-    import learned_optim
-
-    return {"learned_optim": learned_optim.__version__, "torch": torch.__version__,
+    return {"learned_optim": __version__, "torch": torch.__version__,
             "higher": getattr(higher, "__version__", "unknown"),
             "python": platform.python_version()}
 
@@ -137,6 +138,23 @@ class EvaluationReport:
         Path(path).write_text(json.dumps(self.as_dict(), indent=2))
 
 
+def query_scores(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> list[float]:
+    """The query metric of each episode in ``indices``, adapting through :func:`finetune`."""
+    scores = []
+    for index in indices:
+        episode = to_device(episodes.episode(index), device)
+        adapted = finetune(learner, episode.support_inputs, episode.support_targets,
+                           optimizer=spec, steps=steps, loss_fn=task.loss)
+        with torch.no_grad():
+            scores.append(task.metric(adapted(episode.query_inputs), episode.query_targets).item())
+    return scores
+
+
+def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> Summary:
+    """Mean query metric with its 95% CI, adapting through :func:`finetune` (test protocol)."""
+    return summarize(query_scores(learner, spec, episodes, indices, steps, task, device))
+
+
 def nearest_neighbour_score(learner: nn.Module, episode, task: Task) -> float:
     """1-nearest-neighbour in the learner's feature space (its ``features`` module, else the
     raw inputs); BatchNorm statistics come from the support set alone."""
@@ -169,7 +187,9 @@ def _nn_predictions(targets: Tensor, task: Task) -> Tensor:
     return nn.functional.one_hot(targets, ways).float()
 
 
-def _learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.Module, str]:
+def learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.Module, str]:
+    """The task's learner (seeded by the task's config), with the checkpoint's learned init
+    where it has one, on ``device``; and a note saying which init it got."""
     torch.manual_seed(task.config.seed)
     learner = task.make_learner()
     if checkpoint.learned_init is None:
@@ -180,8 +200,9 @@ def _learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.M
     return learner.to(device), note
 
 
-def _overlap(checkpoint: Checkpoint, config: MetaTrainConfig, split: str):
-    """How many characters of the evaluated split ``checkpoint`` was meta-trained on."""
+def split_overlap_of(checkpoint: Checkpoint, config: MetaTrainConfig, split: str):
+    """How many characters of the evaluated split ``checkpoint`` was meta-trained on
+    (:class:`~learned_optim.data.splits.Overlap`), or ``None`` off Omniglot."""
     if config.task != "omniglot":
         return None
     seen = read_training_data(checkpoint) or splits.training_data(
@@ -189,16 +210,50 @@ def _overlap(checkpoint: Checkpoint, config: MetaTrainConfig, split: str):
     return splits.split_overlap(seen, config.protocol, split)
 
 
-def _tune_lr(name, learner, task, steps, tune_episodes, device) -> tuple[float, Summary]:
-    """The learning rate of ``LR_GRIDS[name]`` with the best validation score, and that score."""
-    factory = TUNED_OPTIMIZERS[name]
+def tune_learning_rate(
+    optimizer: str, score: Callable[[Callable[..., torch.optim.Optimizer]], float], *,
+    higher_is_better: bool = True,
+) -> tuple[float, dict[float, float]]:
+    """The learning rate of ``LR_GRIDS[optimizer]`` whose optimizer scores best, and every score.
+
+    Parameters
+    ----------
+    optimizer:
+        ``"sgd"`` or ``"adam"`` (:data:`TUNED_OPTIMIZERS`).
+    score:
+        Called once per learning rate with the optimizer's factory at that rate
+        (``functools.partial(torch.optim.SGD, lr=lr)``); returns the number to compare. This is
+        where callers differ: :func:`evaluate` scores the mean query metric of fine-tuning on
+        validation episodes, ``benchmarks/transfer.py`` the mean query accuracy of fresh
+        models, ``benchmarks/scratch.py`` the validation accuracy after a whole training run.
+    higher_is_better:
+        Whether a larger score wins (accuracy) or a smaller one (MSE). Ties keep the earlier
+        rate of the grid.
+
+    Examples
+    --------
+    >>> tune_learning_rate("sgd", lambda factory: -abs(factory.keywords["lr"] - 0.03))[0]
+    0.03
+    """
+    factory = TUNED_OPTIMIZERS[optimizer]
+    grid: dict[float, float] = {}
     best = None
-    for lr in LR_GRIDS[name]:
-        summary = evaluate_rule(learner, functools.partial(factory, lr=lr), task.episodes("val"),
-                                range(tune_episodes), steps, task, device)
-        if task.is_better(summary.mean, None if best is None else best[1].mean):
-            best = (lr, summary)
-    return best
+    for lr in LR_GRIDS[optimizer]:
+        grid[lr] = score(functools.partial(factory, lr=lr))
+        if best is None or (grid[lr] > grid[best] if higher_is_better else grid[lr] < grid[best]):
+            best = lr
+    return best, grid
+
+
+def tuned_on_validation(name: str, learner: nn.Module, task: Task, steps: int,
+                        tune_episodes: int, device) -> float:
+    """:func:`tune_learning_rate` as :func:`evaluate` runs it: the mean query metric of
+    fine-tuning ``learner`` for ``steps`` on the first ``tune_episodes`` validation episodes."""
+    def score(factory) -> float:
+        return evaluate_rule(learner, factory, task.episodes("val"), range(tune_episodes),
+                             steps, task, device).mean
+
+    return tune_learning_rate(name, score, higher_is_better=task.higher_is_better)[0]
 
 
 def evaluate(
@@ -269,7 +324,7 @@ def evaluate(
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{checkpoint.path}: field 'config' does not describe a valid "
                               f"setting ({error})") from None
-    overlaps = {name: _overlap(other, config, split) for name, other in
+    overlaps = {name: split_overlap_of(other, config, split) for name, other in
                 [("checkpoint", checkpoint)] + [(b, load_checkpoint(p)) for b, p in
                                                 (baseline_checkpoints or {}).items()
                                                 if b in baselines]}
@@ -289,7 +344,7 @@ def evaluate(
                     leave=False, dynamic_ncols=True)
 
     source = the_task.episodes(split)
-    learner, init_note = _learner_with_init(the_task, checkpoint, device)
+    learner, init_note = learner_with_init(the_task, checkpoint, device)
     report = EvaluationReport(
         the_task.metric_name, split,
         {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
@@ -305,7 +360,7 @@ def evaluate(
                                   device), {"init": init_note})
     for baseline in baselines:
         if baseline in ("sgd", "adam"):
-            lr, _ = _tune_lr(baseline, learner, the_task, steps, tune_episodes, device)
+            lr = tuned_on_validation(baseline, learner, the_task, steps, tune_episodes, device)
             tuned = functools.partial(TUNED_OPTIMIZERS[baseline], lr=lr)
             report.add(baseline, query_scores(learner, tuned, source, indices(baseline), steps,
                                               the_task, device), {"lr": lr, "init": init_note})
@@ -318,7 +373,7 @@ def evaluate(
             other = load_checkpoint(path)
             if other.method != baseline:
                 raise ValueError(f"{path} is a {other.method!r} checkpoint, not {baseline!r}")
-            other_learner, other_note = _learner_with_init(the_task, other, device)
+            other_learner, other_note = learner_with_init(the_task, other, device)
             report.add(baseline, query_scores(other_learner, other, source, indices(baseline),
                                               steps, the_task, device), {"init": other_note})
         else:

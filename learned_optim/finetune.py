@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,7 @@ from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
 
-__all__ = ["finetune", "make_optimizer"]
+__all__ = ["finetune", "make_optimizer", "FinetuneStep"]
 
 OptimizerSpec = (
     MetaLearnerLSTM | str | os.PathLike | Checkpoint | Callable[..., torch.optim.Optimizer]
@@ -52,6 +53,15 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimiz
     raise TypeError(f"optimizer must be a MetaLearnerLSTM, a checkpoint or a factory, got {spec!r}")
 
 
+class FinetuneStep(NamedTuple):
+    """What :func:`finetune`'s ``on_step`` hook is given after each update."""
+
+    step: int  # the update just taken, 1 for the first (t)
+    model: nn.Module  # the adapted copy, in train mode; a hook that scores it restores that
+    optimizer: torch.optim.Optimizer  # e.g. for the gates: learned_optim.plots.gate_values
+    loss: Tensor  # the support loss the update was computed from (L_t)
+
+
 def finetune(
     model: nn.Module,
     support_inputs: Tensor,
@@ -61,6 +71,7 @@ def finetune(
     steps: int,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     learned_init: str | os.PathLike | Checkpoint | None = None,
+    on_step: Callable[[FinetuneStep], None] | None = None,
 ) -> nn.Module:
     """Adapt a copy of ``model`` on a support set and return it, in eval mode.
 
@@ -83,6 +94,10 @@ def finetune(
         Training loss (default cross-entropy).
     learned_init:
         A checkpoint whose learned initial weights are loaded into the copy first.
+    on_step:
+        Called with a :class:`FinetuneStep` after every update, to watch the adaptation
+        (query scores, gates, weight norms after each step) without writing the loop again.
+        It must leave the model in train mode and its parameters as they are.
 
     Examples
     --------
@@ -93,6 +108,11 @@ def finetune(
     >>> adapted is model, adapted.training
     (False, False)
     >>> sgd = finetune(model, x, y, optimizer=functools.partial(torch.optim.SGD, lr=0.1), steps=5)
+    >>> losses = []
+    >>> _ = finetune(model, x, y, optimizer=MetaLearnerLSTM(), steps=3,
+    ...              on_step=lambda s: losses.append((s.step, round(s.loss.item(), 1) > 0)))
+    >>> losses
+    [(1, True), (2, True), (3, True)]
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -107,7 +127,7 @@ def finetune(
     learned = isinstance(opt, LSTMMetaOptimizer)
     adapted.train()
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(adapted(support_inputs), support_targets)
             loss.backward()
@@ -115,6 +135,8 @@ def finetune(
                 opt.step(loss=loss)
             else:
                 opt.step()
+            if on_step is not None:
+                on_step(FinetuneStep(step, adapted, opt, loss))
     adapted.eval()  # queries use this support set's running statistics
     for param in adapted.parameters():
         param.grad = None

@@ -1,8 +1,9 @@
 """``LSTMMetaOptimizer`` (a ``torch.optim`` drop-in) and its differentiable twin for ``higher``.
 
-Both are thin shells over :func:`learned_optim.metalearner.prepare_step` and
-:func:`learned_optim.metalearner.update_rows`; the twin is registered with ``higher`` on import,
-so ``higher.innerloop_ctx(model, LSTMMetaOptimizer(...))`` works unchanged.
+Both are thin shells over :func:`learned_optim.rule.math.prepare_step` and
+:func:`learned_optim.rule.math.update_rows` (the twin through :mod:`learned_optim.rule.tape`,
+which chooses its autograd path); the twin is registered with ``higher`` on import, so
+``higher.innerloop_ctx(model, LSTMMetaOptimizer(...))`` works unchanged.
 """
 
 from __future__ import annotations
@@ -18,31 +19,22 @@ from higher.optim import DifferentiableOptimizer
 from torch import Tensor
 
 from learned_optim.checkpoint import load_update_rule, shipped_path
-from learned_optim.metalearner import (
-    MetaLearnerLSTM,
+from learned_optim.metalearner import MetaLearnerLSTM, rule_fingerprint
+from learned_optim.rule import policy
+from learned_optim.rule.math import (
     apply_group_options,
-    chunk_rows,
     initial_state,
     prepare_step,
     row_scratch,
-    rule_fingerprint,
     update_rows,
 )
-from learned_optim.rule_trajectory import RuleTrajectory
+from learned_optim.rule.tape import RuleTrajectory, trajectory_applies, update_rows_differentiable
 
-__all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_CHUNK_SIZE",
-           "DEFAULT_RULE", "default_rule",
-           "GROUP_DEFAULTS"]
-
-# Rows of the coordinate batch processed at once by the in-place optimizer: keeps the
-# temporaries (row_scratch, 182 floats a row at H = 20: about 6.0 MB in float32) bounded and
-# in the last-level cache. Measured on 2 cores at 1M parameters, 8192 was the fastest of
-# 2048 .. 65536 (smaller chunks pay per-call overhead, larger ones fall out of cache). Buckets
-# on an accelerator take metalearner.ACCELERATOR_CHUNK_ROWS unless chunk_size is given.
-DEFAULT_CHUNK_SIZE = 8192
+__all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_RULE",
+           "default_rule", "GROUP_DEFAULTS"]
 
 # Per-group options and their defaults: ``lr`` multiplies the rule's update, ``weight_decay``
-# is decoupled (see metalearner.apply_group_options). The defaults leave the rule bit-exact.
+# is decoupled (see rule.math.apply_group_options). The defaults leave the rule bit-exact.
 GROUP_DEFAULTS = {"lr": 1.0, "weight_decay": 0.0}
 
 _LOSS_HELP = (
@@ -247,9 +239,9 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         paper's default). ``False`` gives full second-order meta-gradients.
     chunk_size:
         Coordinates updated at once; bounds the scratch memory of :meth:`step` (182 floats a
-        coordinate at H = 20). Default: :data:`DEFAULT_CHUNK_SIZE` (8192, cache-sized) for
-        parameters on the CPU, ``metalearner.ACCELERATOR_CHUNK_ROWS`` (262,144: fewer kernel
-        launches) on a GPU.
+        coordinate at H = 20). Default: :func:`learned_optim.rule.policy.step_chunk_rows`
+        (8192, cache-sized, for parameters on the CPU; 262,144 on a GPU: fewer kernel
+        launches).
 
     Notes
     -----
@@ -619,7 +611,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         >>> opt.chunk_size_for(torch.device("cpu")), opt.chunk_size_for(torch.device("cuda"))
         (8192, 262144)
         """
-        return self.chunk_size or chunk_rows(device, DEFAULT_CHUNK_SIZE)
+        return self.chunk_size or policy.step_chunk_rows(device)
 
     def _update_bucket(
         self, params: list[Tensor], grads: list[Tensor | None], buffer: Tensor, constants,
@@ -707,7 +699,7 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         self.meta_learner = other.meta_learner
         self.first_order = other.first_order
         self._buckets: list[dict[tuple, Tensor]] = [{} for _ in self.param_groups]
-        # First order: one anchored trajectory per bucket (see learned_optim.rule_trajectory).
+        # First order: one anchored trajectory per bucket (see learned_optim.rule.tape).
         self._chains: list[dict[tuple, _Chain]] = [{} for _ in self.param_groups]
         self._loss: Tensor | None = None
         # RMS-scaled rules (gradient_scale): per-parameter moments and step counts, starting
@@ -717,6 +709,14 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                           for i in range(len(group["params"]))}
                          for g, group in enumerate(self.param_groups)]
 
+    # Overrides higher's step, whose body this follows, because the rule needs three things
+    # that higher's cannot give: (1) first order must not build the double-backward graph
+    # (higher always takes the gradients with create_graph=track_higher_grads); (2) the rule
+    # reads the loss, which higher does not pass to _update; (3) with track_higher_grads=False
+    # the update must record nothing. It relies on five protected attributes of
+    # higher.optim.DifferentiableOptimizer (_apply_override, _fmodel, _track_higher_grads,
+    # _grad_callback, _group_to_param_list; and on self.state holding the drop-in's state per
+    # group and parameter index): tests/test_higher_twin.py pins what it expects of them.
     def step(self, loss: Tensor, params=None, override=None, grad_callback=None, **kwargs):
         """Compute the gradients of ``loss`` and take one differentiable step.
 
@@ -776,8 +776,7 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
     def _chain_applies(self, flat_grad: Tensor) -> bool:
         """Whether this step can join a first-order trajectory: on a tape, with the gradient
         and the loss constants (first order), so that only the last parameters need the tape."""
-        return (self.first_order and torch.is_grad_enabled() and not flat_grad.requires_grad
-                and not self._loss.requires_grad)
+        return self.first_order and trajectory_applies(flat_grad, self._loss)
 
     def _initial_bucket_state(self, group_index: int, indices: list[int], like: Tensor) -> Tensor:
         """The state the drop-in optimizer had (copied by higher), or a new task's zeros."""
@@ -824,8 +823,8 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 else:
                     chains.pop(key, None)
                     flat_param = torch.cat([params[i].reshape(-1) for i in active])
-                    new_param, new_rows = update_rows(constants, active_rows, flat_grad,
-                                                      flat_param)
+                    new_param, new_rows = update_rows_differentiable(constants, active_rows,
+                                                                     flat_grad, flat_param)
                     if not plain:
                         new_param = apply_group_options(flat_param, new_param,
                                                         _like(lr, flat_param),

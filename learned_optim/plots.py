@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["gate_values", "record_gates", "plot_gates", "plot_run"]
+from learned_optim.runstate import METRICS_LOG, log_path, read_log
+
+__all__ = ["gate_values", "record_gates", "plot_gates", "plot_run", "pyplot"]
 
 
-def _pyplot():
+def pyplot():
     """``matplotlib.pyplot`` on the Agg backend, or an error that names the missing extra."""
     try:
         import matplotlib
@@ -162,7 +164,7 @@ def plot_gates(records: Iterable[dict], out_png: str | os.PathLike,
     records = list(records)
     if not records:
         raise ValueError("no gate records to plot (record them after each optimizer step)")
-    plt = _pyplot()
+    plt = pyplot()
     # layer -> step -> list of per-episode records
     table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
@@ -229,30 +231,30 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = Non
     Raises
     ------
     FileNotFoundError
-        If ``run_dir`` has no ``metrics.jsonl``.
+        If ``run_dir`` has no metrics log (:data:`~learned_optim.runstate.METRICS_LOG`).
     ValueError
         If the log holds no entries yet.
 
     Examples
     --------
-    >>> import json, pathlib, tempfile
+    >>> import pathlib, tempfile
+    >>> from learned_optim.runstate import append_log
     >>> run = pathlib.Path(tempfile.mkdtemp())
     >>> entries = [{"step": 0, "val_mse": 3.0, "val_mse_ci95": 0.5},
     ...            {"step": 1, "meta_loss": 2.9, "train_mse": 2.9},
     ...            {"step": 2, "meta_loss": 2.5, "train_mse": 2.5},
     ...            {"step": 2, "val_mse": 2.4, "val_mse_ci95": 0.4}]
-    >>> _ = (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\\n" for e in entries))
+    >>> for entry in entries:
+    ...     append_log(run, entry)
     >>> plot_run(run).name
     'curves.png'
     """
-    from learned_optim.train import read_log
-
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a meta-training run folder")
+    if not log_path(run_dir).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {METRICS_LOG}: not a meta-training run folder")
     log = read_log(run_dir)
     if not log:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} is empty: the run has not logged yet")
+        raise ValueError(f"{log_path(run_dir)} is empty: the run has not logged yet")
     train = [e for e in log if "meta_loss" in e]
     metric = next((k[len("train_"):] for e in train for k in e if k.startswith("train_")), None)
     if metric is None:
@@ -261,7 +263,7 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = Non
                        and k != "val_episodes"), "score")
     validation = [e for e in log if f"val_{metric}" in e]
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     steps = [e["step"] for e in train]
     axes[0].plot(steps, [e["meta_loss"] for e in train], color="tab:blue", alpha=0.35,

@@ -17,7 +17,10 @@ from torch import Tensor, nn
 from learned_optim.checkpoint import CheckpointError, read_header_record, write_atomic
 
 __all__ = ["RunFolder", "save_training_state", "load_training_state", "read_training_record",
-           "read_log", "RESUME_OVERRIDES"]
+           "read_log", "append_log", "log_path", "METRICS_LOG", "RESUME_OVERRIDES"]
+
+# The metrics log of a run folder: one JSON object a line, per meta-step and per validation.
+METRICS_LOG = "metrics.jsonl"
 
 # Configuration fields a resumed run may change: how long and how fast it trains, how often it
 # validates and saves, and where it runs. Anything else would make a different run.
@@ -34,7 +37,7 @@ class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.config_path = self.path / "config.json"
-        self.log_path = self.path / "metrics.jsonl"
+        self.log_path = self.path / METRICS_LOG
         self.state_path = self.path / "last.state.safetensors"
         self.best_path = self.path / "best.safetensors"
 
@@ -100,8 +103,8 @@ class RunFolder:
         return record, changes
 
     def log(self, entry: dict) -> None:
-        with self.log_path.open("a") as stream:
-            stream.write(json.dumps(entry) + "\n")
+        """Append ``entry`` to the metrics log (:func:`append_log`)."""
+        append_log(self.path, entry)
 
     def truncate_log(self, step: int) -> None:
         """Drop entries logged after ``step`` (by a run killed before its next state save)."""
@@ -188,7 +191,25 @@ def load_training_state(path, *, modules: dict[str, nn.Module], optimizer) -> di
     return record
 
 
+def log_path(run_dir: str | Path) -> Path:
+    """Where a run folder's metrics log (:data:`METRICS_LOG`) is."""
+    return Path(run_dir) / METRICS_LOG
+
+
+def append_log(run_dir: str | Path, entry: dict) -> None:
+    """Append one entry (a JSON-serialisable dict) to a run's metrics log.
+
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp())
+    >>> append_log(run, {"step": 1, "meta_loss": 2.5}); append_log(run, {"step": 2})
+    >>> read_log(run)
+    [{'step': 1, 'meta_loss': 2.5}, {'step': 2}]
+    """
+    with log_path(run_dir).open("a") as stream:
+        stream.write(json.dumps(entry) + "\n")
+
+
 def read_log(run_dir: str | Path) -> list[dict]:
-    """The entries of a run's metrics log (``metrics.jsonl``), in order."""
-    path = RunFolder(run_dir).log_path
+    """The entries of a run's metrics log (:data:`METRICS_LOG`), in order."""
+    path = log_path(run_dir)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

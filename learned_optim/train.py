@@ -28,7 +28,7 @@ from learned_optim.checkpoint import load_checkpoint, load_learned_init, save_ch
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data import splits
 from learned_optim.data.preprocessing import Preprocessing
-from learned_optim.finetune import finetune
+from learned_optim.evaluate import evaluate_rule, query_scores
 from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
@@ -43,8 +43,8 @@ from learned_optim.schedule import run_schedule
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 
-__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "evaluate_rule", "query_scores",
-           "read_log", "RESUME_OVERRIDES"]
+# read_log and RESUME_OVERRIDES live in runstate; re-exported, as the README imports them here.
+__all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "read_log", "RESUME_OVERRIDES"]
 
 
 
@@ -101,23 +101,6 @@ def episode_query_loss(learner, opt, step_kwargs, episode, steps, task: Task, le
         output = fmodel(episode.query_inputs)
         return task.loss(output, episode.query_targets), task.metric(output.detach(),
                                                                     episode.query_targets)
-
-
-def query_scores(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> list[float]:
-    """The query metric of each episode in ``indices``, adapting through :func:`finetune`."""
-    scores = []
-    for index in indices:
-        episode = to_device(episodes.episode(index), device)
-        adapted = finetune(learner, episode.support_inputs, episode.support_targets,
-                           optimizer=spec, steps=steps, loss_fn=task.loss)
-        with torch.no_grad():
-            scores.append(task.metric(adapted(episode.query_inputs), episode.query_targets).item())
-    return scores
-
-
-def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> Summary:
-    """Mean query metric with its 95% CI, adapting through :func:`finetune` (test protocol)."""
-    return summarize(query_scores(learner, spec, episodes, indices, steps, task, device))
 
 
 def _preprocessing_record(config: MetaTrainConfig) -> dict | None:

@@ -30,7 +30,9 @@ from torch.func import functional_call
 from learned_optim.checkpoint import load_update_rule, save_checkpoint
 from learned_optim.config import MetaTrainConfig
 from learned_optim.general import Problem, ProblemDistribution
-from learned_optim.metalearner import MetaLearnerLSTM, initial_state, prepare_step, update_rows
+from learned_optim.metalearner import MetaLearnerLSTM
+from learned_optim.rule.math import initial_state, prepare_step
+from learned_optim.rule.tape import update_rows_differentiable
 from learned_optim.runstate import RunFolder, load_training_state, save_training_state
 from learned_optim.schedule import run_schedule
 from learned_optim.stats import summarize
@@ -51,7 +53,7 @@ def general_rule(hidden_size: int = 20, gradient_scale: float | None = 0.1) -> M
     The paper's forget bias (sigmoid ~ 0.995) shrinks every weight by 0.5% a step, harmless
     over 12 steps and fatal over thousands; here it starts at ~0.9999, and the input gate at
     ~0.02-0.05, which meta-training then adapts per coordinate. With ``gradient_scale`` the rule
-    reads Adam's normalised direction (:func:`learned_optim.metalearner.scale_gradient`): the
+    reads Adam's normalised direction (:func:`learned_optim.rule.math.scale_gradient`): the
     start is then close to Adam with a step of 0.002-0.005, instead of SGD with that step.
 
     >>> f, i = torch.sigmoid(general_rule().meta_bias.detach())
@@ -132,7 +134,7 @@ class ProblemRun:
             grad, self.moments = rule.rule_gradient(grad, self.moments, self.step + 1)
             constants = prepare_step(weights, None if self.problem.withhold_loss
                                      else loss.detach(), flat.dtype)
-            flat, state = update_rows(constants, state, grad, flat)
+            flat, state = update_rows_differentiable(constants, state, grad, flat)
             val = self.loss_at(flat, self.problem.val_batch(), keep_stats=False)
             if not bool(torch.isfinite(val)):
                 self.diverged = True

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from learned_optim import distributed
-from learned_optim.train import read_log
+from learned_optim.runstate import read_log
 
 OPTIONS = ["--task", "sinusoid", "--meta-batch", "4", "--val-episodes", "2", "--test-episodes",
            "0", "--no-progress"]

@@ -88,3 +88,15 @@ def test_config_fields_of_a_newer_writer_are_ignored_and_bad_ones_named(tmp_path
                              config=dict(newer, shots="ten"))
     with pytest.raises(CheckpointError, match=r"broken\.safetensors: field 'config'"):
         evaluate(broken, episodes=3)
+
+
+def test_learning_rate_tuning_keeps_the_best_and_every_score():
+    from learned_optim.evaluate import LR_GRIDS, tune_learning_rate
+
+    def distance_to(target):
+        return lambda factory: abs(factory.keywords["lr"] - target)
+
+    best, grid = tune_learning_rate("adam", distance_to(3e-3), higher_is_better=False)
+    assert best == 3e-3 and list(grid) == list(LR_GRIDS["adam"])
+    best, _ = tune_learning_rate("sgd", lambda factory: 1.0)  # ties keep the earlier rate
+    assert best == LR_GRIDS["sgd"][0]

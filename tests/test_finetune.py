@@ -82,3 +82,20 @@ def test_update_rule_adapts_a_model_of_another_architecture(digits):
     loss = nn.functional.cross_entropy
     with torch.no_grad():
         assert loss(adapted(inputs[:50]), labels[:50]) < loss(model(inputs[:50]), labels[:50])
+
+
+def test_the_step_hook_sees_every_update_and_changes_nothing(episode_pair):
+    support, labels, query, _ = episode_pair
+    model = conv_learner()
+    rule = MetaLearnerLSTM()
+    seen = []
+
+    def watch(step):
+        assert step.model.training
+        seen.append((step.step, step.loss.item() > 0, len(step.optimizer.state) > 0))
+
+    watched = finetune(model, support, labels, optimizer=rule, steps=3, on_step=watch)
+    plain = finetune(model, support, labels, optimizer=rule, steps=3)
+    assert seen == [(1, True, True), (2, True, True), (3, True, True)]
+    with torch.no_grad():
+        assert torch.equal(watched(query), plain(query))

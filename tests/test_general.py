@@ -17,7 +17,8 @@ from learned_optim.evaluate import evaluate
 from learned_optim.general import KINDS, ProblemDistribution
 from learned_optim.metalearner import scale_gradient
 from learned_optim.packaging import package_general
-from learned_optim.train import meta_train, read_log
+from learned_optim.runstate import read_log
+from learned_optim.train import meta_train
 from learned_optim.truncated import ProblemRun, TruncatedTrainer, general_rule
 
 

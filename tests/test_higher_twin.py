@@ -273,3 +273,45 @@ def test_inner_loop_works_across_architectures(model_class, input_shape):
             assert param.grad is None and torch.equal(param, frozen_before[name])
         else:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+# What DifferentiableLSTMMetaOptimizer.step relies on in higher (protected attributes of
+# higher.optim.DifferentiableOptimizer): if a higher release changes any of it, these fail first.
+
+
+def test_higher_step_has_the_signature_the_twin_overrides():
+    import inspect
+
+    from higher.optim import DifferentiableOptimizer
+
+    theirs = list(inspect.signature(DifferentiableOptimizer.step).parameters)
+    ours = list(inspect.signature(DifferentiableLSTMMetaOptimizer.step).parameters)
+    assert theirs == ours == ["self", "loss", "params", "override", "grad_callback", "kwargs"]
+
+
+def test_higher_keeps_the_protected_attributes_the_twin_reads():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    groups = [{"params": [model[2].weight, model[0].bias]},
+              {"params": [model[0].weight, model[2].bias], "lr": 0.5}]
+    opt = LSTMMetaOptimizer(groups, MetaLearnerLSTM())
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step(loss=loss)  # so that higher copies a state
+    callback = list
+    with higher.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, _):
+        diffopt = higher.optim.get_diff_optim(opt, model.parameters(), fmodel=fmodel,
+                                              track_higher_grads=False, grad_callback=callback)
+        assert isinstance(diffopt, DifferentiableLSTMMetaOptimizer)
+        assert diffopt._fmodel is fmodel and len(fmodel.fast_params) == 4
+        assert callable(fmodel.update_params)
+        assert diffopt._track_higher_grads is False
+        assert diffopt._grad_callback is callback
+        # group slot -> index into the model's parameters (reference order)
+        assert diffopt._group_to_param_list == [[2, 1], [0, 3]]
+        # the drop-in's state, copied per group and slot
+        copied = diffopt.state[1][0]["lstm_state"]
+        assert torch.equal(copied, opt.state[model[0].weight]["lstm_state"])
+        diffopt._apply_override({"lr": [torch.tensor(0.25)]})
+        assert [float(g["lr"]) for g in diffopt.param_groups] == [0.25, 0.25]

@@ -5,15 +5,16 @@ import math
 import pytest
 import torch
 
-from learned_optim import metalearner
 from learned_optim.metalearner import (
     MetaLearnerLSTM,
     initial_state,
     meta_update,
     prepare_step,
     preprocess,
-    update_rows,
 )
+from learned_optim.rule import policy
+from learned_optim.rule.math import update_rows_chunked
+from learned_optim.rule.tape import update_rows_differentiable
 
 
 def test_preprocessing_follows_andrychowicz_appendix_a():
@@ -71,8 +72,8 @@ def test_rows_are_independent_so_any_chunking_gives_the_same_result():
     state = torch.randn(50, 42)
     grad, theta = torch.randn(50), torch.randn(50)
     constants = prepare_step(meta.weights(), torch.tensor(0.7), torch.float32)
-    whole = update_rows(constants, state, grad, theta)
-    parts = [update_rows(constants, state[a:b], grad[a:b], theta[a:b])
+    whole = update_rows_differentiable(constants, state, grad, theta)
+    parts = [update_rows_differentiable(constants, state[a:b], grad[a:b], theta[a:b])
              for a, b in ((0, 17), (17, 18), (18, 50))]
     torch.testing.assert_close(whole[0], torch.cat([p[0] for p in parts]))
     torch.testing.assert_close(whole[1], torch.cat([p[1] for p in parts]))
@@ -83,9 +84,9 @@ def test_the_chunked_forward_gives_the_same_numbers(monkeypatch):
     meta = MetaLearnerLSTM()
     state, grad, theta = torch.randn(50, 42), torch.randn(50), torch.randn(50)
     constants = prepare_step(meta.weights(), torch.tensor(0.7), torch.float32)
-    whole = update_rows(constants, state, grad, theta)
-    monkeypatch.setattr(metalearner, "FORWARD_CHUNK_ROWS", 16)  # 50 rows: 16, 16, 16, 2
-    chunked = metalearner.update_rows_chunked(constants, state, grad, theta)
+    whole = update_rows_differentiable(constants, state, grad, theta)
+    monkeypatch.setattr(policy, "FORWARD_CHUNK_ROWS", 16)  # 50 rows: 16, 16, 16, 2
+    chunked = update_rows_chunked(constants, state, grad, theta)
     torch.testing.assert_close(chunked[0], whole[0])  # matrix products of other shapes: 1 ulp
     torch.testing.assert_close(chunked[1], whole[1])
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from learned_optim.config import MetaTrainConfig
-from learned_optim.train import MetaTrainer, evaluate_rule, rule_spec
+from learned_optim.evaluate import evaluate_rule
+from learned_optim.train import MetaTrainer, rule_spec
 
 
 @pytest.fixture(scope="module")

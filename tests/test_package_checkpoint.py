@@ -1,17 +1,15 @@
-"""benchmarks/package_checkpoint.py --add-results: baselines join a shipped card, nothing else."""
+"""Packaging episodic checkpoints (``learned_optim.packaging.episodic``): baselines join a
+shipped card with ``--add-results``, nothing else changes."""
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import package_checkpoint  # noqa: E402
+from learned_optim.packaging import episodic as package_checkpoint
 
 NAME = "omniglot-5w1s"
 

@@ -14,7 +14,7 @@ from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.cli import main as cli_main
 from learned_optim.config import MetaTrainConfig
 from learned_optim.learners import SinusoidMLP
-from learned_optim.plots import _pyplot, gate_values, plot_gates, plot_run, record_gates
+from learned_optim.plots import gate_values, plot_gates, plot_run, pyplot, record_gates
 from learned_optim.train import meta_train
 
 pytest.importorskip("matplotlib")
@@ -169,4 +169,4 @@ def test_plot_gates_refuses_no_records(tmp_path):
 def test_missing_matplotlib_is_reported_with_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"learned_optim\[plot\]"):
-        _pyplot()
+        pyplot()

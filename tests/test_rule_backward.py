@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from learned_optim import rule_backward
-from learned_optim.metalearner import MetaLearnerLSTM, StepConstants, prepare_step, update_rows
+from learned_optim.metalearner import MetaLearnerLSTM
+from learned_optim.rule import policy
+from learned_optim.rule.math import StepConstants, prepare_step
+from learned_optim.rule.tape import update_rows_differentiable, update_rows_recomputed
 
 DOUBLE = torch.float64
 
@@ -37,8 +39,10 @@ def _two_step_gradients(recompute: bool, second_order: bool, rows: int = 257):
     loss = torch.tensor(1.6, dtype=DOUBLE, requires_grad=second_order)
     state.requires_grad_()
     constants = prepare_step(meta.weights(), loss, DOUBLE)
-    theta_1, state_1 = update_rows(constants, state, grad, theta, recompute=recompute)
-    theta_2, state_2 = update_rows(constants, state_1, grad * 0.5, theta_1, recompute=recompute)
+    theta_1, state_1 = update_rows_differentiable(constants, state, grad, theta,
+                                                  recompute=recompute)
+    theta_2, state_2 = update_rows_differentiable(constants, state_1, grad * 0.5, theta_1,
+                                                  recompute=recompute)
     probe = torch.linspace(-1, 1, rows, dtype=DOUBLE)
     meta_loss = (theta_2 * probe).sum() + 0.1 * (state_2 * state_2).sum()
     inputs = [state, theta, *meta.parameters()] + ([grad, loss] if second_order else [])
@@ -65,7 +69,7 @@ def _single_step_inputs(rows: int = 12):
     tensors = [t.requires_grad_() for t in (state, grad, theta)]
 
     def step(state, grad, theta, *constant_tensors):
-        return rule_backward.update_rows_recomputed(
+        return update_rows_recomputed(
             StepConstants(*constant_tensors, p=constants.p), state, grad, theta)
 
     return step, (*tensors, *leaves)
@@ -94,7 +98,7 @@ def test_backward_works_when_only_one_output_is_used():
 
 def test_chunks_of_rows_give_the_same_gradients(monkeypatch):
     whole = _two_step_gradients(recompute=True, second_order=True)
-    monkeypatch.setattr(rule_backward, "BACKWARD_CHUNK_ROWS", 50)  # 257 rows: 6 chunks
+    monkeypatch.setattr(policy, "BACKWARD_CHUNK_ROWS", 50)  # 257 rows: 6 chunks
     chunked = _two_step_gradients(recompute=True, second_order=True)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
@@ -115,7 +119,7 @@ def _saved_bytes_per_row(recompute: bool, rows: int = 4096) -> float:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         constants = prepare_step(meta.weights(), torch.tensor(1.0), torch.float32)
-        update_rows(constants, state, grad, theta, recompute=recompute)
+        update_rows_differentiable(constants, state, grad, theta, recompute=recompute)
     return sum(storages.values()) / rows
 
 

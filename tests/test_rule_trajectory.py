@@ -4,9 +4,10 @@ import higher
 import pytest
 import torch
 
-from learned_optim import LSTMMetaOptimizer, rule_trajectory
-from learned_optim.metalearner import initial_state, prepare_step, update_rows
-from learned_optim.rule_trajectory import RuleTrajectory
+from learned_optim import LSTMMetaOptimizer
+from learned_optim.rule import policy
+from learned_optim.rule.math import initial_state, prepare_step, update_rows
+from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable
 from tests.test_rule_backward import (
     DOUBLE,
     _gradients_both_preprocessing_branches,
@@ -38,7 +39,7 @@ def _meta_gradients(use_chain: bool, *, intermediate: bool = False, device: str 
     for grad, loss in zip(grads, losses):
         constants = prepare_step(meta.weights(), loss, DOUBLE, device)
         if chain is None:
-            param, rows = update_rows(constants, rows, grad, param, recompute=False)
+            param, rows = update_rows(constants, rows, grad, param)  # recorded op by op
         else:
             param, rows = chain.step(constants, grad)
         if intermediate:  # a loss on every step, not only on the last
@@ -59,8 +60,8 @@ def test_chain_gradients_equal_the_recorded_per_step_tape():
 
 def test_chunks_and_segments_give_the_same_gradients(monkeypatch):
     reference = _meta_gradients(False)
-    monkeypatch.setattr(rule_trajectory, "REPLAY_CHUNK_BYTES", 1)  # minimum: 256-row chunks
-    monkeypatch.setattr(rule_trajectory, "_MIN_CHUNK_ROWS", 40)  # 257 rows: 7 chunks
+    monkeypatch.setattr(policy, "REPLAY_CHUNK_BYTES", 1)  # minimum: 256-row chunks
+    monkeypatch.setattr(policy, "MIN_REPLAY_CHUNK_ROWS", 40)  # 257 rows: 7 chunks
     _assert_same(_meta_gradients(True), reference)
     _assert_same(_meta_gradients(True, segment_steps=2), reference)  # anchors at 0, 2, 4
 
@@ -68,7 +69,7 @@ def test_chunks_and_segments_give_the_same_gradients(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_chain_replays_in_one_chunk_and_matches_the_cpu_tape():
     rows = _chain_inputs()[1].shape[0]
-    assert rule_trajectory.replay_chunk_bytes(torch.device("cuda")) > 1000 * rows * 5
+    assert policy.replay_chunk_bytes(torch.device("cuda")) > 1000 * rows * 5
     ours = [g.cpu() for g in _meta_gradients(True, device="cuda")]
     for a, b in zip(ours, _meta_gradients(False)):
         assert b.abs().max() > 0
@@ -117,7 +118,7 @@ def _saved_bytes_per_row(use_chain: bool, steps: int, rows: int = 65536) -> floa
             constants = prepare_step(meta.weights(), torch.tensor(1.0), torch.float32)
             grad = torch.randn(rows) * 1e-2
             if chain is None:
-                param, state = update_rows(constants, state, grad, param)
+                param, state = update_rows_differentiable(constants, state, grad, param)
             else:
                 param, state = chain.step(constants, grad)
             outputs.append(param)

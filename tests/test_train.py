@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from learned_optim import load_checkpoint
 from learned_optim import train as train_module
 from learned_optim.config import MetaTrainConfig, load_config
-from learned_optim.train import MetaTrainer, meta_train, read_log
+from learned_optim.runstate import read_log
+from learned_optim.train import MetaTrainer, meta_train
 
 FAST = dict(meta_batch=2, val_episodes=5, validate_every=10, checkpoint_every=5)
 

@@ -69,7 +69,14 @@ def episode_generator(seed: int, index: int) -> torch.Generator:
     return generator
 
 
-def _check_positive(**values: int) -> None:
+def check_positive(**values: int) -> None:
+    """Raise a ValueError naming the first option that is not a positive integer.
+
+    >>> check_positive(ways=5, shots=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: shots must be a positive integer, got 0
+    """
     for option, value in values.items():
         if not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"{option} must be a positive integer, got {value!r}")
@@ -77,7 +84,7 @@ def _check_positive(**values: int) -> None:
 
 def episode_index_range(start: int = 0, count: int | None = None, step: int = 1):
     """Episode indices ``start, start + step, ...``: ``count`` of them, or endless if None."""
-    _check_positive(step=step)
+    check_positive(step=step)
     if count is not None and count < 0:
         raise ValueError(f"count must be non-negative or None, got {count!r}")
     return itertools.count(start, step) if count is None else range(
@@ -126,7 +133,7 @@ class EpisodeSampler:
     def __init__(
         self, dataset: FewShotDataset, ways: int, shots: int, queries: int = 15, seed: int = 0
     ) -> None:
-        _check_positive(ways=ways, shots=shots, queries=queries)
+        check_positive(ways=ways, shots=shots, queries=queries)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         label = f" {dataset.name!r}" if dataset.name else ""

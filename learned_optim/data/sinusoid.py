@@ -18,7 +18,7 @@ import torch
 
 from learned_optim.data.episodes import (
     Episode,
-    _check_positive,
+    check_positive,
     episode_generator,
     episode_index_range,
 )
@@ -83,7 +83,7 @@ class SinusoidTasks:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         queries = shots if queries is None else queries
-        _check_positive(shots=shots, queries=queries)
+        check_positive(shots=shots, queries=queries)
         episode_generator(seed, 0)  # validates the seed now rather than at the first episode
         self.shots, self.queries, self.protocol, self.seed = shots, queries, protocol, seed
 

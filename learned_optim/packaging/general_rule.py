@@ -19,35 +19,14 @@ import sys
 from pathlib import Path
 
 from learned_optim.checkpoint import PRETRAINED_DIR, load_checkpoint, save_checkpoint
-from learned_optim.runstate import read_log
+from learned_optim.packaging.facts import training_facts
 
-__all__ = ["training_facts", "package_general", "card_markdown"]
+__all__ = ["package_general", "card_markdown"]
+
+PROG = "python -m learned_optim.packaging"  # as the module is run
 
 # Machine-specific fields dropped from a shipped configuration.
 _LOCAL_FIELDS = ("run_dir", "data_root", "init_from", "device", "max_time_s")
-
-
-def training_facts(runs: list[Path]) -> dict:
-    """Meta-steps, Adam updates, problems and wall time summed over the runs (a run resumed in
-    its own folder counts once), and the validation trace, steps counted from the first run."""
-    steps = updates = problems = 0
-    wall = 0.0
-    trace = []
-    for run in runs:
-        config = json.loads((Path(run) / "config.json").read_text())
-        log = read_log(run)
-        trained = [e for e in log if "meta_loss" in e]
-        if not trained:
-            raise ValueError(f"run {run} has no meta-step in its metrics log")
-        last = max(trained, key=lambda e: e["step"])
-        trace += [{**e, "step": e["step"] + steps} for e in log if "val_log_loss_ratio" in e
-                  and (e["step"] > 0 or not trace)]
-        steps += last["step"]
-        updates += last["updates"]
-        problems += last["step"] * config["meta_batch"]
-        wall += last["elapsed_s"]
-    return {"meta_steps": steps, "meta_updates": updates, "episodes_trained": problems,
-            "train_wall_time_s": round(wall), "validation_trace": trace}
 
 
 def _scratch_results(path: Path) -> dict:
@@ -84,7 +63,8 @@ def package_general(name: str, runs: list[Path], *, scratch: Path, transfer: lis
     config = {k: v for k, v in checkpoint.record["config"].items() if k not in _LOCAL_FIELDS}
     if config.get("task") != "general":
         raise ValueError(f"{runs[-1]} is a {config.get('task')!r} run, not a 'general' one")
-    facts = training_facts(runs)
+    # Continuation runs re-validate the checkpoint the previous run ended on: counted once.
+    facts = training_facts(runs, restarted_validations=False)
     scratch_results = _scratch_results(scratch)
     headline = scratch_results["results"]["mnist5k-mlp"]
     card = {
@@ -169,7 +149,7 @@ def card_markdown(name: str, config: dict, card: dict, rule) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("--runs", nargs="+", type=Path, required=True)
     parser.add_argument("--scratch", type=Path, default=Path("docs/results/scratch.json"))

@@ -1,6 +1,6 @@
 """Turn a finished meta-training run into a shipped checkpoint with its model card.
 
-    python benchmarks/package_checkpoint.py NAME --runs RUN_DIR [RUN_DIR ...] \
+    python -m learned_optim.packaging.episodic NAME --runs RUN_DIR [RUN_DIR ...] \
         --evaluation EVAL.json [--hardware "NVIDIA H200"]
 
 ``--runs`` lists the run folders in training order (a run warm-started from the previous one's
@@ -11,7 +11,7 @@ the human-readable card. ``EVAL.json`` is written by ``learned-optim evaluate ..
 
 Baselines evaluated later (MAML, Meta-SGD) join a shipped card without touching its tensors::
 
-    python benchmarks/package_checkpoint.py NAME --add-results EVAL.json \
+    python -m learned_optim.packaging.episodic NAME --add-results EVAL.json \
         --baseline-runs maml=RUN_DIR metasgd=RUN_DIR [--hardware "..."] \
         [--baseline-notes metasgd="a fact the run folder does not hold"]
 
@@ -42,7 +42,12 @@ from learned_optim.checkpoint import (
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.data.splits import training_data
-from learned_optim.train import read_log
+from learned_optim.packaging.facts import continued_facts, training_facts
+
+__all__ = ["package", "add_results", "card_markdown", "card_setting", "read_evaluation",
+           "baseline_training_note"]
+
+PROG = "python -m learned_optim.packaging.episodic"  # as the module is run
 
 DEFAULT_META_LR = MetaTrainConfig().meta_lr
 
@@ -54,34 +59,6 @@ def preprocessing_of(record: dict) -> dict | None:
         return stored
     spec = Preprocessing.for_config(record["config"])
     return None if spec is None else spec.to_dict()
-
-
-def training_facts(runs: list[Path]) -> dict:
-    """Meta-steps, episodes and wall time summed over the runs, and the validation trace."""
-    steps = episodes = 0
-    wall = 0.0
-    trace = []
-    for run in runs:
-        config = json.loads((run / "config.json").read_text())
-        log = read_log(run)
-        last = max((e for e in log if "meta_loss" in e), key=lambda e: e["step"])
-        steps += last["step"]
-        episodes += last["step"] * config["meta_batch"]
-        wall += last["elapsed_s"]
-        trace += [{**e, "step": e["step"] + steps - last["step"]} for e in log
-                  if any(k.startswith("val_") for k in e)]
-    return {"meta_steps": steps, "episodes_trained": episodes, "train_wall_time_s": round(wall),
-            "validation_trace": trace}
-
-
-def continued_facts(shipped_card: dict, facts: dict) -> dict:
-    """The shipped card's training followed by the runs that continued it."""
-    steps = shipped_card["meta_steps"]
-    return {"meta_steps": steps + facts["meta_steps"],
-            "episodes_trained": shipped_card["episodes_trained"] + facts["episodes_trained"],
-            "train_wall_time_s": shipped_card["train_wall_time_s"] + facts["train_wall_time_s"],
-            "validation_trace": shipped_card["validation_trace"] + [
-                {**e, "step": e["step"] + steps} for e in facts["validation_trace"]]}
 
 
 def card_setting(record: dict) -> dict:
@@ -295,7 +272,7 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("--runs", type=Path, nargs="+")
     parser.add_argument("--evaluation", type=Path)

@@ -51,8 +51,10 @@ support images make the learner's double backward, which first order drops, larg
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import json
+import math
 import os
 import platform
 import statistics
@@ -64,13 +66,18 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from _shared import load_average, quiet_stderr  # noqa: E402 (sibling module)
+from _shared import (  # noqa: E402 (sibling module)
+    busy_process,
+    load_average,
+    quiet_stderr,
+    usable_cores,
+)
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
-from learned_optim.learners import ConvLearner  # noqa: E402
+from learned_optim.learners import ConvLearner, reset_batchnorm  # noqa: E402
 from learned_optim.rule import policy  # noqa: E402
 from learned_optim.rule.math import initial_state, prepare_step  # noqa: E402
 from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable  # noqa: E402
@@ -80,6 +87,9 @@ from learned_optim.train import MetaTrainer  # noqa: E402
 TARGET_SPEEDUP = 1.5
 TARGET_MEMORY_RATIO = 0.5
 TARGET_OVERHEAD = 3.0
+# --reference (issue 16): package episodes/s over the straightforward reference's.
+TARGET_REFERENCE_SPEEDUP = 2.0  # first order
+TARGET_SECOND_ORDER = 1.0  # second order, against the reference's second order
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -154,6 +164,150 @@ def saved_tensor_bytes(fn) -> tuple[int, int]:
     return sum(storages.values()), calls
 
 
+# --- the straightforward reference --------------------------------------------------------------
+
+
+def paper_preprocess(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
+    """Andrychowicz et al.'s preprocessing as the paper states it, one value -> two features:
+    ``(log|x| / p, sign x)`` if ``|x| >= e^-p``, else ``(-1, e^p x)``. (The log's argument is
+    clamped at ``e^-p`` only so that the unused branch stays finite.)"""
+    threshold = math.exp(-p)
+    indicator = (x.abs() >= threshold).to(x.dtype)
+    log_part = indicator * torch.log(x.abs().clamp_min(threshold)) / p - (1 - indicator)
+    sign_part = indicator * torch.sign(x) + (1 - indicator) * math.exp(p) * x
+    return torch.stack((log_part, sign_part), dim=1)
+
+
+class StraightforwardRule(nn.Module):
+    """The paper's meta-learner as the public PyTorch port writes it, all coordinates at once.
+
+    ``nn.LSTMCell(4, H)`` over ``[N, 4]`` inputs (preprocessed gradient and loss), then the
+    paper's gate layer, ``f_t = [h_t, theta_{t-1}, f_{t-1}] W_F + b_F`` (and ``i_t`` with
+    ``W_I``, ``b_I``), ``theta_t = sigmoid(f_t) theta_{t-1} - sigmoid(i_t) g_t``. Every
+    intermediate is kept by autograd. Built from a :class:`MetaLearnerLSTM`'s weights, so that
+    both compute the same numbers: ``weight_ih``/``weight_hh`` as they are (PyTorch's gate
+    order), ``bias`` in ``bias_ih`` with ``bias_hh = 0``, ``meta_weight`` rows as ``W_F``,
+    ``W_I``.
+    """
+
+    def __init__(self, meta: MetaLearnerLSTM) -> None:
+        super().__init__()
+        hidden = meta.hidden_size
+        self.p = meta.p
+        self.lstm = nn.LSTMCell(4, hidden)
+        self.WF = nn.Parameter(torch.empty(hidden + 2, 1))
+        self.WI = nn.Parameter(torch.empty(hidden + 2, 1))
+        self.bF = nn.Parameter(torch.empty(1, 1))
+        self.bI = nn.Parameter(torch.empty(1, 1))
+        self.to(dtype=meta.weight_ih.dtype, device=meta.weight_ih.device)
+        with torch.no_grad():
+            self.lstm.weight_ih.copy_(meta.weight_ih)
+            self.lstm.weight_hh.copy_(meta.weight_hh)
+            self.lstm.bias_ih.copy_(meta.bias)
+            self.lstm.bias_hh.zero_()
+            self.WF.copy_(meta.meta_weight[0].view(-1, 1))
+            self.WI.copy_(meta.meta_weight[1].view(-1, 1))
+            self.bF.fill_(meta.meta_bias[0].item())
+            self.bI.fill_(meta.meta_bias[1].item())
+
+    def forward(self, grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, state):
+        """One step on flat ``grad`` and ``theta`` ``[N]``; ``state`` is ``(h, c, f, i)`` or
+        ``None`` (a new task: zeros). Returns ``(theta_t, state_t)``."""
+        n = theta.shape[0]
+        if state is None:
+            zeros = theta.new_zeros(n, self.lstm.hidden_size)
+            state = (zeros, zeros, theta.new_zeros(n, 1), theta.new_zeros(n, 1))
+        h, c, f_prev, i_prev = state
+        grad_prep = paper_preprocess(grad, self.p)
+        loss_prep = paper_preprocess(loss.reshape(1), self.p)
+        inputs = torch.cat((grad_prep, loss_prep.expand(n, 2)), dim=1)
+        h, c = self.lstm(inputs, (h, c))
+        theta_col, grad_col = theta.unsqueeze(1), grad.unsqueeze(1)
+        f_next = torch.cat((h, theta_col, f_prev), dim=1) @ self.WF + self.bF
+        i_next = torch.cat((h, theta_col, i_prev), dim=1) @ self.WI + self.bI
+        theta_next = torch.sigmoid(f_next) * theta_col - torch.sigmoid(i_next) * grad_col
+        return theta_next.squeeze(1), (h, c, f_next, i_next)
+
+    def gradients_as_package(self) -> dict[str, torch.Tensor]:
+        """This rule's ``.grad`` laid out as :class:`MetaLearnerLSTM`'s parameters."""
+        return {"weight_ih": self.lstm.weight_ih.grad, "weight_hh": self.lstm.weight_hh.grad,
+                "bias": self.lstm.bias_ih.grad,
+                "meta_weight": torch.cat((self.WF.grad, self.WI.grad), dim=1).t(),
+                "meta_bias": torch.cat((self.bF.grad.view(1), self.bI.grad.view(1)))}
+
+
+def reference_query_loss(learner: nn.Module, rule: StraightforwardRule, episode, steps: int,
+                         loss_fn, first_order: bool = True) -> torch.Tensor:
+    """The straightforward inner loop: ``steps`` rule updates of the learner's flat parameters
+    on the support set (the learner's own weights are the learned init theta_0), then the
+    query loss, on the autograd tape back to theta_0 and the rule.
+
+    First order: each step's gradient is ``torch.autograd.grad`` of the support loss on a
+    detached flat copy of theta (gradient and loss are constants); second order: the gradient
+    of theta itself with ``create_graph=True``, and the loss on the tape. BatchNorm as in
+    meta-training: statistics reset, train mode (batch statistics) throughout.
+    """
+    names = [name for name, _ in learner.named_parameters()]
+    shapes = [p.shape for _, p in learner.named_parameters()]
+    sizes = [shape.numel() for shape in shapes]
+
+    def forward(flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        tensors = [piece.view(shape) for piece, shape in zip(flat.split(sizes), shapes)]
+        return torch.func.functional_call(learner, dict(zip(names, tensors)), (inputs,))
+
+    reset_batchnorm(learner)
+    learner.train()
+    theta = torch.cat([p.reshape(-1) for p in learner.parameters()])
+    state = None
+    for _ in range(steps):
+        if first_order:
+            flat = theta.detach().requires_grad_()
+            loss = loss_fn(forward(flat, episode.support_inputs), episode.support_targets)
+            (grad,) = torch.autograd.grad(loss, flat)
+            loss = loss.detach()
+        else:
+            loss = loss_fn(forward(theta, episode.support_inputs), episode.support_targets)
+            (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        theta, state = rule(grad, loss, theta, state)
+    return loss_fn(forward(theta, episode.query_inputs), episode.query_targets)
+
+
+class ReferenceTrainer:
+    """A meta-training step written the straightforward way, beside a :class:`MetaTrainer`.
+
+    Same learner (a copy of the trainer's, so the same learned init), same rule weights, same
+    episodes, same meta-batch, clip and Adam: only the implementation of the inner loop and of
+    the rule differs.
+    """
+
+    def __init__(self, trainer: MetaTrainer, first_order: bool) -> None:
+        self.trainer = trainer
+        self.first_order = first_order
+        self.learner = copy.deepcopy(trainer.learner)
+        self.rule = StraightforwardRule(trainer.rule)
+        self.meta_params = list(self.rule.parameters()) + list(self.learner.parameters())
+        self.adam = torch.optim.Adam(self.meta_params, lr=trainer.config.meta_lr)
+        self.step = 0
+
+    def meta_step(self) -> float:
+        """One meta-update over ``meta_batch`` episodes; returns the meta-loss."""
+        config, task = self.trainer.config, self.trainer.task
+        episodes = task.episodes("train")
+        self.adam.zero_grad(set_to_none=True)
+        total = 0.0
+        for slot in range(config.meta_batch):
+            episode = to_device(episodes.episode(self.step * config.meta_batch + slot),
+                                self.trainer.device)
+            loss = reference_query_loss(self.learner, self.rule, episode, config.inner_steps,
+                                        task.loss, self.first_order)
+            (loss / config.meta_batch).backward()
+            total += loss.item()
+        nn.utils.clip_grad_norm_(self.meta_params, config.grad_clip)
+        self.adam.step()
+        self.step += 1
+        return total / config.meta_batch
+
+
 # --- the parts ----------------------------------------------------------------------------------
 
 
@@ -186,6 +340,7 @@ class Parts:
         for p in self.meta_params:
             p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(device)
         self.loss = torch.tensor(1.6, device=device)
+        self.reference_rule = StraightforwardRule(self.rule)
 
     def learner_passes(self) -> None:
         """(a) T x forward/backward on the support set, then forward/backward on the query."""
@@ -245,6 +400,17 @@ class Parts:
         """(b0) as (bs), every operation recorded by autograd (the straightforward tape)."""
         self.update_on_tape(recompute=False, chain=False)
 
+    def update_reference_chain(self) -> None:
+        """(bref) as (b), with :class:`StraightforwardRule`: an ``nn.LSTMCell`` chain recorded
+        op by op by autograd (the reference's rule, first order: gradients are constants)."""
+        rule = self.reference_rule
+        theta = torch.cat([p.reshape(-1) for p in self.init])
+        flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
+        state = None
+        for _ in range(self.steps):
+            theta, state = rule(flat_grad, self.loss, theta, state)
+        theta.backward(flat_grad)
+
     def update_forward_only(self) -> None:
         """(b1) the forward half of (b): T updates recorded on the tape, no backward."""
         self.update_on_tape(backward=False)
@@ -265,10 +431,116 @@ class Parts:
         self.adam.step()
 
 
+# --- package against the straightforward reference ---------------------------------------------
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    """``"5w1s,20w5s"`` -> ``[(5, 1), (20, 5)]``."""
+    settings = []
+    for item in text.split(","):
+        ways, shots = item.strip().lower().rstrip("s").split("w")
+        settings.append((int(ways), int(shots)))
+    return settings
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
+    """Package against reference at one episode shape: whole meta-steps, then the rule alone."""
+    setting = argparse.Namespace(**{**vars(args), "ways": ways, "shots": shots})
+    fo = make_trainer(setting, True, run_root / f"{ways}w{shots}s")
+    steps = {"package, first order": fo.meta_step,
+             "reference, first order": ReferenceTrainer(fo, first_order=True).meta_step}
+    if not args.first_order_only:
+        so = make_trainer(setting, False, run_root / f"{ways}w{shots}s")
+        steps["package, second order"] = so.meta_step
+        steps["reference, second order"] = ReferenceTrainer(so, first_order=False).meta_step
+    parts = Parts(fo, args.steps)
+    rule_parts = {"rule: package chained replay (b)": parts.update_on_tape,
+                  "rule: package hand-written backward per step (bs)": parts.update_per_step,
+                  "rule: package recorded op by op (b0)": parts.update_recorded,
+                  "rule: reference LSTMCell chain": parts.update_reference_chain}
+    timed_fns = {**steps, **rule_parts}
+    for _ in range(args.warmup):
+        for fn in timed_fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in timed_fns}
+    for _ in range(args.rounds):  # interleaved: a changing load hits every column alike
+        for name, fn in timed_fns.items():
+            times[name].append(timed(fn, parts.device))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    ratios = {"first order": median["reference, first order"] / median["package, first order"]}
+    if not args.first_order_only:
+        ratios["second order"] = (median["reference, second order"]
+                                  / median["package, second order"])
+    fastest_rule = min(rule_parts, key=median.get)
+    print(f"\n## Omniglot {ways}-way {shots}-shot, T = {args.steps}, {args.filters} filters: "
+          f"{parts.rows:,} coordinates; {args.rounds} interleaved rounds after {args.warmup} "
+          f"warm-up; {load_average()}\n")
+    print("| measurement | ms (median) | all rounds, ms |")
+    print("|---|---|---|")
+    for name in timed_fns:
+        rounds = ", ".join(f"{t * 1e3:.0f}" for t in times[name])
+        print(f"| {name} | {median[name] * 1e3:.1f} | {rounds} |")
+    print()
+    targets = {"first order": TARGET_REFERENCE_SPEEDUP, "second order": TARGET_SECOND_ORDER}
+    verdicts = {}
+    for order, ratio in ratios.items():
+        verdicts[order] = ratio >= targets[order]
+        print(f"{verdict(verdicts[order])}: {ways}-way {shots}-shot {order}, package = "
+              f"{ratio:.2f}x as fast as the reference (target >= {targets[order]:g}x)")
+    print(f"fastest rule path at {parts.rows:,} coordinates: {fastest_rule} "
+          f"({median[fastest_rule] * 1e3:.1f} ms for T = {args.steps} steps + backward)")
+    return {"ways": ways, "shots": shots, "coordinates": parts.rows, "median_s": median,
+            "all_s": times, "speedups": ratios, "verdicts": verdicts,
+            "fastest_rule_path": fastest_rule, "load_average_end": os.getloadavg()}
+
+
+def compare_with_reference(args, argv) -> int:
+    """``--reference``: the package's meta-step against the straightforward one."""
+    threads = args.threads or usable_cores()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    print(f"# Package against the straightforward reference (benchmarks/meta_train.py)\n\n"
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device "
+          f"{args.device} ({device_name(torch.device(args.device))}); replay chunks of "
+          f"{policy.replay_chunk_bytes(torch.device(args.device)) / 2**20:g} MB; "
+          f"{'contended: one busy single-threaded process running; ' if args.contended else ''}"
+          f"{load_average()} (start)")
+    run_root = Path(tempfile.mkdtemp(prefix="meta_train_reference_"))
+    results = []
+    with busy_process(args.contended):
+        for ways, shots in parse_settings(args.settings):
+            results.append(compare_setting(args, ways, shots, run_root))
+    elapsed = time.perf_counter() - started
+    print(f"\n{load_average()} (end); run time {elapsed:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "setting": {"inner_steps": args.steps, "filters": args.filters,
+                        "meta_batch": args.meta_batch, "rounds": args.rounds,
+                        "threads": threads, "contended": args.contended,
+                        "device": args.device, "device_name": device_name(
+                            torch.device(args.device)),
+                        "replay_chunk_bytes": policy.replay_chunk_bytes(
+                            torch.device(args.device)),
+                        "command": " ".join(argv if argv is not None else sys.argv[1:])},
+            "results": results, "run_time_s": elapsed}, indent=2))
+    if args.markdown:
+        report = sys.stdout.text()
+        sys.stdout = sys.stdout.stream
+        Path(args.markdown).write_text(
+            f"Generated by `python benchmarks/meta_train.py "
+            f"{' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n{report}")
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
 def make_trainer(args, first_order: bool, run_root: Path) -> MetaTrainer:
+    """A :class:`MetaTrainer` on Omniglot with the benchmark's episode shape (no validation)."""
     config = MetaTrainConfig(
         task="omniglot", data_root=args.data_root, ways=args.ways, shots=args.shots,
         inner_steps=args.steps,
@@ -336,6 +608,17 @@ def main(argv=None) -> int:
     parser.add_argument("--replay-chunk-mb", type=float,
                         help="memory of one chunk of the first-order replay, on every device "
                              "(default: the package's per-device choice)")
+    parser.add_argument("--reference", action="store_true",
+                        help="time the package against the straightforward reference "
+                             "(issue 16) at --settings instead of the first/second-order report")
+    parser.add_argument("--settings", default="5w1s,20w5s",
+                        help="--reference: episode shapes, comma list of <ways>w<shots>s")
+    parser.add_argument("--first-order-only", action="store_true",
+                        help="--reference: skip the second-order comparison")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: 1; with --reference, the usable cores)")
+    parser.add_argument("--contended", action="store_true",
+                        help="run one busy single-threaded process of our own meanwhile")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--markdown", help="also write the printed report to this file")
     args = parser.parse_args(argv)
@@ -344,7 +627,15 @@ def main(argv=None) -> int:
     if args.replay_chunk_mb is not None:
         chunk_bytes = int(args.replay_chunk_mb * 2**20)
         policy.REPLAY_CHUNK_BYTES = policy.ACCELERATOR_REPLAY_CHUNK_BYTES = chunk_bytes
-    torch.set_num_threads(1)
+    if args.reference:
+        return compare_with_reference(args, argv)
+    with busy_process(args.contended):
+        return first_and_second_order(args, argv)
+
+
+def first_and_second_order(args, argv) -> int:
+    """The default report: first- against second-order meta-steps, and their parts."""
+    torch.set_num_threads(args.threads or 1)
     started = time.perf_counter()
     print(f"Setting: Omniglot {args.ways}-way {args.shots}-shot, T = {args.steps}, filters "
           f"{args.filters}, meta_batch {args.meta_batch}; torch {torch.__version__}, "

@@ -38,6 +38,8 @@ _CONFIG_OPTIONS = {
     "meta_batch": (int, "episodes per meta-update", None),
     "meta_steps": (int, "meta-updates to run", None),
     "meta_lr": (float, "Adam learning rate (default 1e-3)", None),
+    "rule_lr": (float, "Adam learning rate of the rule's weights (default: --meta-lr; sinusoid "
+                       "LSTM: 1e-2)", None),
     "grad_clip": (float, "global meta-gradient norm clip (default 0.25)", None),
     "hidden_size": (int, "meta-learner LSTM hidden size (default 20)", None),
     "gradient_scale": (float, "the rule reads RMS-scaled gradients, a step at most this "

@@ -24,8 +24,8 @@ METRICS_LOG = "metrics.jsonl"
 
 # Configuration fields a resumed run may change: how long and how fast it trains, how often it
 # validates and saves, and where it runs. Anything else would make a different run.
-RESUME_OVERRIDES = ("meta_lr", "grad_clip", "meta_steps", "max_time_s", "validate_every",
-                    "checkpoint_every", "device")
+RESUME_OVERRIDES = ("meta_lr", "rule_lr", "grad_clip", "meta_steps", "max_time_s",
+                    "validate_every", "checkpoint_every", "device")
 
 STATE_FORMAT = "learned_optim.training_state"
 STATE_VERSION = 1

@@ -142,7 +142,7 @@ class MetaTrainer:
         if not self.meta_params:
             raise ValueError("nothing to meta-train: MAML without a learned init has no "
                              "meta-parameters")
-        self.adam = torch.optim.Adam(self.meta_params, lr=config.meta_lr)
+        self.adam = torch.optim.Adam(self._param_groups(), lr=config.meta_lr)
         self.step = 0
         self.best: dict | None = None
         self.elapsed = 0.0
@@ -153,6 +153,17 @@ class MetaTrainer:
             distributed.on_main(self._start, "starting the run")
         # All ranks start from rank 0's weights (warm start and resume happen there only).
         distributed.broadcast_(self._module_tensors(), "sharing the initial weights")
+
+    def _param_groups(self) -> list[dict]:
+        """Adam's groups: one at meta_lr, or the rule's weights apart at ``rule_lr``."""
+        rule_lr = self.config.rule_lr
+        if rule_lr is None or self.rule is None:
+            return [{"params": self.meta_params}]
+        rule_params = list(self.rule.parameters())
+        rule_ids = {id(p) for p in rule_params}
+        groups = [{"params": rule_params, "lr": rule_lr}]
+        init = [p for p in self.meta_params if id(p) not in rule_ids]
+        return groups + ([{"params": init}] if init else [])
 
     def _start(self) -> None:
         if self.config.init_from:
@@ -213,11 +224,14 @@ class MetaTrainer:
     def _load_state(self) -> tuple[dict, dict | None]:
         # The configuration is compared before any tensor is loaded into this run's modules.
         _, overrides = self.folder.resume_record(self.config)
+        if None in overrides.get("rule_lr", {}).values():  # Adam's groups would differ
+            raise ValueError(f"cannot resume {self.folder.path}: rule_lr may change from one "
+                             f"number to another, not to or from none ({overrides['rule_lr']})")
         record = load_training_state(self.folder.state_path, modules=self._modules(),
                                      optimizer=self.adam)
         # Adam's loaded param groups carry the saved learning rate: the given one applies now.
-        for group in self.adam.param_groups:
-            group["lr"] = self.config.meta_lr
+        for group, given in zip(self.adam.param_groups, self._param_groups()):
+            group["lr"] = given.get("lr", self.config.meta_lr)
         self.folder.truncate_log(record["step"])
         if overrides:
             self.folder.log({"step": record["step"], "resumed_with_changes": overrides})
@@ -243,8 +257,9 @@ class MetaTrainer:
         failure = None
         stopped = (f"at meta-step {self.step + 1}: training stopped; the last good state is "
                    f"kept in {self.folder.state_path} (resume with a lower meta_lr or grad_clip: "
-                   f"the same command with --resume --meta-lr {config.meta_lr / 3:.3g}, or "
-                   "--grad-clip, added)")
+                   f"the same command with --resume --meta-lr {config.meta_lr / 3:.3g}"
+                   + ("" if config.rule_lr is None else f" --rule-lr {config.rule_lr / 3:.3g}")
+                   + ", or --grad-clip, added)")
         for slot in distributed.rank_slots(config.meta_batch):
             episode = to_device(episodes.episode(self.step * config.meta_batch + slot),
                                 self.device)

@@ -183,19 +183,48 @@ def test_resume_finds_the_same_folder_however_it_is_written(tmp_path, monkeypatc
 def test_resume_with_a_lower_meta_lr_and_grad_clip_applies_and_logs_them(tmp_path):
     run = str(tmp_path / "run")
     meta_train(MetaTrainConfig(meta_steps=2, run_dir=run, **FAST), progress=False)
-    trainer = MetaTrainer(MetaTrainConfig(meta_steps=4, run_dir=run, meta_lr=3e-4,
+    trainer = MetaTrainer(MetaTrainConfig(meta_steps=4, run_dir=run, meta_lr=3e-4, rule_lr=3e-3,
                                           grad_clip=0.1, **FAST), resume=True, progress=False)
-    assert [g["lr"] for g in trainer.adam.param_groups] == [3e-4]
+    # Adam's groups: the rule's weights (sinusoid default rule_lr 1e-2, now 3e-3), the init.
+    assert [g["lr"] for g in trainer.adam.param_groups] == [3e-3, 3e-4]
     assert trainer.step == 2
     trainer.run()
     changes = [e for e in read_log(run) if "resumed_with_changes" in e]
     assert changes == [{"step": 2, "resumed_with_changes": {
-        "meta_lr": {"saved": 1e-3, "given": 3e-4}, "grad_clip": {"saved": 0.25, "given": 0.1},
-        "meta_steps": {"saved": 2, "given": 4}}}]
+        "meta_lr": {"saved": 1e-3, "given": 3e-4}, "rule_lr": {"saved": 1e-2, "given": 3e-3},
+        "grad_clip": {"saved": 0.25, "given": 0.1}, "meta_steps": {"saved": 2, "given": 4}}}]
     # The saved state now carries the new values: resuming with them again changes nothing.
-    again = MetaTrainer(MetaTrainConfig(meta_steps=4, run_dir=run, meta_lr=3e-4, grad_clip=0.1,
-                                        **FAST), resume=True, progress=False)
-    assert again.step == 4 and [g["lr"] for g in again.adam.param_groups] == [3e-4]
+    again = MetaTrainer(MetaTrainConfig(meta_steps=4, run_dir=run, meta_lr=3e-4, rule_lr=3e-3,
+                                        grad_clip=0.1, **FAST), resume=True, progress=False)
+    assert again.step == 4 and [g["lr"] for g in again.adam.param_groups] == [3e-3, 3e-4]
+
+
+def test_the_rule_and_the_init_take_their_own_learning_rates(tmp_path):
+    """The sinusoid LSTM's rule learns at SINUSOID_RULE_LR, the init at meta_lr; elsewhere
+    (and for the baselines) one learning rate, one group, as before rule_lr existed."""
+    from learned_optim.config import SINUSOID_RULE_LR
+
+    assert MetaTrainConfig().resolved().rule_lr == SINUSOID_RULE_LR == 1e-2
+    assert MetaTrainConfig(method="maml").resolved().rule_lr is None
+    assert MetaTrainConfig(task="omniglot", data_root="x").resolved().rule_lr is None
+    trainer = MetaTrainer(MetaTrainConfig(meta_steps=1, run_dir=str(tmp_path / "lstm"), **FAST),
+                          progress=False)
+    rule, init = trainer.adam.param_groups
+    assert (rule["lr"], init["lr"]) == (1e-2, 1e-3)
+    assert len(rule["params"]) == len(list(trainer.rule.parameters())) == 5
+    assert len(init["params"]) == len(list(trainer.learner.parameters())) == 6
+    maml = MetaTrainer(MetaTrainConfig(method="maml", meta_steps=1,
+                                       run_dir=str(tmp_path / "maml"), **FAST), progress=False)
+    assert [g["lr"] for g in maml.adam.param_groups] == [1e-3]
+
+
+def test_resume_refuses_to_set_or_unset_rule_lr(tmp_path):
+    run = str(tmp_path / "run")
+    meta_train(MetaTrainConfig(method="metasgd", meta_steps=1, run_dir=run, **FAST),
+               progress=False)
+    with pytest.raises(ValueError, match=r"rule_lr may change from one number to another"):
+        MetaTrainer(MetaTrainConfig(method="metasgd", meta_steps=2, run_dir=run, rule_lr=2e-3,
+                                    **FAST), resume=True, progress=False)
 
 
 def test_resume_refuses_other_changes_naming_the_field(tmp_path):

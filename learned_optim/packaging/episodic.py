@@ -135,7 +135,10 @@ def card_markdown(name: str, record: dict) -> str:
           if record.get("preprocessing") else []),
         ("learner", card["learner"]),
         ("meta-learner", f"LSTM, hidden size {meta['hidden_size']}, p = {meta['p']}"),
-        ("training", f"Adam {config['meta_lr']}, clip {config['grad_clip']}, meta-batch "
+        ("training", f"Adam {config['meta_lr']}"
+                     + ("" if config.get("rule_lr") in (None, config["meta_lr"]) else
+                        f" (the rule's weights {config['rule_lr']})")
+                     + f", clip {config['grad_clip']}, meta-batch "
                      f"{config['meta_batch']}, {order} order"),
         ("trained", f"{card['meta_steps']} meta-steps, {card['episodes_trained']} episodes, "
                     f"{card['train_wall_time_s']} s on {card['hardware']}"),

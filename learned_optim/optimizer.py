@@ -743,6 +743,15 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
             params = self._fmodel.fast_params
         params = list(params)
         _loss_tensor(loss)  # validates shape and finiteness
+        # The learner's backward and the rule's update are many small kernels: on a CPU they
+        # run on the threads the policy chooses for the learner's size (one when small or when
+        # cores are busy; see learned_optim.rule.policy.chunk_loop_threads).
+        device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
+        with policy.threads_for_chunk_loop(device, sum(p.numel() for p in params)):
+            return self._step(loss, params, grad_callback)
+
+    def _step(self, loss: Tensor, params: list[Tensor], grad_callback) -> list[Tensor]:
+        """:meth:`step` once the parameters are known, under the policy's threads."""
         second_order = self._track_higher_grads and not self.first_order
         # Unused or frozen parameters: a dummy target keeps autograd.grad happy; grad is None.
         targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]

@@ -11,7 +11,8 @@ load hits every column alike), with the load average printed beside them:
 
 ``tanh``      torch's tanh against ``2 sigmoid(2x) - 1`` on ``[rows, 20]`` (the rule's two tanh).
 ``threads``   the in-place ``LSTMMetaOptimizer.step`` on ``rows`` coordinates, chunk loop on one
-              thread against torch's threads (the policy's ``chunk_loop_threads`` bypassed).
+              thread against one per usable core (at least 2; the policy's
+              ``chunk_loop_threads`` bypassed).
 ``tape``      T = 12 first-order steps on the autograd tape + one backward, by each path the
               policy may choose (``learned_optim.rule.policy.tape_path``): the anchored
               trajectory (replay), one recomputing node per step (hand-written backward), and
@@ -27,7 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from _shared import load_average  # sibling module: run as python benchmarks/rule_kernels.py
+from _shared import (  # sibling module: run as python benchmarks/rule_kernels.py
+    load_average,
+    usable_cores,
+)
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import policy
@@ -60,7 +64,7 @@ def step_threads(rows: int) -> dict:
     params[0].grad = torch.randn(rows) * 1e-3
     opt = LSTMMetaOptimizer(params, MetaLearnerLSTM())
     loss = torch.tensor(2.3)
-    threads = torch.get_num_threads()
+    threads = max(2, usable_cores())
 
     def with_threads(count: int):
         def run():

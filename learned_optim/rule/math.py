@@ -23,14 +23,15 @@ Derivatives, per row (``sigma' = s (1 - s)``, gates in the fused order i, f, o, 
     d h1    = d h1_out + d pre . M_h^T
     d c1    = d c1_out + d h1 * o * (1 - tanh(c1)^2)
     d z     = [d c1 * g~ * i', d c1 * c1_prev * f', d h1 * tanh(c1) * o', d c1 * i * (1 - g~^2) / 2]
-
-Both tanh are computed as ``tanh(x) = 2 sigmoid(2x) - 1`` (the same value to rounding): on the
-CPU torch's sigmoid is vectorised and its tanh is much slower (about 6x on the 2-core EPYC,
-``benchmarks/rule_kernels.py``). For the cell gate the factor 2 is folded
-into the step constants (the g columns of the layer-1 weights and bias are doubled), so one
-sigmoid covers all four gates; ``z`` above is then the doubled pre-activation, hence the ``/ 2``.
     d x     = d z . W^T                (x = [pre(g), h1_prev])
     d theta = d theta_t * F + d pre . m_theta,     d g = -d theta_t * I + d pre(g) . pre'(g)
+
+Both tanh are computed as ``tanh(x) = 2 sigmoid(2x) - 1`` (the same value to rounding): on the
+CPU torch's sigmoid is vectorised and its tanh is several times slower
+(``benchmarks/rule_kernels.py``, docs/results/rule_kernels.md). For the cell gate the factor 2
+is folded into the step constants (the g columns of the layer-1 weights and bias are doubled),
+so one sigmoid covers all four gates; ``z`` above is then the doubled pre-activation, hence
+the ``/ 2``.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ two nodes here keep far less, and the path is chosen once, by
   starts a new anchor every ``segment_steps`` steps, so no backward replays more than that.
 
 A double backward (``create_graph=True`` through the update itself) re-runs the recorded
-forward instead, so higher-order gradients stay exact. Chunk sizes come from
-:mod:`learned_optim.rule.policy`.
+forward instead, so higher-order gradients stay exact. Chunk sizes, the threads of the chunk
+loops and which of the paths (trajectory, recomputed step, or every operation recorded) a
+step of a given size takes come from :mod:`learned_optim.rule.policy`.
 """
 
 from __future__ import annotations

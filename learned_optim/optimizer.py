@@ -154,13 +154,19 @@ def _plan_chunks(
         yield first_row, segments
 
 
+def _device_for_threads(params: list[Tensor]) -> torch.device:
+    """The device whose thread policy a step follows: the CPU only if every parameter is
+    there (any parameter elsewhere leaves torch's threads alone)."""
+    return next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
+
+
 def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list[Tensor]) -> None:
     """Raise before any parameter changes if a gradient holds NaN or Inf."""
-    grads = {i: g for i, g in grads.items() if g.numel()}  # inf-norm of nothing is undefined
+    grads = {i: g for i, g in grads.items() if g.numel()}  # (min, max) of nothing is undefined
     if not grads or next(iter(grads.values())).device.type == "meta":
         return
     # Each gradient's (min, max): NaN propagates into both and an infinity shows in one. One
-    # vectorised pass, about 10x faster on the CPU than torch._foreach_norm(grads, inf).
+    # vectorised pass: at 55k parameters on the CPU about 10x faster than an inf-norm.
     extremes = torch.stack([torch.stack(torch.aminmax(g.reshape(-1))) for g in grads.values()])
     if bool(torch.isfinite(extremes).all()):
         return
@@ -562,9 +568,8 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         self._bucket_cache = {key: entry for key, entry in self._bucket_cache.items()
                               if all(id(p) in live for p in entry.params)}
         params = [p for group in self.param_groups for p in group["params"]]
-        # The thread policy is the CPU's: any parameter elsewhere leaves torch's threads alone.
-        device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
-        with policy.threads_for_chunk_loop(device, sum(p.numel() for p in params)):
+        with policy.threads_for_chunk_loop(_device_for_threads(params),
+                                           sum(p.numel() for p in params)):
             return self._step(weights, loss, closure_loss)
 
     def _step(self, weights, loss: Tensor | None, closure_loss: Any) -> Any:
@@ -746,8 +751,8 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         # The learner's backward and the rule's update are many small kernels: on a CPU they
         # run on the threads the policy chooses for the learner's size (one when small or when
         # cores are busy; see learned_optim.rule.policy.chunk_loop_threads).
-        device = next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
-        with policy.threads_for_chunk_loop(device, sum(p.numel() for p in params)):
+        with policy.threads_for_chunk_loop(_device_for_threads(params),
+                                           sum(p.numel() for p in params)):
             return self._step(loss, params, grad_callback)
 
     def _step(self, loss: Tensor, params: list[Tensor], grad_callback) -> list[Tensor]:

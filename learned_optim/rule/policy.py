@@ -123,8 +123,8 @@ def replay_chunk_rows(device: torch.device, rows: int, steps: int, bytes_per_row
 
 # Threads of the CPU chunk loops (the in-place step, the tape's forward, backward and replay).
 # A chunk runs about 25 kernels, each one OpenMP parallel region whose threads all wait for the
-# slowest: on the 2-core EPYC with one other busy process, a 55k-parameter step took 1,185 ms
-# with 2 threads and 43 ms with one (docs/results/step_cpu.md). So a loop runs on one thread
+# slowest: on the shared 2-core EPYC (load average about 5), a 55k-parameter step took 1,572 ms
+# with 2 threads and 46 ms with one (docs/results/step_cpu.md). So a loop runs on one thread
 # below this many rows (where the split gains little) and whenever fewer cores are free than
 # torch's threads; above it, on an idle machine, it keeps torch's threads.
 PARALLEL_MIN_ROWS = 2**18

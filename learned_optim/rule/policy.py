@@ -197,10 +197,11 @@ def threads_for_chunk_loop(device: torch.device, rows: int) -> Iterator[None]:
 TAPE_PATHS = ("trajectory", "recomputed", "recorded")
 # At most this many rows, a CPU running torch on one thread records the rule op by op. Off
 # (0): measured on the 2-core EPYC, one thread, T = 12 + backward (benchmarks/rule_kernels.py,
-# docs/results/rule_kernels.md), recording wins only at small sizes (1.4x faster at 5,000 rows)
-# and loses at the meta-learners' sizes (1.25x slower at 29,000); and its backward runs later,
-# on the caller's threads, out of this policy's reach: with 2 threads on busy cores it took
-# 11.5x the trajectory at 29,000 rows. A caller that knows its threads stay at one may raise it.
+# docs/results/rule_kernels.md), recording wins only at small sizes (1.2x faster at 5,000 rows)
+# and loses at the meta-learners' sizes (2x slower at 29,000); and its backward runs later, on
+# the caller's threads, out of this policy's reach: with 2 threads on busy cores it took 12x
+# the trajectory at 28,485 rows (docs/results/meta_train_reference.md, (b0) against (b)). A
+# caller that knows its threads stay at one may raise it.
 RECORDED_MAX_ROWS = 0
 
 

@@ -154,16 +154,24 @@ def _plan_chunks(
         yield first_row, segments
 
 
+def _device_for_threads(params: list[Tensor]) -> torch.device:
+    """The device whose thread policy a step follows: the CPU only if every parameter is
+    there (any parameter elsewhere leaves torch's threads alone)."""
+    return next((p.device for p in params if p.device.type != "cpu"), torch.device("cpu"))
+
+
 def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list[Tensor]) -> None:
     """Raise before any parameter changes if a gradient holds NaN or Inf."""
-    grads = {i: g for i, g in grads.items() if g.numel()}  # inf-norm of nothing is undefined
+    grads = {i: g for i, g in grads.items() if g.numel()}  # (min, max) of nothing is undefined
     if not grads or next(iter(grads.values())).device.type == "meta":
         return
-    peaks = torch.stack(torch._foreach_norm(list(grads.values()), math.inf))
-    if bool(torch.isfinite(peaks).all()):
+    # Each gradient's (min, max): NaN propagates into both and an infinity shows in one. One
+    # vectorised pass: at 55k parameters on the CPU about 10x faster than an inf-norm.
+    extremes = torch.stack([torch.stack(torch.aminmax(g.reshape(-1))) for g in grads.values()])
+    if bool(torch.isfinite(extremes).all()):
         return
-    for (index, _), peak in zip(grads.items(), peaks):
-        if not math.isfinite(peak.item()):
+    for (index, _), pair in zip(grads.items(), extremes):
+        if not bool(torch.isfinite(pair).all()):
             raise FloatingPointError(
                 f"the gradient of parameter {index} of param group {group_index} "
                 f"(shape {tuple(params[index].shape)}) contains NaN or Inf: parameters were "
@@ -559,6 +567,13 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         live = {id(p) for group in self.param_groups for p in group["params"]}
         self._bucket_cache = {key: entry for key, entry in self._bucket_cache.items()
                               if all(id(p) in live for p in entry.params)}
+        params = [p for group in self.param_groups for p in group["params"]]
+        with policy.threads_for_chunk_loop(_device_for_threads(params),
+                                           sum(p.numel() for p in params)):
+            return self._step(weights, loss, closure_loss)
+
+    def _step(self, weights, loss: Tensor | None, closure_loss: Any) -> Any:
+        """:meth:`step` after the loss is known, under the threads the policy chose."""
         work = []
         # Validate everything before touching any parameter.
         for group_index, group in enumerate(self.param_groups):
@@ -733,6 +748,15 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
             params = self._fmodel.fast_params
         params = list(params)
         _loss_tensor(loss)  # validates shape and finiteness
+        # The learner's backward and the rule's update are many small kernels: on a CPU they
+        # run on the threads the policy chooses for the learner's size (one when small or when
+        # cores are busy; see learned_optim.rule.policy.chunk_loop_threads).
+        with policy.threads_for_chunk_loop(_device_for_threads(params),
+                                           sum(p.numel() for p in params)):
+            return self._step(loss, params, grad_callback)
+
+    def _step(self, loss: Tensor, params: list[Tensor], grad_callback) -> list[Tensor]:
+        """:meth:`step` once the parameters are known, under the policy's threads."""
         second_order = self._track_higher_grads and not self.first_order
         # Unused or frozen parameters: a dummy target keeps autograd.grad happy; grad is None.
         targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]

@@ -25,3 +25,48 @@ def test_replay_chunks_fit_the_budget_within_bounds(monkeypatch):
 def test_the_sizes_are_read_at_call_time(monkeypatch):
     monkeypatch.setattr(policy, "FORWARD_CHUNK_ROWS", 16)
     assert policy.forward_chunk_rows(CPU) == 16
+
+
+def test_small_loops_on_a_cpu_run_on_one_thread_and_others_keep_torch_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(policy, "busy_cores", lambda: 0)
+    monkeypatch.setattr(policy, "_usable_cores", lambda: 2)
+    assert policy.chunk_loop_threads(CPU, policy.PARALLEL_MIN_ROWS - 1) == 1
+    assert policy.chunk_loop_threads(CPU, policy.PARALLEL_MIN_ROWS) is None  # idle: 2 threads
+    assert policy.chunk_loop_threads(CUDA, 10) is None  # threads are the CPU's concern
+
+
+def test_a_large_loop_runs_on_one_thread_when_fewer_cores_are_free_than_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(policy, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(policy, "busy_cores", lambda: 1)  # one other busy process
+    assert policy.chunk_loop_threads(CPU, 10**6) == 1
+
+
+def test_the_thread_limit_is_restored_after_the_loop():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with policy.threads_for_chunk_loop(CPU, 100):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tape_path_records_op_by_op_only_below_the_threshold_on_one_cpu_thread(monkeypatch):
+    monkeypatch.setattr(policy, "RECORDED_MAX_ROWS", 4096)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert policy.tape_path(CPU, 4096, first_order=True) == "recorded"
+    assert policy.tape_path(CPU, 4097, first_order=True) == "trajectory"
+    assert policy.tape_path(CPU, 4097, first_order=False) == "recomputed"
+    assert policy.tape_path(CUDA, 10, first_order=True) == "trajectory"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # its backward is out of reach
+    assert policy.tape_path(CPU, 10, first_order=True) == "trajectory"
+
+
+def test_the_default_keeps_the_hand_written_paths_at_every_size():
+    assert policy.RECORDED_MAX_ROWS == 0
+    for rows in (1, 5000, 10**6):
+        assert policy.tape_path(CPU, rows, first_order=True) == "trajectory"
+        assert policy.tape_path(CPU, rows, first_order=False) == "recomputed"

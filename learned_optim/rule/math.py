@@ -22,9 +22,16 @@ Derivatives, per row (``sigma' = s (1 - s)``, gates in the fused order i, f, o, 
     d pre   = d pre_out + [d theta_t * theta, -d theta_t * g] * sigma'(pre)
     d h1    = d h1_out + d pre . M_h^T
     d c1    = d c1_out + d h1 * o * (1 - tanh(c1)^2)
-    d z     = [d c1 * g~ * i', d c1 * c1_prev * f', d h1 * tanh(c1) * o', d c1 * i * (1 - g~^2)]
+    d z     = [d c1 * g~ * i', d c1 * c1_prev * f', d h1 * tanh(c1) * o', d c1 * i * (1 - g~^2) / 2]
     d x     = d z . W^T                (x = [pre(g), h1_prev])
     d theta = d theta_t * F + d pre . m_theta,     d g = -d theta_t * I + d pre(g) . pre'(g)
+
+Both tanh are computed as ``tanh(x) = 2 sigmoid(2x) - 1`` (the same value to rounding): on the
+CPU torch's sigmoid is vectorised and its tanh is several times slower
+(``benchmarks/rule_kernels.py``, docs/results/rule_kernels.md). For the cell gate the factor 2
+is folded into the step constants (the g columns of the layer-1 weights and bias are doubled),
+so one sigmoid covers all four gates; ``z`` above is then the doubled pre-activation, hence
+the ``/ 2``.
 """
 
 from __future__ import annotations
@@ -75,8 +82,8 @@ class MetaWeights(NamedTuple):
 class StepConstants(NamedTuple):
     """What one step shares across coordinates, computed once by :func:`prepare_step`."""
 
-    input_weight: Tensor  # [2 + H, 4H]: gradient features and h1 -> gates (i, f, o, g)
-    gate_bias: Tensor  # [4H]: bias plus the loss features' contribution, gates (i, f, o, g)
+    input_weight: Tensor  # [2 + H, 4H]: gradient features and h1 -> gates (i, f, o, 2 g)
+    gate_bias: Tensor  # [4H]: bias plus the loss features' contribution, gates (i, f, o, 2 g)
     meta_weight_h: Tensor  # [H, 2]: h1 -> (f_pre, i_pre)
     meta_weight_theta: Tensor  # [2]
     meta_weight_prev: Tensor  # [2]
@@ -126,7 +133,9 @@ def prepare_step(
 
     The loss is the same for every coordinate, so its two input features enter layer 1 as a
     bias; the gradient features and h1 share one fused matrix product. The gate columns of
-    that product are reordered to (i, f, o, g), so the three sigmoid gates are adjacent.
+    that product are reordered to (i, f, o, g), so the three sigmoid gates are adjacent, and
+    the g columns are doubled: ``tanh(g) = 2 sigmoid(2 g) - 1`` then comes from the same
+    sigmoid as the other gates.
 
     ``loss=None`` means "no loss input": both loss features are zero, a pair that no real loss
     produces (``log|L| / p = 0`` needs ``|L| = 1``, whose sign feature is 1). Rules meta-trained
@@ -137,8 +146,9 @@ def prepare_step(
     def cast(tensor: Tensor) -> Tensor:  # differentiable: meta-gradients flow back through it
         return tensor.to(dtype=dtype, device=device)
 
-    def sigmoid_gates_first(rows: Tensor) -> Tensor:  # PyTorch's (i, f, g, o) -> (i, f, o, g)
-        return torch.cat((rows[: 2 * hidden], rows[3 * hidden :], rows[2 * hidden : 3 * hidden]))
+    def sigmoid_gates_first(rows: Tensor) -> Tensor:  # PyTorch's (i, f, g, o) -> (i, f, o, 2g)
+        return torch.cat((rows[: 2 * hidden], rows[3 * hidden :],
+                          2 * rows[2 * hidden : 3 * hidden]))
 
     weight_ih = cast(weights.weight_ih)
     if loss is None:
@@ -159,9 +169,19 @@ def prepare_step(
     )
 
 
-def _contiguous(tensor: Tensor, out: Tensor | None) -> Tensor:
-    """A contiguous copy of ``tensor`` (into ``out`` if given), on the autograd tape if not."""
-    return tensor.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(tensor)
+def _tanh_from_sigmoid(sigmoid_of_double: Tensor, out: Tensor | None) -> Tensor:
+    """``tanh(x) = 2 sigmoid(2x) - 1`` from ``sigmoid(2x)``, contiguous (into ``out`` if given,
+    else on the autograd tape)."""
+    if out is None:
+        return sigmoid_of_double * 2 - 1
+    return torch.mul(sigmoid_of_double, 2, out=out).sub_(1)
+
+
+def _tanh(x: Tensor, out: Tensor | None) -> Tensor:
+    """``tanh(x)`` as ``2 sigmoid(2x) - 1`` (module doc), into ``out`` if given."""
+    if out is None:
+        return torch.sigmoid(x * 2) * 2 - 1
+    return torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1)
 
 
 def row_scratch(
@@ -228,16 +248,16 @@ def update_rows(
                              out=buffer("layer1_input"))
     gates = torch.addmm(constants.gate_bias, layer1_input, constants.input_weight,
                         out=buffer("gates"))
-    # Elementwise kernels vectorise only over contiguous runs: tanh on a contiguous copy of
-    # the g columns, then one sigmoid over the whole product, in place (neither addmm nor the
-    # copy saves it for backward; the g columns it also covers are not used afterwards), are
-    # much faster than strided tanh and sigmoids on [n, H] slices.
-    cell_gate = _contiguous(gates[:, 3 * hidden :], out=buffer("cell_gate")).tanh_()
+    # One sigmoid over the whole product, in place (addmm saves nothing for backward), then
+    # tanh(g) = 2 sigmoid(2g) - 1 into a contiguous block (the g columns are doubled by
+    # prepare_step): elementwise kernels vectorise only over contiguous runs, and torch's
+    # sigmoid is much faster than its tanh on the CPU.
     gates = gates.sigmoid_()
+    cell_gate = _tanh_from_sigmoid(gates[:, 3 * hidden :], out=buffer("cell_gate"))
     in_gate, forget_gate, out_gate = gates[:, : 3 * hidden].split(hidden, dim=1)
     c1 = torch.mul(forget_gate, c1, out=buffer("c1"))
     c1 = torch.addcmul(c1, in_gate, cell_gate, out=buffer("c1"))
-    h1 = torch.mul(out_gate, torch.tanh(c1, out=buffer("tanh_c1")), out=buffer("h1"))
+    h1 = torch.mul(out_gate, _tanh(c1, out=buffer("tanh_c1")), out=buffer("h1"))
     # Layer 2, both gates at once, transposed: rows (f_pre, i_pre) of [2, n], so that the
     # product has a long output dimension and every later operand is contiguous.
     gate_pre = torch.addmm(constants.meta_bias.unsqueeze(1), constants.meta_weight_h.t(), h1.t())
@@ -271,7 +291,7 @@ def update_rows_chunked(
     chunk = max(1, min(rows, policy.forward_chunk_rows(state.device)))
     scratch = row_scratch(chunk, constants.meta_weight_h.shape[0], dtype=state.dtype,
                           device=state.device)
-    with torch.no_grad():
+    with torch.no_grad(), policy.threads_for_chunk_loop(state.device, rows):
         for start in range(0, rows, chunk):
             piece = slice(start, start + chunk)
             new_param[piece], _ = update_rows(constants, state[piece], grad[piece],
@@ -401,7 +421,8 @@ def rows_backward(constants, hidden, scratch, n, state, grad, param, new_state, 
     # sigmoid' = s (1 - s) on the three sigmoid blocks at once, tanh' = 1 - g~^2 on the last.
     sig = gates[:, : 3 * hidden]
     dz[:, : 3 * hidden].mul_(sig - sig * sig)
-    torch.mul(d_c1, in_gate, out=dz_g).mul_(1 - cell_gate * cell_gate)
+    # The g columns are doubled (prepare_step): d/dz of tanh(z / 2) is (1 - g~^2) / 2.
+    torch.mul(d_c1, in_gate, out=dz_g).mul_(0.5 - 0.5 * cell_gate * cell_gate)
 
     d_state_rows = d_grad_rows = d_param_rows = None
     if needs_state or needs_grad:

@@ -11,6 +11,10 @@ this module (``policy.REPLAY_CHUNK_BYTES = ...``) to choose another point of the
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
 __all__ = [
@@ -22,11 +26,18 @@ __all__ = [
     "ACCELERATOR_REPLAY_CHUNK_BYTES",
     "MIN_REPLAY_CHUNK_ROWS",
     "SEGMENT_STEPS",
+    "PARALLEL_MIN_ROWS",
+    "RECORDED_MAX_ROWS",
+    "TAPE_PATHS",
     "backward_chunk_rows",
+    "busy_cores",
+    "chunk_loop_threads",
     "forward_chunk_rows",
     "replay_chunk_bytes",
     "replay_chunk_rows",
     "step_chunk_rows",
+    "tape_path",
+    "threads_for_chunk_loop",
 ]
 
 # Rows per call of the chunked forward: its scratch (182 floats a row at H = 20) stays in cache.
@@ -108,3 +119,101 @@ def replay_chunk_rows(device: torch.device, rows: int, steps: int, bytes_per_row
     """
     budget = replay_chunk_bytes(device)
     return min(rows, max(MIN_REPLAY_CHUNK_ROWS, budget // (bytes_per_row_step * steps)))
+
+
+# Threads of the CPU chunk loops (the in-place step, the tape's forward, backward and replay).
+# A chunk runs about 25 kernels, each one OpenMP parallel region whose threads all wait for the
+# slowest: on the shared 2-core EPYC (load average about 5), a 55k-parameter step took 1,572 ms
+# with 2 threads and 46 ms with one (docs/results/step_cpu.md). So a loop runs on one thread
+# below this many rows (where the split gains little) and whenever fewer cores are free than
+# torch's threads; above it, on an idle machine, it keeps torch's threads.
+PARALLEL_MIN_ROWS = 2**18
+
+
+def busy_cores() -> int:
+    """Runnable threads on the machine besides the caller (``/proc/loadavg``'s running count,
+    an instantaneous sample); 0 where the count is unavailable.
+
+    >>> busy_cores() >= 0
+    True
+    """
+    try:
+        with open("/proc/loadavg") as handle:
+            running = int(handle.read().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return max(0, running - 1)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def chunk_loop_threads(device: torch.device, rows: int) -> int | None:
+    """Torch threads for a chunked loop over ``rows`` rows on ``device``: 1 on a CPU for small
+    loops or when fewer cores are free than threads; ``None`` (leave torch's setting) otherwise.
+
+    >>> chunk_loop_threads(torch.device("cpu"), 1000) in (1, None)  # None if 1 thread anyway
+    True
+    >>> chunk_loop_threads(torch.device("cuda"), 10**8) is None
+    True
+    """
+    if not _on_cpu(device) or torch.get_num_threads() == 1:
+        return None
+    if rows < PARALLEL_MIN_ROWS:
+        return 1
+    free = _usable_cores() - busy_cores()
+    return 1 if free < torch.get_num_threads() else None
+
+
+@contextlib.contextmanager
+def threads_for_chunk_loop(device: torch.device, rows: int) -> Iterator[None]:
+    """Run the block with :func:`chunk_loop_threads`' threads, restoring torch's afterwards.
+
+    >>> before = torch.get_num_threads()
+    >>> with threads_for_chunk_loop(torch.device("cpu"), 10):
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    threads = chunk_loop_threads(device, rows)
+    if threads is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+# The paths a step may take on the autograd tape (learned_optim.rule.tape): the anchored
+# first-order trajectory (replayed chunk by chunk), one node per step with the hand-written
+# backward (recomputed), and every operation recorded by autograd.
+TAPE_PATHS = ("trajectory", "recomputed", "recorded")
+# At most this many rows, a CPU running torch on one thread records the rule op by op. Off
+# (0): measured on the 2-core EPYC, one thread, T = 12 + backward (benchmarks/rule_kernels.py,
+# docs/results/rule_kernels.md), recording wins only at small sizes (1.2x faster at 5,000 rows)
+# and loses at the meta-learners' sizes (2x slower at 29,000); and its backward runs later, on
+# the caller's threads, out of this policy's reach: with 2 threads on busy cores it took 12x
+# the trajectory at 28,485 rows (docs/results/meta_train_reference.md, (b0) against (b)). A
+# caller that knows its threads stay at one may raise it.
+RECORDED_MAX_ROWS = 0
+
+
+def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
+    """The fastest path for ``rows`` rows on ``device`` (one of :data:`TAPE_PATHS`).
+
+    ``first_order``: the step's gradient and loss are constants, so it may join a trajectory.
+
+    >>> gpu = torch.device("cuda")
+    >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 30_000, first_order=False)
+    ('trajectory', 'recomputed')
+    """
+    if _on_cpu(device) and rows <= RECORDED_MAX_ROWS and torch.get_num_threads() == 1:
+        return "recorded"
+    return "trajectory" if first_order else "recomputed"

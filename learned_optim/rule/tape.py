@@ -23,8 +23,9 @@ two nodes here keep far less, and the path is chosen once, by
   starts a new anchor every ``segment_steps`` steps, so no backward replays more than that.
 
 A double backward (``create_graph=True`` through the update itself) re-runs the recorded
-forward instead, so higher-order gradients stay exact. Chunk sizes come from
-:mod:`learned_optim.rule.policy`.
+forward instead, so higher-order gradients stay exact. Chunk sizes, the threads of the chunk
+loops and which of the paths (trajectory, recomputed step, or every operation recorded) a
+step of a given size takes come from :mod:`learned_optim.rule.policy`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def on_tape(constants: StepConstants, *tensors: Tensor) -> bool:
 
 def trajectory_applies(grad: Tensor, loss: Tensor | None) -> bool:
     """Whether a step may join a first-order :class:`RuleTrajectory`: on a tape, with the
-    gradient and the loss constants, so that only the last parameters need the tape.
+    gradient and the loss constants, so that only the last parameters need the tape, and the
+    trajectory is the policy's path for its size (:func:`learned_optim.rule.policy.tape_path`).
 
     >>> trajectory_applies(torch.ones(3), torch.tensor(1.0))
     True
@@ -72,19 +74,22 @@ def trajectory_applies(grad: Tensor, loss: Tensor | None) -> bool:
     False
     """
     return (torch.is_grad_enabled() and not grad.requires_grad
-            and not (loss is not None and loss.requires_grad))
+            and not (loss is not None and loss.requires_grad)
+            and policy.tape_path(grad.device, grad.shape[0], first_order=True) == "trajectory")
 
 
 def update_rows_differentiable(
     constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor, *,
-    recompute: bool = True,
+    recompute: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`~learned_optim.rule.math.update_rows`, the path chosen once for the tape.
 
     Off the tape (grad mode off, or nothing requires grad) the kernel runs as is. On it,
     ``recompute=True`` records the step as one node that saves only its inputs
     (:func:`update_rows_recomputed`: about 5x less tape memory and a faster backward);
-    ``recompute=False`` records every operation instead. Same gradients.
+    ``recompute=False`` records every operation instead; ``None`` (default) takes the
+    policy's choice for the size (:func:`learned_optim.rule.policy.tape_path`). Same
+    gradients.
 
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step
@@ -94,6 +99,8 @@ def update_rows_differentiable(
     >>> theta.grad_fn.name()
     '_UpdateRowsBackward'
     """
+    if recompute is None:
+        recompute = policy.tape_path(grad.device, grad.shape[0], first_order=False) != "recorded"
     if recompute and on_tape(constants, state, grad, param):
         return update_rows_recomputed(constants, state, grad, param)
     return update_rows(constants, state, grad, param)
@@ -117,8 +124,9 @@ class _UpdateRows(torch.autograd.Function):
             return (None, *_recorded_backward(ctx.p, state, grad, param, constant_tensors,
                                               d_param_out, d_state_out, needs))
         constants = StepConstants(*constant_tensors, p=ctx.p)
-        return (None, *_chunked_backward(constants, state, grad, param, d_param_out,
-                                         d_state_out, needs))
+        with policy.threads_for_chunk_loop(state.device, state.shape[0]):
+            return (None, *_chunked_backward(constants, state, grad, param, d_param_out,
+                                             d_state_out, needs))
 
 
 def update_rows_recomputed(
@@ -284,9 +292,10 @@ class _TrajectoryStep(torch.autograd.Function):
                 ctx.p, anchor_state, anchor_param, grads, flat, d_param_out, d_state_out,
                 need_anchor, need_constants)
         else:
-            d_anchor, d_constants = _chunked_replay(
-                ctx.p, anchor_state, anchor_param, grads, flat, d_param_out, d_state_out,
-                need_anchor, need_constants)
+            with policy.threads_for_chunk_loop(anchor_param.device, anchor_param.shape[0]):
+                d_anchor, d_constants = _chunked_replay(
+                    ctx.p, anchor_state, anchor_param, grads, flat, d_param_out, d_state_out,
+                    need_anchor, need_constants)
         return (None, None, None, None, *d_anchor, *(None,) * steps, *d_constants)
 
 

@@ -31,13 +31,6 @@ def quiet_stderr():
         os.close(saved)
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask), else the machine's count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 # The busy process of --contended: a single-threaded torch loop that stops on its own when its
 # parent is gone (so that it never outlives a killed benchmark).
 _BUSY_LOOP = """

@@ -80,7 +80,6 @@ from _shared import (  # noqa: E402 (sibling module)
     busy_process,
     load_average,
     quiet_stderr,
-    usable_cores,
 )
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -510,7 +509,7 @@ def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
 
 def compare_with_reference(args, argv) -> int:
     """``--reference``: the package's meta-step against the straightforward one."""
-    threads = args.threads or usable_cores()
+    threads = args.threads or policy.usable_cores()
     torch.set_num_threads(threads)
     started = time.perf_counter()
     print(f"# Package against the straightforward reference (benchmarks/meta_train.py)\n\n"

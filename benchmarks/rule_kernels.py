@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from _shared import (  # sibling module: run as python benchmarks/rule_kernels.py
     load_average,
-    usable_cores,
 )
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
@@ -64,7 +63,7 @@ def step_threads(rows: int) -> dict:
     params[0].grad = torch.randn(rows) * 1e-3
     opt = LSTMMetaOptimizer(params, MetaLearnerLSTM())
     loss = torch.tensor(2.3)
-    threads = max(2, usable_cores())
+    threads = max(2, policy.usable_cores())
 
     def with_threads(count: int):
         def run():

@@ -71,12 +71,12 @@ from _shared import (  # sibling module: run as python benchmarks/step.py
     busy_process,
     load_average,
     quiet_stderr,
-    usable_cores,
 )
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim.rule import policy
 
 HIDDEN = 20
 P = 10.0
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    cores = usable_cores()
+    cores = policy.usable_cores()
     torch.set_num_threads(args.threads or cores)
     if args.worker is not None:
         result = measure_size(args.worker, args.quick, args.chunk_size, args.check)

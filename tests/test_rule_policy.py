@@ -30,7 +30,7 @@ def test_the_sizes_are_read_at_call_time(monkeypatch):
 def test_small_loops_on_a_cpu_run_on_one_thread_and_others_keep_torch_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(policy, "busy_cores", lambda: 0)
-    monkeypatch.setattr(policy, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(policy, "usable_cores", lambda: 2)
     assert policy.chunk_loop_threads(CPU, policy.PARALLEL_MIN_ROWS - 1) == 1
     assert policy.chunk_loop_threads(CPU, policy.PARALLEL_MIN_ROWS) is None  # idle: 2 threads
     assert policy.chunk_loop_threads(CUDA, 10) is None  # threads are the CPU's concern
@@ -38,7 +38,7 @@ def test_small_loops_on_a_cpu_run_on_one_thread_and_others_keep_torch_threads(mo
 
 def test_a_large_loop_runs_on_one_thread_when_fewer_cores_are_free_than_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(policy, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(policy, "usable_cores", lambda: 2)
     monkeypatch.setattr(policy, "busy_cores", lambda: 1)  # one other busy process
     assert policy.chunk_loop_threads(CPU, 10**6) == 1
 

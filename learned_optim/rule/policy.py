@@ -38,6 +38,7 @@ __all__ = [
     "step_chunk_rows",
     "tape_path",
     "threads_for_chunk_loop",
+    "usable_cores",
 ]
 
 # Rows per call of the chunked forward: its scratch (182 floats a row at H = 20) stays in cache.
@@ -145,7 +146,12 @@ def busy_cores() -> int:
     return max(0, running - 1)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), else the machine's count.
+
+    >>> usable_cores() >= 1
+    True
+    """
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -164,7 +170,7 @@ def chunk_loop_threads(device: torch.device, rows: int) -> int | None:
         return None
     if rows < PARALLEL_MIN_ROWS:
         return 1
-    free = _usable_cores() - busy_cores()
+    free = usable_cores() - busy_cores()
     return 1 if free < torch.get_num_threads() else None
 
 

@@ -67,13 +67,14 @@ def main(argv=None) -> int:
     problems = ProblemDistribution("val", data_root=args.data_root,
                                    horizon=(args.horizon, args.horizon), loss_dropout=1.0,
                                    seed=args.seed, kinds={"omniglot_minibatch": 1.0})
+    rule = load_update_rule(args.rule)  # read once: stepping never changes the rule's weights
     started = time.perf_counter()
     scores = {str(lr): [] for lr in rates}
     names = []
     for index in range(args.problems):
         for lr in rates:
             problem = problems.problem(index)  # a fresh learner for every setting
-            scores[str(lr)].append(run(problem, load_update_rule(args.rule), lr))
+            scores[str(lr)].append(run(problem, rule, lr))
             print(f"{index} {problem.name}: lr {lr:g}: {scores[str(lr)][-1]:.3f}", flush=True)
         names.append(problem.name)
     means = {lr: sum(v) / len(v) for lr, v in scores.items()}

@@ -5,8 +5,10 @@ rule's update scaled down reaches tuned Adam where the unscaled rule does not. T
 the same question of the training distribution, on data the evaluation never uses: long
 minibatch problems of the general task distribution's *validation* stream (Omniglot background
 alphabets, fresh learners), trained through plain ``opt.step()`` with the rule's update scaled
-by each ``--lr``, scored by the log of the mean held-out loss over the last 100 steps (lower is
-better). Run from the repository root::
+by each ``--lr`` (a constant, or ``isqrt:TAU``: the schedule of
+``MetaLearnerLSTM(step_decay=TAU)``), scored over the last 100 steps by the log of the mean
+held-out loss (lower is better) and by the held-out accuracy (higher is better). Run from the
+repository root::
 
     python benchmarks/step_size.py --rule general --lr 1.0,0.3 --horizon 1000 --problems 6
 
@@ -21,6 +23,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,11 +37,39 @@ SCORED_STEPS = 100  # the held-out loss is averaged over this many last steps
 SCORE_EVERY = 10
 
 
-def run(problem, rule, lr: float) -> float:
-    """Train ``problem`` through the rule; the log of its mean held-out loss at the end."""
-    opt = LSTMMetaOptimizer(problem.model.parameters(), rule, lr=lr)
-    losses = []
+def multiplier(spec: str) -> Callable[[int], float]:
+    """The rule's update multiplier at step ``t`` (1-based) for a setting of ``--lr``: a number
+    (constant) or ``isqrt:TAU``, ``min(1, sqrt(TAU / t))`` (unchanged for TAU steps, then
+    inverse-square-root decay).
+
+    >>> multiplier("0.3")(500), multiplier("isqrt:100")(50), multiplier("isqrt:100")(400)
+    (0.3, 1.0, 0.5)
+    """
+    if spec.startswith("isqrt:"):
+        tau = float(spec.split(":", 1)[1])
+        if not tau > 0:
+            raise ValueError(f"--lr {spec!r}: TAU must be positive")
+        return lambda t: min(1.0, math.sqrt(tau / t))
+    value = float(spec)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"--lr {spec!r}: a multiplier must be a finite number >= 0")
+    return lambda t: value
+
+
+def setting_key(spec: str) -> str:
+    """The JSON key of a setting: constants as floats ("1" -> "1.0"), schedules as given."""
+    return spec if spec.startswith("isqrt:") else str(float(spec))
+
+
+def run(problem, rule, spec: str) -> tuple[float, float]:
+    """Train ``problem`` through the rule with the update multiplier of ``spec``; the log of
+    its mean held-out loss and its mean held-out accuracy (%) over the last steps."""
+    scale = multiplier(spec)
+    opt = LSTMMetaOptimizer(problem.model.parameters(), rule)
+    losses, correct, seen = [], 0, 0
     for step in range(problem.horizon):
+        for group in opt.param_groups:
+            group["lr"] = scale(step + 1)
         x, y = problem.train_batch()
         opt.zero_grad()
         problem.loss(problem.model(x), y).backward()
@@ -46,8 +77,11 @@ def run(problem, rule, lr: float) -> float:
         if step >= problem.horizon - SCORED_STEPS and step % SCORE_EVERY == 0:
             with torch.no_grad():
                 vx, vy = problem.val_batch()
-                losses.append(problem.loss(problem.model(vx), vy).item())
-    return math.log(sum(losses) / len(losses))
+                output = problem.model(vx)
+                losses.append(problem.loss(output, vy).item())
+                correct += int((output.argmax(dim=1) == vy).sum())
+                seen += vy.numel()
+    return math.log(sum(losses) / len(losses)), 100.0 * correct / seen
 
 
 def main(argv=None) -> int:
@@ -55,36 +89,51 @@ def main(argv=None) -> int:
     parser.add_argument("--rule", default="general", help="shipped name or checkpoint path")
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] /
                                                    "shared" / "data" / "omniglot"))
-    parser.add_argument("--lr", default="1.0,0.3", help="comma-separated lr multipliers")
+    parser.add_argument("--lr", default="1.0,0.3",
+                        help="comma-separated settings: a constant multiplier of the rule's "
+                             "update, or isqrt:TAU (min(1, sqrt(TAU / step)))")
     parser.add_argument("--horizon", type=int, default=1000)
     parser.add_argument("--problems", type=int, default=6)
+    parser.add_argument("--first", type=int, default=0,
+                        help="index of the first problem of the stream (to extend a run)")
     parser.add_argument("--seed", type=int, default=5, help="the validation stream's seed")
     parser.add_argument("--json", default="docs/results/step_size.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rates = [float(v) for v in args.lr.split(",")]
+    settings = [v.strip() for v in args.lr.split(",")]
+    for spec in settings:
+        multiplier(spec)  # a bad setting fails before the first problem
     print(f"# step size on the meta-validation stream; {load_average()} (start)")
     problems = ProblemDistribution("val", data_root=args.data_root,
                                    horizon=(args.horizon, args.horizon), loss_dropout=1.0,
                                    seed=args.seed, kinds={"omniglot_minibatch": 1.0})
     rule = load_update_rule(args.rule)  # read once: stepping never changes the rule's weights
     started = time.perf_counter()
-    scores = {str(lr): [] for lr in rates}
+    keys = [setting_key(spec) for spec in settings]
+    scores = {key: [] for key in keys}
+    accuracy = {key: [] for key in keys}
     names = []
-    for index in range(args.problems):
-        for lr in rates:
+    for index in range(args.first, args.first + args.problems):
+        for spec, key in zip(settings, keys):
             problem = problems.problem(index)  # a fresh learner for every setting
-            scores[str(lr)].append(run(problem, rule, lr))
-            print(f"{index} {problem.name}: lr {lr:g}: {scores[str(lr)][-1]:.3f}", flush=True)
+            log_loss, percent = run(problem, rule, spec)
+            scores[key].append(log_loss)
+            accuracy[key].append(percent)
+            print(f"{index} {problem.name}: lr {key}: log loss {log_loss:.3f}, "
+                  f"accuracy {percent:.1f}%", flush=True)
         names.append(problem.name)
-    means = {lr: sum(v) / len(v) for lr, v in scores.items()}
-    for lr, mean in means.items():
-        print(f"lr {lr}: mean log held-out loss {mean:.3f}")
+    means = {key: sum(v) / len(v) for key, v in scores.items()}
+    mean_accuracy = {key: sum(v) / len(v) for key, v in accuracy.items()}
+    for key in keys:
+        print(f"lr {key}: mean log held-out loss {means[key]:.3f}, "
+              f"mean held-out accuracy {mean_accuracy[key]:.2f}%")
     Path(args.json).write_text(json.dumps({
         "setting": {"rule": args.rule, "horizon": args.horizon, "problems": names,
-                    "seed": args.seed, "kinds": ["omniglot_minibatch"], "split": "val",
+                    "seed": args.seed, "first": args.first, "kinds": ["omniglot_minibatch"],
+                    "split": "val",
                     "command": " ".join(sys.argv[1:] if argv is None else argv)},
-        "scores": scores, "means": means, "seconds": round(time.perf_counter() - started),
+        "scores": scores, "means": means, "accuracy": accuracy,
+        "mean_accuracy": mean_accuracy, "seconds": round(time.perf_counter() - started),
         "load_average": load_average()}, indent=2))
     print(f"{load_average()} (end)")
     return 0

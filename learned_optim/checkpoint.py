@@ -457,7 +457,7 @@ def validate_record(path: str | os.PathLike, record: dict, tensors: dict | None 
     Checked: ``method``; for the LSTM the ``meta_learner`` spec (``class``, ``hidden_size`` an
     integer in 1..1024, ``p`` a number in (0, 100], ``optional_loss`` a boolean,
     ``gradient_scale`` null or a positive number, ``momentum`` in [0, 1), ``rms_decay`` in
-    (0, 1)); the learned
+    (0, 1), ``step_decay`` absent, null or a positive number); the learned
     init's names and shapes; MAML's ``inner_lr``; Meta-SGD's step-size shapes; the types of
     the descriptive fields (``config``, ``metrics``, ``card``: objects, ``dataset``: a string),
     whose contents, like any other top-level key, are free. With ``tensors`` (the safetensors
@@ -514,6 +514,11 @@ def validate_record(path: str | os.PathLike, record: dict, tensors: dict | None 
         if not _is_number(momentum) or not 0 <= momentum < 1:
             raise _fail(path, "meta_learner.momentum",
                         f"must be a number in [0, 1), got {momentum!r}")
+        step_decay = spec.get("step_decay")
+        if step_decay is not None and (not _is_number(step_decay)
+                                       or not 0 < step_decay < math.inf):
+            raise _fail(path, "meta_learner.step_decay",
+                        f"must be null or a positive number of steps, got {step_decay!r}")
         if tensors is not None:
             for name, shape in _rule_shapes(hidden).items():
                 _check_tensor(path, tensors, f"rule/{name}", shape, "update-rule")
@@ -600,7 +605,8 @@ def load_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
                                        optional_loss=spec.get("optional_loss", False),
                                        gradient_scale=None if scale is None else float(scale),
                                        momentum=float(spec.get("momentum", 0.9)),
-                                       rms_decay=float(spec.get("rms_decay", 0.99)))
+                                       rms_decay=float(spec.get("rms_decay", 0.99)),
+                                       step_decay=spec.get("step_decay"))
         with torch.no_grad():
             for name, weight in meta_learner.named_parameters():
                 weight.copy_(tensors[f"rule/{name}"])

@@ -102,6 +102,13 @@ class MetaLearnerLSTM(nn.Module):
         optimizer shells keep the moments).
     momentum, rms_decay:
         Decays of the gradient's and the squared gradient's averages of :func:`scale_gradient`.
+    step_decay:
+        ``None`` (the paper): the optimizer shells apply the rule's update as it is. A number
+        ``tau``: from optimizer step ``t > tau`` on, they scale the update by
+        ``sqrt(tau / t)`` (:meth:`update_multiplier`), as a group's ``lr`` would. An extension
+        for long training from scratch, where a rule meta-trained on short horizons keeps
+        steps that suit the start of training; the shipped ``general`` rule sets it (its model
+        card says how it was chosen). Meta-training ignores it.
 
     Examples
     --------
@@ -115,7 +122,7 @@ class MetaLearnerLSTM(nn.Module):
 
     def __init__(self, hidden_size: int = 20, p: float = 10.0, optional_loss: bool = False,
                  gradient_scale: float | None = None, momentum: float = 0.9,
-                 rms_decay: float = 0.99) -> None:
+                 rms_decay: float = 0.99, step_decay: float | None = None) -> None:
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
@@ -133,6 +140,10 @@ class MetaLearnerLSTM(nn.Module):
         self.momentum = float(momentum)
         self.gradient_scale = None if gradient_scale is None else float(gradient_scale)
         self.rms_decay = float(rms_decay)
+        if step_decay is not None and not 0 < step_decay < math.inf:
+            raise ValueError(f"step_decay must be None or a positive number of steps, "
+                             f"got {step_decay!r}")
+        self.step_decay = None if step_decay is None else float(step_decay)
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, 4))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(4 * hidden_size))
@@ -163,7 +174,29 @@ class MetaLearnerLSTM(nn.Module):
         """What is needed to rebuild this module (stored in checkpoints)."""
         return {"hidden_size": self.hidden_size, "p": self.p,
                 "optional_loss": self.optional_loss, "gradient_scale": self.gradient_scale,
-                "momentum": self.momentum, "rms_decay": self.rms_decay}
+                "momentum": self.momentum, "rms_decay": self.rms_decay,
+                # Only when set: the fingerprints of rules without it stay as they were.
+                **({} if self.step_decay is None else {"step_decay": self.step_decay})}
+
+    @property
+    def counts_steps(self) -> bool:
+        """Whether the shells count each parameter's steps (:meth:`rule_gradient` and
+        :meth:`update_multiplier` depend on them)."""
+        return self.gradient_scale is not None or self.step_decay is not None
+
+    def update_multiplier(self, step: int) -> float:
+        """The factor the shells apply to the rule's update at optimizer step ``step`` (from
+        1): 1 without ``step_decay``, else ``min(1, sqrt(step_decay / step))``.
+
+        >>> rule = MetaLearnerLSTM(step_decay=100)
+        >>> rule.update_multiplier(50), rule.update_multiplier(400)
+        (1.0, 0.5)
+        >>> MetaLearnerLSTM().update_multiplier(10**6)
+        1.0
+        """
+        if self.step_decay is None or step <= self.step_decay:
+            return 1.0
+        return math.sqrt(self.step_decay / step)
 
     def rule_gradient(self, grad: Tensor, moments: Tensor | None, step: int
                       ) -> tuple[Tensor, Tensor | None]:
@@ -187,7 +220,8 @@ class MetaLearnerLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, p={self.p}, "
-                f"optional_loss={self.optional_loss}, gradient_scale={self.gradient_scale}")
+                f"optional_loss={self.optional_loss}, gradient_scale={self.gradient_scale}"
+                + ("" if self.step_decay is None else f", step_decay={self.step_decay:g}"))
 
 
 def rule_fingerprint(meta_learner: MetaLearnerLSTM) -> str:

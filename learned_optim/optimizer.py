@@ -599,6 +599,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                         (_plain_number(lr), _plain_number(weight_decay))))
         for params, indices, grads, buffer, options in work:
             grads = self._rule_gradients(params, grads)
+            options = self._with_step_decay(options, [self.state[params[i]] for i in grads])
             self._update_bucket([params[i] for i in indices], [grads.get(i) for i in indices],
                                 buffer, prepare_step(weights, loss, buffer.dtype, buffer.device),
                                 options)
@@ -608,15 +609,25 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                         ) -> dict[int, Tensor]:
         """The gradients the rule reads and applies: raw for the paper's rule, normalised
         (moments kept in ``state[p]["grad_moments"]``) for a rule with ``gradient_scale``."""
-        if self.meta_learner.gradient_scale is None:
+        if not self.meta_learner.counts_steps:
             return grads
         scaled = {}
         for i, grad in grads.items():
             state = self.state[params[i]]
             state["rule_step"] = state.get("rule_step", 0) + 1
-            scaled[i], state["grad_moments"] = self.meta_learner.rule_gradient(
+            scaled[i], moments = self.meta_learner.rule_gradient(
                 grad, state.get("grad_moments"), state["rule_step"])
+            if moments is not None:
+                state["grad_moments"] = moments
         return scaled
+
+    def _with_step_decay(self, options: tuple[Any, Any], states: list[dict]) -> tuple[Any, Any]:
+        """A bucket's ``(lr, weight_decay)`` with the rule's ``step_decay`` multiplier of its
+        most advanced parameter applied to ``lr`` (as a scheduler would)."""
+        if self.meta_learner.step_decay is None or not states:
+            return options
+        multiplier = self.meta_learner.update_multiplier(max(s["rule_step"] for s in states))
+        return (options[0] if multiplier == 1.0 else options[0] * multiplier), options[1]
 
     def chunk_size_for(self, device: torch.device) -> int:
         """Coordinates that :meth:`step` updates at once on ``device``: ``chunk_size`` if it
@@ -788,7 +799,7 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
 
     def _rule_gradient(self, group_index: int, index: int, grad: Tensor) -> Tensor:
         """As :meth:`LSTMMetaOptimizer._rule_gradients`, for one parameter."""
-        if self.meta_learner.gradient_scale is None:
+        if not self.meta_learner.counts_steps:
             return grad
         moment, step = self._moments[group_index][index]
         if moment is not None:
@@ -796,6 +807,13 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         scaled, moment = self.meta_learner.rule_gradient(grad, moment, step + 1)
         self._moments[group_index][index] = (moment, step + 1)
         return scaled
+
+    def _step_decay(self, group_index: int, active: list[int]) -> float:
+        """The rule's ``step_decay`` multiplier for a bucket (its most advanced parameter)."""
+        if self.meta_learner.step_decay is None:
+            return 1.0
+        return self.meta_learner.update_multiplier(
+            max(self._moments[group_index][i][1] for i in active))
 
     def _chain_applies(self, flat_grad: Tensor) -> bool:
         """Whether this step can join a first-order trajectory: on a tape, with the gradient
@@ -836,8 +854,11 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                                if len(active) < len(indices) else state)
                 flat_grad = torch.cat([self._rule_gradient(group_index, i, grads[i]).reshape(-1)
                                        for i in active])
+                multiplier = self._step_decay(group_index, active)
+                bucket_lr = lr if multiplier == 1.0 else lr * multiplier
+                bucket_plain = plain and multiplier == 1.0
                 chains = self._chains[group_index]
-                if plain and self._chain_applies(flat_grad):
+                if bucket_plain and self._chain_applies(flat_grad):
                     chain = chains.get(key)
                     if chain is None or not chain.continues(active, params):
                         chain = _Chain(RuleTrajectory(active_rows, torch.cat(
@@ -849,9 +870,9 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                     flat_param = torch.cat([params[i].reshape(-1) for i in active])
                     new_param, new_rows = update_rows_differentiable(constants, active_rows,
                                                                      flat_grad, flat_param)
-                    if not plain:
+                    if not bucket_plain:
                         new_param = apply_group_options(flat_param, new_param,
-                                                        _like(lr, flat_param),
+                                                        _like(bucket_lr, flat_param),
                                                         _like(weight_decay, flat_param))
                 active_sizes = [params[i].numel() for i in active]
                 for i, piece, piece_state in zip(

@@ -168,3 +168,24 @@ def test_cards_take_summaries_not_per_episode_scores(tmp_path):
         "mean": 0.8, "ci95": 0.01, "episodes": 3, "scores": [0.7, 0.8, 0.9]}}}))
     row = package_checkpoint.read_evaluation(path)["results"]["meta-learner LSTM"]
     assert row == {"mean": 0.8, "ci95": 0.01, "episodes": 3}
+
+
+def test_a_run_after_another_shipped_checkpoint_counts_that_training_first(shipped, tmp_path):
+    first = load_checkpoint(PRETRAINED_DIR / "omniglot-5w5s.safetensors").record["card"]
+    shutil.copy(PRETRAINED_DIR / "omniglot-5w5s.safetensors", shipped)
+    run = _continued_run(tmp_path / "run", "runs/other-5w5s/best.safetensors")
+    evaluation = _new_evaluation(tmp_path, run / "best.safetensors")
+    path = package_checkpoint.package(NAME, [run], evaluation, "a CPU", "meta-train 1-shot",
+                                      after="omniglot-5w5s")
+    card = load_checkpoint(path).record["card"]
+    assert card["meta_steps"] == first["meta_steps"] + 30
+    assert card["train_wall_time_s"] == first["train_wall_time_s"] + 60
+    assert card["validation_trace"][:len(first["validation_trace"])] == first["validation_trace"]
+    assert card["command"] == f"{first['command']}; then meta-train 1-shot"
+    assert card["hardware"] == f"{first['hardware']}, then a CPU"
+    # Nothing of the other checkpoint's results: only this evaluation's rows.
+    assert list(card["test"]["results"]) == ["meta-learner LSTM", "sgd"]
+    cold = _continued_run(tmp_path / "cold", "")
+    with pytest.raises(SystemExit, match="needs a first run warm-started"):
+        package_checkpoint.package(NAME, [cold], _new_evaluation(
+            tmp_path, cold / "best.safetensors"), "a CPU", "x", after="omniglot-5w5s")

@@ -15,6 +15,12 @@ Baselines evaluated later (MAML, Meta-SGD) join a shipped card without touching 
         --baseline-runs maml=RUN_DIR metasgd=RUN_DIR [--hardware "..."] \
         [--baseline-notes metasgd="a fact the run folder does not hold"]
 
+A run warm-started from the best checkpoint of the run behind *another* shipped checkpoint
+(Lake's 20-way run starts from the 5-way run that shipped as ``omniglot-lake-5w1s``) is packaged
+with ``--after SHIPPED`` once that run's folder is gone: the shipped card's training is counted
+first, its hardware and command precede this run's, and none of its results are kept (another
+setting).
+
 A run warm-started from the shipped checkpoint itself (``--init-from
 learned_optim/pretrained/NAME.safetensors``) is packaged with ``--continues``: the shipped card's
 training (meta-steps, episodes, wall time, validation trace) is counted first, and its
@@ -232,8 +238,13 @@ def add_results(name: str, evaluation_path: Path, baseline_runs: dict[str, Path]
 
 
 def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, command: str,
-            *, continues: bool = False) -> Path:
-    """Ship the best checkpoint of ``runs[-1]`` as ``name`` with its card; return its path."""
+            *, continues: bool = False, after: str | None = None) -> Path:
+    """Ship the best checkpoint of ``runs[-1]`` as ``name`` with its card; return its path.
+
+    ``continues``: ``runs[0]`` was warm-started from the shipped ``name``; ``after``: from the
+    run behind the shipped checkpoint ``after`` (see the module's documentation)."""
+    if continues and after is not None:
+        raise SystemExit("--continues and --after exclude each other")
     best = load_checkpoint(runs[-1] / "best.safetensors")
     config = dict(best.record["config"])
     for machine_specific in ("data_root", "run_dir", "init_from", "max_time_s", "device"):
@@ -254,6 +265,14 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         evaluation["results"].update(kept_baselines(shipped, evaluation))
         hardware = f"{shipped['card']['hardware']}, then {hardware}"
         command = f"{shipped['card']['command']}; then {command}"
+    if after is not None:
+        if not json.loads((runs[0] / "config.json").read_text()).get("init_from"):
+            raise SystemExit(f"{runs[0]}: --after {after} needs a first run warm-started with "
+                             "--init-from (its configuration names none)")
+        first = load_checkpoint(PRETRAINED_DIR / f"{after}.safetensors").record["card"]
+        facts = continued_facts(first, facts)
+        hardware = f"{first['hardware']}, then {hardware}"
+        command = f"{first['command']}; then {command}"
     learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
                f"image_size={config['image_size']})" if config["task"] != "sinusoid"
                else "SinusoidMLP (1-40-40-1, ReLU)")
@@ -283,6 +302,9 @@ def main() -> None:
     parser.add_argument("--command", help="the command that regenerates it")
     parser.add_argument("--continues", action="store_true",
                         help="the first run was warm-started from the shipped NAME itself")
+    parser.add_argument("--after", metavar="SHIPPED",
+                        help="the first run was warm-started from the run behind the shipped "
+                             "SHIPPED (whose card's training is counted first)")
     parser.add_argument("--add-results", type=Path, metavar="EVAL.json",
                         help="add this evaluation's baseline rows to the shipped card")
     parser.add_argument("--baseline-runs", nargs="*", default=[], metavar="METHOD=RUN_DIR",
@@ -302,7 +324,7 @@ def main() -> None:
         parser.error("--runs, --evaluation and --command are required to package a new run")
 
     path = package(args.name, args.runs, args.evaluation, args.hardware, args.command,
-                   continues=args.continues)
+                   continues=args.continues, after=args.after)
     print(f"wrote {path} and {args.name}.md")
 
 

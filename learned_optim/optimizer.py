@@ -216,6 +216,9 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
 
     with the param group's ``lr`` (default 1: the rule's own step) and decoupled
     ``weight_decay`` (default 0), which learning-rate schedulers change like any optimizer's.
+    A rule with ``step_decay`` :math:`\tau` (see :class:`MetaLearnerLSTM`) multiplies ``lr``
+    by :math:`\min(1, \sqrt{\tau / t})` at the parameter's step :math:`t`, on top of any
+    scheduler.
 
     The meta-learner reads the loss, so :meth:`step` needs it (from the closure's return value
     or the ``loss=`` keyword), unless the rule was meta-trained to do without it

@@ -12,6 +12,7 @@ __all__ = [
     "conv_memory_format",
     "reset_batchnorm",
     "set_batchnorm_momentum",
+    "set_channels_last",
 ]
 
 # Conv learners run channels-last (NHWC) on a CPU. Measured on the 2-core EPYC, one thread,
@@ -20,10 +21,15 @@ __all__ = [
 # in max-pooling and BatchNorm, which are strided in NCHW (docs/results/cpu_speed.md). On a GPU
 # the layout stays NCHW: it was not measured there.
 CPU_CHANNELS_LAST = True
+# ... except under a double backward (second-order meta-training), where channels-last is
+# slower: the learner's forward, backward and backward of the backward took 1.2x to 1.25x the
+# NCHW time at 5 and 100 images (BatchNorm's and ReLU's double backward run on mixed layouts).
 
 
-def conv_memory_format(device: torch.device) -> torch.memory_format:
-    """The memory format a conv learner's activations take on ``device``.
+def conv_memory_format(device: torch.device, second_order: bool = False) -> torch.memory_format:
+    """The memory format a conv learner's activations take on ``device``: channels-last on a
+    CPU, NCHW elsewhere and whenever the learner's backward is itself differentiated
+    (``second_order``).
 
     The learner's policy, beside it rather than in :mod:`learned_optim.rule.policy`: that
     module holds the update rule's choices, and the rule knows nothing of learners. Read at
@@ -31,10 +37,20 @@ def conv_memory_format(device: torch.device) -> torch.memory_format:
 
     >>> conv_memory_format(torch.device("cpu")), conv_memory_format(torch.device("cuda"))
     (torch.channels_last, torch.contiguous_format)
+    >>> conv_memory_format(torch.device("cpu"), second_order=True)
+    torch.contiguous_format
     """
-    if device.type == "cpu" and CPU_CHANNELS_LAST:
+    if device.type == "cpu" and CPU_CHANNELS_LAST and not second_order:
         return torch.channels_last
     return torch.contiguous_format
+
+
+def set_channels_last(model: nn.Module, channels_last: bool | None) -> None:
+    """Set ``channels_last`` on every :class:`ConvLearner` in ``model`` (``None``: as
+    :func:`conv_memory_format` chooses for the inputs' device)."""
+    for module in model.modules():
+        if isinstance(module, ConvLearner):
+            module.channels_last = channels_last
 
 
 class ConvLearner(nn.Module):

@@ -162,3 +162,17 @@ def test_general_conv_nets_run_channels_last_with_the_same_numbers(monkeypatch):
     torch.testing.assert_close(outputs, nchw_outputs, rtol=RTOL, atol=ATOL)
     for grad, nchw_grad in zip(grads, nchw_grads):
         torch.testing.assert_close(grad, nchw_grad, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("first_order", [True, False], ids=["first-order", "second-order"])
+def test_meta_training_learner_is_channels_last_only_in_first_order(tmp_path, shared_data,
+                                                                    first_order):
+    from learned_optim.config import MetaTrainConfig
+    from learned_optim.train import MetaTrainer
+
+    config = MetaTrainConfig(task="omniglot", protocol="lake-within", filters=8,
+                             data_root=str(shared_data / "omniglot"), first_order=first_order,
+                             run_dir=str(tmp_path / "run"), meta_batch=2, val_episodes=5)
+    trainer = MetaTrainer(config, progress=False)
+    # The learner's double backward (second order) is slower channels-last.
+    assert trainer.learner.channels_last is first_order

@@ -17,13 +17,14 @@ __all__ = [
 
 # Conv learners run channels-last (NHWC) on a CPU. Measured on the 2-core EPYC, one thread,
 # torch 2.13 (oneDNN): forward + cross-entropy + backward of the paper's Omniglot learner
-# (32 filters, 28 x 28) is 1.3x (5 images) to 1.9x (100 images) as fast as NCHW, most of it
-# in max-pooling and BatchNorm, which are strided in NCHW (docs/results/cpu_speed.md). On a GPU
-# the layout stays NCHW: it was not measured there.
+# (32 filters, 28 x 28) is 1.3x to 1.6x as fast as NCHW at 5 to 300 images (up to 1.9x on a
+# quieter machine), most of it in max-pooling, which is strided in NCHW
+# (benchmarks/learner_layout.py, docs/results/learner_layout.md). On a GPU the layout stays
+# NCHW: it was not measured there.
 CPU_CHANNELS_LAST = True
 # ... except under a double backward (second-order meta-training), where channels-last is
-# slower: the learner's forward, backward and backward of the backward took 1.2x to 1.25x the
-# NCHW time at 5 and 100 images (BatchNorm's and ReLU's double backward run on mixed layouts).
+# slower: forward, backward and backward of the backward took 1.15x to 1.55x the NCHW time
+# (BatchNorm's and ReLU's double backward, sums and thresholds over mixed layouts).
 
 
 def conv_memory_format(device: torch.device, second_order: bool = False) -> torch.memory_format:

@@ -78,7 +78,8 @@ class ConvLearner(nn.Module):
         :func:`conv_memory_format` chooses for the inputs' device, ``True`` / ``False`` always
         / never. Only the activations change layout (the parameters stay as they are, so
         checkpoints, ``higher``'s fast weights and the update rule see the same tensors); the
-        outputs are the same to rounding.
+        outputs are the same to rounding. A hand-written second-order loop (a double backward
+        through the learner) is faster with ``False``; ``MetaTrainer`` sets it so.
 
     Examples
     --------

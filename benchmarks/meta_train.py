@@ -293,6 +293,9 @@ class ReferenceTrainer:
         self.trainer = trainer
         self.first_order = first_order
         self.learner = copy.deepcopy(trainer.learner)
+        # The straightforward layout: NCHW, where the package's learner runs channels-last on
+        # a CPU (learned_optim.learners.conv_memory_format).
+        self.learner.channels_last = False
         self.rule = StraightforwardRule(trainer.rule)
         self.meta_params = list(self.rule.parameters()) + list(self.learner.parameters())
         self.adam = torch.optim.Adam(self.meta_params, lr=trainer.config.meta_lr)

@@ -29,7 +29,7 @@ from learned_optim.config import MetaTrainConfig
 from learned_optim.data import splits
 from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.evaluate import evaluate_rule, query_scores
-from learned_optim.learners import reset_batchnorm
+from learned_optim.learners import conv_memory_format, reset_batchnorm, set_channels_last
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
 from learned_optim.runstate import (
@@ -133,6 +133,9 @@ class MetaTrainer:
         self.progress = progress and self.rank == 0
         torch.manual_seed(config.seed)
         self.learner = self.task.make_learner().to(self.device)
+        # Second order differentiates through the learner's backward: NCHW is faster there.
+        set_channels_last(self.learner, conv_memory_format(
+            self.device, second_order=not config.first_order) == torch.channels_last)
         self.rule = build_rule(config, self.learner)
         if self.rule is not None:
             self.rule.to(self.device)

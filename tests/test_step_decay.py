@@ -103,3 +103,43 @@ def test_step_decay_round_trips_and_bad_values_are_refused(tmp_path):
     spec = {"class": "MetaLearnerLSTM", "hidden_size": 20, "p": 10.0, "step_decay": -5}
     with pytest.raises(CheckpointError, match="meta_learner.step_decay"):
         validate_record("x.safetensors", {"method": "lstm", "meta_learner": spec})
+
+
+def test_the_shipped_general_rule_carries_the_decay_its_evidence_selects():
+    from pathlib import Path
+
+    from learned_optim.checkpoint import PRETRAINED_DIR
+    from learned_optim.packaging.general_rule import choose_step_decay
+
+    root = Path(__file__).resolve().parents[1]
+    evidence = sorted((root / "docs" / "results" / "step_size").glob("decay_from_*.json"))
+    chosen = choose_step_decay(evidence)
+    shipped = load_checkpoint(PRETRAINED_DIR / "general.safetensors")
+    assert shipped.meta_learner.step_decay == chosen["tau"] == 100.0
+    card = shipped.record["card"]["step_decay"]
+    assert card["tau"] == 100.0 and card["problems"] == 24 and card["horizon"] == 2000
+    # the undecayed rule is one of the compared settings, and it lost on accuracy
+    assert chosen["mean_accuracy"]["isqrt:100"] > chosen["mean_accuracy"]["1.0"]
+    assert LSTMMetaOptimizer(nn.Linear(2, 1).parameters()).meta_learner.step_decay == 100.0
+
+
+def test_choose_step_decay_refuses_mixed_or_incomplete_evidence(tmp_path):
+    import json
+
+    from learned_optim.packaging.general_rule import choose_step_decay
+
+    def write(name, setting, accuracy):
+        path = tmp_path / name
+        path.write_text(json.dumps({"setting": {"horizon": 2000, "split": "val",
+                                                "problems": ["p"], **setting},
+                                    "accuracy": accuracy}))
+        return path
+
+    good = write("a.json", {}, {"1.0": [60.0], "isqrt:100": [59.0]})
+    assert choose_step_decay([good])["tau"] is None  # no decay beats the undecayed rule
+    with pytest.raises(ValueError, match="validation stream"):
+        choose_step_decay([write("b.json", {"split": "test"}, {"1.0": [1.0]})])
+    with pytest.raises(ValueError, match="settings"):
+        choose_step_decay([good, write("c.json", {}, {"1.0": [1.0]})])
+    with pytest.raises(ValueError, match="undecayed"):
+        choose_step_decay([write("d.json", {}, {"isqrt:100": [1.0]})])

@@ -108,6 +108,9 @@ def main(argv=None) -> int:
                                    horizon=(args.horizon, args.horizon), loss_dropout=1.0,
                                    seed=args.seed, kinds={"omniglot_minibatch": 1.0})
     rule = load_update_rule(args.rule)  # read once: stepping never changes the rule's weights
+    # The settings are schedules of the rule's own update: a step decay it ships with (the
+    # one these scores choose) would compound with them.
+    rule.step_decay = None
     started = time.perf_counter()
     keys = [setting_key(spec) for spec in settings]
     scores = {key: [] for key in keys}

@@ -131,7 +131,8 @@ def package_general(name: str, runs: list[Path], *, scratch: Path, transfer: lis
         "best_meta_step": checkpoint.record["card"]["meta_steps"],
         "regenerate": " && ".join(
             [f"learned-optim meta-train --config configs/{name}.toml --data-root "
-             "PATH/TO/omniglot"] + ["(same command) --resume"] * (len(runs) - 1)),
+             "PATH/TO/omniglot"] + ["(same command) --resume"] * (len(runs) - 1)
+            + ([] if decay is None else _decay_commands(name, decay))),
         "test": {"metric": "accuracy",
                  "what": f"784-64-64-10 MLP on MNIST-5k from scratch, "
                          f"{scratch_results['steps']} steps, test split, 3 seeds; the rule "
@@ -151,6 +152,20 @@ def package_general(name: str, runs: list[Path], *, scratch: Path, transfer: lis
     (Path(out_dir) / f"{name}.md").write_text(card_markdown(name, config, card,
                                                             checkpoint.meta_learner))
     return path
+
+
+def _decay_commands(name: str, decay: dict) -> list[str]:
+    """The commands that measured the step-decay evidence and applied it."""
+    commands = []
+    for path in decay["evidence"]:
+        words = json.loads(Path(path).read_text())["setting"]["command"].split()
+        kept = [w for i, w in enumerate(words)  # without this machine's paths
+                if w not in ("--data-root", "--json")
+                and (i == 0 or words[i - 1] not in ("--data-root", "--json"))]
+        commands.append(f"python benchmarks/step_size.py {' '.join(kept)} "
+                        f"--data-root PATH/TO/omniglot --json {path}")
+    return commands + [f"{PROG} {name} --runs RUN ... --step-decay-from "
+                       + " ".join(decay["evidence"])]
 
 
 def _percent(row: dict | None) -> str:

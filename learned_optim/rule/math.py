@@ -245,10 +245,11 @@ def update_rows(
         Lay every per-coordinate tensor out transposed: ``state`` and ``out`` are
         ``[2H + 2, n]`` (one column per coordinate), and so are the intermediates in
         ``scratch``. The same numbers; every gate block is then a contiguous ``[H, n]`` slab,
-        so the elementwise passes run over contiguous memory (about 1.3x faster on a CPU) where
-        ``[n, H]`` column slices are strided. A chunk loop that keeps its rows feature-major
-        across several steps (the first-order replay) gains; transposing at every call costs
-        two memory passes, as much as it saves (``benchmarks/rule_kernels.py --only layout``).
+        so the elementwise passes run over contiguous memory where ``[n, H]`` column slices are
+        strided (one CPU thread: forward and backward 1.2-1.5x as fast at 2,200-28,485 rows).
+        A chunk loop that keeps its rows feature-major across several steps gains (the
+        first-order replay); transposing the state in and out at every call costs about what
+        it saves (docs/results/rule_layout.md).
     Returns
     -------
     (new_param, new_state): theta_t ``[n]`` and the next state ``[n, 2H + 2]`` (``[2H + 2, n]``

@@ -10,8 +10,8 @@ against second order (second order has no replay, so only its noise varies)::
     python benchmarks/replay_chunks.py --data-root DATA --device cuda --out-dir runs/chunks
     python benchmarks/replay_chunks.py --tabulate runs/chunks --markdown chunks.md  # no run
 
-The package's default is ``learned_optim.rule.policy.replay_chunk_bytes(device)``: 24 MB on the
-CPU (cache-sized), 1 GiB on accelerators; set ``learned_optim.rule.policy.REPLAY_CHUNK_BYTES`` or
+The package's default is ``learned_optim.rule.policy.replay_chunk_bytes(device)``: 48 MB on the
+CPU, 1 GiB on accelerators; set ``learned_optim.rule.policy.REPLAY_CHUNK_BYTES`` or
 ``ACCELERATOR_REPLAY_CHUNK_BYTES`` to choose another point of this table.
 """
 

@@ -17,6 +17,15 @@ load hits every column alike), with the load average printed beside them:
               policy may choose (``learned_optim.rule.policy.tape_path``): the anchored
               trajectory (replay), one recomputing node per step (hand-written backward), and
               every operation recorded by autograd.
+``layout``    the kernels row-major (``[n, 2H + 2]``, gate blocks strided) against
+              feature-major (``[2H + 2, n]``, ``update_rows(feature_major=True)``): the
+              forward with its scratch, forward + hand-written backward + the constants'
+              gradients, each also with the transposes a row-major caller would pay (state
+              in, state or state gradient out), and the first-order replay of one chunk
+              (T = 12 forward steps, then 12 backward steps, transposed once per chunk).
+
+Run ``--only layout --rows 2200,8192,28485,55050 --threads 1`` for the layout figures of
+docs/results/cpu_speed.md.
 """
 
 from __future__ import annotations
@@ -34,7 +43,14 @@ from _shared import (  # sibling module: run as python benchmarks/rule_kernels.p
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import policy
-from learned_optim.rule.math import initial_state, prepare_step
+from learned_optim.rule.math import (
+    ConstantGrads,
+    initial_state,
+    prepare_step,
+    row_scratch,
+    rows_backward,
+    update_rows,
+)
 from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable
 
 
@@ -103,13 +119,106 @@ def tape_paths(rows: int, steps: int = 12) -> dict:
     return {f"tape: {path}": run(path) for path in policy.TAPE_PATHS}
 
 
+def kernel_layouts(rows: int, steps: int = 12) -> dict:
+    """Row-major against feature-major kernels on ``rows`` coordinates (no autograd)."""
+    hidden, width = 20, 42
+    rule = MetaLearnerLSTM()
+    with torch.no_grad():
+        constants = [prepare_step(rule.weights(), torch.tensor(1.6 + 0.01 * t), torch.float32)
+                     for t in range(steps)]
+    state = torch.randn(rows, width) * 0.5
+    grads = [torch.randn(rows) * 1e-2 for _ in range(steps)]
+    param, d_param_out = torch.randn(rows), torch.randn(rows)
+    d_state_out = torch.randn(rows, width)
+    columns, d_columns = state.t().contiguous(), d_state_out.t().contiguous()
+    new_rows, new_columns = torch.empty(rows, width), torch.empty(width, rows)
+    d_state = torch.empty(rows, width)
+    scratch = row_scratch(rows, hidden)
+    replay_scratch = [row_scratch(rows, hidden) for _ in range(steps)]
+    states = torch.empty(steps + 1, rows * width)
+    params = torch.empty(steps + 1, rows)
+
+    def forward(feature_major: bool, transposes: bool = False):
+        def run():
+            with torch.no_grad():
+                if transposes:
+                    columns.copy_(state.t())
+                update_rows(constants[0], columns if feature_major else state, grads[0], param,
+                            out=new_columns if feature_major else new_rows, scratch=scratch,
+                            feature_major=feature_major)
+                if transposes:
+                    new_rows.copy_(new_columns.t())
+        return run
+
+    def forward_backward(feature_major: bool, transposes: bool = False):
+        # As one chunk of the recomputing node's backward: the new state stays internal.
+        def run():
+            with torch.no_grad():
+                if transposes:
+                    columns.copy_(state.t())
+                    d_columns.copy_(d_state_out.t())
+                inputs = columns if feature_major else state
+                outputs = new_columns if feature_major else new_rows
+                update_rows(constants[0], inputs, grads[0], param, out=outputs,
+                            scratch=scratch, feature_major=feature_major)
+                d_in, _, _, dz, d_pre, h1 = rows_backward(
+                    constants[0], hidden, scratch, rows, inputs, grads[0], param, outputs,
+                    d_param_out, d_columns if feature_major else d_state_out,
+                    (True, False, True), feature_major=feature_major)
+                ConstantGrads(constants[0]).add(scratch, rows, inputs, param, dz, d_pre, h1,
+                                                feature_major=feature_major)
+                if transposes:
+                    d_state.copy_(d_in.t())
+        return run
+
+    def replay(feature_major: bool):
+        # One chunk of the first-order replay (learned_optim.rule.tape._chunked_replay).
+        def run():
+            with torch.no_grad():
+                shape = (width, rows) if feature_major else (rows, width)
+                chain = [flat.view(shape) for flat in states]
+                chain[0].copy_(state.t() if feature_major else state)
+                params[0] = param
+                for t in range(steps):
+                    params[t + 1], _ = update_rows(
+                        constants[t], chain[t], grads[t], params[t], out=chain[t + 1],
+                        scratch=replay_scratch[t], feature_major=feature_major)
+                sums = [ConstantGrads(c) for c in constants]
+                d_param, d_chain = d_param_out, None
+                for t in reversed(range(steps)):
+                    d_chain, _, d_param, dz, d_pre, h1 = rows_backward(
+                        constants[t], hidden, replay_scratch[t], rows, chain[t], grads[t],
+                        params[t], chain[t + 1], d_param, d_chain, (True, False, True),
+                        feature_major=feature_major)
+                    sums[t].add(replay_scratch[t], rows, chain[t], params[t], dz, d_pre, h1,
+                                feature_major=feature_major)
+                d_state.copy_(d_chain.t() if feature_major else d_chain)
+        return run
+
+    timed = {
+        "forward, rows": forward(False),
+        "forward, feature-major": forward(True),
+        "forward, feature-major + 2 transposes": forward(True, transposes=True),
+        "forward + backward, rows": forward_backward(False),
+        "forward + backward, feature-major": forward_backward(True),
+        "forward + backward, feature-major + 3 transposes": forward_backward(True, True),
+        f"replay chunk (T = {steps}), rows": replay(False),
+        f"replay chunk (T = {steps}), feature-major": replay(True),
+    }
+    if rows > policy.replay_chunk_rows(torch.device("cpu"), rows, steps, 4 * 225):
+        # The replay runs on chunks of about 2,200 rows; its T scratches would not fit.
+        timed = {name: fn for name, fn in timed.items() if not name.startswith("replay")}
+    return timed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="29000,300000",
                         help="comma list of coordinate counts")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--only", choices=("tanh", "threads", "tape"), help="one comparison")
+    parser.add_argument("--only", choices=("tanh", "threads", "tape", "layout"),
+                        help="one comparison")
     parser.add_argument("--markdown", help="also write the report to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -117,18 +226,24 @@ def main(argv=None) -> int:
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
              f"{load_average()} (start)", ""]
     for rows in (int(r) for r in args.rows.split(",")):
-        for title, fns in (("tanh", tanh_kernels(rows)), ("threads", step_threads(rows)),
-                           ("tape", tape_paths(rows))):
+        for title, make in (("tanh", tanh_kernels), ("threads", step_threads),
+                            ("tape", tape_paths), ("layout", kernel_layouts)):
             if args.only not in (None, title):
                 continue
+            fns = make(rows)
             medians = interleaved(fns, args.rounds)
             fastest = min(medians, key=medians.get)
+            # layout: each kernel against its row-major form (speed-up, higher is faster).
+            ratio = "row-major / this" if title == "layout" else "/ fastest"
             lines.append(f"| {rows:,} rows, {title} | ms (median of {args.rounds}) | "
-                         f"/ fastest |")
+                         f"{ratio} |")
             lines.append("|---|---|---|")
             for name, seconds in medians.items():
-                lines.append(f"| {name} | {seconds * 1e3:.2f} | "
-                             f"{seconds / medians[fastest]:.2f} |")
+                if title == "layout":
+                    value = medians[name.split(",")[0] + ", rows"] / seconds
+                else:
+                    value = seconds / medians[fastest]
+                lines.append(f"| {name} | {seconds * 1e3:.2f} | {value:.2f} |")
             lines.append("")
             print("\n".join(lines[-len(medians) - 3:]), flush=True)
     lines.append(f"{load_average()} (end)")

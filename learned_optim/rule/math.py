@@ -191,6 +191,8 @@ def row_scratch(
 
     A chunked loop that passes the same scratch to every call allocates nothing per chunk
     (fresh multi-megabyte temporaries per chunk make the allocator return and re-fault pages).
+    Each buffer is ``[rows, width]``; a feature-major call on ``n <= rows`` rows reads the
+    first ``n * width`` floats of it as ``[width, n]`` (:func:`_scratch_view`).
     """
     widths = {
         "layer1_input": hidden_size + 2,
@@ -204,6 +206,15 @@ def row_scratch(
             for name, width in widths.items()}
 
 
+def _scratch_view(buffer: Tensor, rows: int, feature_major: bool) -> Tensor:
+    """The first ``rows`` rows of a :func:`row_scratch` buffer: ``[rows, width]``, or its
+    first ``rows * width`` floats as a contiguous ``[width, rows]`` when ``feature_major``."""
+    if not feature_major:
+        return buffer[:rows]
+    width = buffer.shape[1]
+    return buffer.view(-1)[: width * rows].view(width, rows)
+
+
 def update_rows(
     constants: StepConstants,
     state: Tensor,
@@ -212,6 +223,7 @@ def update_rows(
     *,
     out: Tensor | None = None,
     scratch: dict[str, Tensor] | None = None,
+    feature_major: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Apply the update rule to a batch of coordinates (rows are independent).
 
@@ -229,44 +241,73 @@ def update_rows(
     scratch:
         Optional temporaries from :func:`row_scratch` for at least ``n`` rows, without
         autograd; by default temporaries are allocated.
+    feature_major:
+        Lay every per-coordinate tensor out transposed: ``state`` and ``out`` are
+        ``[2H + 2, n]`` (one column per coordinate), and so are the intermediates in
+        ``scratch``. The same numbers; every gate block is then a contiguous ``[H, n]`` slab,
+        so the elementwise passes run over contiguous memory where ``[n, H]`` column slices are
+        strided (one CPU thread: forward and backward 1.2-1.5x as fast at 2,200-28,485 rows).
+        A chunk loop that keeps its rows feature-major across several steps gains (the
+        first-order replay); transposing the state in and out at every call costs about what
+        it saves (docs/results/rule_layout.md).
     Returns
     -------
-    (new_param, new_state): theta_t ``[n]`` and the next state ``[n, 2H + 2]``. Out of place
+    (new_param, new_state): theta_t ``[n]`` and the next state ``[n, 2H + 2]`` (``[2H + 2, n]``
+    if ``feature_major``). Out of place
     (unless ``out`` or ``scratch`` is given), so autograd can record it op by op; the tape's
     cheaper recomputing node is :func:`learned_optim.rule.tape.update_rows_differentiable`.
     """
     hidden = constants.meta_weight_h.shape[0]
     rows = grad.shape[0]
+    features = 0 if feature_major else 1  # the dimension that indexes a coordinate's features
 
     def buffer(name: str) -> Tensor | None:  # ``out=None`` allocates, as without ``out``
-        return None if scratch is None else scratch[name][:rows]
+        return None if scratch is None else _scratch_view(scratch[name], rows, feature_major)
 
-    h1, c1, previous = state.split((hidden, hidden, 2), dim=1)
+    h1, c1, previous = state.split((hidden, hidden, 2), dim=features)
     # Layer 1: one fused product over [gradient features | h1]; gate columns (i, f, o, g).
     log_part, sign_part = _preprocess_parts(grad, constants.p)
-    layer1_input = torch.cat((log_part.unsqueeze(1), sign_part.unsqueeze(1), h1), dim=1,
-                             out=buffer("layer1_input"))
-    gates = torch.addmm(constants.gate_bias, layer1_input, constants.input_weight,
-                        out=buffer("gates"))
+    layer1_input = torch.cat((log_part.unsqueeze(features), sign_part.unsqueeze(features), h1),
+                             dim=features, out=buffer("layer1_input"))
+    if feature_major:  # [4H, 2 + H] x [2 + H, n]
+        gates = torch.addmm(constants.gate_bias.unsqueeze(1), constants.input_weight.t(),
+                            layer1_input, out=buffer("gates"))
+    else:  # [n, 2 + H] x [2 + H, 4H]
+        gates = torch.addmm(constants.gate_bias, layer1_input, constants.input_weight,
+                            out=buffer("gates"))
     # One sigmoid over the whole product, in place (addmm saves nothing for backward), then
     # tanh(g) = 2 sigmoid(2g) - 1 into a contiguous block (the g columns are doubled by
     # prepare_step): elementwise kernels vectorise only over contiguous runs, and torch's
     # sigmoid is much faster than its tanh on the CPU.
     gates = gates.sigmoid_()
-    cell_gate = _tanh_from_sigmoid(gates[:, 3 * hidden :], out=buffer("cell_gate"))
-    in_gate, forget_gate, out_gate = gates[:, : 3 * hidden].split(hidden, dim=1)
-    c1 = torch.mul(forget_gate, c1, out=buffer("c1"))
-    c1 = torch.addcmul(c1, in_gate, cell_gate, out=buffer("c1"))
-    h1 = torch.mul(out_gate, _tanh(c1, out=buffer("tanh_c1")), out=buffer("h1"))
+    cell_gate = _tanh_from_sigmoid(gates.narrow(features, 3 * hidden, hidden),
+                                   out=buffer("cell_gate"))
+    in_gate, forget_gate, out_gate = gates.narrow(features, 0, 3 * hidden).split(
+        hidden, dim=features)
+    # Feature-major, the new h1 and c1 are contiguous slabs of ``out``: computed in place
+    # there (``state``'s h1 is already copied into the layer-1 input, and c1 is read at the
+    # index it is written, so ``out`` may still be ``state``).
+    direct = feature_major and out is not None
+    c1 = torch.mul(forget_gate, c1, out=out[hidden: 2 * hidden] if direct else buffer("c1"))
+    c1 = c1.addcmul_(in_gate, cell_gate) if direct else torch.addcmul(
+        c1, in_gate, cell_gate, out=buffer("c1"))
+    h1 = torch.mul(out_gate, _tanh(c1, out=buffer("tanh_c1")),
+                   out=out[:hidden] if direct else buffer("h1"))
     # Layer 2, both gates at once, transposed: rows (f_pre, i_pre) of [2, n], so that the
     # product has a long output dimension and every later operand is contiguous.
-    gate_pre = torch.addmm(constants.meta_bias.unsqueeze(1), constants.meta_weight_h.t(), h1.t())
+    h1_columns, previous_columns = (h1, previous) if feature_major else (h1.t(), previous.t())
+    gate_pre = torch.addmm(constants.meta_bias.unsqueeze(1), constants.meta_weight_h.t(),
+                           h1_columns)
     gate_pre = gate_pre.addcmul_(param.unsqueeze(0), constants.meta_weight_theta.unsqueeze(1))
-    gate_pre = gate_pre.addcmul_(previous.t(), constants.meta_weight_prev.unsqueeze(1))
+    gate_pre = gate_pre.addcmul_(previous_columns, constants.meta_weight_prev.unsqueeze(1))
     forget, learning_rate = gate_pre.sigmoid().unbind(dim=0)
     # theta_t = f_t theta_{t-1} - i_t g_t
     new_param = torch.addcmul(forget * param, learning_rate, grad, value=-1)
-    return new_param, torch.cat((h1, c1, gate_pre.t()), dim=1, out=out)
+    if direct:
+        out[2 * hidden:] = gate_pre
+        return new_param, out
+    return new_param, torch.cat((h1, c1, gate_pre if feature_major else gate_pre.t()),
+                                dim=features, out=out)
 
 
 def update_rows_chunked(
@@ -364,14 +405,24 @@ class ConstantGrads:
         self.meta_h = torch.zeros_like(constants.meta_weight_h)
         self.meta_small = constants.meta_bias.new_zeros(3, 2)  # rows: theta, previous, bias
 
-    def add(self, layer1_input, state, param, dz, d_pre, h1) -> None:
-        """Add the rows of one chunk (its inputs, layer-1 input, ``dz``, ``d_pre`` and h1)."""
-        self.input_weight.addmm_(layer1_input.t(), dz)
-        self.gate_bias.add_(dz.sum(dim=0))
-        self.meta_h.addmm_(h1.t(), d_pre)
-        self.meta_small[0].add_(param @ d_pre)
-        self.meta_small[1].add_((state[:, 2 * self.hidden:] * d_pre).sum(dim=0))
-        self.meta_small[2].add_(d_pre.sum(dim=0))
+    def add(self, scratch, n, state, param, dz, d_pre, h1, feature_major=False) -> None:
+        """Add one chunk of ``n`` rows: its inputs, ``dz``, ``d_pre`` and h1 from
+        :func:`rows_backward`, and the layer-1 input its forward left in ``scratch`` (all laid
+        out as the forward ran: ``[features, n]`` if ``feature_major``)."""
+        layer1_input = _scratch_view(scratch["layer1_input"], n, feature_major)
+        if feature_major:
+            self.input_weight.addmm_(layer1_input, dz.t())
+            self.meta_h.addmm_(h1, d_pre.t())
+            self.meta_small[0].add_(d_pre @ param)
+        else:
+            self.input_weight.addmm_(layer1_input.t(), dz)
+            self.meta_h.addmm_(h1.t(), d_pre)
+            self.meta_small[0].add_(param @ d_pre)
+        row_dim = 1 if feature_major else 0  # sums over the chunk's rows
+        self.gate_bias.add_(dz.sum(dim=row_dim))
+        previous = state.narrow(1 - row_dim, 2 * self.hidden, 2)
+        self.meta_small[1].add_((previous * d_pre).sum(dim=row_dim))
+        self.meta_small[2].add_(d_pre.sum(dim=row_dim))
 
     def result(self, needs) -> list[Tensor | None]:
         """The six gradients in :class:`StepConstants` order, ``None`` where not needed."""
@@ -380,65 +431,84 @@ class ConstantGrads:
 
 
 def rows_backward(constants, hidden, scratch, n, state, grad, param, new_state, d_param_out,
-                   d_state_out, needs):
+                   d_state_out, needs, feature_major=False):
     """The derivatives of :func:`update_rows` for ``n`` rows whose forward intermediates are
     in ``scratch`` (the forward ran with ``scratch`` and wrote ``new_state``).
 
     ``needs`` says which of (state, grad, param) want a gradient; the others come back as
     ``None`` without being computed (first order never needs the gradient's, the first step
     never the state's). The gate derivatives ``dz`` and ``d_pre`` are always returned: the
-    meta-learner's weights need them.
+    meta-learner's weights need them (:meth:`ConstantGrads.add`, with the new h1, a view of
+    ``new_state``). ``feature_major`` as in the forward: ``state``, ``new_state``,
+    ``d_state_out``, the returned state gradient, ``dz``, ``d_pre`` and h1 are then
+    ``[features, n]``.
     """
     needs_state, needs_grad, needs_param = needs
-    gates = scratch["gates"][:n]  # sigmoid applied; columns i, f, o (the g block is unused)
-    in_gate, forget_gate, out_gate = gates[:, : 3 * hidden].split(hidden, dim=1)
-    cell_gate = scratch["cell_gate"][:n]  # tanh(g)
-    tanh_c1 = scratch["tanh_c1"][:n]
-    h1 = scratch["h1"][:n]
-    c1_prev = state[:, hidden: 2 * hidden]
-    gate_pre = new_state[:, 2 * hidden:]  # [n, 2]: f_pre, i_pre of the learner's update
+    features = 0 if feature_major else 1
+
+    def saved(name: str) -> Tensor:
+        return _scratch_view(scratch[name], n, feature_major)
+
+    gates = saved("gates")  # sigmoid applied; blocks i, f, o (the g block is unused)
+    in_gate, forget_gate, out_gate = gates.narrow(features, 0, 3 * hidden).split(
+        hidden, dim=features)
+    cell_gate = saved("cell_gate")  # tanh(g)
+    tanh_c1 = saved("tanh_c1")
+    c1_prev = state.narrow(features, hidden, hidden)
+    gate_pre = new_state.narrow(features, 2 * hidden, 2)  # f_pre, i_pre of the learner's update
     forget_lr = gate_pre.sigmoid()
 
     # Layer 2: theta_t = F theta - I g, with (F, I) = sigmoid(pre).
-    d_pre = torch.zeros_like(gate_pre) if d_state_out is None else d_state_out[:, 2 * hidden:]
+    d_pre = (torch.zeros_like(gate_pre) if d_state_out is None
+             else d_state_out.narrow(features, 2 * hidden, 2))
     if d_param_out is not None:
-        d_gates2 = torch.stack((d_param_out * param, -d_param_out * grad), dim=1)
+        d_gates2 = torch.stack((d_param_out * param, -d_param_out * grad), dim=features)
         d_pre = torch.addcmul(d_pre, d_gates2, forget_lr * (1 - forget_lr))
-    if d_state_out is None:
-        d_h1 = d_pre @ constants.meta_weight_h.t()
-    else:
-        d_h1 = torch.addmm(d_state_out[:, :hidden], d_pre, constants.meta_weight_h.t())
+    d_h1_out = None if d_state_out is None else d_state_out.narrow(features, 0, hidden)
+    if feature_major:  # [H, 2] x [2, n]
+        d_h1 = (constants.meta_weight_h @ d_pre if d_h1_out is None
+                else torch.addmm(d_h1_out, constants.meta_weight_h, d_pre))
+    else:  # [n, 2] x [2, H]
+        d_h1 = (d_pre @ constants.meta_weight_h.t() if d_h1_out is None
+                else torch.addmm(d_h1_out, d_pre, constants.meta_weight_h.t()))
 
     # Layer 1: h1 = o tanh(c1), c1 = f c1_prev + i g~.
     d_c1 = (d_h1 * out_gate).mul_(1 - tanh_c1 * tanh_c1)
     if d_state_out is not None:
-        d_c1 += d_state_out[:, hidden: 2 * hidden]
-    dz = torch.empty(n, 4 * hidden, dtype=state.dtype, device=state.device)
-    dz_i, dz_f, dz_o, dz_g = dz.split(hidden, dim=1)
+        d_c1 += d_state_out.narrow(features, hidden, hidden)
+    dz = torch.empty(gates.shape, dtype=state.dtype, device=state.device)
+    dz_i, dz_f, dz_o, dz_g = dz.split(hidden, dim=features)
     torch.mul(d_c1, cell_gate, out=dz_i)
     torch.mul(d_c1, c1_prev, out=dz_f)
     torch.mul(d_h1, tanh_c1, out=dz_o)
     # sigmoid' = s (1 - s) on the three sigmoid blocks at once, tanh' = 1 - g~^2 on the last.
-    sig = gates[:, : 3 * hidden]
-    dz[:, : 3 * hidden].mul_(sig - sig * sig)
+    sig = gates.narrow(features, 0, 3 * hidden)
+    dz.narrow(features, 0, 3 * hidden).mul_(sig - sig * sig)
     # The g columns are doubled (prepare_step): d/dz of tanh(z / 2) is (1 - g~^2) / 2.
     torch.mul(d_c1, in_gate, out=dz_g).mul_(0.5 - 0.5 * cell_gate * cell_gate)
 
     d_state_rows = d_grad_rows = d_param_rows = None
-    if needs_state or needs_grad:
-        d_layer1_input = dz @ constants.input_weight.t()  # [n, 2 + H]
+    if needs_state or needs_grad:  # [2 + H] features of each row
+        d_layer1_input = (constants.input_weight @ dz if feature_major
+                          else dz @ constants.input_weight.t())
     if needs_state:
-        d_state_rows = torch.cat((d_layer1_input[:, 2:], d_c1 * forget_gate,
-                                  d_pre * constants.meta_weight_prev), dim=1)
+        meta_weight_prev = (constants.meta_weight_prev.unsqueeze(1) if feature_major
+                            else constants.meta_weight_prev)
+        d_state_rows = torch.cat((d_layer1_input.narrow(features, 2, hidden),
+                                  d_c1 * forget_gate, d_pre * meta_weight_prev), dim=features)
+    forget, learning_rate = forget_lr.unbind(dim=features)
     if needs_param:
-        d_param_rows = d_pre @ constants.meta_weight_theta
+        d_param_rows = (constants.meta_weight_theta @ d_pre if feature_major
+                        else d_pre @ constants.meta_weight_theta)
         if d_param_out is not None:
-            d_param_rows.addcmul_(d_param_out, forget_lr[:, 0])
+            d_param_rows.addcmul_(d_param_out, forget)
     if needs_grad:
-        d_grad_rows = preprocess_backward(grad, constants.p, d_layer1_input[:, 0],
-                                           d_layer1_input[:, 1])
+        d_grad_rows = preprocess_backward(grad, constants.p,
+                                          d_layer1_input.select(features, 0),
+                                          d_layer1_input.select(features, 1))
         if d_param_out is not None:
-            d_grad_rows.addcmul_(d_param_out, forget_lr[:, 1], value=-1)
+            d_grad_rows.addcmul_(d_param_out, learning_rate, value=-1)
+    h1 = new_state.narrow(features, 0, hidden)
     return d_state_rows, d_grad_rows, d_param_rows, dz, d_pre, h1
 
 

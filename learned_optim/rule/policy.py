@@ -56,8 +56,12 @@ STEP_CHUNK_ROWS = 8192
 ACCELERATOR_CHUNK_ROWS = 2**18
 
 # Per-chunk memory of the first-order replay (every step's state, parameter and intermediates,
-# about 900 bytes a row and step at H = 20): 24 MB is about 2,200 rows at T = 12, cache-sized.
-REPLAY_CHUNK_BYTES = 24 * 2**20
+# about 900 bytes a row and step at H = 20): 48 MB is about 4,660 rows at T = 12. The replay
+# runs its kernels feature-major (contiguous gate slabs), so each call's fixed cost of about
+# 60 operator dispatches weighs more than the cache: one thread at 28,485 rows, T = 12, the
+# replay took 0.89-0.96x the time with 48 MB as with 24 MB (5 interleaved runs; 64 MB about as
+# 48, 96 MB no better). With the row-major kernels 24 MB was best (docs/results/cpu_paths.md).
+REPLAY_CHUNK_BYTES = 48 * 2**20
 # On a GPU the replay is bound by kernel launches, not by cache: every chunk launches every
 # step's kernels again, so the chunks are as large as this memory allows (one chunk for the
 # paper's learner: about 310 MB at T = 12).

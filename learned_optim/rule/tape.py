@@ -190,8 +190,7 @@ def _chunked_backward(constants, state, grad, param, d_param_out, d_state_out, n
             None if d_param_out is None else d_param_out[piece],
             None if d_state_out is None else d_state_out[piece], needs[:3])
         d_state_rows, d_grad_rows, d_param_rows, dz, d_pre, h1 = d_rows
-        constant_grads.add(scratch["layer1_input"][:n], state[piece], param[piece], dz, d_pre,
-                           h1)
+        constant_grads.add(scratch, n, state[piece], param[piece], dz, d_pre, h1)
         for total, part in ((d_state, d_state_rows), (d_grad, d_grad_rows),
                             (d_param, d_param_rows)):
             if part is not None:
@@ -335,36 +334,39 @@ def _chunked_replay(p, anchor_state, anchor_param, grads, flat, d_param_out, d_s
     d_anchor_param = torch.empty(rows, **options) if need_anchor[1] else None
 
     # Per step and chunk: state and parameter (inputs of the next step) and the scratch
-    # intermediates that the row backward reads.
+    # intermediates that the row backward reads. Within a chunk everything is feature-major
+    # (``[features, n]``, contiguous gate blocks; math.update_rows): the anchor's rows and
+    # the incoming state gradient are transposed once per chunk, not once per step.
     per_row_step = 4 * (width + 1 + sum(t.shape[1] for t in
                                         row_scratch(1, hidden).values()))
     chunk_rows = policy.replay_chunk_rows(anchor_param.device, rows, steps, per_row_step)
-    states = torch.empty(steps + 1, chunk_rows, width, **options)
+    states = torch.empty(steps + 1, width * chunk_rows, **options)
     params = torch.empty(steps + 1, chunk_rows, **options)
     scratches = [row_scratch(chunk_rows, hidden, **options) for _ in range(steps)]
     for start in range(0, rows, chunk_rows):
         piece = slice(start, min(start + chunk_rows, rows))
         n = piece.stop - start
-        states[0, :n] = anchor_state[piece]
+        columns = [flat[: width * n].view(width, n) for flat in states]  # state t, [width, n]
+        columns[0].copy_(anchor_state[piece].t())
         params[0, :n] = anchor_param[piece]
         for t in range(steps):
             new_param, _ = update_rows(
-                constants[t], states[t, :n], grads[t][piece], params[t, :n],
-                out=states[t + 1, :n], scratch=scratches[t])
+                constants[t], columns[t], grads[t][piece], params[t, :n],
+                out=columns[t + 1], scratch=scratches[t], feature_major=True)
             params[t + 1, :n] = new_param
         d_param = None if d_param_out is None else d_param_out[piece]
-        d_state = None if d_state_out is None else d_state_out[piece]
+        d_state = None if d_state_out is None else d_state_out[piece].t().contiguous()
         for t in reversed(range(steps)):
             # Every earlier step needs both gradients; the anchor only those asked for.
             needs = (True, False, True) if t else (need_anchor[0], False, need_anchor[1])
             d_state_in, _, d_param_in, dz, d_pre, h1 = rows_backward(
-                constants[t], hidden, scratches[t], n, states[t, :n], grads[t][piece],
-                params[t, :n], states[t + 1, :n], d_param, d_state, needs)
-            accumulators[t].add(scratches[t]["layer1_input"][:n], states[t, :n],
-                                params[t, :n], dz, d_pre, h1)
+                constants[t], hidden, scratches[t], n, columns[t], grads[t][piece],
+                params[t, :n], columns[t + 1], d_param, d_state, needs, feature_major=True)
+            accumulators[t].add(scratches[t], n, columns[t], params[t, :n], dz, d_pre, h1,
+                                feature_major=True)
             d_param, d_state = d_param_in, d_state_in
         if d_anchor_state is not None:
-            d_anchor_state[piece] = d_state
+            d_anchor_state[piece] = d_state.t()
         if d_anchor_param is not None:
             d_anchor_param[piece] = d_param
     d_constants = []

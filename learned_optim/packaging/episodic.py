@@ -121,9 +121,18 @@ def card_markdown(name: str, record: dict) -> str:
     evaluation = card["test"]
     metric = evaluation["metric"]
     scale, unit = (100.0, " (%)") if metric == "accuracy" else (1.0, "")
+    points = " points" if metric == "accuracy" else ""
+
+    def note(key: str, value) -> str:  # evaluate's JSON gives the paired difference as numbers
+        if key == "paired_difference" and isinstance(value, dict):
+            return (f"minus {value['minus']} (paired) {value['mean'] * scale:+.2f} +- "
+                    f"{value['ci95'] * scale:.2f}{points}")
+        return f"{key} {value}"
+
     rows = "\n".join(
         f"| {method} | {r['mean'] * scale:.2f} | {r['ci95'] * scale:.2f} | {r['episodes']} | "
-        + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("mean", "ci95", "episodes"))
+        + ", ".join(note(k, v) for k, v in r.items()
+                    if k not in ("mean", "ci95", "episodes", "scores"))
         + " |"
         for method, r in evaluation["results"].items())
     setting = evaluation["setting"]

@@ -223,6 +223,8 @@ def cost_table() -> str:
              "|---|---|---|---|---|---|---|---|"]
     for path in sorted((DOCS / "results").glob("meta_train*.json")):
         run = json.loads(path.read_text())
+        if "speedup" not in run:  # meta_train_reference*.json: package against the reference
+            continue
         setting = run["setting"]
         device = setting.get("device", "cpu")
         peak = "n/a" if run.get("rss_ratio") is None else f"{run['rss_ratio']:.2f}"

@@ -23,6 +23,7 @@ from learned_optim import available_pretrained, finetune, load_checkpoint
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data.sinusoid import PROTOCOLS as SINUSOID_PROTOCOLS
 from learned_optim.evaluate import evaluate
+from learned_optim.packaging.episodic import result_notes
 from learned_optim.plots import plot_gates, pyplot, record_gates
 from learned_optim.tasks import build_task
 
@@ -71,8 +72,7 @@ def results_table(records: dict[str, dict]) -> str:
         for method, r in test["results"].items():
             score = f"{r['mean'] * 100:.2f}%" if accuracy else f"{r['mean']:.3f}"
             ci = f"{r['ci95'] * 100:.2f}" if accuracy else f"{r['ci95']:.3f}"
-            notes = ", ".join(f"{k} {v}" for k, v in r.items()
-                              if k not in ("mean", "ci95", "episodes"))
+            notes = result_notes(r, test["metric"])
             lines.append(f"| `{name}` | {method} | {score} | {ci} | {r['episodes']} | {notes} |")
     return "\n".join(lines)
 
@@ -172,8 +172,7 @@ def lake_section(records: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|"]
     for name, record in lake.items():
         for method, r in record["card"]["test"]["results"].items():
-            notes = ", ".join(f"{k} {v}" for k, v in r.items()
-                              if k not in ("mean", "ci95", "episodes"))
+            notes = result_notes(r, "accuracy")
             lines.append(f"| `{name}` | {method} | {100 * (1 - r['mean']):.2f} | "
                          f"{100 * r['ci95']:.2f} | {r['episodes']} | {notes} |")
     for method, error in LAKE_PUBLISHED:

@@ -51,7 +51,7 @@ from learned_optim.data.splits import training_data
 from learned_optim.packaging.facts import continued_facts, training_facts
 
 __all__ = ["package", "add_results", "card_markdown", "card_setting", "read_evaluation",
-           "baseline_training_note"]
+           "baseline_training_note", "result_notes"]
 
 PROG = "python -m learned_optim.packaging.episodic"  # as the module is run
 
@@ -116,24 +116,36 @@ def preprocessing_text(spec: dict) -> str:
     return ", ".join(steps) + " (`learned_optim.data.preprocess`)"
 
 
+def result_notes(row: dict, metric: str) -> str:
+    """The notes column of a card's result row: every field but the numbers, the paired
+    difference that ``learned-optim evaluate`` records written out.
+
+    >>> result_notes({"mean": 0.6, "ci95": 0.01, "episodes": 600, "lr": 0.1,
+    ...               "paired_difference": {"minus": "meta-learner LSTM", "mean": -0.0763,
+    ...                                     "ci95": 0.004, "episodes": 600}}, "accuracy")
+    'lr 0.1, minus meta-learner LSTM (paired) -7.63 +- 0.40 points'
+    """
+    scale, points = (100.0, " points") if metric == "accuracy" else (1.0, "")
+    notes = []
+    for key, value in row.items():
+        if key in ("mean", "ci95", "episodes", "scores"):
+            continue
+        if key == "paired_difference" and isinstance(value, dict):
+            notes.append(f"minus {value['minus']} (paired) {value['mean'] * scale:+.2f} +- "
+                         f"{value['ci95'] * scale:.2f}{points}")
+        else:
+            notes.append(f"{key} {value}")
+    return ", ".join(notes)
+
+
 def card_markdown(name: str, record: dict) -> str:
     config, card = record["config"], record["card"]
     evaluation = card["test"]
     metric = evaluation["metric"]
     scale, unit = (100.0, " (%)") if metric == "accuracy" else (1.0, "")
-    points = " points" if metric == "accuracy" else ""
-
-    def note(key: str, value) -> str:  # evaluate's JSON gives the paired difference as numbers
-        if key == "paired_difference" and isinstance(value, dict):
-            return (f"minus {value['minus']} (paired) {value['mean'] * scale:+.2f} +- "
-                    f"{value['ci95'] * scale:.2f}{points}")
-        return f"{key} {value}"
-
     rows = "\n".join(
         f"| {method} | {r['mean'] * scale:.2f} | {r['ci95'] * scale:.2f} | {r['episodes']} | "
-        + ", ".join(note(k, v) for k, v in r.items()
-                    if k not in ("mean", "ci95", "episodes", "scores"))
-        + " |"
+        f"{result_notes(r, metric)} |"
         for method, r in evaluation["results"].items())
     setting = evaluation["setting"]
     task = (f"{setting['ways']}-way {setting['shots']}-shot" if setting.get("ways")

@@ -108,7 +108,7 @@ def replay_chunk_bytes(device: torch.device) -> int:
     """Memory one chunk of the first-order replay may take on ``device``.
 
     >>> replay_chunk_bytes(torch.device("cpu")) // 2**20, replay_chunk_bytes(torch.device("cuda"))
-    (24, 1073741824)
+    (48, 1073741824)
     """
     return REPLAY_CHUNK_BYTES if _on_cpu(device) else ACCELERATOR_REPLAY_CHUNK_BYTES
 
@@ -118,7 +118,7 @@ def replay_chunk_rows(device: torch.device, rows: int, steps: int, bytes_per_row
     of ``bytes_per_row_step`` each, at least ``MIN_REPLAY_CHUNK_ROWS``, at most ``rows``.
 
     >>> replay_chunk_rows(torch.device("cpu"), 10**6, 12, 900)
-    2330
+    4660
     >>> replay_chunk_rows(torch.device("cpu"), 100, 12, 900)
     100
     """

@@ -23,7 +23,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,23 +36,23 @@ SCORED_STEPS = 100  # the held-out loss is averaged over this many last steps
 SCORE_EVERY = 10
 
 
-def multiplier(spec: str) -> Callable[[int], float]:
-    """The rule's update multiplier at step ``t`` (1-based) for a setting of ``--lr``: a number
-    (constant) or ``isqrt:TAU``, ``min(1, sqrt(TAU / t))`` (unchanged for TAU steps, then
-    inverse-square-root decay).
+def parse_setting(spec: str) -> tuple[float, float | None]:
+    """A setting of ``--lr`` as ``(lr, step_decay)``: a number is a constant multiplier of the
+    rule's update (the group ``lr``), ``isqrt:TAU`` the rule's own ``step_decay = TAU``
+    (unchanged for TAU steps, then ``sqrt(TAU / t)``; :meth:`MetaLearnerLSTM.update_multiplier`).
 
-    >>> multiplier("0.3")(500), multiplier("isqrt:100")(50), multiplier("isqrt:100")(400)
-    (0.3, 1.0, 0.5)
+    >>> parse_setting("0.3"), parse_setting("isqrt:100")
+    ((0.3, None), (1.0, 100.0))
     """
     if spec.startswith("isqrt:"):
         tau = float(spec.split(":", 1)[1])
-        if not tau > 0:
-            raise ValueError(f"--lr {spec!r}: TAU must be positive")
-        return lambda t: min(1.0, math.sqrt(tau / t))
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"--lr {spec!r}: TAU must be a positive number of steps")
+        return 1.0, tau
     value = float(spec)
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"--lr {spec!r}: a multiplier must be a finite number >= 0")
-    return lambda t: value
+    return value, None
 
 
 def setting_key(spec: str) -> str:
@@ -63,13 +62,13 @@ def setting_key(spec: str) -> str:
 
 def run(problem, rule, spec: str) -> tuple[float, float]:
     """Train ``problem`` through the rule with the update multiplier of ``spec``; the log of
-    its mean held-out loss and its mean held-out accuracy (%) over the last steps."""
-    scale = multiplier(spec)
-    opt = LSTMMetaOptimizer(problem.model.parameters(), rule)
+    its mean held-out loss and its mean held-out accuracy (%) over the last steps.
+
+    Sets ``rule.step_decay`` for this run (the settings run one after another)."""
+    lr, rule.step_decay = parse_setting(spec)
+    opt = LSTMMetaOptimizer(problem.model.parameters(), rule, lr=lr)
     losses, correct, seen = [], 0, 0
     for step in range(problem.horizon):
-        for group in opt.param_groups:
-            group["lr"] = scale(step + 1)
         x, y = problem.train_batch()
         opt.zero_grad()
         problem.loss(problem.model(x), y).backward()
@@ -102,15 +101,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     settings = [v.strip() for v in args.lr.split(",")]
     for spec in settings:
-        multiplier(spec)  # a bad setting fails before the first problem
+        parse_setting(spec)  # a bad setting fails before the first problem
     print(f"# step size on the meta-validation stream; {load_average()} (start)")
     problems = ProblemDistribution("val", data_root=args.data_root,
                                    horizon=(args.horizon, args.horizon), loss_dropout=1.0,
                                    seed=args.seed, kinds={"omniglot_minibatch": 1.0})
-    rule = load_update_rule(args.rule)  # read once: stepping never changes the rule's weights
-    # The settings are schedules of the rule's own update: a step decay it ships with (the
-    # one these scores choose) would compound with them.
-    rule.step_decay = None
+    # Read once: stepping never changes the rule's weights. Each setting sets its step decay
+    # (run), replacing the one a shipped rule carries (the one these scores choose).
+    rule = load_update_rule(args.rule)
     started = time.perf_counter()
     keys = [setting_key(spec) for spec in settings]
     scores = {key: [] for key in keys}

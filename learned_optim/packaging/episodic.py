@@ -276,24 +276,26 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         raise SystemExit(f"{evaluation_path}: it evaluated {str(evaluated)!r}, not the best "
                          f"checkpoint of {runs[-1]}")
     facts = training_facts(runs)
-    if continues:
+    # Training that came before runs[0] (its warm start): that shipped checkpoint's card.
+    before = None
+    if continues or after is not None:
         init_from = json.loads((runs[0] / "config.json").read_text()).get("init_from")
+    if continues:
         if not init_from or Path(init_from).name != f"{name}.safetensors":
             raise SystemExit(f"{runs[0]}: --continues needs a first run started with "
                              f"--init-from .../{name}.safetensors, not {init_from!r}")
         shipped = load_checkpoint(PRETRAINED_DIR / f"{name}.safetensors").record
-        facts = continued_facts(shipped["card"], facts)
         evaluation["results"].update(kept_baselines(shipped, evaluation))
-        hardware = f"{shipped['card']['hardware']}, then {hardware}"
-        command = f"{shipped['card']['command']}; then {command}"
+        before = shipped["card"]
     if after is not None:
-        if not json.loads((runs[0] / "config.json").read_text()).get("init_from"):
+        if not init_from:
             raise SystemExit(f"{runs[0]}: --after {after} needs a first run warm-started with "
                              "--init-from (its configuration names none)")
-        first = load_checkpoint(PRETRAINED_DIR / f"{after}.safetensors").record["card"]
-        facts = continued_facts(first, facts)
-        hardware = f"{first['hardware']}, then {hardware}"
-        command = f"{first['command']}; then {command}"
+        before = load_checkpoint(PRETRAINED_DIR / f"{after}.safetensors").record["card"]
+    if before is not None:
+        facts = continued_facts(before, facts)
+        hardware = f"{before['hardware']}, then {hardware}"
+        command = f"{before['command']}; then {command}"
     learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
                f"image_size={config['image_size']})" if config["task"] != "sinusoid"
                else "SinusoidMLP (1-40-40-1, ReLU)")

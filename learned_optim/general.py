@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from learned_optim.data.episodes import episode_generator
-from learned_optim.learners import conv_memory_format
+from learned_optim.learners import conv_inputs
 
 __all__ = ["Problem", "ProblemDistribution", "ConvNet", "make_mlp", "make_convnet", "KINDS"]
 
@@ -100,9 +100,7 @@ class ConvNet(nn.Sequential):
     """
 
     def forward(self, inputs: Tensor) -> Tensor:
-        if inputs.dim() == 4 and conv_memory_format(inputs.device) == torch.channels_last:
-            inputs = inputs.to(memory_format=torch.channels_last)  # elsewhere: untouched
-        return super().forward(inputs)
+        return super().forward(conv_inputs(inputs))
 
 
 def make_convnet(channels: int, image_size: int, blocks: int, filters: int, outputs: int,

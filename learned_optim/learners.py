@@ -9,6 +9,7 @@ __all__ = [
     "CPU_CHANNELS_LAST",
     "ConvLearner",
     "SinusoidMLP",
+    "conv_inputs",
     "conv_memory_format",
     "reset_batchnorm",
     "set_batchnorm_momentum",
@@ -44,6 +45,24 @@ def conv_memory_format(device: torch.device, second_order: bool = False) -> torc
     if device.type == "cpu" and CPU_CHANNELS_LAST and not second_order:
         return torch.channels_last
     return torch.contiguous_format
+
+
+def conv_inputs(inputs: Tensor, channels_last: bool | None = None) -> Tensor:
+    """``inputs`` restrided for a conv net: channels-last if ``channels_last`` (``None``: as
+    :func:`conv_memory_format` chooses for their device), else untouched.
+
+    ``to`` rather than ``contiguous``: a 1-channel batch is already "contiguous" in both
+    formats, and only channels-last strides make oneDNN pick its NHWC kernels (the first
+    conv's output, and every layer after it, then stay NHWC).
+
+    >>> conv_inputs(torch.zeros(2, 1, 4, 4), True).stride()
+    (16, 1, 4, 1)
+    """
+    if channels_last is None:
+        channels_last = conv_memory_format(inputs.device) == torch.channels_last
+    if channels_last and inputs.dim() == 4:
+        return inputs.to(memory_format=torch.channels_last)
+    return inputs
 
 
 def set_channels_last(model: nn.Module, channels_last: bool | None) -> None:
@@ -119,14 +138,8 @@ class ConvLearner(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, inputs: Tensor) -> Tensor:
-        channels_last = getattr(self, "channels_last", None)  # modules pickled before it
-        if channels_last is None:
-            channels_last = conv_memory_format(inputs.device) == torch.channels_last
-        if channels_last and inputs.dim() == 4:
-            # ``to`` rather than ``contiguous``: a 1-channel batch is already "contiguous" in
-            # both formats, and only channels-last strides make oneDNN pick its NHWC kernels
-            # (the first conv's output, and every layer after it, then stay NHWC).
-            inputs = inputs.to(memory_format=torch.channels_last)
+        # getattr: modules pickled before the option existed
+        inputs = conv_inputs(inputs, getattr(self, "channels_last", None))
         return self.head(self.features(inputs))
 
 

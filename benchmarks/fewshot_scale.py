@@ -5,8 +5,8 @@ Few-shot fine-tuning of fresh models (``benchmarks/transfer.py``, T = 5) is wher
 evaluation never uses, whether its updates are too small there: N-way K-shot problems of the
 general task distribution's *validation* stream (Omniglot background-alphabet characters never
 trained on, fresh MLPs and conv nets), trained on the support set for ``--steps`` steps with the
-rule's update multiplied by each ``--scale`` (a group ``lr``; the loss given, as ``finetune``
-gives it), scored by query accuracy. Run from the repository root::
+rule's update multiplied by each ``--scale`` (a group ``lr``) through ``finetune`` (the loss
+given, BatchNorm on the support set's statistics), scored by query accuracy. Run from the repository root::
 
     python benchmarks/fewshot_scale.py --rule general --scale 1,1.5,2,3,4 --steps 5 --problems 150
 
@@ -26,23 +26,24 @@ from pathlib import Path
 import torch
 from _shared import load_average  # sibling module
 
-from learned_optim import LSTMMetaOptimizer
+from learned_optim import LSTMMetaOptimizer, finetune
 from learned_optim.checkpoint import load_update_rule
 from learned_optim.general import ProblemDistribution
 
 
 def query_accuracy(problem, rule, scale: float) -> float:
-    """Train ``problem`` on its support set through the rule at ``scale``; query accuracy."""
-    opt = LSTMMetaOptimizer(problem.model.parameters(), rule, lr=scale)
+    """Fine-tune ``problem``'s learner on its support set through the rule at ``scale``.
+
+    Through :func:`learned_optim.finetune`, as ``benchmarks/transfer.py`` does: the loss is
+    given to the rule, and BatchNorm scores the queries with the support set's statistics
+    (queries never see each other).
+    """
     x, y = problem.train_batch()
-    for _ in range(problem.horizon):
-        opt.zero_grad()
-        loss = problem.loss(problem.model(x), y)
-        loss.backward()
-        opt.step(loss=loss)
+    adapted = finetune(problem.model, x, y, loss_fn=problem.loss, steps=problem.horizon,
+                       optimizer=lambda params: LSTMMetaOptimizer(params, rule, lr=scale))
     with torch.no_grad():
         qx, qy = problem.val_batch()
-        return float((problem.model(qx).argmax(dim=1) == qy).float().mean())
+        return float((adapted(qx).argmax(dim=1) == qy).float().mean())
 
 
 def main(argv=None) -> int:

@@ -76,6 +76,10 @@ def _add_meta_train(commands) -> None:
                         help="full second-order meta-gradients (default: first order)")
     parser.add_argument("--no-learned-init", dest="learned_init", action="store_false",
                         default=None, help="keep the learner's initial weights fixed")
+    parser.add_argument("--rotations", action="store_true", default=None,
+                        help="omniglot lake / lake-within: add the training characters rotated "
+                             "by 90, 180 and 270 degrees as new classes (a rotated alphabet is "
+                             "a new alphabet; validation and test stay unrotated)")
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
     parser.add_argument("--resume", action="store_true",
@@ -222,6 +226,8 @@ def _config_from(args) -> MetaTrainConfig:
         changes["first_order"] = False
     if args.learned_init is not None:
         changes["learned_init"] = args.learned_init
+    if args.rotations:
+        changes["rotations"] = True
     if args.download:
         changes["extra"] = {**base.extra, "download": True}
     return dataclasses.replace(base, **changes)

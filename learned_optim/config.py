@@ -40,6 +40,9 @@ class MetaTrainConfig:
     method: str = "lstm"  # lstm (the paper), or the maml / metasgd baselines
     data_root: str | None = None
     protocol: str | None = None  # omniglot: vinyals | lake; sinusoid: maml | metasgd
+    # omniglot lake / lake-within: add the training characters rotated by 90, 180 and 270
+    # degrees as new classes (train split only; vinyals always has them)
+    rotations: bool = False
     ways: int | None = None  # classification only
     shots: int | None = None
     queries: int | None = None  # per class (classification) or points (sinusoid)
@@ -106,6 +109,14 @@ class MetaTrainConfig:
                              f"{self.horizon_max}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum!r}")
+        if not isinstance(self.rotations, bool):
+            raise ValueError(f"rotations must be true or false, got {self.rotations!r}")
+        if self.rotations and not (self.task == "omniglot"
+                                   and self.protocol in ("lake", "lake-within")):
+            raise ValueError(
+                "rotations (--rotations) adds rotated training characters to Omniglot's 'lake' "
+                f"and 'lake-within' protocols only, got task {self.task!r} with protocol "
+                f"{self.protocol!r} (protocol 'vinyals', the omniglot default, always rotates)")
 
     @property
     def is_classification(self) -> bool:

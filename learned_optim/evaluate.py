@@ -308,6 +308,9 @@ def evaluate(
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
                  "protocol": protocol, "data_root": data_root, "queries": queries}
     saved.update({k: v for k, v in overrides.items() if v is not None})
+    # Rotated copies are training classes only (val and test never have them): evaluation on
+    # another protocol or task must not inherit them (nor their check).
+    saved.pop("rotations", None)
     if saved.get("task") == "general":
         raise ValueError(
             f"{checkpoint.path} was meta-trained over a task distribution (task 'general'), "

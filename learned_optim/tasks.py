@@ -59,8 +59,11 @@ def _classification_dataset(config: MetaTrainConfig, split: str):
         )
     root = Path(config.data_root).expanduser()
     if config.task == "omniglot":
+        # Rotated copies are new training classes only: val and test stay as the protocol has
+        # them, so scores remain comparable with and without rotations.
         return omniglot(root, split=split, protocol=config.protocol, image_size=config.image_size,
-                        download=bool(config.extra.get("download", False)))
+                        download=bool(config.extra.get("download", False)),
+                        rotations=config.rotations and split == "train")
     return miniimagenet(root, split=split, image_size=config.image_size)
 
 

@@ -214,8 +214,14 @@ class EpisodeSampler:
 
 
 def _default_groups(dataset: FewShotDataset) -> list[str]:
-    # Omniglot class names are "Alphabet/characterNN"(@rotD): the alphabet is the group.
-    return [name.split("/", 1)[0] if "/" in name else "" for name in dataset.class_names]
+    # Omniglot class names are "Alphabet/characterNN"(@rotD): the alphabet is the group, and
+    # each rotation of an alphabet is an alphabet of its own ("Alphabet@rotD").
+    groups = []
+    for name in dataset.class_names:
+        alphabet = name.split("/", 1)[0] if "/" in name else ""
+        rotation = name.rpartition("@")[2] if "@rot" in name else ""
+        groups.append(f"{alphabet}@{rotation}" if rotation else alphabet)
+    return groups
 
 
 def _rank_within_class(dataset: FewShotDataset) -> torch.Tensor:
@@ -244,8 +250,10 @@ class WithinAlphabetSampler(EpisodeSampler):
         As for :class:`EpisodeSampler`.
     alphabets : sequence, optional
         One group label per class; default the part of the class name before ``"/"`` (the
-        Omniglot alphabet). ``None`` entries are not allowed; pass one constant to put every
-        class in one group (drawer-disjoint episodes across alphabets).
+        Omniglot alphabet), plus the rotation of a rotated copy (``"...@rot90"``): each
+        rotation of an alphabet is a group of its own. ``None`` entries are not allowed; pass
+        one constant to put every class in one group (drawer-disjoint episodes across
+        alphabets).
     drawers : torch.Tensor, optional
         ``[n]`` drawer id of every example; default its rank inside its class (the Omniglot
         loaders keep each character's files sorted as ``IIII_DD.png``: rank = drawer - 1).

@@ -17,13 +17,17 @@ Two split protocols:
 ``"lake"`` (Lake et al. 2015)
     The background set (30 alphabets, 964 characters) is "train" minus a held-out 10%
     (96 characters, chosen by ``numpy.random.default_rng(LAKE_SPLIT_SEED)``, seed 0) that
-    is "val"; the evaluation set (20 alphabets, 659 characters) is "test". No rotations.
+    is "val"; the evaluation set (20 alphabets, 659 characters) is "test". No rotations,
+    unless ``rotations=True``: then a split also holds every character rotated by 90, 180 and
+    270 degrees as three more classes (meta-training uses it for "train" only: 3472 classes).
 ``"lake-within"`` (Lake et al. 2015, their one-shot runs)
     The same characters as ``"lake"``; :func:`learned_optim.tasks.build_task` then draws
     episodes with :class:`~learned_optim.data.WithinAlphabetSampler`: all classes of an
     episode from one alphabet, support and query written by different drawers. (The 96
     validation characters are spread over 30 alphabets, too few per alphabet for 20-way
-    episodes: validation episodes keep the drawer rule but mix alphabets.)
+    episodes: validation episodes keep the drawer rule but mix alphabets.) With
+    ``rotations=True`` each rotation of an alphabet is an alphabet of its own
+    (``"Alphabet@rot90"``): an episode's classes share one alphabet and one rotation.
 
 Images are float32 ``[1, S, S]`` with ink = 1 and background = 0, resized from 105 x 105 with
 PIL's Lanczos filter. Decoding the 32,460 PNGs takes seconds, so the decoded uint8 images of
@@ -302,6 +306,7 @@ def omniglot(
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
     preprocessing: Preprocessing | None = None,
+    rotations: bool = False,
 ) -> FewShotDataset:
     """Load one split of Omniglot as a :class:`FewShotDataset` (one class per character).
 
@@ -328,6 +333,11 @@ def omniglot(
     preprocessing : Preprocessing, optional
         Other steps than the default ``Preprocessing.omniglot(image_size)`` (gray, Lanczos,
         inverted so that ink = 1); its size replaces ``image_size``. Mode must be ``"L"``.
+    rotations : bool
+        ``"lake"`` and ``"lake-within"`` only (``"vinyals"`` always rotates): add every
+        character rotated by 90, 180 and 270 degrees as three more classes. Class
+        ``r * C + c`` is character ``c`` rotated by ``ROTATIONS[r]`` (``C`` characters), so
+        the first ``C`` classes are the split without rotations.
 
     Returns
     -------
@@ -340,7 +350,8 @@ def omniglot(
     FileNotFoundError
         If an archive is missing and ``download`` is False, or the download fails.
     ValueError
-        For an unknown split or protocol, or a wrong checksum of a downloaded archive.
+        For an unknown split or protocol, ``rotations`` with protocol ``"vinyals"``, or a
+        wrong checksum of a downloaded archive.
 
     Examples
     --------
@@ -355,6 +366,9 @@ def omniglot(
         raise ValueError(f"Omniglot protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if split not in SPLITS:
         raise ValueError(f"Omniglot split must be one of {SPLITS}, got {split!r}")
+    if rotations and protocol == "vinyals":
+        raise ValueError("rotations=True is for the lake protocols: protocol 'vinyals' "
+                         "already adds every character rotated by 90, 180 and 270 degrees")
     if preprocessing is not None:
         image_size = preprocessing.require_mode("L", "Omniglot").size
     resample = "lanczos" if preprocessing is None else preprocessing.resample
@@ -367,15 +381,17 @@ def omniglot(
     rows = np.flatnonzero(position[arrays["character"]] >= 0)
     images = torch.from_numpy(arrays["images"][rows]).unsqueeze(1)  # [n, 1, S, S] uint8
     labels = torch.from_numpy(position[arrays["character"][rows]])
-    if protocol != "vinyals":
+    if protocol != "vinyals" and not rotations:
         inputs, class_names = images, names
     else:
-        # class 4 * c + r is character c rotated by ROTATIONS[r] degrees
         inputs = torch.cat([torch.rot90(images, r, dims=(2, 3)) for r in range(len(ROTATIONS))])
-        labels = torch.cat([len(ROTATIONS) * labels + r for r in range(len(ROTATIONS))])
-        class_names = [
-            name + (f"@rot{angle}" if angle else "") for name in names for angle in ROTATIONS
-        ]
+        if protocol == "vinyals":  # class 4 * c + r is character c rotated by ROTATIONS[r]
+            labels = torch.cat([len(ROTATIONS) * labels + r for r in range(len(ROTATIONS))])
+            order = [(name, angle) for name in names for angle in ROTATIONS]
+        else:  # class r * C + c: the unrotated split first, each rotation appended
+            labels = torch.cat([r * len(names) + labels for r in range(len(ROTATIONS))])
+            order = [(name, angle) for angle in ROTATIONS for name in names]
+        class_names = [name + (f"@rot{angle}" if angle else "") for name, angle in order]
     inputs = inputs.to(torch.float32).div_(255.0)
     if preprocessing is not None:
         loaded = Preprocessing(image_size, "L", resample, invert=True)
@@ -384,5 +400,5 @@ def omniglot(
         inputs,
         labels,
         class_names,
-        name=f"omniglot-{protocol}-{split}",
+        name=f"omniglot-{protocol}-{split}" + ("-rotations" if rotations else ""),
     )

@@ -20,6 +20,7 @@ import numpy as np
 
 from learned_optim.data.omniglot import (
     LAKE_SPLIT_SEED,
+    ROTATIONS,
     VINYALS_SPLIT_SEED,
     omniglot_split_characters,
 )
@@ -50,18 +51,22 @@ def training_data(config: dict | object) -> dict | None:
     """The checkpoint record's ``training_data``: what a configuration meta-trains on.
 
     ``None`` for tasks whose splits are not class sets of a known layout (sinusoid: every
-    task is freshly drawn; miniImageNet: the split files are the user's).
+    task is freshly drawn; miniImageNet: the split files are the user's). A lake run with
+    ``rotations`` adds ``"rotations": {"train": [0, 90, 180, 270]}``: its training classes are
+    these characters at these angles (the characters seen are the same).
 
     >>> record = training_data({"task": "omniglot", "protocol": "lake"})
     >>> record["split_protocol"], record["split_seed"], len(record["characters"]["train"])
     ('lake', 0, 868)
+    >>> training_data({"task": "omniglot", "protocol": "lake", "rotations": True})["rotations"]
+    {'train': [0, 90, 180, 270]}
     """
     values = config if isinstance(config, dict) else vars(config)
     if values.get("task") != "omniglot":
         return None
     protocol = values.get("protocol") or "vinyals"
     split_protocol = _split_protocol(protocol)
-    return {
+    record = {
         "dataset": "omniglot",
         "protocol": protocol,
         "split_protocol": split_protocol,
@@ -69,6 +74,11 @@ def training_data(config: dict | object) -> dict | None:
         "splits": list(TRAINING_SPLITS),
         "characters": {s: split_characters(protocol, s).tolist() for s in TRAINING_SPLITS},
     }
+    if values.get("rotations"):
+        # Only when set: records without it stay as they were. The rotated copies are classes
+        # of the same characters, so "characters" (and the overlap check) does not change.
+        record["rotations"] = {"train": list(ROTATIONS)}
+    return record
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,10 @@ def kept_baselines(shipped: dict, evaluation: dict) -> dict:
 
 def seen_characters(data: dict) -> str:
     counts = ", ".join(f"{len(v)} {k}" for k, v in data["characters"].items())
+    rotated = "".join(f"; {split} also rotated by {', '.join(map(str, angles[1:]))} degrees "
+                      "as new classes" for split, angles in data.get("rotations", {}).items())
     return (f"{data['dataset']} characters: {counts} (protocol {data['split_protocol']}, split "
-            f"seed {data['split_seed']}; `learned_optim.data.splits`)")
+            f"seed {data['split_seed']}{rotated}; `learned_optim.data.splits`)")
 
 
 def preprocessing_text(spec: dict) -> str:

@@ -6,7 +6,8 @@ evaluation never uses, whether its updates are too small there: N-way K-shot pro
 general task distribution's *validation* stream (Omniglot background-alphabet characters never
 trained on, fresh MLPs and conv nets), trained on the support set for ``--steps`` steps with the
 rule's update multiplied by each ``--scale`` (a group ``lr``) through ``finetune`` (the loss
-given, BatchNorm on the support set's statistics), scored by query accuracy. Run from the repository root::
+given, BatchNorm on the support set's statistics), scored by query accuracy. Run from the
+repository root::
 
     python benchmarks/fewshot_scale.py --rule general --scale 1,1.5,2,3,4 --steps 5 --problems 150
 

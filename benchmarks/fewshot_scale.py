@@ -30,21 +30,30 @@ from _shared import load_average  # sibling module
 from learned_optim import LSTMMetaOptimizer, finetune
 from learned_optim.checkpoint import load_update_rule
 from learned_optim.general import ProblemDistribution
+from learned_optim.plots import gate_values
 
 
-def query_accuracy(problem, rule, scale: float) -> float:
+def query_accuracy(problem, rule, scale: float) -> tuple[float, list[float]]:
     """Fine-tune ``problem``'s learner on its support set through the rule at ``scale``.
 
     Through :func:`learned_optim.finetune`, as ``benchmarks/transfer.py`` does: the loss is
     given to the rule, and BatchNorm scores the queries with the support set's statistics
-    (queries never see each other).
+    (queries never see each other). Returns the query accuracy and the rule's mean input gate
+    i_t over all coordinates after each step (its step is ``scale * i_t`` times its input).
     """
     x, y = problem.train_batch()
+    input_gates = []
+
+    def record_gates(step):
+        gates = gate_values(step.optimizer).values()
+        input_gates.append(float(torch.cat([i.flatten() for _, i in gates]).mean()))
+
     adapted = finetune(problem.model, x, y, loss_fn=problem.loss, steps=problem.horizon,
-                       optimizer=lambda params: LSTMMetaOptimizer(params, rule, lr=scale))
+                       optimizer=lambda params: LSTMMetaOptimizer(params, rule, lr=scale),
+                       on_step=record_gates)
     with torch.no_grad():
         qx, qy = problem.val_batch()
-        return float((adapted(qx).argmax(dim=1) == qy).float().mean())
+        return float((adapted(qx).argmax(dim=1) == qy).float().mean()), input_gates
 
 
 def main(argv=None) -> int:
@@ -70,18 +79,26 @@ def main(argv=None) -> int:
                                    seed=args.seed, kinds={"omniglot_fewshot": 1.0})
     started = time.perf_counter()
     accuracy = {str(s): [] for s in scales}
+    gates = {str(s): [] for s in scales}
     for index in range(args.problems):
         for scale in scales:  # a fresh learner (same init) for every setting
-            accuracy[str(scale)].append(query_accuracy(problems.problem(index), rule, scale))
+            score, input_gates = query_accuracy(problems.problem(index), rule, scale)
+            accuracy[str(scale)].append(score)
+            gates[str(scale)].append(input_gates)
     first = accuracy[str(scales[0])]
     summary = {}
     for key, values in accuracy.items():
         summary[key] = {"mean_accuracy": 100 * sum(values) / len(values),
                         "better_than_first": sum(a > b for a, b in zip(values, first)),
-                        "worse_than_first": sum(a < b for a, b in zip(values, first))}
+                        "worse_than_first": sum(a < b for a, b in zip(values, first)),
+                        # per step, averaged over the problems
+                        "mean_input_gate": torch.tensor(gates[key]).mean(0).tolist()}
+        step_gates = summary[key]["mean_input_gate"]
         print(f"update x{key}: mean query accuracy {summary[key]['mean_accuracy']:.2f}% "
               f"({len(values)} problems; vs x{scales[0]:g}: better on "
-              f"{summary[key]['better_than_first']}, worse on {summary[key]['worse_than_first']})")
+              f"{summary[key]['better_than_first']}, worse on {summary[key]['worse_than_first']}); "
+              f"mean input gate {step_gates[0]:.3f} at step 1, {step_gates[-1]:.3f} at step "
+              f"{len(step_gates)}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "setting": {"rule": args.rule, "steps": args.steps, "problems": args.problems,

@@ -24,3 +24,7 @@ def test_fewshot_scale_benchmark_scores_trained_learners_above_untouched_ones(sh
     # barely moved (about chance: 2- to 20-way problems)
     assert trained["mean_accuracy"] > barely["mean_accuracy"] + 10, (trained, barely)
     assert barely["better_than_first"] <= 1
+    # the rule's input gate after each of the 5 steps: a sigmoid, far below 1 for this rule
+    # (its step is about a thirtieth of its 0.1-scaled input, Adam's direction)
+    gates = trained["mean_input_gate"]
+    assert len(gates) == 5 and all(0.005 < g < 0.2 for g in gates), gates

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from learned_optim import load_checkpoint, meta_train
-from learned_optim.cli import _config_from, build_parser
+from learned_optim import load_checkpoint
+from learned_optim.cli import main
 from learned_optim.config import MetaTrainConfig, load_config
 from learned_optim.data import WithinAlphabetSampler, omniglot
 from learned_optim.data.splits import split_overlap, training_data
@@ -154,14 +154,6 @@ def test_config_round_trips_through_dict_toml_and_command_line(tmp_path):
     toml = tmp_path / "lake.toml"
     toml.write_text('task = "omniglot"\nprotocol = "lake"\nrotations = true\n')
     assert load_config(toml).rotations is True
-    parser = build_parser()
-    args = parser.parse_args(["meta-train", "--config", str(toml)])
-    assert _config_from(args).rotations is True
-    args = parser.parse_args(["meta-train", "--task", "omniglot", "--protocol", "lake-within",
-                              "--rotations"])
-    assert _config_from(args).rotations is True
-    args = parser.parse_args(["meta-train", "--task", "omniglot", "--protocol", "lake-within"])
-    assert _config_from(args).rotations is False
 
 
 @pytest.mark.parametrize("fields", [
@@ -185,16 +177,19 @@ def test_the_loader_refuses_rotations_with_vinyals():
         omniglot(ROOT, "train", "vinyals", rotations=True)
 
 
-def test_meta_training_with_rotations_records_them_and_refuses_a_resume_without(tmp_path):
+def test_meta_training_with_rotations_records_them_and_refuses_a_resume_without(tmp_path,
+                                                                             capsys):
+    # through the command line: --rotations sets the option, leaving it out unsets it
     run = tmp_path / "run"
-    config = MetaTrainConfig(task="omniglot", protocol="lake-within", rotations=True,
-                             data_root=str(ROOT), ways=5, filters=8, meta_steps=2, meta_batch=2,
-                             val_episodes=2, validate_every=2, checkpoint_every=2,
-                             run_dir=str(run))
-    best = load_checkpoint(meta_train(config, progress=False))
+    command = ["meta-train", "--task", "omniglot", "--protocol", "lake-within",
+               "--data-root", str(ROOT), "--ways", "5", "--filters", "8", "--meta-batch", "2",
+               "--val-episodes", "2", "--validate-every", "2", "--checkpoint-every", "2",
+               "--run-dir", str(run), "--test-episodes", "0", "--no-progress"]
+    assert main(command + ["--rotations", "--meta-steps", "2"]) == 0
+    best = load_checkpoint(run / "best.safetensors")
     assert best.record["config"]["rotations"] is True
     assert best.record["training_data"]["rotations"] == {"train": [0, 90, 180, 270]}
     assert json.loads((run / "config.json").read_text())["rotations"] is True
-    changed = MetaTrainConfig(**{**config.to_dict(), "rotations": False, "meta_steps": 3})
-    with pytest.raises(ValueError, match=r"differs in \['rotations'\]"):
-        meta_train(changed, resume=True, progress=False)
+    capsys.readouterr()
+    assert main(command + ["--resume", "--meta-steps", "3"]) == 2
+    assert "differs in ['rotations']" in capsys.readouterr().err

@@ -52,6 +52,9 @@ _CONFIG_OPTIONS = {
     "val_episodes": (int, "validation episodes", None),
     "checkpoint_every": (int, "meta-updates between saved states", None),
     "init_from": (str, "start from this checkpoint's rule and learned init", None),
+    "pretrain_epochs": (int, "omniglot / miniimagenet: first train the learned init's features "
+                             "as one classifier of all training classes for this many epochs",
+                        None),
     "max_time_s": (float, "stop after this many seconds of training (validated, saved)", None),
     "truncation": (int, "general: steps per truncated unroll (default 20)", None),
     "horizon_min": (int, "general: shortest training horizon in steps (default 5)", None),

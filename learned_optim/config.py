@@ -68,6 +68,7 @@ class MetaTrainConfig:
     val_episodes: int | None = None
     checkpoint_every: int | None = None
     init_from: str | None = None  # start from a checkpoint's rule and learned init
+    pretrain_epochs: int | None = None  # supervised pre-training of c_0's features first
     max_time_s: float | None = None  # stop (validated and saved) after this much training time
     # task "general" (learned_optim.general): fresh learners trained for horizon_min ..
     # horizon_max steps in truncations of `truncation` steps; `loss_dropout` of the problems
@@ -88,7 +89,8 @@ class MetaTrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("ways", "shots", "queries", "inner_steps", "meta_batch", "meta_steps",
                      "hidden_size", "filters", "image_size", "validate_every", "val_episodes",
-                     "checkpoint_every", "truncation", "horizon_min", "horizon_max"):
+                     "checkpoint_every", "truncation", "horizon_min", "horizon_max",
+                     "pretrain_epochs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -117,6 +119,14 @@ class MetaTrainConfig:
                 "rotations (--rotations) adds rotated training characters to Omniglot's 'lake' "
                 f"and 'lake-within' protocols only, got task {self.task!r} with protocol "
                 f"{self.protocol!r} (protocol 'vinyals', the omniglot default, always rotates)")
+
+        if self.pretrain_epochs and not (self.task in ("omniglot", "miniimagenet")
+                                         and self.learned_init):
+            raise ValueError(
+                "pretrain_epochs (--pretrain-epochs) pre-trains the learned init's features on "
+                "the training classes: it needs a classification task (omniglot, "
+                f"miniimagenet) with learned_init, got task {self.task!r} with learned_init "
+                f"{self.learned_init!r}")
 
     @property
     def is_classification(self) -> bool:

@@ -32,6 +32,7 @@ from learned_optim.evaluate import evaluate_rule, query_scores
 from learned_optim.learners import conv_memory_format, reset_batchnorm, set_channels_last
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
+from learned_optim.pretrain import pretrain_features
 from learned_optim.runstate import (
     RESUME_OVERRIDES,
     RunFolder,
@@ -172,6 +173,18 @@ class MetaTrainer:
         if self.config.init_from:
             self._warm_start(self.config.init_from)
         self.folder.start(self.config)
+        if self.config.pretrain_epochs:
+            self._pretrain(self.config.pretrain_epochs)
+
+    def _pretrain(self, epochs: int) -> None:
+        """Supervised pre-training of c_0's features on the training split (after a warm
+        start, so it replaces the features a checkpoint of another architecture could not
+        give); its time counts as training time and its report goes to the metrics log."""
+        dataset = self.task.episodes("train").dataset
+        report = pretrain_features(self.learner, dataset, epochs, seed=self.config.seed,
+                                   progress=self.progress)
+        self.elapsed += report.seconds
+        self.folder.log({"step": 0, "pretrain": report.to_dict()})
 
     def _warm_start(self, path: str) -> None:
         """Continue from a checkpoint's update rule and learned init (a new Adam state)."""
@@ -195,7 +208,8 @@ class MetaTrainer:
                 load_learned_init(self.learner, checkpoint)  # raises, naming the mismatch
             if fresh:
                 warnings.warn(f"init_from {path}: learned init loaded except {fresh}, whose "
-                              "shapes differ (another number of ways?); those are re-initialised",
+                              "shapes differ (another number of ways or filters?); those are "
+                              "re-initialised",
                               stacklevel=2)
 
     # --- state -------------------------------------------------------------------------

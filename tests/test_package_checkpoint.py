@@ -189,3 +189,25 @@ def test_a_run_after_another_shipped_checkpoint_counts_that_training_first(shipp
     with pytest.raises(SystemExit, match="needs a first run warm-started"):
         package_checkpoint.package(NAME, [cold], _new_evaluation(
             tmp_path, cold / "best.safetensors"), "a CPU", "x", after="omniglot-5w5s")
+
+
+def test_a_card_says_when_the_learned_init_was_pretrained_in_an_earlier_run(shipped, tmp_path):
+    shipped_path = f"learned_optim/pretrained/{NAME}.safetensors"
+    first = _continued_run(tmp_path / "pretrained-run", shipped_path)
+    config = json.loads((first / "config.json").read_text())
+    (first / "config.json").write_text(json.dumps({**config, "pretrain_epochs": 8}))
+    second = _continued_run(tmp_path / "next-run", str(first / "best.safetensors"))
+    evaluation = _new_evaluation(tmp_path, second / "best.safetensors")
+    path = package_checkpoint.package(NAME, [first, second], evaluation, "a CPU", "meta-train",
+                                      continues=True)
+    assert load_checkpoint(path).record["card"]["pretrain_epochs"] == 8
+    text = (shipped / f"{NAME}.md").read_text()
+    assert ("features pre-trained first as one classifier of all training classes (8 epochs"
+            in text)
+    # without pre-training the card says nothing of it
+    plain = _continued_run(tmp_path / "plain-run", shipped_path)
+    path = package_checkpoint.package(NAME, [plain],
+                                      _new_evaluation(tmp_path, plain / "best.safetensors"),
+                                      "a CPU", "meta-train", continues=True)
+    assert "pretrain_epochs" not in load_checkpoint(path).record["card"]
+    assert "pre-trained first" not in (shipped / f"{NAME}.md").read_text()

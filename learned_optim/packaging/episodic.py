@@ -168,7 +168,10 @@ def card_markdown(name: str, record: dict) -> str:
                      + ("" if config.get("rule_lr") in (None, config["meta_lr"]) else
                         f" (the rule's weights {config['rule_lr']})")
                      + f", clip {config['grad_clip']}, meta-batch "
-                     f"{config['meta_batch']}, {order} order"),
+                     f"{config['meta_batch']}, {order} order"
+                     + (f"; the learned init's features pre-trained first as one classifier "
+                        f"of all training classes ({card['pretrain_epochs']} epochs, "
+                        "`learned_optim.pretrain`)" if card.get("pretrain_epochs") else "")),
         ("trained", f"{card['meta_steps']} meta-steps, {card['episodes_trained']} episodes, "
                     f"{card['train_wall_time_s']} s on {card['hardware']}"),
         ("regenerate", f"`{card['command']}`"),
@@ -301,7 +304,11 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
     learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
                f"image_size={config['image_size']})" if config["task"] != "sinusoid"
                else "SinusoidMLP (1-40-40-1, ReLU)")
+    # Pre-training happens in the run that asks for it; later runs continue from its weights.
+    pretrain_epochs = next((epochs for run in runs if (epochs := json.loads(
+        (run / "config.json").read_text()).get("pretrain_epochs"))), None)
     card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
+            **({"pretrain_epochs": pretrain_epochs} if pretrain_epochs else {}),
             "hardware": hardware, "learner": learner, "command": command,
             "test": evaluation, "validation_trace": facts["validation_trace"]}
     ours = next(iter(evaluation["results"].values()))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from learned_optim import load_checkpoint
+from learned_optim.cli import main
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data import EpisodeSampler, FewShotDataset, omniglot
 from learned_optim.evaluate import nearest_neighbour_score
@@ -109,3 +110,13 @@ def test_a_run_pretrains_once_logs_it_and_counts_its_time(tmp_path):
     resumed = MetaTrainer(config, resume=True, progress=False)
     assert torch.equal(resumed.learner.features[0].weight, trainer.learner.features[0].weight)
     assert len([e for e in read_log(tmp_path / "run") if "pretrain" in e]) == 1
+
+
+def test_the_command_line_passes_the_option_and_names_a_bad_value(tmp_path, capsys):
+    args = ["meta-train", "--task", "omniglot", "--protocol", "lake", "--data-root", str(ROOT),
+            "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(args + ["--pretrain-epochs", "0"]) == 2
+    assert "pretrain_epochs must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(args + ["--pretrain-epochs", "2", "--no-learned-init"]) == 2
+    assert "pretrain_epochs (--pretrain-epochs)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

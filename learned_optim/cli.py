@@ -83,6 +83,9 @@ def _add_meta_train(commands) -> None:
                         help="omniglot lake / lake-within: add the training characters rotated "
                              "by 90, 180 and 270 degrees as new classes (a rotated alphabet is "
                              "a new alphabet; validation and test stay unrotated)")
+    parser.add_argument("--pretrain-distort", dest="pretrain_distort", action="store_true",
+                        default=None, help="with --pretrain-epochs: show each pre-training "
+                        "image under a small random affine distortion")
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
     parser.add_argument("--resume", action="store_true",
@@ -231,6 +234,8 @@ def _config_from(args) -> MetaTrainConfig:
         changes["learned_init"] = args.learned_init
     if args.rotations:
         changes["rotations"] = True
+    if args.pretrain_distort:
+        changes["pretrain_distort"] = True
     if args.download:
         changes["extra"] = {**base.extra, "download": True}
     return dataclasses.replace(base, **changes)

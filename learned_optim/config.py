@@ -69,6 +69,7 @@ class MetaTrainConfig:
     checkpoint_every: int | None = None
     init_from: str | None = None  # start from a checkpoint's rule and learned init
     pretrain_epochs: int | None = None  # supervised pre-training of c_0's features first
+    pretrain_distort: bool = False  # ... on randomly distorted images (Koch et al. 2015)
     max_time_s: float | None = None  # stop (validated and saved) after this much training time
     # task "general" (learned_optim.general): fresh learners trained for horizon_min ..
     # horizon_max steps in truncations of `truncation` steps; `loss_dropout` of the problems
@@ -127,6 +128,13 @@ class MetaTrainConfig:
                 "the training classes: it needs a classification task (omniglot, "
                 f"miniimagenet) with learned_init, got task {self.task!r} with learned_init "
                 f"{self.learned_init!r}")
+
+        if not isinstance(self.pretrain_distort, bool):
+            raise ValueError(f"pretrain_distort must be true or false, got "
+                             f"{self.pretrain_distort!r}")
+        if self.pretrain_distort and not self.pretrain_epochs:
+            raise ValueError("pretrain_distort (--pretrain-distort) distorts the images of the "
+                             "supervised pre-training: set pretrain_epochs (--pretrain-epochs) too")
 
     @property
     def is_classification(self) -> bool:

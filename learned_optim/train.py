@@ -182,7 +182,7 @@ class MetaTrainer:
         give); its time counts as training time and its report goes to the metrics log."""
         dataset = self.task.episodes("train").dataset
         report = pretrain_features(self.learner, dataset, epochs, seed=self.config.seed,
-                                   progress=self.progress)
+                                   distort=self.config.pretrain_distort, progress=self.progress)
         self.elapsed += report.seconds
         self.folder.log({"step": 0, "pretrain": report.to_dict()})
 

@@ -15,7 +15,7 @@ from learned_optim.config import MetaTrainConfig
 from learned_optim.data import EpisodeSampler, FewShotDataset, omniglot
 from learned_optim.evaluate import nearest_neighbour_score
 from learned_optim.learners import ConvLearner
-from learned_optim.pretrain import pretrain_features
+from learned_optim.pretrain import pretrain_features, random_affine
 from learned_optim.runstate import read_log
 from learned_optim.tasks import build_task
 from learned_optim.train import MetaTrainer
@@ -120,3 +120,51 @@ def test_the_command_line_passes_the_option_and_names_a_bad_value(tmp_path, caps
     assert main(args + ["--pretrain-epochs", "2", "--no-learned-init"]) == 2
     assert "pretrain_epochs (--pretrain-epochs)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _centre_of_ink(images: torch.Tensor) -> torch.Tensor:
+    """``[n, 2]`` ink-weighted mean (row, column) of ``[n, 1, H, W]`` images, in pixels."""
+    rows = torch.arange(images.shape[2], dtype=images.dtype)
+    ink = images[:, 0]
+    total = ink.sum(dim=(1, 2))
+    return torch.stack([(ink.sum(dim=2) * rows).sum(dim=1) / total,
+                        (ink.sum(dim=1) * rows).sum(dim=1) / total], dim=1)
+
+
+def test_distortions_are_small_maps_that_keep_the_ink(lake_val):
+    images = lake_val.inputs[:200]  # 10 characters x 20 drawers
+    distorted = random_affine(images, torch.Generator().manual_seed(0))
+    assert distorted.shape == images.shape and 0.0 <= float(distorted.min())
+    assert bool(((distorted - images).flatten(1).abs().sum(dim=1) > 0).all())  # all moved
+    # the ink's centre moves by a few pixels at most (a shift of up to 2.8 px per axis plus a
+    # small rotation and scale about the image centre)
+    moved = (_centre_of_ink(distorted) - _centre_of_ink(images)).norm(dim=1)
+    assert float(moved.mean()) < 3.0 and float(moved.max()) < 6.0, (float(moved.mean()),
+                                                                     float(moved.max()))
+    # and keeps its ink (scale 0.9-1.1 changes the area by at most about a fifth)
+    ink = distorted.flatten(1).sum(dim=1) / images.flatten(1).sum(dim=1)
+    assert 0.7 < float(ink.min()) and float(ink.max()) < 1.3, (float(ink.min()),
+                                                                  float(ink.max()))
+
+
+def test_distortions_are_reproducible_and_refuse_flat_inputs():
+    images = torch.rand(4, 1, 28, 28)
+    first = random_affine(images, torch.Generator().manual_seed(2))
+    assert torch.equal(first, random_affine(images, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match=r"random_affine needs images \[n, C, H, W\]"):
+        random_affine(images.flatten(1))
+
+
+def test_distorted_pretraining_still_fits_and_transfers(lake_train_subset, lake_val):
+    torch.manual_seed(0)
+    learner = ConvLearner(1, ways=20, filters=16, image_size=28)
+    report = pretrain_features(learner, lake_train_subset, epochs=6, batch_size=32, seed=0,
+                               distort=True)
+    assert report.final_accuracy > 0.3
+    assert _nn_accuracy(learner, lake_val) > 0.5
+
+
+def test_distortion_needs_pretraining():
+    with pytest.raises(ValueError, match=r"pretrain_distort \(--pretrain-distort\).*"
+                                         r"pretrain_epochs"):
+        MetaTrainConfig(task="omniglot", pretrain_distort=True)

@@ -170,7 +170,9 @@ def card_markdown(name: str, record: dict) -> str:
                      + f", clip {config['grad_clip']}, meta-batch "
                      f"{config['meta_batch']}, {order} order"
                      + (f"; the learned init's features pre-trained first as one classifier "
-                        f"of all training classes ({card['pretrain_epochs']} epochs, "
+                        f"of all training classes ({card['pretrain_epochs']} epochs"
+                        + (", randomly distorted images" if card.get("pretrain_distort") else "")
+                        + ", "
                         "`learned_optim.pretrain`)" if card.get("pretrain_epochs") else "")),
         ("trained", f"{card['meta_steps']} meta-steps, {card['episodes_trained']} episodes, "
                     f"{card['train_wall_time_s']} s on {card['hardware']}"),
@@ -305,10 +307,12 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
                f"image_size={config['image_size']})" if config["task"] != "sinusoid"
                else "SinusoidMLP (1-40-40-1, ReLU)")
     # Pre-training happens in the run that asks for it; later runs continue from its weights.
-    pretrain_epochs = next((epochs for run in runs if (epochs := json.loads(
-        (run / "config.json").read_text()).get("pretrain_epochs"))), None)
+    pretrained = next((run_config for run in runs if (run_config := json.loads(
+        (run / "config.json").read_text())).get("pretrain_epochs")), None)
     card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
-            **({"pretrain_epochs": pretrain_epochs} if pretrain_epochs else {}),
+            **({"pretrain_epochs": pretrained["pretrain_epochs"],
+                "pretrain_distort": bool(pretrained.get("pretrain_distort"))}
+               if pretrained else {}),
             "hardware": hardware, "learner": learner, "command": command,
             "test": evaluation, "validation_trace": facts["validation_trace"]}
     ours = next(iter(evaluation["results"].values()))

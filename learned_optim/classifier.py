@@ -176,7 +176,8 @@ class FewShotClassifier:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             learner = ConvLearner(self.preprocessing.channels, ways, config.filters,
-                                  config.image_size, config.bn_momentum)
+                                  config.image_size, config.bn_momentum,
+                                  feature_scale=config.feature_scale)
         if self.checkpoint.learned_init is None:
             return learner
         report = load_learned_init(learner, self.checkpoint, strict=False)

@@ -46,6 +46,8 @@ _CONFIG_OPTIONS = {
                               "(general: 0.1; default: raw gradients, as in the paper)", None),
     "filters": (int, "conv learner filters", None),
     "image_size": (int, "input side in pixels", None),
+    "feature_scale": (float, "conv learner: scale the features to this length before the head "
+                             "(a cosine classifier; default: as they are)", None),
     "bn_momentum": (float, "BatchNorm momentum of the learner", None),
     "inner_lr": (float, "MAML step size / Meta-SGD initial step size", None),
     "validate_every": (int, "meta-updates between validations", None),

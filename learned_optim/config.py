@@ -61,6 +61,7 @@ class MetaTrainConfig:
     # and a step is at most this (MetaLearnerLSTM(gradient_scale=...)); "general" uses 0.1.
     gradient_scale: float | None = None
     filters: int | None = None
+    feature_scale: float | None = None  # conv learner: a cosine head (features scaled to this)
     image_size: int | None = None
     bn_momentum: float | None = None
     inner_lr: float | None = None  # maml step size / metasgd initial step size
@@ -110,6 +111,11 @@ class MetaTrainConfig:
                 and self.horizon_min > self.horizon_max):
             raise ValueError(f"horizon_min {self.horizon_min} exceeds horizon_max "
                              f"{self.horizon_max}")
+        if self.feature_scale is not None and (not self.feature_scale > 0
+                                               or self.task not in ("omniglot", "miniimagenet")):
+            raise ValueError("feature_scale (--feature-scale) must be positive and applies to "
+                             "the conv learner of omniglot / miniimagenet, got "
+                             f"{self.feature_scale!r} for task {self.task!r}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum!r}")
         if not isinstance(self.rotations, bool):

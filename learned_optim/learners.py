@@ -8,6 +8,7 @@ from torch import Tensor, nn
 __all__ = [
     "CPU_CHANNELS_LAST",
     "ConvLearner",
+    "ScaledUnitNorm",
     "SinusoidMLP",
     "conv_inputs",
     "conv_memory_format",
@@ -73,6 +74,31 @@ def set_channels_last(model: nn.Module, channels_last: bool | None) -> None:
             module.channels_last = channels_last
 
 
+class ScaledUnitNorm(nn.Module):
+    """Scale every row to the same length: ``scale * x / |x|`` (no parameters).
+
+    Ahead of a linear head it makes a cosine classifier (Chen et al., "A closer look at
+    few-shot classification", 2019): a class row grown from one support example scores a
+    query by the angle between their features, not by how much ink the support image has.
+
+    >>> ScaledUnitNorm(5.0)(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    tensor([[3., 4.],
+            [0., 5.]])
+    """
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"feature_scale must be positive, got {scale!r}")
+        self.scale = float(scale)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return nn.functional.normalize(inputs, dim=1) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
 class ConvLearner(nn.Module):
     """The paper's learner: 4 x [conv 3x3, BatchNorm, ReLU, max-pool 2], then a linear head.
 
@@ -99,6 +125,11 @@ class ConvLearner(nn.Module):
         checkpoints, ``higher``'s fast weights and the update rule see the same tensors); the
         outputs are the same to rounding. A hand-written second-order loop (a double backward
         through the learner) is faster with ``False``; ``MetaTrainer`` sets it so.
+    feature_scale:
+        ``None`` (the paper): the head reads the pooled features as they are. A number: the
+        features are scaled to this length first (:class:`ScaledUnitNorm`, the last module of
+        ``features``), making the head a cosine classifier. No parameter is added, so the
+        learned init's tensors have the same names and shapes either way.
 
     Examples
     --------
@@ -117,6 +148,7 @@ class ConvLearner(nn.Module):
         bn_momentum: float = 0.9,
         blocks: int = 4,
         channels_last: bool | None = None,
+        feature_scale: float | None = None,
     ) -> None:
         super().__init__()
         if min(in_channels, ways, filters, image_size, blocks) < 1:
@@ -133,7 +165,10 @@ class ConvLearner(nn.Module):
             channels, size = filters, size // 2
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for {blocks} pooling blocks")
-        self.features = nn.Sequential(*layers, nn.Flatten())
+        layers.append(nn.Flatten())
+        if feature_scale is not None:
+            layers.append(ScaledUnitNorm(feature_scale))
+        self.features = nn.Sequential(*layers)
         self.head = nn.Linear(filters * size * size, ways)
         self.channels_last = channels_last
 

@@ -108,7 +108,7 @@ def build_task(config: MetaTrainConfig) -> Task:
 
     def make_learner() -> nn.Module:
         return ConvLearner(channels, config.ways, config.filters, config.image_size,
-                           config.bn_momentum)
+                           config.bn_momentum, feature_scale=config.feature_scale)
 
     return Task(config, classification_episodes, make_learner, F.cross_entropy, accuracy,
                 "accuracy", higher_is_better=True)

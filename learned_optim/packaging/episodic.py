@@ -303,8 +303,10 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         facts = continued_facts(before, facts)
         hardware = f"{before['hardware']}, then {hardware}"
         command = f"{before['command']}; then {command}"
+    scale = (f", feature_scale={config['feature_scale']}" if config.get("feature_scale")
+             else "")
     learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
-               f"image_size={config['image_size']})" if config["task"] != "sinusoid"
+               f"image_size={config['image_size']}{scale})" if config["task"] != "sinusoid"
                else "SinusoidMLP (1-40-40-1, ReLU)")
     # Pre-training happens in the run that asks for it; later runs continue from its weights.
     pretrained = next((run_config for run in runs if (run_config := json.loads(

@@ -5,6 +5,7 @@ Examples::
     learned-optim meta-train                         # sinusoid, a few minutes on a CPU
     learned-optim meta-train --task omniglot --data-root DATA --ways 5 --shots 1
     learned-optim meta-train --config configs/omniglot-5w1s.toml --resume
+    learned-optim meta-train --run-dir runs/omniglot-5w1s-lstm --resume  # as it was configured
     learned-optim evaluate runs/omniglot-5w1s-lstm/best.safetensors --baselines sgd,adam,nn
     learned-optim plot runs/omniglot-5w1s-lstm        # curves.png from metrics.jsonl
     learned-optim predict omniglot-lake-20w1s --support SUPPORT_DIR --query QUERY_DIR
@@ -91,7 +92,8 @@ def _add_meta_train(commands) -> None:
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --run-dir; it may change --meta-lr, "
+                        help="continue the run in --run-dir (with no --config, as saved in its "
+                             "config.json); it may change --meta-lr, "
                              "--grad-clip, --meta-steps, --max-time-s, --validate-every, "
                              "--checkpoint-every, --device and --threads (configuration "
                              f"changes are logged in {METRICS_LOG})")
@@ -228,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from(args) -> MetaTrainConfig:
     base = load_config(args.config) if args.config else MetaTrainConfig()
+    saved = Path(args.run_dir) / "config.json" if args.run_dir else None
+    if args.resume and not args.config and saved is not None and saved.is_file():
+        # --run-dir DIR --resume continues DIR's run as it was configured: options left out
+        # keep their saved values, options given are checked as changes.
+        base = load_config(saved)
     changes = {name: getattr(args, name) for name in _CONFIG_OPTIONS
                if getattr(args, name) is not None}
     if args.second_order:

@@ -21,6 +21,7 @@ from learned_optim.config import MetaTrainConfig, load_config
 from learned_optim.data import WithinAlphabetSampler, omniglot
 from learned_optim.data.splits import split_overlap, training_data
 from learned_optim.packaging.episodic import seen_characters
+from learned_optim.runstate import read_log
 from learned_optim.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -177,9 +178,9 @@ def test_the_loader_refuses_rotations_with_vinyals():
         omniglot(ROOT, "train", "vinyals", rotations=True)
 
 
-def test_meta_training_with_rotations_records_them_and_refuses_a_resume_without(tmp_path,
-                                                                             capsys):
-    # through the command line: --rotations sets the option, leaving it out unsets it
+def test_meta_training_with_rotations_records_them_and_a_resume_keeps_them(tmp_path, capsys):
+    # through the command line: --rotations sets the option; a resume with no --config reads
+    # the run's config.json, so leaving the flag out keeps it, and another setting is refused
     run = tmp_path / "run"
     command = ["meta-train", "--task", "omniglot", "--protocol", "lake-within",
                "--data-root", str(ROOT), "--ways", "5", "--filters", "8", "--meta-batch", "2",
@@ -191,5 +192,9 @@ def test_meta_training_with_rotations_records_them_and_refuses_a_resume_without(
     assert best.record["training_data"]["rotations"] == {"train": [0, 90, 180, 270]}
     assert json.loads((run / "config.json").read_text())["rotations"] is True
     capsys.readouterr()
-    assert main(command + ["--resume", "--meta-steps", "3"]) == 2
-    assert "differs in ['rotations']" in capsys.readouterr().err
+    assert main(command + ["--resume", "--meta-steps", "3", "--ways", "3"]) == 2
+    assert "differs in ['ways']" in capsys.readouterr().err
+    assert main(command + ["--resume", "--meta-steps", "3"]) == 0
+    assert json.loads((run / "config.json").read_text())["rotations"] is True
+    assert load_checkpoint(run / "best.safetensors").record["config"]["rotations"] is True
+    assert [e["step"] for e in read_log(run) if "meta_loss" in e] == [1, 2, 3]

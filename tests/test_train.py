@@ -1,5 +1,6 @@
 """Meta-training: the routine, its run folder, resumption after SIGKILL, and bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -271,6 +272,21 @@ def test_cli_resume_with_a_lower_meta_lr_as_the_nan_advice_says(tmp_path):
                      "--grad-clip", "0.1", "--run-dir", str(tmp_path / "kk") + "/"]) == 0
     change = [e for e in read_log(tmp_path / "kk") if "resumed_with_changes" in e]
     assert change[0]["resumed_with_changes"]["meta_lr"] == {"saved": 1e-3, "given": 3e-4}
+
+
+def test_cli_resume_from_the_run_folder_alone_keeps_its_saved_configuration(tmp_path):
+    from learned_optim import cli
+
+    run = str(tmp_path / "kk")
+    assert cli.main(["meta-train", "--no-progress", "--test-episodes", "0", "--meta-batch", "2",
+                     "--val-episodes", "3", "--validate-every", "10", "--checkpoint-every", "1",
+                     "--shots", "5", "--meta-steps", "1", "--run-dir", run]) == 0
+    assert cli.main(["meta-train", "--no-progress", "--test-episodes", "0", "--resume",
+                     "--run-dir", run, "--meta-steps", "2"]) == 0
+    assert [e["step"] for e in read_log(run) if "meta_loss" in e] == [1, 2]
+    assert not [e for e in read_log(run) if "resumed_with_changes" in e
+                and set(e["resumed_with_changes"]) - {"meta_steps"}]
+    assert json.loads((tmp_path / "kk" / "config.json").read_text())["shots"] == 5
 
 
 def test_task_distribution_trainer_resumes_under_the_same_policy(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from learned_optim import distributed
 from learned_optim.config import METHODS, TASKS, MetaTrainConfig, load_config
-from learned_optim.runstate import METRICS_LOG, read_log
+from learned_optim.runstate import METRICS_LOG, RunFolder, read_log
 
 __all__ = ["main", "build_parser"]
 
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from(args) -> MetaTrainConfig:
     base = load_config(args.config) if args.config else MetaTrainConfig()
-    saved = Path(args.run_dir) / "config.json" if args.run_dir else None
+    saved = RunFolder(args.run_dir).config_path if args.run_dir else None
     if args.resume and not args.config and saved is not None and saved.is_file():
         # --run-dir DIR --resume continues DIR's run as it was configured: options left out
         # keep their saved values, options given are checked as changes.

@@ -137,13 +137,13 @@ def pretrain_features(
     for _ in range(epochs):
         order = torch.randperm(len(inputs), generator=generator)
         loss_sum, correct = 0.0, 0
-        for batch in range(batches):
-            rows = order[batch * batch_size:(batch + 1) * batch_size]
+        for index in range(batches):
+            rows = order[index * batch_size:(index + 1) * batch_size]
             targets = labels[rows].to(device)
-            batch = inputs[rows]
+            images = inputs[rows]
             if distort:
-                batch = random_affine(batch, generator)
-            logits = head(features(batch.to(device)))
+                images = random_affine(images, generator)
+            logits = head(features(images.to(device)))
             loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from learned_optim.checkpoint import CheckpointError, read_header_record, write_atomic
 
 __all__ = ["RunFolder", "save_training_state", "load_training_state", "read_training_record",
-           "read_log", "append_log", "log_path", "METRICS_LOG", "RESUME_OVERRIDES"]
+           "read_log", "append_log", "log_path", "read_run_config", "METRICS_LOG",
+           "RESUME_OVERRIDES"]
 
 # The metrics log of a run folder: one JSON object a line, per meta-step and per validation.
 METRICS_LOG = "metrics.jsonl"
@@ -207,6 +208,11 @@ def append_log(run_dir: str | Path, entry: dict) -> None:
     """
     with log_path(run_dir).open("a") as stream:
         stream.write(json.dumps(entry) + "\n")
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The configuration a run folder was started with (its ``config.json``), as saved."""
+    return json.loads(RunFolder(run_dir).config_path.read_text())
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

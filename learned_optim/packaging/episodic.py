@@ -49,6 +49,7 @@ from learned_optim.config import MetaTrainConfig
 from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.data.splits import training_data
 from learned_optim.packaging.facts import continued_facts, training_facts
+from learned_optim.runstate import read_run_config
 
 __all__ = ["package", "add_results", "card_markdown", "card_setting", "read_evaluation",
            "baseline_training_note", "result_notes"]
@@ -219,7 +220,7 @@ Program Learning 3.3%, Siamese convnet 8.0%, convnet 13.5%.
 
 def baseline_training_note(run: Path, hardware: str, note: str = "") -> str:
     """How a MAML / Meta-SGD baseline was trained, from its run folder (plus ``note``)."""
-    config = json.loads((run / "config.json").read_text())
+    config = read_run_config(run)
     facts = training_facts([run])
     order = "first" if config["first_order"] else "second"
     meta_lr = config.get("meta_lr", DEFAULT_META_LR)
@@ -286,7 +287,7 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
     # Training that came before runs[0] (its warm start): that shipped checkpoint's card.
     before = None
     if continues or after is not None:
-        init_from = json.loads((runs[0] / "config.json").read_text()).get("init_from")
+        init_from = read_run_config(runs[0]).get("init_from")
     if continues:
         if not init_from or Path(init_from).name != f"{name}.safetensors":
             raise SystemExit(f"{runs[0]}: --continues needs a first run started with "
@@ -309,8 +310,8 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
                f"image_size={config['image_size']}{scale})" if config["task"] != "sinusoid"
                else "SinusoidMLP (1-40-40-1, ReLU)")
     # Pre-training happens in the run that asks for it; later runs continue from its weights.
-    pretrained = next((run_config for run in runs if (run_config := json.loads(
-        (run / "config.json").read_text())).get("pretrain_epochs")), None)
+    pretrained = next((run_config for run in runs
+                       if (run_config := read_run_config(run)).get("pretrain_epochs")), None)
     card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
             **({"pretrain_epochs": pretrained["pretrain_epochs"],
                 "pretrain_distort": bool(pretrained.get("pretrain_distort"))}

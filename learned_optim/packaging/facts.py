@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from learned_optim.runstate import read_log
+from learned_optim.runstate import read_log, read_run_config
 
 __all__ = ["training_facts", "continued_facts"]
 
@@ -35,7 +34,7 @@ def training_facts(runs: list[Path], *, restarted_validations: bool = True) -> d
     wall = 0.0
     trace: list[dict] = []
     for run in runs:
-        config = json.loads((Path(run) / "config.json").read_text())
+        config = read_run_config(run)
         log = read_log(run)
         trained = [e for e in log if "meta_loss" in e]
         if not trained:

@@ -88,6 +88,7 @@ from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM  # noqa: E402
 from learned_optim.config import MetaTrainConfig  # noqa: E402
 from learned_optim.learners import ConvLearner, reset_batchnorm  # noqa: E402
 from learned_optim.rule import policy  # noqa: E402
+from learned_optim.rule.compiled import update_rows_compiled  # noqa: E402
 from learned_optim.rule.math import initial_state, prepare_step  # noqa: E402
 from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable  # noqa: E402
 from learned_optim.tasks import to_device  # noqa: E402
@@ -380,9 +381,10 @@ class Parts:
         F.cross_entropy(out, yq).backward()
 
     def update_on_tape(self, backward: bool = True, recompute: bool = True,
-                       chain: bool = True) -> None:
+                       chain: bool = True, compiled: bool = False) -> None:
         """(b) T steps of the first-order trajectory on the tape, as the differentiable
-        optimizer runs them, + backward; ``chain=False``: one node per step (bs)."""
+        optimizer runs them, + backward; ``chain=False``: one node per step (bs);
+        ``compiled``: one compiled node per step (bc)."""
         weights = self.rule.weights()
         params = list(self.init)
         state = initial_state(self.rows, self.rule.hidden_size, device=self.device)
@@ -394,6 +396,9 @@ class Parts:
             flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
             if trajectory is not None:
                 new_param, state = trajectory.step(constants, flat_grad)
+            elif compiled:
+                new_param, state = update_rows_compiled(
+                    constants, state, flat_grad, torch.cat([p.reshape(-1) for p in params]))
             else:
                 new_param, state = update_rows_differentiable(
                     constants, state, flat_grad, torch.cat([p.reshape(-1) for p in params]),
@@ -407,6 +412,10 @@ class Parts:
     def update_per_step(self) -> None:
         """(bs) as (b), one node per step with the hand-written backward (second order's)."""
         self.update_on_tape(chain=False)
+
+    def update_compiled(self) -> None:
+        """(bc) as (bs), each step through the step compiled by torch.compile (first order)."""
+        self.update_on_tape(chain=False, compiled=True)
 
     def update_recorded(self) -> None:
         """(b0) as (bs), every operation recorded by autograd (the straightforward tape)."""
@@ -459,18 +468,33 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def without_compiled_rule(fn):
+    """``fn`` run with the policy's compiled step off (``LEARNED_OPTIM_COMPILE=0``): the
+    package's eager first-order path, for the same episode, in the same process."""
+    def run():
+        saved, policy.COMPILE_RULE = policy.COMPILE_RULE, False
+        try:
+            return fn()
+        finally:
+            policy.COMPILE_RULE = saved
+    return run
+
+
 def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
     """Package against reference at one episode shape: whole meta-steps, then the rule alone."""
     setting = argparse.Namespace(**{**vars(args), "ways": ways, "shots": shots})
     fo = make_trainer(setting, True, run_root / f"{ways}w{shots}s")
+    eager = make_trainer(setting, True, run_root / f"{ways}w{shots}s-eager")
     steps = {"package, first order": fo.meta_step,
+             "package, first order, not compiled": without_compiled_rule(eager.meta_step),
              "reference, first order": ReferenceTrainer(fo, first_order=True).meta_step}
     if not args.first_order_only:
         so = make_trainer(setting, False, run_root / f"{ways}w{shots}s")
         steps["package, second order"] = so.meta_step
         steps["reference, second order"] = ReferenceTrainer(so, first_order=False).meta_step
     parts = Parts(fo, args.steps)
-    rule_parts = {"rule: package chained replay (b)": parts.update_on_tape,
+    rule_parts = {"rule: package compiled step (bc)": parts.update_compiled,
+                  "rule: package chained replay (b)": parts.update_on_tape,
                   "rule: package hand-written backward per step (bs)": parts.update_per_step,
                   "rule: package recorded op by op (b0)": parts.update_recorded,
                   "rule: reference LSTMCell chain": parts.update_reference_chain}

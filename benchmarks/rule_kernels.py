@@ -43,6 +43,7 @@ from _shared import (  # sibling module: run as python benchmarks/rule_kernels.p
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import policy
+from learned_optim.rule.compiled import update_rows_compiled
 from learned_optim.rule.math import (
     ConstantGrads,
     initial_state,
@@ -110,6 +111,8 @@ def tape_paths(rows: int, steps: int = 12) -> dict:
                 constants = prepare_step(weights, loss, torch.float32)
                 if trajectory is not None:
                     theta, state = trajectory.step(constants, grad)
+                elif path == "compiled":
+                    theta, state = update_rows_compiled(constants, state, grad, theta)
                 else:
                     theta, state = update_rows_differentiable(
                         constants, state, grad, theta, recompute=path == "recomputed")

@@ -21,6 +21,7 @@ from torch import Tensor
 from learned_optim.checkpoint import load_update_rule, shipped_path
 from learned_optim.metalearner import MetaLearnerLSTM, rule_fingerprint
 from learned_optim.rule import policy
+from learned_optim.rule.compiled import update_rows_compiled
 from learned_optim.rule.math import (
     apply_group_options,
     initial_state,
@@ -28,7 +29,7 @@ from learned_optim.rule.math import (
     row_scratch,
     update_rows,
 )
-from learned_optim.rule.tape import RuleTrajectory, trajectory_applies, update_rows_differentiable
+from learned_optim.rule.tape import RuleTrajectory, first_order_path, update_rows_differentiable
 
 __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_RULE",
            "default_rule", "GROUP_DEFAULTS"]
@@ -818,10 +819,11 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         return self.meta_learner.update_multiplier(
             max(self._moments[group_index][i][1] for i in active))
 
-    def _chain_applies(self, flat_grad: Tensor) -> bool:
-        """Whether this step can join a first-order trajectory: on a tape, with the gradient
-        and the loss constants (first order), so that only the last parameters need the tape."""
-        return self.first_order and trajectory_applies(flat_grad, self._loss)
+    def _first_order_path(self, flat_grad: Tensor) -> str | None:
+        """``"trajectory"`` where this step can join a first-order trajectory (on a tape, the
+        gradient and the loss constants, so only the last parameters need the tape),
+        ``"compiled"`` where it takes the compiled step instead, else ``None``."""
+        return first_order_path(flat_grad, self._loss) if self.first_order else None
 
     def _initial_bucket_state(self, group_index: int, indices: list[int], like: Tensor) -> Tensor:
         """The state the drop-in optimizer had (copied by higher), or a new task's zeros."""
@@ -861,7 +863,8 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 bucket_lr = lr if multiplier == 1.0 else lr * multiplier
                 bucket_plain = plain and multiplier == 1.0
                 chains = self._chains[group_index]
-                if bucket_plain and self._chain_applies(flat_grad):
+                path = self._first_order_path(flat_grad)
+                if bucket_plain and path == "trajectory":
                     chain = chains.get(key)
                     if chain is None or not chain.continues(active, params):
                         chain = _Chain(RuleTrajectory(active_rows, torch.cat(
@@ -871,8 +874,12 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 else:
                     chains.pop(key, None)
                     flat_param = torch.cat([params[i].reshape(-1) for i in active])
-                    new_param, new_rows = update_rows_differentiable(constants, active_rows,
-                                                                     flat_grad, flat_param)
+                    if path == "compiled":
+                        new_param, new_rows = update_rows_compiled(constants, active_rows,
+                                                                   flat_grad, flat_param)
+                    else:
+                        new_param, new_rows = update_rows_differentiable(
+                            constants, active_rows, flat_grad, flat_param)
                     if not bucket_plain:
                         new_param = apply_group_options(flat_param, new_param,
                                                         _like(bucket_lr, flat_param),

@@ -1,5 +1,9 @@
 """learned_optim.rule.policy: every chunk and replay size, per device, in one place."""
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from learned_optim.rule import policy
@@ -56,6 +60,7 @@ def test_the_thread_limit_is_restored_after_the_loop():
 
 def test_tape_path_records_op_by_op_only_below_the_threshold_on_one_cpu_thread(monkeypatch):
     monkeypatch.setattr(policy, "RECORDED_MAX_ROWS", 4096)
+    monkeypatch.setattr(policy, "COMPILE_RULE", False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert policy.tape_path(CPU, 4096, first_order=True) == "recorded"
     assert policy.tape_path(CPU, 4097, first_order=True) == "trajectory"
@@ -65,8 +70,25 @@ def test_tape_path_records_op_by_op_only_below_the_threshold_on_one_cpu_thread(m
     assert policy.tape_path(CPU, 10, first_order=True) == "trajectory"
 
 
-def test_the_default_keeps_the_hand_written_paths_at_every_size():
+def test_first_order_cpu_steps_of_the_compiled_range_take_the_compiled_step(monkeypatch):
     assert policy.RECORDED_MAX_ROWS == 0
-    for rows in (1, 5000, 10**6):
+    low, high = policy.COMPILED_MIN_ROWS, policy.COMPILED_MAX_ROWS
+    monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    for rows in (low, 28_485, high):
+        assert policy.tape_path(CPU, rows, first_order=True) == "compiled"
+    for rows in (1, low - 1, high + 1, 10**7):  # too cheap to matter; tape too large
         assert policy.tape_path(CPU, rows, first_order=True) == "trajectory"
+    for rows in (1, 28_485, 10**6):  # second order: the compiled graph has no double backward
         assert policy.tape_path(CPU, rows, first_order=False) == "recomputed"
+    assert policy.tape_path(CUDA, 28_485, first_order=True) == "trajectory"
+    monkeypatch.setattr(policy, "COMPILE_RULE", False)  # LEARNED_OPTIM_COMPILE=0
+    assert policy.tape_path(CPU, 28_485, first_order=True) == "trajectory"
+
+
+def test_the_compile_switch_reads_the_environment():
+    code = "from learned_optim.rule import policy; print(policy.COMPILE_RULE)"
+    for value, expected in (("0", "False"), ("no", "False"), ("1", "True"), ("", "True")):
+        env = {**os.environ, "LEARNED_OPTIM_COMPILE": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == expected, value

@@ -159,7 +159,7 @@ def _twin_meta_gradients(use_chain: bool, replace_at: int | None = None):
     opt = LSTMMetaOptimizer(model.parameters(), meta, first_order=True)
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
         if not use_chain:
-            diffopt._chain_applies = lambda flat_grad: False
+            diffopt._first_order_path = lambda flat_grad: None
         for step in range(4):
             params = None
             if step == replace_at:  # a user's own edit of the fast weights between steps

@@ -1,12 +1,14 @@
 """The update rule of the Meta-Learner LSTM, written once, below everything else.
 
-Three modules, imports pointing one way (``tape -> math -> policy``):
+Four modules, imports pointing one way (``tape -> compiled -> math -> policy``):
 
 - :mod:`learned_optim.rule.math`: the pure forward and per-row backward kernels
   (:func:`~learned_optim.rule.math.prepare_step`, :func:`~learned_optim.rule.math.update_rows`,
   :func:`~learned_optim.rule.math.rows_backward`), no autograd decisions;
 - :mod:`learned_optim.rule.tape`: the ``autograd.Function`` nodes (recomputed step,
   first-order trajectory) and the one place that chooses which path a step takes;
+- :mod:`learned_optim.rule.compiled`: ``update_rows`` through ``torch.compile``, the path of
+  first-order steps on a CPU (``tape -> compiled -> math``);
 - :mod:`learned_optim.rule.policy`: every chunk and replay size, per device.
 
 Nothing here knows of modules, optimizers, files or datasets.

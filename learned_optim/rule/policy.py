@@ -24,6 +24,9 @@ __all__ = [
     "ACCELERATOR_CHUNK_ROWS",
     "REPLAY_CHUNK_BYTES",
     "ACCELERATOR_REPLAY_CHUNK_BYTES",
+    "COMPILE_RULE",
+    "COMPILED_MAX_ROWS",
+    "COMPILED_MIN_ROWS",
     "MIN_REPLAY_CHUNK_ROWS",
     "SEGMENT_STEPS",
     "PARALLEL_MIN_ROWS",
@@ -203,8 +206,20 @@ def threads_for_chunk_loop(device: torch.device, rows: int) -> Iterator[None]:
 
 # The paths a step may take on the autograd tape (learned_optim.rule.tape): the anchored
 # first-order trajectory (replayed chunk by chunk), one node per step with the hand-written
-# backward (recomputed), and every operation recorded by autograd.
-TAPE_PATHS = ("trajectory", "recomputed", "recorded")
+# backward (recomputed), every operation recorded by autograd, and the step compiled by
+# torch.compile (first order only; learned_optim.rule.compiled).
+TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled")
+# First-order steps on a CPU take the compiled step (LEARNED_OPTIM_COMPILE=0 turns it off).
+# Measured on the 2-core Xeon, T = 12 steps and the backward (benchmarks/meta_train.py and
+# rule_kernels.py --only tape): about 2x as fast as the trajectory at 5,000 and 28,485 rows on
+# one thread, 3x on two; its one compilation (about 30 s a process) pays for itself after a
+# few hundred meta-steps. Below COMPILED_MIN_ROWS a step is too cheap to matter. Above
+# COMPILED_MAX_ROWS its tape grows too large: it keeps each step's intermediates, 606 bytes a
+# coordinate and step at H = 20 (the trajectory 19, every operation recorded 912), so 1.9 GB
+# at 2**18 rows and T = 12.
+COMPILE_RULE = os.environ.get("LEARNED_OPTIM_COMPILE", "1").strip() not in ("0", "false", "no")
+COMPILED_MIN_ROWS = 4096
+COMPILED_MAX_ROWS = 2**18
 # At most this many rows, a CPU running torch on one thread records the rule op by op. Off
 # (0): measured on the 2-core EPYC, one thread, T = 12 + backward (benchmarks/rule_kernels.py,
 # docs/results/rule_kernels.md), recording wins only at small sizes (1.2x faster at 5,000 rows)
@@ -226,4 +241,7 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     """
     if _on_cpu(device) and rows <= RECORDED_MAX_ROWS and torch.get_num_threads() == 1:
         return "recorded"
+    if (first_order and COMPILE_RULE and _on_cpu(device)
+            and COMPILED_MIN_ROWS <= rows <= COMPILED_MAX_ROWS):
+        return "compiled"
     return "trajectory" if first_order else "recomputed"

@@ -24,8 +24,9 @@ two nodes here keep far less, and the path is chosen once, by
 
 A double backward (``create_graph=True`` through the update itself) re-runs the recorded
 forward instead, so higher-order gradients stay exact. Chunk sizes, the threads of the chunk
-loops and which of the paths (trajectory, recomputed step, or every operation recorded) a
-step of a given size takes come from :mod:`learned_optim.rule.policy`.
+loops and which of the paths (trajectory, recomputed step, every operation recorded, or, for
+first-order steps on a CPU, the step compiled by :mod:`learned_optim.rule.compiled`) a step
+of a given size takes come from :mod:`learned_optim.rule.policy`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rule import policy
+from learned_optim.rule.compiled import compiled_rule
 from learned_optim.rule.math import (
     ConstantGrads,
     StepConstants,
@@ -43,8 +45,8 @@ from learned_optim.rule.math import (
     update_rows_chunked,
 )
 
-__all__ = ["RuleTrajectory", "on_tape", "trajectory_applies", "update_rows_differentiable",
-           "update_rows_recomputed"]
+__all__ = ["RuleTrajectory", "first_order_path", "on_tape", "trajectory_applies",
+           "update_rows_differentiable", "update_rows_recomputed"]
 
 
 def on_tape(constants: StepConstants, *tensors: Tensor) -> bool:
@@ -63,19 +65,38 @@ def on_tape(constants: StepConstants, *tensors: Tensor) -> bool:
         t.requires_grad for t in (*tensors, *constants[:-1]))
 
 
+def first_order_path(grad: Tensor, loss: Tensor | None) -> str | None:
+    """The first-order path of a step on a tape whose gradient and loss are constants:
+    ``"trajectory"`` (join a :class:`RuleTrajectory`) or ``"compiled"``
+    (:func:`~learned_optim.rule.compiled.update_rows_compiled`), as the policy chooses for its
+    size (:func:`learned_optim.rule.policy.tape_path`; the trajectory where compilation
+    failed); ``None`` off the tape or for a second-order step.
+
+    >>> first_order_path(torch.ones(3), torch.tensor(1.0))
+    'trajectory'
+    >>> first_order_path(torch.ones(3, requires_grad=True), torch.tensor(1.0)) is None
+    True
+    """
+    if not torch.is_grad_enabled() or grad.requires_grad or (
+            loss is not None and loss.requires_grad):
+        return None
+    path = policy.tape_path(grad.device, grad.shape[0], first_order=True)
+    if path == "compiled" and compiled_rule() is None:
+        return "trajectory"
+    return path if path in ("trajectory", "compiled") else None
+
+
 def trajectory_applies(grad: Tensor, loss: Tensor | None) -> bool:
     """Whether a step may join a first-order :class:`RuleTrajectory`: on a tape, with the
     gradient and the loss constants, so that only the last parameters need the tape, and the
-    trajectory is the policy's path for its size (:func:`learned_optim.rule.policy.tape_path`).
+    trajectory is the policy's path for its size (:func:`first_order_path`).
 
     >>> trajectory_applies(torch.ones(3), torch.tensor(1.0))
     True
     >>> trajectory_applies(torch.ones(3, requires_grad=True), torch.tensor(1.0))
     False
     """
-    return (torch.is_grad_enabled() and not grad.requires_grad
-            and not (loss is not None and loss.requires_grad)
-            and policy.tape_path(grad.device, grad.shape[0], first_order=True) == "trajectory")
+    return first_order_path(grad, loss) == "trajectory"
 
 
 def update_rows_differentiable(

@@ -1,0 +1,138 @@
+"""The compiled first-order step (learned_optim.rule.compiled) against the eager rule."""
+
+import warnings
+
+import higher
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import learned_optim.optimizer as optimizer_module
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim.rule import compiled, policy
+from learned_optim.rule.math import prepare_step, update_rows
+from learned_optim.rule.tape import first_order_path
+
+
+def _trained_looking_rule(seed: int = 0) -> MetaLearnerLSTM:
+    """A rule whose weights are not the paper's init, so every gate matters."""
+    torch.manual_seed(seed)
+    rule = MetaLearnerLSTM()
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return rule
+
+
+def _chain(step, rule, rows: int, steps: int = 6):
+    """``steps`` first-order updates from a random state, then a backward: values and grads."""
+    generator = torch.Generator().manual_seed(1)
+    state0 = torch.randn(rows, 42, generator=generator)
+    param0 = torch.randn(rows, generator=generator).requires_grad_()
+    grads = [torch.randn(rows, generator=generator) * 0.05 for _ in range(steps)]
+    rule.zero_grad()
+    state, param = state0.clone().requires_grad_(), param0
+    start = state
+    for grad in grads:
+        constants = prepare_step(rule.weights(), torch.tensor(0.8), torch.float32)
+        param, state = step(constants, state, grad, param)
+    weights = torch.randn(rows, 42, generator=generator)
+    ((param * grads[0]).sum() + (state * weights).sum()).backward()
+    return [param.detach(), state.detach(), start.grad, param0.grad,
+            *[p.grad for p in rule.parameters()]]
+
+
+def test_the_compiled_step_gives_the_eager_rules_values_and_gradients():
+    rule = _trained_looking_rule()
+    eager = _chain(update_rows, rule, 3000)
+    fused = _chain(compiled.update_rows_compiled, rule, 3000)
+    names = ["theta", "state", "d state_0", "d theta_0",
+             *[n for n, _ in rule.named_parameters()]]
+    for name, ours, theirs in zip(names, fused, eager):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                   msg=name)
+
+
+def test_the_state_stays_feature_major_between_compiled_steps():
+    rule = _trained_looking_rule()
+    constants = prepare_step(rule.weights(), torch.tensor(1.0), torch.float32)
+    param = torch.zeros(5000, requires_grad=True)
+    theta, state = compiled.update_rows_compiled(constants, torch.zeros(5000, 42),
+                                                 torch.ones(5000), param)
+    assert state.shape == (5000, 42) and state.t().is_contiguous()
+    _, again = compiled.update_rows_compiled(constants, state, torch.ones(5000), theta)
+    assert again.t().is_contiguous()
+
+
+def test_the_compiled_step_refuses_a_gradient_on_the_tape():
+    constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
+    grad = torch.ones(8, requires_grad=True)
+    with pytest.raises(ValueError, match="first-order steps"):
+        compiled.update_rows_compiled(constants, torch.zeros(8, 42), grad, torch.zeros(8))
+
+
+def _twin_meta_gradients(first_order: bool, compile_rule: bool, monkeypatch):
+    """Meta-gradients after 4 twin steps on an MLP of 4,403 coordinates, and how many steps
+    took the compiled path."""
+    monkeypatch.setattr(policy, "COMPILE_RULE", compile_rule)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return compiled.update_rows_compiled(*args)
+
+    monkeypatch.setattr(optimizer_module, "update_rows_compiled", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 100), nn.Tanh(), nn.Linear(100, 3))
+    assert sum(p.numel() for p in model.parameters()) >= policy.COMPILED_MIN_ROWS
+    x, y = torch.randn(24, 40), torch.randint(0, 3, (24,))
+    rule = _trained_looking_rule(seed=3)
+    opt = LSTMMetaOptimizer(model.parameters(), rule, first_order=first_order)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(4):
+            diffopt.step(F.cross_entropy(fmodel(x[:16]), y[:16]))
+        F.cross_entropy(fmodel(x[16:]), y[16:]).backward()
+    return [p.grad.clone() for p in (*rule.parameters(), *model.parameters())], len(calls)
+
+
+def test_the_twin_takes_the_compiled_step_in_first_order_with_the_trajectorys_gradients(
+        monkeypatch):
+    fused, calls = _twin_meta_gradients(True, True, monkeypatch)
+    assert calls == 4
+    replayed, calls = _twin_meta_gradients(True, False, monkeypatch)
+    assert calls == 0
+    for ours, theirs in zip(fused, replayed):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def test_second_order_never_takes_the_compiled_step(monkeypatch):
+    _, calls = _twin_meta_gradients(False, True, monkeypatch)
+    assert calls == 0
+
+
+def test_a_failed_compilation_warns_once_and_first_order_steps_stay_eager(monkeypatch):
+    def no_compiler(fn, **options):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return fails
+
+    monkeypatch.setattr(compiled, "_compiled", None)
+    monkeypatch.setattr(compiled, "_failure", None)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    grad = torch.randn(5000)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the update rule failed "
+                                            r"\(RuntimeError: no C\+\+ compiler found\)"):
+        assert first_order_path(grad, torch.tensor(1.0)) == "trajectory"
+    with warnings.catch_warnings():  # once: later steps do not try again
+        warnings.simplefilter("error")
+        assert first_order_path(grad, torch.tensor(1.0)) == "trajectory"
+        constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
+        param = torch.randn(5000, requires_grad=True)
+        theta, _ = compiled.update_rows_compiled(constants, torch.zeros(5000, 42), grad, param)
+    expected, _ = update_rows(constants, torch.zeros(5000, 42), grad, param)
+    torch.testing.assert_close(theta, expected, rtol=0, atol=0)
+

@@ -21,7 +21,6 @@ from torch import Tensor
 from learned_optim.checkpoint import load_update_rule, shipped_path
 from learned_optim.metalearner import MetaLearnerLSTM, rule_fingerprint
 from learned_optim.rule import policy
-from learned_optim.rule.compiled import update_rows_compiled
 from learned_optim.rule.math import (
     apply_group_options,
     initial_state,
@@ -874,12 +873,9 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 else:
                     chains.pop(key, None)
                     flat_param = torch.cat([params[i].reshape(-1) for i in active])
-                    if path == "compiled":
-                        new_param, new_rows = update_rows_compiled(constants, active_rows,
-                                                                   flat_grad, flat_param)
-                    else:
-                        new_param, new_rows = update_rows_differentiable(
-                            constants, active_rows, flat_grad, flat_param)
+                    # the policy's path for the size: the compiled node on a CPU
+                    new_param, new_rows = update_rows_differentiable(
+                        constants, active_rows, flat_grad, flat_param)
                     if not bucket_plain:
                         new_param = apply_group_options(flat_param, new_param,
                                                         _like(bucket_lr, flat_param),

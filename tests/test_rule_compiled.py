@@ -1,4 +1,4 @@
-"""The compiled first-order step (learned_optim.rule.compiled) against the eager rule."""
+"""The compiled step (learned_optim.rule.compiled) against the eager rule, in both orders."""
 
 import warnings
 
@@ -8,11 +8,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import learned_optim.optimizer as optimizer_module
+import learned_optim.rule.tape as tape_module
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import compiled, policy
-from learned_optim.rule.math import prepare_step, update_rows
-from learned_optim.rule.tape import first_order_path
+from learned_optim.rule.math import initial_state, prepare_step, update_rows
+from learned_optim.rule.tape import (
+    compiled_applies,
+    first_order_path,
+    update_rows_differentiable,
+)
 
 
 def _trained_looking_rule(seed: int = 0) -> MetaLearnerLSTM:
@@ -66,11 +70,63 @@ def test_the_state_stays_feature_major_between_compiled_steps():
     assert again.t().is_contiguous()
 
 
-def test_the_compiled_step_refuses_a_gradient_on_the_tape():
-    constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
-    grad = torch.ones(8, requires_grad=True)
-    with pytest.raises(ValueError, match="first-order steps"):
-        compiled.update_rows_compiled(constants, torch.zeros(8, 42), grad, torch.zeros(8))
+def _second_order_chain(step, rule, rows: int = 3000, steps: int = 4):
+    """``steps`` second-order updates of a quadratic's parameters (the gradient and the loss
+    on the tape), then the meta-gradients with ``create_graph=True`` and a gradient of those:
+    what a hypergradient of a hypergradient needs."""
+    generator = torch.Generator().manual_seed(2)
+    theta0 = torch.randn(rows, generator=generator).requires_grad_()
+    target = torch.randn(rows, generator=generator)
+    state, theta = initial_state(rows, rule.hidden_size), theta0
+    for _ in range(steps):
+        loss = ((theta - target) ** 2).mean() * 3
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        theta, state = step(prepare_step(rule.weights(), loss, torch.float32), state, grad, theta)
+    meta = torch.autograd.grad((theta ** 3).sum() + state.sum(),
+                               [theta0, *rule.parameters()], create_graph=True)
+    again = torch.autograd.grad(meta[0].sum() + meta[1].sum(), [theta0, rule.weight_ih])
+    return [theta.detach(), *(g.detach() for g in meta), *again]
+
+
+def test_second_order_steps_and_a_double_backward_through_them_match_the_eager_rule():
+    rule = _trained_looking_rule(seed=5)
+    eager = _second_order_chain(update_rows, rule)
+    fused = _second_order_chain(compiled.update_rows_compiled, rule)
+    assert len(fused) == 9
+    for index, (ours, theirs) in enumerate(zip(fused, eager)):
+        scale = theirs.abs().max().item()
+        assert scale > 0, index  # every meta-gradient and second gradient is exercised
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                   msg=f"output {index}")
+
+
+def test_the_compiled_node_saves_only_its_inputs():
+    """Its tape holds the gradient and parameter rows and the step constants; the state it
+    saves is the previous step's output, which the tape keeps anyway."""
+    rule = _trained_looking_rule()
+    rows, steps = 20_000, 3
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    state, theta = initial_state(rows, 20), torch.zeros(rows, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        for _ in range(steps):
+            constants = prepare_step(rule.weights(), torch.tensor(1.0), torch.float32)
+            theta, state = compiled.update_rows_compiled(constants, state, torch.ones(rows),
+                                                         theta)
+    per_row = [t for t in saved if t.numel() >= rows]
+    # per step: the incoming state (42 floats a row), the gradient and the parameter
+    assert sorted(t.numel() for t in per_row) == sorted([42 * rows, rows, rows] * steps)
+
+
+def test_float64_steps_stay_on_the_eager_paths():
+    assert compiled_applies(torch.ones(5000))
+    assert not compiled_applies(torch.ones(5000, dtype=torch.float64))
+    assert first_order_path(torch.ones(5000, dtype=torch.float64),
+                            torch.tensor(1.0)) == "trajectory"
 
 
 def _twin_meta_gradients(first_order: bool, compile_rule: bool, monkeypatch):
@@ -83,7 +139,7 @@ def _twin_meta_gradients(first_order: bool, compile_rule: bool, monkeypatch):
         calls.append(1)
         return compiled.update_rows_compiled(*args)
 
-    monkeypatch.setattr(optimizer_module, "update_rows_compiled", counted)
+    monkeypatch.setattr(tape_module, "update_rows_compiled", counted)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 100), nn.Tanh(), nn.Linear(100, 3))
     assert sum(p.numel() for p in model.parameters()) >= policy.COMPILED_MIN_ROWS
@@ -108,12 +164,18 @@ def test_the_twin_takes_the_compiled_step_in_first_order_with_the_trajectorys_gr
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
-def test_second_order_never_takes_the_compiled_step(monkeypatch):
-    _, calls = _twin_meta_gradients(False, True, monkeypatch)
+def test_second_order_takes_the_compiled_node_with_the_recomputed_paths_gradients(
+        monkeypatch):
+    fused, calls = _twin_meta_gradients(False, True, monkeypatch)
+    assert calls == 4
+    recomputed, calls = _twin_meta_gradients(False, False, monkeypatch)
     assert calls == 0
+    for ours, theirs in zip(fused, recomputed):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
-def test_a_failed_compilation_warns_once_and_first_order_steps_stay_eager(monkeypatch):
+def test_a_failed_compilation_warns_once_and_steps_stay_eager(monkeypatch):
     def no_compiler(fn, **options):
         def fails(*args):
             raise RuntimeError("no C++ compiler found\nmore detail")
@@ -125,7 +187,8 @@ def test_a_failed_compilation_warns_once_and_first_order_steps_stay_eager(monkey
     monkeypatch.setattr(policy, "COMPILE_RULE", True)
     grad = torch.randn(5000)
     with pytest.warns(RuntimeWarning, match="torch.compile of the update rule failed "
-                                            r"\(RuntimeError: no C\+\+ compiler found\)"):
+                                            r"\(RuntimeError: no C\+\+ compiler found\); "
+                                            "steps take the eager paths"):
         assert first_order_path(grad, torch.tensor(1.0)) == "trajectory"
     with warnings.catch_warnings():  # once: later steps do not try again
         warnings.simplefilter("error")
@@ -133,6 +196,9 @@ def test_a_failed_compilation_warns_once_and_first_order_steps_stay_eager(monkey
         constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
         param = torch.randn(5000, requires_grad=True)
         theta, _ = compiled.update_rows_compiled(constants, torch.zeros(5000, 42), grad, param)
+        on_tape = grad.clone().requires_grad_()  # a second-order step: the recomputed node
+        node = update_rows_differentiable(constants, torch.zeros(5000, 42), on_tape, param)[0]
+        assert node.grad_fn.name() == "_UpdateRowsBackward"
     expected, _ = update_rows(constants, torch.zeros(5000, 42), grad, param)
     torch.testing.assert_close(theta, expected, rtol=0, atol=0)
 

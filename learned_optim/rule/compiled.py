@@ -1,19 +1,32 @@
-"""The update rule compiled by ``torch.compile`` for first-order meta-training on a CPU.
+"""The update rule compiled by ``torch.compile``: one fused node a step on the CPU's tape.
 
 Eagerly, one step of :func:`~learned_optim.rule.math.update_rows` is about 25 operators, each
 a pass over ``[n, 80]`` or ``[n, 20]`` floats; inductor fuses the elementwise ones into a few
-vectorised loops around the two matrix products, forward and backward. The compiled function
-*is* ``update_rows`` (feature-major), so the rule is still written once; autograd records one
-node per step, whose backward inductor compiles too. On the 2-core Xeon (one thread, T = 12
-steps and the backward, 5,000 to 28,485 coordinates) that is about 2x as fast as the
-first-order trajectory's replay (``benchmarks/meta_train.py``, "rule:" rows).
+vectorised loops around the matrix products. Two functions are compiled, both from
+``update_rows`` itself (feature-major), so the rule is still written once:
 
-It is used only where its backward is an ordinary one: first-order steps (the gradient and the
-loss are constants; inductor's graphs have no double backward), on a CPU, for the sizes that
-:func:`learned_optim.rule.policy.tape_path` gives it. The first use compiles once per process
-(about 30 s; shapes are dynamic, so other sizes reuse it), after a probe on a few rows; if
-compilation fails (no C++ compiler, an unsupported platform) a warning says so and every step
-takes the eager path. ``LEARNED_OPTIM_COMPILE=0`` turns it off (``policy.COMPILE_RULE``).
+- the **forward**, run without autograd;
+- the **backward**, ``torch.func.vjp`` of the same function: it recomputes the step's gate
+  values from its inputs and pulls the output gradients back, fused.
+
+:class:`_CompiledStep` joins them as one autograd node that saves only its inputs, like the
+recomputed step of :mod:`learned_optim.rule.tape` (the state is the previous step's output
+anyway, so the tape grows by the gradient and parameter rows, 8 bytes a coordinate and step).
+On the 2-core Xeon at 28,485 coordinates (T = 12 steps and the backward, 2 threads) that was
+as fast as letting AOTAutograd save the intermediates (183 against 210 ms, interleaved), with
+none of their 606 bytes a coordinate and step.
+
+Its backward is an ordinary function of the saved inputs, so it serves first-order steps and
+second-order ones alike (the gradient input may itself be on the tape: its gradient flows on
+into the learner's double backward). Only a gradient *of* the backward
+(``create_graph=True`` through the update) takes the eager ``torch.func.vjp`` instead, which
+autograd records, so higher-order gradients stay exact.
+
+:func:`learned_optim.rule.policy.tape_path` gives it float32 steps on a CPU in a range of
+sizes. The first use compiles once per process (about 40 s on 2 cores; shapes are dynamic,
+so other sizes reuse it), through a probe on a few rows; if compilation fails (no C++
+compiler, an unsupported platform) a warning says so once and every step takes the eager
+paths. ``LEARNED_OPTIM_COMPILE=0`` turns it off (``policy.COMPILE_RULE``).
 
 The state stays feature-major (``[2H + 2, n]``) between steps: the ``[n, 2H + 2]`` rows
 returned are a transposed view of it, which the next step reads back without a copy.
@@ -34,7 +47,7 @@ __all__ = ["compiled_rule", "update_rows_compiled"]
 log = logging.getLogger(__name__)
 
 _PROBE_ROWS, _PROBE_HIDDEN = 16, 20  # the paper's hidden size: the usual graph
-_compiled = None  # the compiled step, once built and probed
+_compiled = None  # (forward, backward) once compiled and probed
 _failure: str | None = None  # why compiling failed, once it has
 
 
@@ -45,52 +58,82 @@ def _feature_major_step(input_weight, gate_bias, meta_weight_h, meta_weight_thet
     return update_rows(constants, state, grad, param, feature_major=True)
 
 
-def _on_tape(tensor: Tensor) -> Tensor:
-    # Every differentiable input requires grad, so that one compiled graph (and not one per
-    # pattern of requires_grad flags, about 30 s each) serves every step.
-    return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
+def _step_vjp(p, d_param, d_state, *inputs):
+    """Gradients of :func:`_feature_major_step` w.r.t. its 9 tensor ``inputs`` (the six
+    constants, state, grad, param), given those of its outputs."""
+    def step(*tensors):
+        return _feature_major_step(*tensors[:6], p, *tensors[6:])
+
+    _, pull_back = torch.func.vjp(step, *inputs)
+    return pull_back((d_param, d_state))
 
 
-def _probe(step) -> None:
-    """Compile ``step`` by running it forward and backward on a few rows (raises on failure)."""
+class _CompiledStep(torch.autograd.Function):
+    """One step as one node: compiled forward, compiled recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, p: float, state, grad, param, *constant_tensors):
+        forward, _ = _compiled
+        ctx.p = p
+        ctx.save_for_backward(*constant_tensors, state, grad, param)
+        # Detached inputs, so that one graph serves every pattern of requires_grad flags.
+        return forward(*(t.detach() for t in constant_tensors), p, state.detach(),
+                       grad.detach(), param.detach())
+
+    @staticmethod
+    def backward(ctx, d_param, d_state):
+        inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
+            grads = _step_vjp(ctx.p, d_param, d_state, *inputs)
+        else:
+            _, backward = _compiled
+            grads = backward(ctx.p, d_param.contiguous(), d_state.contiguous(), *inputs)
+        *constant_grads, d_state_in, d_grad, d_param_in = grads
+        return (None, d_state_in, d_grad, d_param_in, *constant_grads)
+
+
+def _probe(forward, backward) -> None:
+    """Compile both functions by running them on a few rows (raises on failure)."""
     hidden, rows = _PROBE_HIDDEN, _PROBE_ROWS
     shapes = ((2 + hidden, 4 * hidden), (4 * hidden,), (hidden, 2), (2,), (2,), (2,))
-    weights = [torch.randn(shape, requires_grad=True) for shape in shapes]
-    state = torch.randn(2 * hidden + 2, rows, requires_grad=True)
-    param = torch.randn(rows, requires_grad=True)
-    new_param, new_state = step(*weights, 10.0, state, torch.randn(rows), param)
-    (new_param.sum() + new_state.sum()).backward()
+    inputs = [torch.randn(shape) for shape in (*shapes, (2 * hidden + 2, rows), (rows,),
+                                               (rows,))]
+    with torch.no_grad():
+        forward(*inputs[:6], 10.0, *inputs[6:])
+        backward(10.0, torch.randn(rows), torch.randn(2 * hidden + 2, rows), *inputs)
 
 
 def compiled_rule():
-    """The compiled feature-major step, or ``None`` where compilation failed (warned once).
+    """The compiled ``(forward, backward)`` pair, or ``None`` where compilation failed (warned
+    once).
 
-    The first call compiles (about 30 s on 2 CPU cores); later calls return the same function.
+    The first call compiles (about 40 s on 2 CPU cores); later calls return the same pair.
     """
     global _compiled, _failure
     if _compiled is None and _failure is None:
-        step = torch.compile(_feature_major_step, dynamic=True)
+        pair = (torch.compile(_feature_major_step, dynamic=True),
+                torch.compile(_step_vjp, dynamic=True))
         try:
-            _probe(step)
+            _probe(*pair)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: stay eager
             _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             warnings.warn(
                 f"learned_optim: torch.compile of the update rule failed ({_failure}); "
-                "first-order steps take the eager path (set LEARNED_OPTIM_COMPILE=0 to skip "
-                "the attempt)", RuntimeWarning, stacklevel=3)
+                "steps take the eager paths (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
+                RuntimeWarning, stacklevel=3)
         else:
-            _compiled = step
-            log.info("compiled the update rule for first-order steps on the CPU")
+            _compiled = pair
+            log.info("compiled the update rule for the CPU's tape")
     return _compiled
 
 
 def update_rows_compiled(
     constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """:func:`~learned_optim.rule.math.update_rows` on the tape, through the compiled step.
+    """:func:`~learned_optim.rule.math.update_rows` on the tape, as one compiled node.
 
-    For first-order steps only: ``grad`` (and the loss folded into ``constants``) must not
-    require grad. Returns ``(theta_t, state_t)`` as ``update_rows`` does, ``state_t`` a
+    First or second order: ``grad`` (and the loss folded into ``constants``) may be on the
+    tape. Returns ``(theta_t, state_t)`` as ``update_rows`` does, ``state_t`` a
     ``[n, 2H + 2]`` transposed view of a feature-major tensor. Falls back to the eager
     ``update_rows`` where compilation failed.
 
@@ -99,18 +142,14 @@ def update_rows_compiled(
     >>> constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
     >>> theta, state = update_rows_compiled(constants, initial_state(3, 20), torch.ones(3),
     ...                                     torch.zeros(3, requires_grad=True))
-    >>> theta.shape, state.shape, theta.requires_grad
-    (torch.Size([3]), torch.Size([3, 42]), True)
+    >>> theta.shape, state.shape, theta.grad_fn.name()
+    (torch.Size([3]), torch.Size([3, 42]), '_CompiledStepBackward')
     """
-    if grad.requires_grad:
-        raise ValueError("update_rows_compiled is for first-order steps: the gradient input "
-                         "must not require grad (the compiled graph has no double backward)")
-    step = compiled_rule()
-    if step is None:
+    if compiled_rule() is None:
         return update_rows(constants, state, grad, param)
     columns = state.t()  # free when ``state`` is a previous step's transposed output
     if not columns.is_contiguous():
         columns = columns.contiguous()
-    new_param, new_columns = step(*map(_on_tape, constants[:-1]), constants.p,
-                                  _on_tape(columns), grad, _on_tape(param))
+    new_param, new_columns = _CompiledStep.apply(constants.p, columns, grad, param,
+                                                 *constants[:-1])
     return new_param, new_columns.t()

@@ -206,17 +206,17 @@ def threads_for_chunk_loop(device: torch.device, rows: int) -> Iterator[None]:
 
 # The paths a step may take on the autograd tape (learned_optim.rule.tape): the anchored
 # first-order trajectory (replayed chunk by chunk), one node per step with the hand-written
-# backward (recomputed), every operation recorded by autograd, and the step compiled by
-# torch.compile (first order only; learned_optim.rule.compiled).
+# backward (recomputed), every operation recorded by autograd, and one node per step whose
+# forward and recomputing backward are compiled by torch.compile (learned_optim.rule.compiled).
 TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled")
-# First-order steps on a CPU take the compiled step (LEARNED_OPTIM_COMPILE=0 turns it off).
-# Measured on the 2-core Xeon, T = 12 steps and the backward (benchmarks/meta_train.py and
-# rule_kernels.py --only tape): about 2x as fast as the trajectory at 5,000 and 28,485 rows on
-# one thread, 3x on two; its one compilation (about 30 s a process) pays for itself after a
-# few hundred meta-steps. Below COMPILED_MIN_ROWS a step is too cheap to matter. Above
-# COMPILED_MAX_ROWS its tape grows too large: it keeps each step's intermediates, 606 bytes a
-# coordinate and step at H = 20 (the trajectory 19, every operation recorded 912), so 1.9 GB
-# at 2**18 rows and T = 12.
+# Steps on a CPU take the compiled node, first order and second order alike
+# (LEARNED_OPTIM_COMPILE=0 turns it off). Measured on the 2-core Xeon at 28,485 rows, T = 12
+# steps and the backward (benchmarks/meta_train.py, "rule:" rows): 2 threads, 155 ms against
+# 444 for the trajectory, 708 for the hand-written backward and 356 recorded op by op; one
+# thread, about 2x as fast as the trajectory from 5,000 to 100,000 rows. Its compilation
+# (20 to 40 s a process) pays for itself after a few hundred meta-steps. Below
+# COMPILED_MIN_ROWS a step is too cheap to matter; above COMPILED_MAX_ROWS the backward's
+# temporaries, which cover all rows at once, outgrow what the chunked paths bound.
 COMPILE_RULE = os.environ.get("LEARNED_OPTIM_COMPILE", "1").strip() not in ("0", "false", "no")
 COMPILED_MIN_ROWS = 4096
 COMPILED_MAX_ROWS = 2**18
@@ -234,6 +234,9 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     """The fastest path for ``rows`` rows on ``device`` (one of :data:`TAPE_PATHS`).
 
     ``first_order``: the step's gradient and loss are constants, so it may join a trajectory.
+    On a CPU, float32 steps of ``COMPILED_MIN_ROWS`` to ``COMPILED_MAX_ROWS`` rows take the
+    compiled node in either order (where compilation works; :mod:`learned_optim.rule.tape`
+    checks).
 
     >>> gpu = torch.device("cuda")
     >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 30_000, first_order=False)
@@ -241,7 +244,6 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     """
     if _on_cpu(device) and rows <= RECORDED_MAX_ROWS and torch.get_num_threads() == 1:
         return "recorded"
-    if (first_order and COMPILE_RULE and _on_cpu(device)
-            and COMPILED_MIN_ROWS <= rows <= COMPILED_MAX_ROWS):
+    if COMPILE_RULE and _on_cpu(device) and COMPILED_MIN_ROWS <= rows <= COMPILED_MAX_ROWS:
         return "compiled"
     return "trajectory" if first_order else "recomputed"

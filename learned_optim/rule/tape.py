@@ -25,8 +25,8 @@ two nodes here keep far less, and the path is chosen once, by
 A double backward (``create_graph=True`` through the update itself) re-runs the recorded
 forward instead, so higher-order gradients stay exact. Chunk sizes, the threads of the chunk
 loops and which of the paths (trajectory, recomputed step, every operation recorded, or, for
-first-order steps on a CPU, the step compiled by :mod:`learned_optim.rule.compiled`) a step
-of a given size takes come from :mod:`learned_optim.rule.policy`.
+float32 steps on a CPU, the node compiled by :mod:`learned_optim.rule.compiled`) a step of a
+given size takes come from :mod:`learned_optim.rule.policy`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rule import policy
-from learned_optim.rule.compiled import compiled_rule
+from learned_optim.rule.compiled import compiled_rule, update_rows_compiled
 from learned_optim.rule.math import (
     ConstantGrads,
     StepConstants,
@@ -45,8 +45,8 @@ from learned_optim.rule.math import (
     update_rows_chunked,
 )
 
-__all__ = ["RuleTrajectory", "first_order_path", "on_tape", "trajectory_applies",
-           "update_rows_differentiable", "update_rows_recomputed"]
+__all__ = ["RuleTrajectory", "compiled_applies", "first_order_path", "on_tape",
+           "trajectory_applies", "update_rows_differentiable", "update_rows_recomputed"]
 
 
 def on_tape(constants: StepConstants, *tensors: Tensor) -> bool:
@@ -65,12 +65,24 @@ def on_tape(constants: StepConstants, *tensors: Tensor) -> bool:
         t.requires_grad for t in (*tensors, *constants[:-1]))
 
 
+def compiled_applies(grad: Tensor) -> bool:
+    """Whether a step on ``grad``'s rows may take the compiled node where the policy gives it:
+    float32 (the graph compiled once) and a compiler that works
+    (:func:`~learned_optim.rule.compiled.compiled_rule`).
+
+    >>> compiled_applies(torch.ones(3, dtype=torch.float64))
+    False
+    """
+    return grad.dtype == torch.float32 and compiled_rule() is not None
+
+
 def first_order_path(grad: Tensor, loss: Tensor | None) -> str | None:
     """The first-order path of a step on a tape whose gradient and loss are constants:
     ``"trajectory"`` (join a :class:`RuleTrajectory`) or ``"compiled"``
     (:func:`~learned_optim.rule.compiled.update_rows_compiled`), as the policy chooses for its
-    size (:func:`learned_optim.rule.policy.tape_path`; the trajectory where compilation
-    failed); ``None`` off the tape or for a second-order step.
+    size (:func:`learned_optim.rule.policy.tape_path`; the trajectory where the compiled node
+    does not apply, :func:`compiled_applies`); ``None`` off the tape or for a second-order
+    step.
 
     >>> first_order_path(torch.ones(3), torch.tensor(1.0))
     'trajectory'
@@ -81,7 +93,7 @@ def first_order_path(grad: Tensor, loss: Tensor | None) -> str | None:
             loss is not None and loss.requires_grad):
         return None
     path = policy.tape_path(grad.device, grad.shape[0], first_order=True)
-    if path == "compiled" and compiled_rule() is None:
+    if path == "compiled" and not compiled_applies(grad):
         return "trajectory"
     return path if path in ("trajectory", "compiled") else None
 
@@ -109,8 +121,9 @@ def update_rows_differentiable(
     ``recompute=True`` records the step as one node that saves only its inputs
     (:func:`update_rows_recomputed`: about 5x less tape memory and a faster backward);
     ``recompute=False`` records every operation instead; ``None`` (default) takes the
-    policy's choice for the size (:func:`learned_optim.rule.policy.tape_path`). Same
-    gradients.
+    policy's choice for the size (:func:`learned_optim.rule.policy.tape_path`), which on a
+    CPU may be the compiled node (:func:`~learned_optim.rule.compiled.update_rows_compiled`,
+    where :func:`compiled_applies`). Same gradients, to rounding.
 
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step
@@ -121,7 +134,11 @@ def update_rows_differentiable(
     '_UpdateRowsBackward'
     """
     if recompute is None:
-        recompute = policy.tape_path(grad.device, grad.shape[0], first_order=False) != "recorded"
+        path = policy.tape_path(grad.device, grad.shape[0], first_order=False)
+        if (path == "compiled" and on_tape(constants, state, grad, param)
+                and compiled_applies(grad)):
+            return update_rows_compiled(constants, state, grad, param)
+        recompute = path != "recorded"
     if recompute and on_tape(constants, state, grad, param):
         return update_rows_recomputed(constants, state, grad, param)
     return update_rows(constants, state, grad, param)

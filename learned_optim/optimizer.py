@@ -762,11 +762,11 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
             params = self._fmodel.fast_params
         params = list(params)
         _loss_tensor(loss)  # validates shape and finiteness
-        # The learner's backward and the rule's update are many small kernels: on a CPU they
-        # run on the threads the policy chooses for the learner's size (one when small or when
-        # cores are busy; see learned_optim.rule.policy.chunk_loop_threads).
-        with policy.threads_for_chunk_loop(_device_for_threads(params),
-                                           sum(p.numel() for p in params)):
+        # The learner's backward and the rule's update: on a CPU they run on the threads the
+        # policy chooses for the learner's size (learned_optim.rule.policy.tape_step_threads:
+        # torch's for the compiled node, else one when small or when cores are busy).
+        with policy.threads_for_tape_step(_device_for_threads(params),
+                                          sum(p.numel() for p in params)):
             return self._step(loss, params, grad_callback)
 
     def _step(self, loss: Tensor, params: list[Tensor], grad_callback) -> list[Tensor]:
@@ -821,7 +821,7 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
     def _first_order_path(self, flat_grad: Tensor) -> str | None:
         """``"trajectory"`` where this step can join a first-order trajectory (on a tape, the
         gradient and the loss constants, so only the last parameters need the tape),
-        ``"compiled"`` where it takes the compiled step instead, else ``None``."""
+        ``"compiled"`` where it takes the compiled node instead, else ``None``."""
         return first_order_path(flat_grad, self._loss) if self.first_order else None
 
     def _initial_bucket_state(self, group_index: int, indices: list[int], like: Tensor) -> Tensor:

@@ -202,3 +202,23 @@ def test_a_failed_compilation_warns_once_and_steps_stay_eager(monkeypatch):
     expected, _ = update_rows(constants, torch.zeros(5000, 42), grad, param)
     torch.testing.assert_close(theta, expected, rtol=0, atol=0)
 
+
+
+def test_one_compiled_graph_serves_every_size_of_the_range_in_both_orders():
+    """A graph compiled again costs 20-40 s: the probe's must cover the policy's sizes, the
+    layouts prepare_step gives and inputs whether or not they require grad."""
+    from torch._dynamo.utils import counters
+
+    assert compiled.compiled_rule() is not None
+    rule = _trained_looking_rule()
+    before = counters["stats"]["unique_graphs"]
+    for rows in (policy.COMPILED_MIN_ROWS, 28_485, policy.COMPILED_MAX_ROWS):
+        for second_order in (False, True):
+            theta = torch.zeros(rows, requires_grad=True)
+            grad = torch.randn(rows, requires_grad=second_order)
+            constants = prepare_step(rule.weights(), torch.tensor(1.0), torch.float32)
+            theta, state = compiled.update_rows_compiled(constants, initial_state(rows, 20),
+                                                         grad, theta)
+            theta, state = compiled.update_rows_compiled(constants, state, grad * 2, theta)
+            (theta.sum() + state.sum()).backward()
+    assert counters["stats"]["unique_graphs"] == before

@@ -93,3 +93,13 @@ def test_the_compile_switch_reads_the_environment():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True).stdout.strip()
         assert out == expected, value
+
+
+def test_tape_steps_of_the_compiled_range_keep_torchs_threads(monkeypatch):
+    """Its fused loops are few, and a changed thread count would compile its graphs again."""
+    monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert policy.tape_step_threads(CPU, 28_485) is None
+    assert policy.tape_step_threads(CPU, policy.COMPILED_MIN_ROWS - 1) == 1  # a chunk loop's
+    monkeypatch.setattr(policy, "COMPILE_RULE", False)
+    assert policy.tape_step_threads(CPU, 28_485) == 1

@@ -7,8 +7,8 @@ Four modules, imports pointing one way (``tape -> compiled -> math -> policy``):
   :func:`~learned_optim.rule.math.rows_backward`), no autograd decisions;
 - :mod:`learned_optim.rule.tape`: the ``autograd.Function`` nodes (recomputed step,
   first-order trajectory) and the one place that chooses which path a step takes;
-- :mod:`learned_optim.rule.compiled`: ``update_rows`` through ``torch.compile``, the path of
-  first-order steps on a CPU (``tape -> compiled -> math``);
+- :mod:`learned_optim.rule.compiled`: ``update_rows`` and its vjp through ``torch.compile``,
+  one node a step, the path of float32 steps on a CPU (``tape -> compiled -> math``);
 - :mod:`learned_optim.rule.policy`: every chunk and replay size, per device.
 
 Nothing here knows of modules, optimizers, files or datasets.

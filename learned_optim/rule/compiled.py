@@ -40,13 +40,16 @@ import warnings
 import torch
 from torch import Tensor
 
-from learned_optim.rule.math import StepConstants, update_rows
+from learned_optim.rule.math import MetaWeights, StepConstants, prepare_step, update_rows
 
 __all__ = ["compiled_rule", "update_rows_compiled"]
 
 log = logging.getLogger(__name__)
 
-_PROBE_ROWS, _PROBE_HIDDEN = 16, 20  # the paper's hidden size: the usual graph
+# The paper's hidden size, and more rows than 4,096: inductor's CPU reductions change form at
+# 4,096 elements, so a graph compiled on fewer rows would be compiled again for the policy's
+# sizes (policy.COMPILED_MIN_ROWS and up).
+_PROBE_ROWS, _PROBE_HIDDEN = 5000, 20
 _compiled = None  # (forward, backward) once compiled and probed
 _failure: str | None = None  # why compiling failed, once it has
 
@@ -85,22 +88,29 @@ class _CompiledStep(torch.autograd.Function):
         inputs = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
             grads = _step_vjp(ctx.p, d_param, d_state, *inputs)
-        else:
+        else:  # detached, as in the forward: one graph whatever requires grad
             _, backward = _compiled
-            grads = backward(ctx.p, d_param.contiguous(), d_state.contiguous(), *inputs)
+            grads = backward(ctx.p, d_param.contiguous(), d_state.contiguous(),
+                             *(t.detach() for t in inputs))
         *constant_grads, d_state_in, d_grad, d_param_in = grads
         return (None, d_state_in, d_grad, d_param_in, *constant_grads)
 
 
 def _probe(forward, backward) -> None:
-    """Compile both functions by running them on a few rows (raises on failure)."""
+    """Compile both functions by running them on a few rows (raises on failure), with inputs
+    laid out as :func:`~learned_optim.rule.math.prepare_step` lays out a step's: a graph is
+    specialised to its inputs' strides."""
     hidden, rows = _PROBE_HIDDEN, _PROBE_ROWS
-    shapes = ((2 + hidden, 4 * hidden), (4 * hidden,), (hidden, 2), (2,), (2,), (2,))
-    inputs = [torch.randn(shape) for shape in (*shapes, (2 * hidden + 2, rows), (rows,),
-                                               (rows,))]
+    weights = MetaWeights(torch.randn(4 * hidden, 4), torch.randn(4 * hidden, hidden),
+                          torch.randn(4 * hidden), torch.randn(2, hidden + 2), torch.randn(2),
+                          10.0)
+    constants = prepare_step(weights, torch.tensor(1.0), torch.float32)
+    tensors = [t.detach() for t in constants[:-1]]
+    inputs = [*tensors, torch.randn(2 * hidden + 2, rows), torch.randn(rows),
+              torch.randn(rows)]
     with torch.no_grad():
-        forward(*inputs[:6], 10.0, *inputs[6:])
-        backward(10.0, torch.randn(rows), torch.randn(2 * hidden + 2, rows), *inputs)
+        forward(*tensors, constants.p, *inputs[6:])
+        backward(constants.p, torch.randn(rows), torch.randn(2 * hidden + 2, rows), *inputs)
 
 
 def compiled_rule():

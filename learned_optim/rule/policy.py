@@ -36,11 +36,14 @@ __all__ = [
     "busy_cores",
     "chunk_loop_threads",
     "forward_chunk_rows",
+    "in_compiled_range",
     "replay_chunk_bytes",
     "replay_chunk_rows",
     "step_chunk_rows",
     "tape_path",
+    "tape_step_threads",
     "threads_for_chunk_loop",
+    "threads_for_tape_step",
     "usable_cores",
 ]
 
@@ -192,7 +195,12 @@ def threads_for_chunk_loop(device: torch.device, rows: int) -> Iterator[None]:
     >>> torch.get_num_threads() == before
     True
     """
-    threads = chunk_loop_threads(device, rows)
+    with _threads(chunk_loop_threads(device, rows)):
+        yield
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
@@ -218,7 +226,9 @@ TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled")
 # COMPILED_MIN_ROWS a step is too cheap to matter; above COMPILED_MAX_ROWS the backward's
 # temporaries, which cover all rows at once, outgrow what the chunked paths bound.
 COMPILE_RULE = os.environ.get("LEARNED_OPTIM_COMPILE", "1").strip() not in ("0", "false", "no")
-COMPILED_MIN_ROWS = 4096
+# (4,097: above inductor's 4,096-element threshold for its CPU reductions, the graph that the
+# probe of learned_optim.rule.compiled compiles serves every size of the range.)
+COMPILED_MIN_ROWS = 4097
 COMPILED_MAX_ROWS = 2**18
 # At most this many rows, a CPU running torch on one thread records the rule op by op. Off
 # (0): measured on the 2-core EPYC, one thread, T = 12 + backward (benchmarks/rule_kernels.py,
@@ -244,6 +254,43 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     """
     if _on_cpu(device) and rows <= RECORDED_MAX_ROWS and torch.get_num_threads() == 1:
         return "recorded"
-    if COMPILE_RULE and _on_cpu(device) and COMPILED_MIN_ROWS <= rows <= COMPILED_MAX_ROWS:
+    if in_compiled_range(device, rows):
         return "compiled"
     return "trajectory" if first_order else "recomputed"
+
+
+def in_compiled_range(device: torch.device, rows: int) -> bool:
+    """Whether a step of ``rows`` rows on ``device`` is the compiled node's (when on, on a CPU,
+    ``COMPILED_MIN_ROWS`` to ``COMPILED_MAX_ROWS``).
+
+    >>> in_compiled_range(torch.device("cuda"), 30_000)
+    False
+    """
+    return COMPILE_RULE and _on_cpu(device) and COMPILED_MIN_ROWS <= rows <= COMPILED_MAX_ROWS
+
+
+def tape_step_threads(device: torch.device, rows: int) -> int | None:
+    """Torch threads for a step on the tape (the learner's backward and the rule's update).
+
+    A step of the compiled node's range keeps torch's threads (``None``): its update is a few
+    large fused loops, not the chunk loops' thousands of small parallel regions, and a thread
+    count that changed between calls would also compile its graphs again (inductor's graphs
+    are specialised to it). Other steps take :func:`chunk_loop_threads`.
+
+    >>> tape_step_threads(torch.device("cuda"), 10**6) is None
+    True
+    """
+    if in_compiled_range(device, rows):
+        return None
+    return chunk_loop_threads(device, rows)
+
+
+@contextlib.contextmanager
+def threads_for_tape_step(device: torch.device, rows: int) -> Iterator[None]:
+    """Run the block with :func:`tape_step_threads`' threads, restoring torch's afterwards.
+
+    >>> with threads_for_tape_step(torch.device("cpu"), 30_000):
+    ...     pass
+    """
+    with _threads(tape_step_threads(device, rows)):
+        yield

@@ -414,7 +414,7 @@ class Parts:
         self.update_on_tape(chain=False)
 
     def update_compiled(self) -> None:
-        """(bc) as (bs), each step through the step compiled by torch.compile (first order)."""
+        """(bc) as (bs), each step the node compiled by torch.compile (either order)."""
         self.update_on_tape(chain=False, compiled=True)
 
     def update_recorded(self) -> None:
@@ -469,8 +469,8 @@ def verdict(ok: bool) -> str:
 
 
 def without_compiled_rule(fn):
-    """``fn`` run with the policy's compiled step off (``LEARNED_OPTIM_COMPILE=0``): the
-    package's eager first-order path, for the same episode, in the same process."""
+    """``fn`` run with the policy's compiled node off (``LEARNED_OPTIM_COMPILE=0``): the
+    package's eager paths, for the same episode, in the same process."""
     def run():
         saved, policy.COMPILE_RULE = policy.COMPILE_RULE, False
         try:
@@ -491,6 +491,8 @@ def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
     if not args.first_order_only:
         so = make_trainer(setting, False, run_root / f"{ways}w{shots}s")
         steps["package, second order"] = so.meta_step
+        so_eager = make_trainer(setting, False, run_root / f"{ways}w{shots}s-eager")
+        steps["package, second order, not compiled"] = without_compiled_rule(so_eager.meta_step)
         steps["reference, second order"] = ReferenceTrainer(so, first_order=False).meta_step
     parts = Parts(fo, args.steps)
     rule_parts = {"rule: package compiled step (bc)": parts.update_compiled,

@@ -219,12 +219,12 @@ def _threads(threads: int | None) -> Iterator[None]:
 TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled")
 # Steps on a CPU take the compiled node, first order and second order alike
 # (LEARNED_OPTIM_COMPILE=0 turns it off). Measured on the 2-core Xeon at 28,485 rows, T = 12
-# steps and the backward (benchmarks/meta_train.py, "rule:" rows): 2 threads, 155 ms against
-# 444 for the trajectory, 708 for the hand-written backward and 356 recorded op by op; one
-# thread, about 2x as fast as the trajectory from 5,000 to 100,000 rows. Its compilation
-# (20 to 40 s a process) pays for itself after a few hundred meta-steps. Below
-# COMPILED_MIN_ROWS a step is too cheap to matter; above COMPILED_MAX_ROWS the backward's
-# temporaries, which cover all rows at once, outgrow what the chunked paths bound.
+# steps and the backward (benchmarks/meta_train.py --reference, "rule:" rows, medians of 7
+# interleaved rounds): 2 threads, 165 ms against 437 for the trajectory, 485 for the
+# hand-written backward and 308 recorded op by op; one thread, 352 against 578, 698 and 593.
+# Its compilation (20 to 40 s a process) pays for itself within a few hundred meta-steps.
+# Below COMPILED_MIN_ROWS a step is too cheap to matter; above COMPILED_MAX_ROWS the
+# backward's temporaries, which cover all rows at once, outgrow what the chunked paths bound.
 COMPILE_RULE = os.environ.get("LEARNED_OPTIM_COMPILE", "1").strip() not in ("0", "false", "no")
 # (4,097: above inductor's 4,096-element threshold for its CPU reductions, the graph that the
 # probe of learned_optim.rule.compiled compiles serves every size of the range.)

@@ -21,6 +21,7 @@ from torch import Tensor
 from learned_optim.checkpoint import load_update_rule, shipped_path
 from learned_optim.metalearner import MetaLearnerLSTM, rule_fingerprint
 from learned_optim.rule import policy
+from learned_optim.rule.compiled import step_rows_compiled
 from learned_optim.rule.math import (
     apply_group_options,
     initial_state,
@@ -571,8 +572,10 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         self._bucket_cache = {key: entry for key, entry in self._bucket_cache.items()
                               if all(id(p) in live for p in entry.params)}
         params = [p for group in self.param_groups for p in group["params"]]
-        with policy.threads_for_chunk_loop(_device_for_threads(params),
-                                           sum(p.numel() for p in params)):
+        device = _device_for_threads(params)
+        dtype = params[0].dtype if params else torch.float32
+        with policy.threads_for_step(device, dtype, sum(p.numel() for p in params),
+                                     self.chunk_size_for(device)):
             return self._step(weights, loss, closure_loss)
 
     def _step(self, weights, loss: Tensor | None, closure_loss: Any) -> Any:
@@ -667,8 +670,13 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 param_rows = torch.cat([flat_params[s.index][s.start : s.stop] for s in segments])
                 grad_rows = torch.cat([flat_grads[s.index][s.start : s.stop] for s in segments])
             state_rows = buffer[first_row : first_row + param_rows.numel()]
-            new_param, _ = update_rows(constants, state_rows, grad_rows, param_rows,
-                                       out=state_rows, scratch=scratch)
+            if policy.step_compiles(buffer.device, buffer.dtype, param_rows.numel()):
+                new_param, new_state = step_rows_compiled(constants, state_rows, grad_rows,
+                                                          param_rows)
+                state_rows.copy_(new_state)
+            else:
+                new_param, _ = update_rows(constants, state_rows, grad_rows, param_rows,
+                                           out=state_rows, scratch=scratch)
             if not plain:
                 new_param = apply_group_options(param_rows, new_param, lr, weight_decay)
             if len(segments) == 1:

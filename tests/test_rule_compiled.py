@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import learned_optim.optimizer as optimizer_module
 import learned_optim.rule.tape as tape_module
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import compiled, policy
@@ -222,3 +223,44 @@ def test_one_compiled_graph_serves_every_size_of_the_range_in_both_orders():
             theta, state = compiled.update_rows_compiled(constants, state, grad * 2, theta)
             (theta.sum() + state.sum()).backward()
     assert counters["stats"]["unique_graphs"] == before
+
+
+def _drop_in_run(compile_rule: bool, monkeypatch):
+    """Four in-place steps on an MLP of 9,754 coordinates (chunks of 6,000 rows: some take
+    the compiled forward, the rest the eager kernel), one group with lr and weight decay."""
+    monkeypatch.setattr(policy, "COMPILE_RULE", compile_rule)
+    calls = []
+
+    def counted(*args):
+        calls.append(args[1].shape[0])
+        return compiled.step_rows_compiled(*args)
+
+    monkeypatch.setattr(optimizer_module, "step_rows_compiled", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(60, 150), nn.Tanh(), nn.Linear(150, 4))
+    x, y = torch.randn(32, 60), torch.randint(0, 4, (32,))
+    opt = LSTMMetaOptimizer([{"params": model[0].parameters(), "lr": 0.7, "weight_decay": 1e-3},
+                             {"params": model[2].parameters()}],
+                            _trained_looking_rule(seed=4), chunk_size=6000)
+    for _ in range(4):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+    return [p.detach().clone() for p in model.parameters()], calls
+
+
+def test_the_in_place_step_through_the_compiled_forward_matches_the_eager_step(monkeypatch):
+    fused, calls = _drop_in_run(True, monkeypatch)
+    assert calls == [6000] * 4  # the 3,150-row chunk and the small group stay eager
+    eager, calls = _drop_in_run(False, monkeypatch)
+    assert calls == []
+    for ours, theirs in zip(fused, eager):
+        assert not torch.equal(ours, _drop_in_start(ours.shape))  # the steps moved it
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def _drop_in_start(shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(60, 150), nn.Tanh(), nn.Linear(150, 4))
+    return next(p.detach() for p in model.parameters() if p.shape == shape)

@@ -30,6 +30,10 @@ paths. ``LEARNED_OPTIM_COMPILE=0`` turns it off (``policy.COMPILE_RULE``).
 
 The state stays feature-major (``[2H + 2, n]``) between steps: the ``[n, 2H + 2]`` rows
 returned are a transposed view of it, which the next step reads back without a copy.
+
+The in-place ``LSTMMetaOptimizer.step()`` (no tape) takes a third compiled function,
+:func:`step_rows_compiled`: ``update_rows`` row-major, forward only, on its chunks of rows,
+compiled on first use (about 10 s) and only then.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from torch import Tensor
 
 from learned_optim.rule.math import MetaWeights, StepConstants, prepare_step, update_rows
 
-__all__ = ["compiled_rule", "update_rows_compiled"]
+__all__ = ["compiled_rule", "compiled_step_rule", "step_rows_compiled", "update_rows_compiled"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ _PROBE_ROWS, _PROBE_HIDDEN = 5000, 20
 # 7 interleaved rounds, 2 threads, the Xeon).
 _INDUCTOR_OPTIONS = {"pattern_matcher": False}
 _compiled = None  # (forward, backward) once compiled and probed
+_step_compiled = None  # the row-major forward of step(), once compiled and probed
 _failure: str | None = None  # why compiling failed, once it has
 
 
@@ -65,6 +70,13 @@ def _feature_major_step(input_weight, gate_bias, meta_weight_h, meta_weight_thet
     constants = StepConstants(input_weight, gate_bias, meta_weight_h, meta_weight_theta,
                               meta_weight_prev, meta_bias, p=p)
     return update_rows(constants, state, grad, param, feature_major=True)
+
+
+def _row_major_step(input_weight, gate_bias, meta_weight_h, meta_weight_theta,
+                    meta_weight_prev, meta_bias, p, state, grad, param):
+    constants = StepConstants(input_weight, gate_bias, meta_weight_h, meta_weight_theta,
+                              meta_weight_prev, meta_bias, p=p)
+    return update_rows(constants, state, grad, param)
 
 
 def _step_vjp(p, d_param, d_state, *inputs):
@@ -126,16 +138,39 @@ def _probe(forward, backward) -> None:
     laid out as :func:`~learned_optim.rule.math.prepare_step` lays out a step's: a graph is
     specialised to its inputs' strides."""
     hidden, rows = _PROBE_HIDDEN, _PROBE_ROWS
+    tensors = list(_with_gate_weight_layout(_probe_constants()))
+    inputs = [*tensors, torch.randn(2 * hidden + 2, rows), torch.randn(rows),
+              torch.randn(rows)]
+    with torch.no_grad():
+        forward(*tensors, 10.0, *inputs[6:])
+        backward(10.0, torch.randn(rows), torch.randn(2 * hidden + 2, rows), *inputs)
+
+
+def _probe_constants() -> list[Tensor]:
+    """Step constants laid out as :func:`~learned_optim.rule.math.prepare_step` lays them out
+    (a graph is specialised to its inputs' strides), at the paper's hidden size."""
+    hidden = _PROBE_HIDDEN
     weights = MetaWeights(torch.randn(4 * hidden, 4), torch.randn(4 * hidden, hidden),
                           torch.randn(4 * hidden), torch.randn(2, hidden + 2), torch.randn(2),
                           10.0)
     constants = prepare_step(weights, torch.tensor(1.0), torch.float32)
-    tensors = [t.detach() for t in _with_gate_weight_layout(constants[:-1])]
-    inputs = [*tensors, torch.randn(2 * hidden + 2, rows), torch.randn(rows),
-              torch.randn(rows)]
-    with torch.no_grad():
-        forward(*tensors, constants.p, *inputs[6:])
-        backward(constants.p, torch.randn(rows), torch.randn(2 * hidden + 2, rows), *inputs)
+    return [t.detach() for t in constants[:-1]]
+
+
+def _compile_or_warn(build):
+    """``build()`` (compile and probe), or ``None`` after warning once that compiling failed."""
+    global _failure
+    if _failure is not None:
+        return None
+    try:
+        return build()
+    except Exception as error:  # noqa: BLE001 - any compiler failure means: stay eager
+        _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(
+            f"learned_optim: torch.compile of the update rule failed ({_failure}); "
+            "steps take the eager paths (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
+            RuntimeWarning, stacklevel=4)
+        return None
 
 
 def compiled_rule():
@@ -144,22 +179,61 @@ def compiled_rule():
 
     The first call compiles (about 40 s on 2 CPU cores); later calls return the same pair.
     """
-    global _compiled, _failure
-    if _compiled is None and _failure is None:
+    global _compiled
+
+    def build():
         pair = (torch.compile(_feature_major_step, dynamic=True, options=_INDUCTOR_OPTIONS),
                 torch.compile(_step_vjp, dynamic=True, options=_INDUCTOR_OPTIONS))
-        try:
-            _probe(*pair)
-        except Exception as error:  # noqa: BLE001 - any compiler failure means: stay eager
-            _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            warnings.warn(
-                f"learned_optim: torch.compile of the update rule failed ({_failure}); "
-                "steps take the eager paths (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
-                RuntimeWarning, stacklevel=3)
-        else:
-            _compiled = pair
-            log.info("compiled the update rule for the CPU's tape")
+        _probe(*pair)
+        log.info("compiled the update rule for the CPU's tape")
+        return pair
+
+    if _compiled is None:
+        _compiled = _compile_or_warn(build)
     return _compiled
+
+
+def compiled_step_rule():
+    """The compiled row-major forward of the in-place step, or ``None`` where compilation
+    failed (warned once, with :func:`compiled_rule`'s failure).
+
+    The first call compiles (about 10 s on 2 CPU cores).
+    """
+    global _step_compiled
+
+    def build():
+        step = torch.compile(_row_major_step, dynamic=True, options=_INDUCTOR_OPTIONS)
+        rows = _PROBE_ROWS
+        with torch.no_grad():
+            step(*_probe_constants(), 10.0, torch.randn(rows, 2 * _PROBE_HIDDEN + 2),
+                 torch.randn(rows), torch.randn(rows))
+        log.info("compiled the update rule for the in-place step on the CPU")
+        return step
+
+    if _step_compiled is None:
+        _step_compiled = _compile_or_warn(build)
+    return _step_compiled
+
+
+def step_rows_compiled(constants: StepConstants, state: Tensor, grad: Tensor,
+                       param: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`~learned_optim.rule.math.update_rows` without autograd, through the compiled
+    row-major forward: ``(theta_t, state_t)``, new tensors (the caller copies them into
+    place); the eager kernel where compilation failed.
+
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> from learned_optim.rule.math import initial_state, prepare_step
+    >>> constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
+    >>> theta, state = step_rows_compiled(constants, initial_state(3, 20), torch.ones(3),
+    ...                                   torch.zeros(3))
+    >>> theta.shape, state.shape
+    (torch.Size([3]), torch.Size([3, 42]))
+    """
+    step = compiled_step_rule()
+    with torch.no_grad():
+        if step is None:
+            return update_rows(constants, state, grad, param)
+        return step(*(t.detach() for t in constants[:-1]), constants.p, state, grad, param)
 
 
 def update_rows_compiled(

@@ -657,10 +657,9 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         sizes = [p.numel() for p in params]
         active = [g is not None for g in grads]
         chunk_size = self.chunk_size_for(buffer.device)
-        # Temporaries for one chunk, reused by every chunk of this step.
-        scratch = row_scratch(min(chunk_size, buffer.shape[0]),
-                              self.meta_learner.hidden_size, dtype=buffer.dtype,
-                              device=buffer.device)
+        # Temporaries for one chunk of the eager kernel, reused by every such chunk of this
+        # step; allocated only if a chunk takes it (the compiled forward allocates its own).
+        scratch = None
         for first_row, segments in _plan_chunks(sizes, active, chunk_size):
             if len(segments) == 1:
                 index, start, stop = segments[0]
@@ -675,6 +674,10 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                                                           param_rows)
                 state_rows.copy_(new_state)
             else:
+                if scratch is None:
+                    scratch = row_scratch(min(chunk_size, buffer.shape[0]),
+                                          self.meta_learner.hidden_size, dtype=buffer.dtype,
+                                          device=buffer.device)
                 new_param, _ = update_rows(constants, state_rows, grad_rows, param_rows,
                                            out=state_rows, scratch=scratch)
             if not plain:

@@ -38,6 +38,7 @@ compiled on first use (about 10 s) and only then.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -65,18 +66,16 @@ _step_compiled = None  # the row-major forward of step(), once compiled and prob
 _failure: str | None = None  # why compiling failed, once it has
 
 
-def _feature_major_step(input_weight, gate_bias, meta_weight_h, meta_weight_theta,
-                        meta_weight_prev, meta_bias, p, state, grad, param):
+def _step(feature_major: bool, input_weight, gate_bias, meta_weight_h, meta_weight_theta,
+          meta_weight_prev, meta_bias, p, state, grad, param):
     constants = StepConstants(input_weight, gate_bias, meta_weight_h, meta_weight_theta,
                               meta_weight_prev, meta_bias, p=p)
-    return update_rows(constants, state, grad, param, feature_major=True)
+    return update_rows(constants, state, grad, param, feature_major=feature_major)
 
 
-def _row_major_step(input_weight, gate_bias, meta_weight_h, meta_weight_theta,
-                    meta_weight_prev, meta_bias, p, state, grad, param):
-    constants = StepConstants(input_weight, gate_bias, meta_weight_h, meta_weight_theta,
-                              meta_weight_prev, meta_bias, p=p)
-    return update_rows(constants, state, grad, param)
+# The tape's node keeps the state feature-major; the in-place step() keeps it row-major.
+_feature_major_step = functools.partial(_step, True)
+_row_major_step = functools.partial(_step, False)
 
 
 def _step_vjp(p, d_param, d_state, *inputs):

@@ -30,7 +30,7 @@ _CONFIG_OPTIONS = {
     "task": (str, "task family", TASKS),
     "method": (str, "what is meta-learned: the LSTM rule or a baseline", METHODS),
     "data_root": (str, "folder of the data set (Omniglot zips, miniImageNet images+CSVs)", None),
-    "protocol": (str, "omniglot split (vinyals|lake|lake-within) or sinusoid family "
+    "protocol": (str, "omniglot split (vinyals|lake|lake-within|lake-alphabets) or sinusoid family "
                       "(maml|metasgd)", None),
     "ways": (int, "classes per episode (N)", None),
     "shots": (int, "support examples per class (K), or support points (sinusoid)", None),
@@ -83,7 +83,7 @@ def _add_meta_train(commands) -> None:
     parser.add_argument("--no-learned-init", dest="learned_init", action="store_false",
                         default=None, help="keep the learner's initial weights fixed")
     parser.add_argument("--rotations", action="store_true", default=None,
-                        help="omniglot lake / lake-within: add the training characters rotated "
+                        help="omniglot lake protocols: add the training characters rotated "
                              "by 90, 180 and 270 degrees as new classes (a rotated alphabet is "
                              "a new alphabet; validation and test stay unrotated)")
     parser.add_argument("--pretrain-distort", dest="pretrain_distort", action="store_true",
@@ -131,7 +131,9 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--shots", type=int)
     parser.add_argument("--inner-steps", type=int)
     parser.add_argument("--protocol", help="evaluate on this omniglot protocol (vinyals|lake|"
-                                           "lake-within: Lake et al.'s within-alphabet runs) or "
+                                           "lake-within: Lake et al.'s within-alphabet runs|"
+                                           "lake-alphabets: the same test, validated "
+                                           "within held-out background alphabets) or "
                                            "sinusoid family (maml|metasgd) instead")
     parser.add_argument("--queries", type=int, help="query examples per class (Lake: 1)")
     parser.add_argument("--force-overlap", action="store_true",

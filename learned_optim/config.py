@@ -39,8 +39,9 @@ class MetaTrainConfig:
     task: str = "sinusoid"
     method: str = "lstm"  # lstm (the paper), or the maml / metasgd baselines
     data_root: str | None = None
-    protocol: str | None = None  # omniglot: vinyals | lake; sinusoid: maml | metasgd
-    # omniglot lake / lake-within: add the training characters rotated by 90, 180 and 270
+    # omniglot: vinyals | lake | lake-within | lake-alphabets; sinusoid: maml | metasgd
+    protocol: str | None = None
+    # omniglot lake protocols: add the training characters rotated by 90, 180 and 270
     # degrees as new classes (train split only; vinyals always has them)
     rotations: bool = False
     ways: int | None = None  # classification only
@@ -121,11 +122,13 @@ class MetaTrainConfig:
         if not isinstance(self.rotations, bool):
             raise ValueError(f"rotations must be true or false, got {self.rotations!r}")
         if self.rotations and not (self.task == "omniglot"
-                                   and self.protocol in ("lake", "lake-within")):
+                                   and self.protocol in ("lake", "lake-within",
+                                                         "lake-alphabets")):
             raise ValueError(
-                "rotations (--rotations) adds rotated training characters to Omniglot's 'lake' "
-                f"and 'lake-within' protocols only, got task {self.task!r} with protocol "
-                f"{self.protocol!r} (protocol 'vinyals', the omniglot default, always rotates)")
+                "rotations (--rotations) adds rotated training characters to Omniglot's 'lake', "
+                f"'lake-within' and 'lake-alphabets' protocols only, got task {self.task!r} with "
+                f"protocol {self.protocol!r} (protocol 'vinyals', the omniglot default, always "
+                "rotates)")
 
         if self.pretrain_epochs and not (self.task in ("omniglot", "miniimagenet")
                                          and self.learned_init):

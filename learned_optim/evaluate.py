@@ -289,7 +289,10 @@ def evaluate(
 
     ``protocol="lake-within"`` runs Lake et al.'s one-shot protocol on Omniglot's 20 evaluation
     alphabets: every episode's classes come from one alphabet and support and query sets from
-    different drawers (``queries=1`` is Lake's one test drawer). An Omniglot checkpoint that was
+    different drawers (``queries=1`` is Lake's one test drawer); ``"lake-alphabets"`` has the
+    same test split and draws it the same way (its validation holds out whole background
+    alphabets, so a checkpoint meta-trained with it tunes the baselines' learning rates inside
+    alphabets it never saw). An Omniglot checkpoint that was
     meta-trained or validated on characters of the evaluated split is refused with a
     ``ValueError`` that says how many overlap, unless ``force_overlap=True`` (the report's
     setting then records the overlap).

@@ -93,10 +93,12 @@ def build_task(config: MetaTrainConfig) -> Task:
         if split not in cache:
             dataset = _classification_dataset(config, split)
             seed = config.seed + SPLIT_SEED_OFFSETS[split]
-            if config.task == "omniglot" and config.protocol == "lake-within":
+            if config.task == "omniglot" and config.protocol in ("lake-within", "lake-alphabets"):
                 # Lake's runs: one alphabet per episode, support and query by other drawers.
-                # The few validation characters per alphabet: one group, drawers still apart.
-                alphabets = ["all"] * dataset.num_classes if split == "val" else None
+                # lake-within's few validation characters per alphabet: one group, drawers
+                # still apart; lake-alphabets validates on whole alphabets, as it tests.
+                mixed = split == "val" and config.protocol == "lake-within"
+                alphabets = ["all"] * dataset.num_classes if mixed else None
                 cache[split] = WithinAlphabetSampler(dataset, config.ways, config.shots,
                                                      config.queries, seed, alphabets=alphabets)
             else:

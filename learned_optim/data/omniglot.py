@@ -28,6 +28,14 @@ Two split protocols:
     episodes: validation episodes keep the drawer rule but mix alphabets.) With
     ``rotations=True`` each rotation of an alphabet is an alphabet of its own
     (``"Alphabet@rot90"``): an episode's classes share one alphabet and one rotation.
+``"lake-alphabets"`` (Lake et al.'s test, validated within whole alphabets)
+    The test split of ``"lake"``; the background set is split by alphabet instead of by
+    character: :data:`LAKE_VAL_ALPHABETS` whole background alphabets of at least 20 characters
+    (chosen by ``numpy.random.default_rng(LAKE_SPLIT_SEED)``) are "val", the other alphabets
+    "train". Every split is drawn within alphabets, as ``"lake-within"`` draws its test, so
+    validation measures what the test measures (20-way episodes inside unseen alphabets)
+    instead of the easier mixed-alphabet episodes of ``"lake-within"``'s 96 validation
+    characters.
 
 Images are float32 ``[1, S, S]`` with ink = 1 and background = 0, resized from 105 x 105 with
 PIL's Lanczos filter. Decoding the 32,460 PNGs takes seconds, so the decoded uint8 images of
@@ -64,13 +72,29 @@ MD5 = {
     "images_background": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-PROTOCOLS = ("vinyals", "lake", "lake-within")
+PROTOCOLS = ("vinyals", "lake", "lake-within", "lake-alphabets")
 SPLITS = ("train", "val", "trainval", "test")
 VINYALS_SPLIT_SEED = 0
 VINYALS_CHARACTERS = 1623
+OMNIGLOT_BACKGROUND = 964
 VINYALS_TRAIN, VINYALS_VAL = 1100, 100  # + 423 test characters
 LAKE_SPLIT_SEED = 0
 LAKE_VAL_FRACTION = 0.1
+LAKE_VAL_ALPHABETS = 5  # "lake-alphabets": whole background alphabets held out for validation
+# The official background set: its 30 alphabets in sorted order and their character counts
+# (964 in all). "lake-alphabets" splits by alphabet from this table, so a split is known
+# without reading the archive; the loader checks the archive against it.
+BACKGROUND_ALPHABETS = (
+    ("Alphabet_of_the_Magi", 20), ("Anglo-Saxon_Futhorc", 29), ("Arcadian", 26),
+    ("Armenian", 41), ("Asomtavruli_(Georgian)", 40), ("Balinese", 24), ("Bengali", 46),
+    ("Blackfoot_(Canadian_Aboriginal_Syllabics)", 14), ("Braille", 26), ("Burmese_(Myanmar)", 34),
+    ("Cyrillic", 33), ("Early_Aramaic", 22), ("Futurama", 26), ("Grantha", 43), ("Greek", 24),
+    ("Gujarati", 48), ("Hebrew", 22), ("Inuktitut_(Canadian_Aboriginal_Syllabics)", 16),
+    ("Japanese_(hiragana)", 52), ("Japanese_(katakana)", 47), ("Korean", 40), ("Latin", 26),
+    ("Malay_(Jawi_-_Arabic)", 40), ("Mkhedruli_(Georgian)", 41), ("N_Ko", 33),
+    ("Ojibwe_(Canadian_Aboriginal_Syllabics)", 14), ("Sanskrit", 42), ("Syriac_(Estrangelo)", 23),
+    ("Tagalog", 17), ("Tifinagh", 55),
+)
 ROTATIONS = (0, 90, 180, 270)
 _RESAMPLE = Image.LANCZOS  # as in MAML's Omniglot preprocessing
 CACHE_FORMAT = 1
@@ -258,7 +282,7 @@ def omniglot_split_characters(
         ``[characters]``: 0 for a background character, 1 for an evaluation one, in the
         order of :func:`load_omniglot_characters`.
     split : {"train", "val", "trainval", "test"}
-    protocol : {"vinyals", "lake", "lake-within"}
+    protocol : {"vinyals", "lake", "lake-within", "lake-alphabets"}
 
     Examples
     --------
@@ -267,6 +291,9 @@ def omniglot_split_characters(
     [1100, 100, 423]
     >>> [len(omniglot_split_characters(archive, s, "lake")) for s in ("train", "val", "test")]
     [868, 96, 659]
+    >>> [len(omniglot_split_characters(archive, s, "lake-alphabets"))
+    ...  for s in ("train", "val", "test")]
+    [795, 169, 659]
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Omniglot protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -285,6 +312,19 @@ def omniglot_split_characters(
             "trainval": order[: VINYALS_TRAIN + VINYALS_VAL],
             "test": order[VINYALS_TRAIN + VINYALS_VAL :],
         }
+    elif protocol == "lake-alphabets":
+        background = np.flatnonzero(archive == 0)
+        if len(background) != OMNIGLOT_BACKGROUND:
+            raise ValueError(f"protocol 'lake-alphabets' needs the {OMNIGLOT_BACKGROUND} "
+                             f"background characters, found {len(background)}")
+        val = np.concatenate([background[np.arange(start, stop)]
+                              for start, stop in _val_alphabet_ranges()])
+        parts = {
+            "train": np.setdiff1d(background, val),
+            "val": val,
+            "trainval": background,
+            "test": np.flatnonzero(archive == 1),
+        }
     else:  # lake, lake-within
         background = np.flatnonzero(archive == 0)
         shuffled = np.random.default_rng(LAKE_SPLIT_SEED).permutation(background)
@@ -296,6 +336,40 @@ def omniglot_split_characters(
             "test": np.flatnonzero(archive == 1),
         }
     return np.sort(parts[split])
+
+
+def lake_val_alphabets() -> list[str]:
+    """The background alphabets that protocol ``"lake-alphabets"`` holds out for validation:
+    :data:`LAKE_VAL_ALPHABETS` of those with at least 20 characters (enough for 20-way
+    episodes inside one alphabet), drawn with ``numpy.random.default_rng(LAKE_SPLIT_SEED)``.
+
+    >>> lake_val_alphabets()
+    ['Latin', 'Asomtavruli_(Georgian)', 'Early_Aramaic', 'Futurama', 'Tifinagh']
+    """
+    eligible = [name for name, count in BACKGROUND_ALPHABETS if count >= 20]
+    order = np.random.default_rng(LAKE_SPLIT_SEED).permutation(len(eligible))
+    return [eligible[i] for i in order[:LAKE_VAL_ALPHABETS]]
+
+
+def _val_alphabet_ranges() -> list[tuple[int, int]]:
+    """``(first, stop)`` background character indices of each validation alphabet."""
+    starts = np.concatenate(([0], np.cumsum([count for _, count in BACKGROUND_ALPHABETS])))
+    index = {name: i for i, (name, _) in enumerate(BACKGROUND_ALPHABETS)}
+    return [(int(starts[index[name]]), int(starts[index[name] + 1]))
+            for name in lake_val_alphabets()]
+
+
+def _check_background_alphabets(names: np.ndarray, archive: np.ndarray) -> None:
+    """Raise if the archive's background characters are not the official alphabets that
+    ``"lake-alphabets"`` splits by (a partial or re-packed copy would split wrongly)."""
+    found: dict[str, int] = {}
+    for name in names[archive == 0]:
+        alphabet = str(name).split("/")[0]
+        found[alphabet] = found.get(alphabet, 0) + 1
+    if tuple(found.items()) != BACKGROUND_ALPHABETS:
+        raise ValueError("protocol 'lake-alphabets' needs the official background set (30 "
+                         "alphabets, 964 characters); this copy differs "
+                         f"({len(found)} alphabets, {sum(found.values())} characters)")
 
 
 def omniglot(
@@ -318,10 +392,11 @@ def omniglot(
         writable).
     split : {"train", "val", "trainval", "test"}
         See the module docstring for the definitions.
-    protocol : {"vinyals", "lake", "lake-within"}
+    protocol : {"vinyals", "lake", "lake-within", "lake-alphabets"}
         ``"vinyals"``: 1200/423 random characters plus rotations (MAML, ProtoNets).
         ``"lake"``: background/evaluation alphabets, no rotations; ``"lake-within"`` the same
-        data (it changes how episodes are drawn, see the module docstring).
+        data (it changes how episodes are drawn, see the module docstring);
+        ``"lake-alphabets"``: validation on whole held-out background alphabets.
     image_size : int
         Side of the square output images (28 in MAML; 105 keeps the originals).
     download : bool
@@ -373,6 +448,8 @@ def omniglot(
         image_size = preprocessing.require_mode("L", "Omniglot").size
     resample = "lanczos" if preprocessing is None else preprocessing.resample
     arrays = load_omniglot_characters(root, image_size, download, cache_dir, resample)
+    if protocol == "lake-alphabets":
+        _check_background_alphabets(arrays["names"], arrays["archive"])
     chosen = omniglot_split_characters(arrays["archive"], split, protocol)
     names = [str(n) for n in arrays["names"][chosen]]
     # position of every kept character in the split (-1 = not in this split)

@@ -20,6 +20,7 @@ import numpy as np
 
 from learned_optim.data.omniglot import (
     LAKE_SPLIT_SEED,
+    PROTOCOLS,
     ROTATIONS,
     VINYALS_SPLIT_SEED,
     omniglot_split_characters,
@@ -29,7 +30,8 @@ __all__ = ["training_data", "split_characters", "split_overlap", "Overlap", "TRA
 
 OMNIGLOT_BACKGROUND, OMNIGLOT_EVALUATION = 964, 659
 TRAINING_SPLITS = ("train", "val")  # what meta-training reads: episodes and model selection
-_SPLIT_SEEDS = {"vinyals": VINYALS_SPLIT_SEED, "lake": LAKE_SPLIT_SEED}
+_SPLIT_SEEDS = {"vinyals": VINYALS_SPLIT_SEED, "lake": LAKE_SPLIT_SEED,
+                "lake-alphabets": LAKE_SPLIT_SEED}
 
 
 def _split_protocol(protocol: str | None) -> str:
@@ -115,10 +117,13 @@ def split_overlap(seen: dict | None, protocol: str | None, split: str) -> Overla
     (659, 486)
     >>> split_overlap(vinyals, "vinyals", "test").seen
     0
+    >>> lake = training_data({"task": "omniglot", "protocol": "lake"})
+    >>> split_overlap(lake, "lake-alphabets", "val").seen_in_training  # lake trained on them
+    149
     """
     if not seen or seen.get("dataset") != "omniglot" or protocol is None:
         return None
-    if protocol not in ("vinyals", "lake", "lake-within"):
+    if protocol not in PROTOCOLS:
         return None
     wanted = set(split_characters(protocol, split).tolist())
     train = wanted & set(seen["characters"].get("train", []))

@@ -205,12 +205,13 @@ transductive).
 
 def lake_note(config: dict, evaluation: dict) -> str:
     """For Lake's protocol: the error rates beside Lake et al.'s published 20-way figures."""
-    if config.get("protocol") != "lake-within" or evaluation["metric"] != "accuracy":
+    protocol = config.get("protocol")
+    if protocol not in ("lake-within", "lake-alphabets") or evaluation["metric"] != "accuracy":
         return ""
     errors = ", ".join(f"{method} {100 * (1 - r['mean']):.1f}% +- {100 * r['ci95']:.1f}"
                        for method, r in evaluation["results"].items())
     return f"""
-Lake et al.'s protocol (`lake-within`): meta-trained on the 30 background alphabets only; tested
+Lake et al.'s protocol (`{protocol}`): meta-trained on the 30 background alphabets only; tested
 on the 20 evaluation alphabets, which it never saw, each episode's classes from one alphabet and
 its support and query images by different drawers. Error rates: {errors}. Published by Lake et
 al. (Science 2015) for 20-way within-alphabet one-shot classification: people 4.5%, Bayesian

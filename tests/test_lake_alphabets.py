@@ -1,0 +1,104 @@
+"""Protocol ``lake-alphabets``: Lake's test, validated on whole held-out background alphabets.
+
+``lake-within`` validates on 96 background characters spread over 30 alphabets, too few per
+alphabet for 20-way within-alphabet episodes, so its validation mixes alphabets and says little
+about the within-alphabet test. ``lake-alphabets`` holds out five whole background alphabets
+instead; these tests check the split on the real Omniglot zips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from learned_optim.config import MetaTrainConfig
+from learned_optim.data import WithinAlphabetSampler, omniglot
+from learned_optim.data.omniglot import (
+    BACKGROUND_ALPHABETS,
+    lake_val_alphabets,
+    omniglot_split_characters,
+)
+from learned_optim.data.splits import split_characters, split_overlap, training_data
+from learned_optim.tasks import build_task
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+VAL_ALPHABETS = ["Latin", "Asomtavruli_(Georgian)", "Early_Aramaic", "Futurama", "Tifinagh"]
+
+
+def _alphabets(names) -> set[str]:
+    return {name.split("/")[0] for name in names}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task(MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=20,
+                                      data_root=str(ROOT)))
+
+
+def test_the_validation_alphabets_are_five_whole_alphabets_of_at_least_20_characters():
+    assert lake_val_alphabets() == VAL_ALPHABETS
+    counts = dict(BACKGROUND_ALPHABETS)
+    assert all(counts[name] >= 20 for name in VAL_ALPHABETS)
+    assert len(BACKGROUND_ALPHABETS) == 30 and sum(counts.values()) == 964
+
+
+def test_splits_partition_the_background_and_keep_lakes_test():
+    train = split_characters("lake-alphabets", "train")
+    val = split_characters("lake-alphabets", "val")
+    assert (len(train), len(val)) == (795, 169)
+    assert not set(train) & set(val)
+    assert sorted([*train, *val]) == list(range(964))
+    assert np.array_equal(split_characters("lake-alphabets", "test"),
+                          split_characters("lake-within", "test"))
+
+
+def test_loaded_splits_hold_whole_alphabets_on_the_official_zips():
+    val = omniglot(ROOT, "val", "lake-alphabets")
+    train = omniglot(ROOT, "train", "lake-alphabets")
+    assert _alphabets(val.class_names) == set(VAL_ALPHABETS)
+    assert not _alphabets(train.class_names) & set(VAL_ALPHABETS)
+    assert (val.num_classes, train.num_classes) == (169, 795)
+    assert len(val) == 20 * 169
+
+
+def test_every_split_draws_within_one_alphabet_by_other_drawers(task):
+    for split in ("train", "val", "test"):
+        sampler = task.episodes(split)
+        assert isinstance(sampler, WithinAlphabetSampler)
+        names = sampler.dataset.class_names
+        for index in range(10):
+            classes, _, _ = sampler.episode_indices(index)
+            assert len(classes) == 20 and len(_alphabets(names[c] for c in classes.tolist())) == 1
+            support, query = sampler.episode_drawers(index)
+            assert not set(support.tolist()) & set(query.tolist())
+    # Validation meets all five alphabets (each has >= 20 characters).
+    sampler, names = task.episodes("val"), task.episodes("val").dataset.class_names
+    seen = {names[int(sampler.episode_indices(i)[0][0])].split("/")[0] for i in range(60)}
+    assert seen == set(VAL_ALPHABETS)
+
+
+def test_the_test_split_and_its_episodes_are_those_of_lake_within(task):
+    within = build_task(MetaTrainConfig(task="omniglot", protocol="lake-within", ways=20,
+                                        data_root=str(ROOT)))
+    ours, theirs = task.episodes("test"), within.episodes("test")
+    assert ours.dataset.class_names == theirs.dataset.class_names
+    for index in range(5):
+        for a, b in zip(ours.episode_indices(index), theirs.episode_indices(index)):
+            assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_the_record_counts_no_test_overlap_and_lake_runs_saw_the_validation_alphabets():
+    record = training_data({"task": "omniglot", "protocol": "lake-alphabets"})
+    assert record["split_protocol"] == "lake-alphabets"
+    assert split_overlap(record, "lake-within", "test").seen == 0
+    lake = training_data({"task": "omniglot", "protocol": "lake-within"})
+    overlap = split_overlap(lake, "lake-alphabets", "val")
+    assert overlap.characters == 169 and overlap.seen == 169  # in lake's train or val split
+
+
+def test_rotations_are_allowed_and_a_partial_archive_is_refused():
+    MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=20, rotations=True)
+    with pytest.raises(ValueError, match="964 background characters"):
+        omniglot_split_characters(np.array([0] * 900 + [1] * 659), "val", "lake-alphabets")

@@ -29,6 +29,8 @@ from learned_optim.rule.math import (
     row_scratch,
     update_rows,
 )
+from learned_optim.rule.native import MAX_HIDDEN as NATIVE_MAX_HIDDEN
+from learned_optim.rule.native import native_constants, native_step_kernel, step_rows_native
 from learned_optim.rule.tape import RuleTrajectory, first_order_path, update_rows_differentiable
 
 __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_RULE",
@@ -650,12 +652,45 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         options: tuple[Any, Any] = (1.0, 0.0),
     ) -> None:
         lr, weight_decay = options
-        plain = _is_default(lr, weight_decay)
         # Flat views in the parameters' own memory; non-contiguous ones work on a copy.
         flat_params = [p.view(-1) if p.is_contiguous() else p.reshape(-1) for p in params]
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
         sizes = [p.numel() for p in params]
         active = [g is not None for g in grads]
+        if self._runs_native(buffer):
+            self._update_native(flat_params, flat_grads, buffer, constants, lr, weight_decay)
+        else:
+            self._update_chunks(flat_params, flat_grads, sizes, active, buffer, constants,
+                                lr, weight_decay)
+        for param, flat, is_active in zip(params, flat_params, active):
+            if is_active and not param.is_contiguous():
+                param.copy_(flat.view(param.shape))
+
+    def _runs_native(self, buffer: Tensor) -> bool:
+        """Whether this bucket's step takes the hand-fused kernel (built on first use)."""
+        return (policy.step_native(buffer.device, buffer.dtype)
+                and self.meta_learner.hidden_size <= NATIVE_MAX_HIDDEN
+                and native_step_kernel() is not None)
+
+    @staticmethod
+    def _update_native(flat_params, flat_grads, buffer: Tensor, constants, lr, weight_decay
+                       ) -> None:
+        """One kernel call a parameter, in place: its state rows, gradient and values (the
+        kernel needs no temporaries, so no chunks)."""
+        laid_out = native_constants(constants)
+        offset = 0
+        for flat_param, flat_grad in zip(flat_params, flat_grads):
+            rows = flat_param.numel()
+            if flat_grad is not None and rows:
+                step_rows_native(constants, buffer[offset : offset + rows],
+                                 flat_grad.contiguous(), flat_param, float(lr),
+                                 float(weight_decay), kernel_constants=laid_out)
+            offset += rows
+
+    def _update_chunks(self, flat_params, flat_grads, sizes, active, buffer: Tensor,
+                       constants, lr, weight_decay) -> None:
+        """The rule chunk by chunk of ``chunk_size`` rows: compiled or eager kernels."""
+        plain = _is_default(lr, weight_decay)
         chunk_size = self.chunk_size_for(buffer.device)
         # Temporaries for one chunk of the eager kernel, reused by every such chunk of this
         # step; allocated only if a chunk takes it (the compiled forward allocates its own).
@@ -688,9 +723,6 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 pieces = new_param.split([s.stop - s.start for s in segments])
                 for segment, piece in zip(segments, pieces):
                     flat_params[segment.index][segment.start : segment.stop].copy_(piece)
-        for param, flat, is_active in zip(params, flat_params, active):
-            if is_active and not param.is_contiguous():
-                param.copy_(flat.view(param.shape))
 
 
 def _rule_from_saved(identity: dict) -> MetaLearnerLSTM:

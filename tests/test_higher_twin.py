@@ -59,7 +59,9 @@ def test_drop_in_and_twin_give_the_same_parameters(digits, first_order):
         torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=1e-6)
     twin_state = torch.cat(list(diffopt._buckets[0].values()))
     drop_in_state = torch.cat([opt.state[p]["lstm_state"] for p in model.parameters()])
-    torch.testing.assert_close(drop_in_state, twin_state.detach(), rtol=0, atol=1e-6)
+    # The drop-in's native kernel sums in another order than the twin's kernels: float32
+    # rounding of the larger pre-activations (about 4), hence the relative tolerance.
+    torch.testing.assert_close(drop_in_state, twin_state.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_twin_continues_from_the_drop_in_state():

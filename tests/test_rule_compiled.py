@@ -134,6 +134,7 @@ def _twin_meta_gradients(first_order: bool, compile_rule: bool, monkeypatch):
     """Meta-gradients after 4 twin steps on an MLP of 4,403 coordinates, and how many steps
     took the compiled path."""
     monkeypatch.setattr(policy, "COMPILE_RULE", compile_rule)
+    monkeypatch.setattr(policy, "step_native", lambda device, dtype: False)  # the chunk paths
     calls = []
 
     def counted(*args):
@@ -229,6 +230,7 @@ def _drop_in_run(compile_rule: bool, monkeypatch):
     """Four in-place steps on an MLP of 9,754 coordinates (chunks of 6,000 rows: some take
     the compiled forward, the rest the eager kernel), one group with lr and weight decay."""
     monkeypatch.setattr(policy, "COMPILE_RULE", compile_rule)
+    monkeypatch.setattr(policy, "step_native", lambda device, dtype: False)  # the chunk paths
     calls = []
 
     def counted(*args):

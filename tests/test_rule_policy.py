@@ -103,3 +103,23 @@ def test_tape_steps_of_the_compiled_range_keep_torchs_threads(monkeypatch):
     assert policy.tape_step_threads(CPU, policy.COMPILED_MIN_ROWS - 1) == 1  # a chunk loop's
     monkeypatch.setattr(policy, "COMPILE_RULE", False)
     assert policy.tape_step_threads(CPU, 28_485) == 1
+
+
+def test_float32_cpu_steps_take_the_native_kernel_on_torchs_threads(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    monkeypatch.setattr(policy, "busy_cores", lambda: 0)
+    assert policy.step_native(cpu, torch.float32)
+    assert not policy.step_native(cpu, torch.float64) and not policy.step_native(cuda,
+                                                                                 torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # any size, even below the compiled range: the kernel is one call a parameter
+        assert policy.step_threads(cpu, torch.float32, 100, 8192) is None
+        assert policy.step_threads(cpu, torch.float64, 100, 8192) == 1
+        monkeypatch.setattr(policy, "COMPILE_RULE", False)
+        assert not policy.step_native(cpu, torch.float32)
+        assert policy.step_threads(cpu, torch.float32, 100, 8192) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -42,6 +42,7 @@ __all__ = [
     "step_chunk_rows",
     "tape_path",
     "step_compiles",
+    "step_native",
     "step_threads",
     "tape_step_threads",
     "threads_for_chunk_loop",
@@ -288,6 +289,20 @@ def step_compiles(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
             and rows >= COMPILED_MIN_ROWS)
 
 
+def step_native(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the in-place ``step()`` runs the hand-fused kernel
+    (learned_optim.rule.native.step_rows_native), one call a parameter: on a CPU, float32,
+    when on. Measured on the 2-core Xeon, 2 threads, 55,050 coordinates: 6.8 ms against 9.9
+    for the compiled forward in chunks of 8,192 rows (interleaved, load average 0.5-0.9).
+
+    >>> step_native(torch.device("cuda"), torch.float32)
+    False
+    >>> step_native(torch.device("cpu"), torch.float64)
+    False
+    """
+    return COMPILE_RULE and _on_cpu(device) and dtype == torch.float32
+
+
 def step_threads(device: torch.device, dtype: torch.dtype, rows: int,
                  chunk_rows: int) -> int | None:
     """Torch threads for the in-place ``step()`` over ``rows`` rows in chunks of
@@ -298,7 +313,7 @@ def step_threads(device: torch.device, dtype: torch.dtype, rows: int,
     >>> step_threads(torch.device("cuda"), torch.float32, 10**6, 2**18) is None
     True
     """
-    if step_compiles(device, dtype, min(rows, chunk_rows)):
+    if step_native(device, dtype) or step_compiles(device, dtype, min(rows, chunk_rows)):
         return None
     return chunk_loop_threads(device, rows)
 

@@ -1,0 +1,164 @@
+"""The in-place step's hand-fused CPU kernel (``learned_optim.rule.native``) against the rule.
+
+The kernel is the rule's only hand-written copy outside ``update_rows``: these tests hold it to
+``update_rows`` (and ``apply_group_options``) to float32 rounding over sizes that end inside a
+vector tile, every hidden size it takes, gradients on both sides of the preprocessing
+threshold, and a whole optimizer run; and check what it refuses and how a failed build falls
+back.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import learned_optim.optimizer as optimizer_module
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim.rule import compiled, native, policy
+from learned_optim.rule.math import apply_group_options, prepare_step, update_rows
+
+pytestmark = pytest.mark.skipif(native.native_step_kernel() is None,
+                                reason="no C++ toolchain for torch.compile on this machine")
+
+
+def _trained_looking_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:
+    """A rule whose weights are far from the paper's init (gates away from saturation)."""
+    torch.manual_seed(seed)
+    rule = MetaLearnerLSTM(hidden_size=hidden)
+    with torch.no_grad():
+        for param in rule.parameters():
+            param.normal_(0, 0.5)
+    return rule
+
+
+def _inputs(rows: int, hidden: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    state = torch.randn(rows, 2 * hidden + 2, generator=generator)
+    # gradients from 1e-9 to 1 (both sides of e^-10), some exactly zero, both signs
+    grad = torch.randn(rows, generator=generator) * torch.logspace(-9, 0, rows)
+    grad[::7] = 0.0
+    theta = torch.randn(rows, generator=generator)
+    return state, grad, theta
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 1000, 5003])
+@pytest.mark.parametrize("hidden", [1, 7, 20, 64])
+def test_the_kernel_computes_update_rows(rows, hidden):
+    rule = _trained_looking_rule(hidden)
+    constants = prepare_step(rule.weights(), torch.tensor(0.37), torch.float32)
+    state, grad, theta = _inputs(rows, hidden)
+    expected_theta, expected_state = update_rows(constants, state, grad, theta)
+    native.step_rows_native(constants, state, grad, theta)
+    # Another summation order over 2 + H products: float32 rounding, relative 1e-6 of the
+    # gate pre-activations, which cancellation in c1 can leave on a near-zero value.
+    torch.testing.assert_close(theta, expected_theta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state, expected_state, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lr, weight_decay", [(0.3, 0.0), (0.7, 1e-2), (1.0, 0.1), (2.0, 0.0)])
+def test_lr_and_weight_decay_as_apply_group_options(lr, weight_decay):
+    constants = prepare_step(_trained_looking_rule().weights(), None, torch.float32)
+    state, grad, theta = _inputs(300, 20)
+    proposed, _ = update_rows(constants, state, grad, theta)
+    expected = apply_group_options(theta, proposed, lr, weight_decay)
+    native.step_rows_native(constants, state, grad, theta, lr, weight_decay)
+    torch.testing.assert_close(theta, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_of_several_parameters_runs_one_call_each_in_place(monkeypatch):
+    calls = []
+
+    def counted(constants, state, grad, param, *args, **kwargs):
+        calls.append((state.data_ptr(), param.data_ptr(), grad.shape[0]))
+        return native.step_rows_native(constants, state, grad, param, *args, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "step_rows_native", counted)
+    model = nn.Linear(30, 5)
+    opt = LSTMMetaOptimizer(model.parameters(), _trained_looking_rule())
+    F.mse_loss(model(torch.randn(8, 30)), torch.randn(8, 5)).backward()
+    opt.step(loss=torch.tensor(1.0))
+    states = [opt.state[p]["lstm_state"] for p in model.parameters()]
+    assert calls == [(s.data_ptr(), p.data_ptr(), p.numel())
+                     for s, p in zip(states, model.parameters())]
+
+
+def _drop_in_run(native_on: bool, monkeypatch):
+    """Five steps on a small conv net: one group with lr and weight decay, a non-contiguous
+    parameter (channels-last conv weight) and a parameter without a gradient."""
+    if not native_on:
+        monkeypatch.setattr(policy, "step_native", lambda device, dtype: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 26 * 26, 4))
+    model[0].weight.data = model[0].weight.data.to(memory_format=torch.channels_last)
+    unused = nn.Parameter(torch.randn(5))
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 4, (16,))
+    opt = LSTMMetaOptimizer([{"params": model[0].parameters(), "lr": 0.6, "weight_decay": 1e-3},
+                             {"params": [*model[3].parameters(), unused]}],
+                            _trained_looking_rule(seed=3))
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+    monkeypatch.undo()
+    return [p.detach().clone() for p in [*model.parameters(), unused]], opt
+
+
+def test_the_optimizer_with_the_kernel_matches_its_chunk_paths(monkeypatch):
+    fused, fused_opt = _drop_in_run(True, monkeypatch)
+    chunked, chunked_opt = _drop_in_run(False, monkeypatch)
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 26 * 26, 4))
+    for ours, theirs, initial in zip(fused, chunked, start.parameters()):
+        assert not torch.equal(ours, initial)  # the steps moved it
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert torch.equal(fused[-1], chunked[-1])  # no gradient: untouched
+    for ours, theirs in zip(fused_opt.state.values(), chunked_opt.state.values()):
+        # Five steps of a rule with large random weights amplify rounding: compare against
+        # the state's scale (about 2), not element by element (3.5e-5 of it measured).
+        ours, theirs = ours["lstm_state"], theirs["lstm_state"]
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+def test_the_kernel_refuses_what_it_would_misread():
+    constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
+    state, grad, theta = _inputs(10, 20)
+    with pytest.raises(ValueError, match="float32 CPU tensors, got grad torch.float64"):
+        native.step_rows_native(constants, state, grad.double(), theta)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.step_rows_native(constants, state, torch.randn(20)[::2], theta)
+    with pytest.raises(ValueError, match=r"state must be \[10, 42\]"):
+        native.step_rows_native(constants, state[:, :40], grad, theta)
+    with pytest.raises(ValueError, match="unit column stride"):
+        native.step_rows_native(constants, state.t().contiguous().t(), grad, theta)
+    wide = prepare_step(MetaLearnerLSTM(hidden_size=65).weights(), None, torch.float32)
+    with pytest.raises(ValueError, match="hidden sizes up to 64, got 65"):
+        native.step_rows_native(wide, torch.zeros(10, 132), grad, theta)
+
+
+def test_a_failed_build_warns_once_and_step_takes_the_chunk_paths(monkeypatch):
+    from torch._inductor import codecache
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(compiled, "_failure", None)
+    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+    monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    monkeypatch.setattr(compiled, "_step_compiled", None)
+    model = nn.Linear(4, 3)
+    opt = LSTMMetaOptimizer(model.parameters(), MetaLearnerLSTM())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            F.mse_loss(model(torch.randn(5, 4)), torch.randn(5, 3)).backward()
+            opt.step(loss=torch.tensor(1.0))
+    messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler found" in messages[0]
+    assert all(math.isfinite(v) for p in model.parameters() for v in p.flatten().tolist())

@@ -4,7 +4,7 @@
 
 The same optimizer code both ways: the second optimizer has ``policy.step_native`` switched off,
 so its buckets take the chunk loop (the compiled forward where it applies, else the eager
-kernel), as ``step()`` did before ``learned_optim.rule.native``. Each round times 20 steps of
+kernel), as ``step()`` does where the kernel cannot be built. Each round times 20 steps of
 each, alternately; medians of the rounds are printed with every round and the load average,
 and the parameters both reach after the same steps (float32 rounding apart).
 """

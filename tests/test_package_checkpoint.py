@@ -185,6 +185,10 @@ def test_a_run_after_another_shipped_checkpoint_counts_that_training_first(shipp
     assert card["hardware"] == f"{first['hardware']}, then a CPU"
     # Nothing of the other checkpoint's results: only this evaluation's rows.
     assert list(card["test"]["results"]) == ["meta-learner LSTM", "sgd"]
+    # What the warm start saw is counted as seen (the same split here, so the same characters).
+    data = load_checkpoint(path).record["training_data"]
+    assert data["warm_started_from"] == ["omniglot-5w5s"]
+    assert "with what its warm start `omniglot-5w5s` saw" in (shipped / f"{NAME}.md").read_text()
     cold = _continued_run(tmp_path / "cold", "")
     with pytest.raises(SystemExit, match="needs a first run warm-started"):
         package_checkpoint.package(NAME, [cold], _new_evaluation(

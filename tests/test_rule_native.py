@@ -38,7 +38,7 @@ def _trained_looking_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:
 
 def _inputs(rows: int, hidden: int, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
-    state = torch.randn(rows, 2 * hidden + 2, generator=generator)
+    state = torch.randn(2 * hidden + 2, rows, generator=generator).t()  # feature-major
     # gradients from 1e-9 to 1 (both sides of e^-10), some exactly zero, both signs
     grad = torch.randn(rows, generator=generator) * torch.logspace(-9, 0, rows)
     grad[::7] = 0.0
@@ -132,13 +132,13 @@ def test_the_kernel_refuses_what_it_would_misread():
         native.step_rows_native(constants, state, grad.double(), theta)
     with pytest.raises(ValueError, match="contiguous"):
         native.step_rows_native(constants, state, torch.randn(20)[::2], theta)
-    with pytest.raises(ValueError, match=r"state must be \[10, 42\]"):
+    with pytest.raises(ValueError, match=r"state must be a feature-major \[10, 42\]"):
         native.step_rows_native(constants, state[:, :40], grad, theta)
-    with pytest.raises(ValueError, match="unit column stride"):
-        native.step_rows_native(constants, state.t().contiguous().t(), grad, theta)
+    with pytest.raises(ValueError, match="feature-major"):
+        native.step_rows_native(constants, state.contiguous(), grad, theta)
     wide = prepare_step(MetaLearnerLSTM(hidden_size=65).weights(), None, torch.float32)
     with pytest.raises(ValueError, match="hidden sizes up to 64, got 65"):
-        native.step_rows_native(wide, torch.zeros(10, 132), grad, theta)
+        native.step_rows_native(wide, torch.zeros(132, 10).t(), grad, theta)
 
 
 def test_a_failed_build_warns_once_and_step_takes_the_chunk_paths(monkeypatch):

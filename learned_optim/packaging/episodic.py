@@ -52,7 +52,7 @@ from learned_optim.packaging.facts import continued_facts, training_facts
 from learned_optim.runstate import read_run_config
 
 __all__ = ["package", "add_results", "card_markdown", "card_setting", "read_evaluation",
-           "baseline_training_note", "result_notes"]
+           "baseline_training_note", "result_notes", "with_warm_start_seen"]
 
 PROG = "python -m learned_optim.packaging.episodic"  # as the module is run
 
@@ -107,8 +107,10 @@ def seen_characters(data: dict) -> str:
     counts = ", ".join(f"{len(v)} {k}" for k, v in data["characters"].items())
     rotated = "".join(f"; {split} also rotated by {', '.join(map(str, angles[1:]))} degrees "
                       "as new classes" for split, angles in data.get("rotations", {}).items())
+    warm = "".join(f"; with what its warm start `{name}` saw"
+                   for name in data.get("warm_started_from", []))
     return (f"{data['dataset']} characters: {counts} (protocol {data['split_protocol']}, split "
-            f"seed {data['split_seed']}{rotated}; `learned_optim.data.splits`)")
+            f"seed {data['split_seed']}{rotated}{warm}; `learned_optim.data.splits`)")
 
 
 def preprocessing_text(spec: dict) -> str:
@@ -201,6 +203,26 @@ meta-trained with the same routine and use their own learned init; `nn` is 1-nea
 the learned init's feature space. BatchNorm uses the support set's statistics only (not
 transductive).
 {lake_note(config, evaluation)}"""
+
+
+def with_warm_start_seen(seen: dict | None, earlier: dict | None, name: str) -> dict | None:
+    """A ``training_data`` record that also counts what the warm start ``name`` saw: a run
+    continued from another checkpoint's weights carries what they were trained on (its rule,
+    if not its init), so each split's characters are the union of both records.
+
+    >>> ours = {"dataset": "omniglot", "characters": {"train": [1, 2], "val": [5]}}
+    >>> merged = with_warm_start_seen(ours, {"dataset": "omniglot",
+    ...                                      "characters": {"train": [2, 3], "val": [4]}}, "x")
+    >>> merged["characters"], merged["warm_started_from"]
+    ({'train': [1, 2, 3], 'val': [4, 5]}, ['x'])
+    """
+    if seen is None or earlier is None or earlier.get("dataset") != seen.get("dataset"):
+        return seen
+    characters = {split: sorted(set(seen["characters"].get(split, []))
+                                | set(earlier["characters"].get(split, [])))
+                  for split in {*seen["characters"], *earlier["characters"]}}
+    return {**seen, "characters": dict(sorted(characters.items(), key=lambda kv: kv[0] != "train")),
+            "warm_started_from": [*earlier.get("warm_started_from", []), name]}
 
 
 def lake_note(config: dict, evaluation: dict) -> str:
@@ -296,11 +318,15 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         shipped = load_checkpoint(PRETRAINED_DIR / f"{name}.safetensors").record
         evaluation["results"].update(kept_baselines(shipped, evaluation))
         before = shipped["card"]
+    seen = read_training_data(best.record) or training_data(best.record["config"])
     if after is not None:
         if not init_from:
             raise SystemExit(f"{runs[0]}: --after {after} needs a first run warm-started with "
                              "--init-from (its configuration names none)")
-        before = load_checkpoint(PRETRAINED_DIR / f"{after}.safetensors").record["card"]
+        earlier = load_checkpoint(PRETRAINED_DIR / f"{after}.safetensors").record
+        before = earlier["card"]
+        seen = with_warm_start_seen(seen, read_training_data(earlier)
+                                    or training_data(earlier["config"]), after)
     if before is not None:
         facts = continued_facts(before, facts)
         hardware = f"{before['hardware']}, then {hardware}"
@@ -327,7 +353,7 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         metrics={f"test_{metric}": ours["mean"], f"test_{metric}_ci95": ours["ci95"],
                  "test_episodes": ours["episodes"]},
         card=card, preprocessing=preprocessing_of(best.record),
-        training_data=read_training_data(best.record) or training_data(best.record["config"]))
+        training_data=seen)
     record = load_checkpoint(path).record
     (PRETRAINED_DIR / f"{name}.md").write_text(card_markdown(name, record))
     return path

@@ -96,9 +96,21 @@ def state_width(hidden_size: int) -> int:
     return 2 * hidden_size + 2
 
 
-def initial_state(rows: int, hidden_size: int, *, dtype=None, device=None) -> Tensor:
-    """The state of a new task: zeros, laid out as ``[h1 | c1 | f_pre | i_pre]`` per row."""
-    return torch.zeros(rows, state_width(hidden_size), dtype=dtype, device=device)
+def initial_state(rows: int, hidden_size: int, *, dtype=None, device=None,
+                  feature_major: bool = False) -> Tensor:
+    """The state of a new task: zeros, laid out as ``[h1 | c1 | f_pre | i_pre]`` per row.
+
+    ``feature_major``: the same ``[rows, 2H + 2]`` shape as a transposed view of a contiguous
+    ``[2H + 2, rows]`` tensor (each feature contiguous over the rows), the layout of the
+    in-place optimizer's state buffers.
+
+    >>> initial_state(3, 20).stride(), initial_state(3, 20, feature_major=True).stride()
+    ((42, 1), (1, 3))
+    """
+    width = state_width(hidden_size)
+    if feature_major:
+        return torch.zeros(width, rows, dtype=dtype, device=device).t()
+    return torch.zeros(rows, width, dtype=dtype, device=device)
 
 
 def _preprocess_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor]:

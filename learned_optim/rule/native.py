@@ -46,14 +46,14 @@ static constexpr int64_t kLanes = Vec::size();
 
 static inline Vec sigmoid(Vec x) { return (Vec(1.0f) + x.neg().exp()).reciprocal(); }
 
-// One step of the update rule for n coordinates, in place: state rows [h1 | c1 | f_pre | i_pre]
-// (row_stride floats apart) and theta. weight [4H, 2 + H] (gates i, f, o, 2g; inputs log|g|/p,
-// sign, h1), bias [4H], meta_h [2, H] (f_pre, i_pre), meta_small: theta, previous and bias
-// weights of (f_pre, i_pre).
+// One step of the update rule for n coordinates, in place: the feature-major state
+// [h1 | c1 | f_pre | i_pre] x n (its features `stride` floats apart) and theta. weight
+// [4H, 2 + H] (gates i, f, o, 2g; inputs log|g|/p, sign, h1), bias [4H], meta_h [2, H]
+// (f_pre, i_pre), meta_small: theta, previous and bias weights of (f_pre, i_pre).
 extern "C" void kernel(const float* weight, const float* bias, const float* meta_h,
                        const float* meta_small, float* state, const float* grad,
                        float* theta_out, const int64_t n, const int64_t hidden,
-                       const int64_t row_stride, const int64_t threads, const float p,
+                       const int64_t stride, const int64_t threads, const float p,
                        const float threshold, const float exp_p, const float lr,
                        const float decay)
 {
@@ -73,17 +73,29 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
         for (int64_t tile = 0; tile < tiles; ++tile) {
             const int64_t start = tile * V;
             const int64_t m = std::min(V, n - start);
-            for (int64_t l = 0; l < V; ++l) {  // gather rows; zeros past the end
-                const bool in = l < m;
-                const float* row = state + (start + l) * row_stride;
+            // Feature f of coordinate r is state[f * stride + r]: a full tile loads vectors.
+            if (m == V) {
                 for (int64_t h = 0; h < H; ++h) {
-                    x[(2 + h) * V + l] = in ? row[h] : 0.f;
-                    c_prev[h * V + l] = in ? row[H + h] : 0.f;
+                    Vec::loadu(state + h * stride + start).store(x + (2 + h) * V);
+                    Vec::loadu(state + (H + h) * stride + start).store(c_prev + h * V);
                 }
-                lanes[l] = in ? row[2 * H] : 0.f;
-                lanes[V + l] = in ? row[2 * H + 1] : 0.f;
-                lanes[2 * V + l] = in ? theta_out[start + l] : 0.f;
-                lanes[3 * V + l] = in ? grad[start + l] : 0.f;
+                Vec::loadu(state + 2 * H * stride + start).store(lanes);
+                Vec::loadu(state + (2 * H + 1) * stride + start).store(lanes + V);
+                Vec::loadu(theta_out + start).store(lanes + 2 * V);
+                Vec::loadu(grad + start).store(lanes + 3 * V);
+            } else {  // the last tile: element by element, zeros past the end
+                for (int64_t l = 0; l < V; ++l) {
+                    const bool in = l < m;
+                    const float* column = state + start + l;
+                    for (int64_t h = 0; h < H; ++h) {
+                        x[(2 + h) * V + l] = in ? column[h * stride] : 0.f;
+                        c_prev[h * V + l] = in ? column[(H + h) * stride] : 0.f;
+                    }
+                    lanes[l] = in ? column[2 * H * stride] : 0.f;
+                    lanes[V + l] = in ? column[(2 * H + 1) * stride] : 0.f;
+                    lanes[2 * V + l] = in ? theta_out[start + l] : 0.f;
+                    lanes[3 * V + l] = in ? grad[start + l] : 0.f;
+                }
             }
             // Preprocessed gradient: (log|g| / p, sign g) if |g| >= e^-p, else (-1, e^p g).
             const Vec g = Vec::loadu(lanes + 3 * V);
@@ -134,18 +146,28 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
                                      : proposed - (proposed - theta) * Vec(1.f - lr);
             }
             if (decay != 0.f) proposed = proposed - Vec(decay) * theta;
-            f_pre.store(lanes + 4 * V);
-            i_pre.store(lanes + 5 * V);
-            proposed.store(lanes + 6 * V);
-            for (int64_t l = 0; l < m; ++l) {  // scatter back
-                float* row = state + (start + l) * row_stride;
+            if (m == V) {
                 for (int64_t h = 0; h < H; ++h) {
-                    row[h] = h_new[h * V + l];
-                    row[H + h] = c_new[h * V + l];
+                    Vec::loadu(h_new + h * V).store(state + h * stride + start);
+                    Vec::loadu(c_new + h * V).store(state + (H + h) * stride + start);
                 }
-                row[2 * H] = lanes[4 * V + l];
-                row[2 * H + 1] = lanes[5 * V + l];
-                theta_out[start + l] = lanes[6 * V + l];
+                f_pre.store(state + 2 * H * stride + start);
+                i_pre.store(state + (2 * H + 1) * stride + start);
+                proposed.store(theta_out + start);
+            } else {
+                f_pre.store(lanes + 4 * V);
+                i_pre.store(lanes + 5 * V);
+                proposed.store(lanes + 6 * V);
+                for (int64_t l = 0; l < m; ++l) {
+                    float* column = state + start + l;
+                    for (int64_t h = 0; h < H; ++h) {
+                        column[h * stride] = h_new[h * V + l];
+                        column[(H + h) * stride] = c_new[h * V + l];
+                    }
+                    column[2 * H * stride] = lanes[4 * V + l];
+                    column[(2 * H + 1) * stride] = lanes[5 * V + l];
+                    theta_out[start + l] = lanes[6 * V + l];
+                }
             }
         }
     }
@@ -179,9 +201,9 @@ def native_step_kernel():
 
 def _probe(kernel) -> None:
     """Run the kernel once on a few rows (raises if the build is unusable)."""
-    state, grad, theta = torch.zeros(3, 4 * 1 + 2), torch.ones(3), torch.zeros(3)
+    state, grad, theta = torch.zeros(4, 3), torch.ones(3), torch.zeros(3)  # hidden size 1
     weight, bias = torch.zeros(4, 3), torch.zeros(4)
-    kernel(weight, bias, torch.zeros(2, 1), torch.zeros(6), state, grad, theta, 3, 1, 6, 1,
+    kernel(weight, bias, torch.zeros(2, 1), torch.zeros(6), state, grad, theta, 3, 1, 3, 1,
            10.0, math.exp(-10.0), math.exp(10.0), 1.0, 0.0)
     if not torch.equal(theta, torch.full((3,), -0.5)):  # sigmoid(0) * 0 - sigmoid(0) * 1
         raise RuntimeError(f"the native step kernel computed {theta.tolist()} on its probe")
@@ -209,16 +231,19 @@ def _check_layout(state: Tensor, grad: Tensor, param: Tensor, rows: int, hidden:
                                                                 and param.is_contiguous()):
         raise ValueError(f"grad and param must be contiguous [{rows}] tensors, got "
                          f"{tuple(grad.shape)} and {tuple(param.shape)}")
-    if state.shape != (rows, 2 * hidden + 2) or (rows > 1 and state.stride(1) != 1):
-        raise ValueError(f"state must be [{rows}, {2 * hidden + 2}] rows with unit column "
-                         f"stride, got shape {tuple(state.shape)}, strides {state.stride()}")
+    if state.shape != (rows, 2 * hidden + 2) or (rows > 1 and state.stride(0) != 1):
+        raise ValueError(f"state must be a feature-major [{rows}, {2 * hidden + 2}] view "
+                         "(unit row stride, as initial_state(..., feature_major=True) makes), "
+                         f"got shape {tuple(state.shape)}, strides {state.stride()}")
 
 
 def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor,
                      lr: float = 1.0, weight_decay: float = 0.0,
                      kernel_constants: tuple | None = None) -> None:
-    """One step of the rule for ``n`` coordinates, in place: ``state`` (``[n, 2H + 2]``
-    rows, unit column stride) becomes the next state and ``param`` (``[n]``, contiguous)
+    """One step of the rule for ``n`` coordinates, in place: ``state`` (``[n, 2H + 2]``,
+    feature-major: a transposed view whose rows are one float apart, as
+    ``initial_state(n, H, feature_major=True)`` or a row slice of it) becomes the next state
+    and ``param`` (``[n]``, contiguous)
     ``theta_t``, scaled by ``lr`` with decoupled ``weight_decay`` as
     :func:`~learned_optim.rule.math.apply_group_options` does. float32 on the CPU, hidden size
     at most :data:`MAX_HIDDEN`; the caller checks :func:`native_step_kernel` is not ``None``.
@@ -228,7 +253,8 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step, update_rows
     >>> constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
-    >>> state, grad, theta = initial_state(3, 20), torch.ones(3), torch.zeros(3)
+    >>> state = initial_state(3, 20, feature_major=True)
+    >>> grad, theta = torch.ones(3), torch.zeros(3)
     >>> expected, _ = update_rows(constants, state, grad, theta)
     >>> if native_step_kernel() is not None:
     ...     step_rows_native(constants, state, grad, theta)
@@ -241,6 +267,6 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
         kernel_constants = native_constants(constants)
     threads = torch.get_num_threads() if rows >= _PARALLEL_MIN_ROWS else 1
     p = constants.p
-    native_step_kernel()(*kernel_constants, state, grad, param, rows, hidden, state.stride(0),
+    native_step_kernel()(*kernel_constants, state, grad, param, rows, hidden, state.stride(1),
                          threads, p, math.exp(-p), math.exp(p), float(lr),
                          float(lr) * float(weight_decay))

@@ -53,11 +53,12 @@ def test_cli_evaluate_refuses_without_force_overlap(shared_data, capsys):
     assert "--force-overlap" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["omniglot-lake-5w1s", "omniglot-lake-20w1s"])
+@pytest.mark.parametrize("name", ["omniglot-lake-5w1s", "omniglot-lake-20w1s",
+                                  "omniglot-lake-alphabets-20w1s"])
 def test_lake_checkpoints_record_their_characters_and_preprocessing(name):
     checkpoint = load_checkpoint(name)
     seen = read_training_data(checkpoint)
-    assert seen["split_protocol"] == "lake" and seen["split_seed"] == 0
+    assert seen["split_protocol"] in ("lake", "lake-alphabets") and seen["split_seed"] == 0
     assert max(seen["characters"]["train"] + seen["characters"]["val"]) < 964
     assert read_preprocessing(checkpoint) == {"size": 28, "mode": "L", "resample": "lanczos",
                                               "invert": True, "mean": None, "std": None,
@@ -73,3 +74,11 @@ def test_malformed_record_fields_name_the_file_and_field(tmp_path):
         read_training_data(checkpoint)
     with pytest.raises(CheckpointError, match=r"bad.safetensors: invalid field 'preprocessing'"):
         read_preprocessing(checkpoint)
+
+
+def test_the_lake_alphabets_checkpoint_counts_its_warm_starts_characters():
+    seen = read_training_data(load_checkpoint("omniglot-lake-alphabets-20w1s"))
+    assert seen["warm_started_from"] == ["omniglot-lake-20w1s"]
+    lake = read_training_data(load_checkpoint("omniglot-lake-20w1s"))
+    assert set(lake["characters"]["train"]) <= set(seen["characters"]["train"])
+    assert len(seen["characters"]["train"]) == 944  # 795 of its own, 868 of the warm start's

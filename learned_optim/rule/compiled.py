@@ -47,8 +47,7 @@ from torch import Tensor
 
 from learned_optim.rule.math import MetaWeights, StepConstants, prepare_step, update_rows
 
-__all__ = ["compile_or_warn", "compiled_rule", "compiled_step_rule", "step_rows_compiled",
-           "update_rows_compiled"]
+__all__ = ["compiled_rule", "compiled_step_rule", "step_rows_compiled", "update_rows_compiled"]
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def _probe_constants() -> list[Tensor]:
     return [t.detach() for t in constants[:-1]]
 
 
-def compile_or_warn(build):
+def _compile_or_warn(build):
     """``build()`` (compile and probe), or ``None`` after warning once that compiling failed."""
     global _failure
     if _failure is not None:
@@ -189,7 +188,7 @@ def compiled_rule():
         return pair
 
     if _compiled is None:
-        _compiled = compile_or_warn(build)
+        _compiled = _compile_or_warn(build)
     return _compiled
 
 
@@ -211,7 +210,7 @@ def compiled_step_rule():
         return step
 
     if _step_compiled is None:
-        _step_compiled = compile_or_warn(build)
+        _step_compiled = _compile_or_warn(build)
     return _step_compiled
 
 

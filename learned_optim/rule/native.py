@@ -23,11 +23,11 @@ module), a warning says so once and ``step()`` takes its other paths;
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
-from learned_optim.rule.compiled import compile_or_warn
 from learned_optim.rule.math import StepConstants
 
 __all__ = ["MAX_HIDDEN", "native_constants", "native_step_kernel", "step_rows_native"]
@@ -177,25 +177,32 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
 _ARGTYPES = (["const float*"] * 4 + ["float*", "const float*", "float*"]
              + ["const int64_t"] * 4 + ["const float"] * 5)
 _kernel = None  # the loaded kernel, once built
+_failure: str | None = None  # why building failed, once it has
 
 
 def native_step_kernel():
     """The built kernel (a callable on tensors and numbers), or ``None`` where building
-    failed (warned once, with the compiled rule's failure).
+    failed (warned once).
 
-    The first call builds it (a few seconds; cached on disk by inductor afterwards).
+    The first call builds it (a few seconds; cached on disk by inductor afterwards). Its
+    failure is its own: the ``torch.compile`` paths of :mod:`learned_optim.rule.compiled` do
+    not depend on the private inductor module it is built with, and stay on.
     """
-    global _kernel
+    global _kernel, _failure
+    if _kernel is None and _failure is None:
+        try:
+            from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-    def build():
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        kernel = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
-        _probe(kernel)
-        return kernel
-
-    if _kernel is None:
-        _kernel = compile_or_warn(build)
+            kernel = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
+            _probe(kernel)
+            _kernel = kernel
+        except Exception as error:  # noqa: BLE001 - any build failure means: the chunk paths
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            _failure = f"{type(error).__name__}: {first_line}"
+            warnings.warn(
+                f"learned_optim: building the native step kernel failed ({_failure}); "
+                "step() takes the chunk paths (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
+                RuntimeWarning, stacklevel=2)
     return _kernel
 
 

@@ -21,6 +21,7 @@ import torch
 
 from learned_optim import available_pretrained, finetune, load_checkpoint
 from learned_optim.config import MetaTrainConfig
+from learned_optim.data.omniglot import WITHIN_ALPHABET_PROTOCOLS
 from learned_optim.data.sinusoid import PROTOCOLS as SINUSOID_PROTOCOLS
 from learned_optim.evaluate import evaluate
 from learned_optim.packaging.episodic import result_notes
@@ -167,7 +168,7 @@ LAKE_PUBLISHED = (("people", 4.5), ("Bayesian Program Learning", 3.3),
 def lake_section(records: dict[str, dict]) -> str:
     """Error rates of the checkpoints tested with Lake's protocol, beside the published ones."""
     lake = {name: r for name, r in records.items()
-            if r["config"].get("protocol") in ("lake-within", "lake-alphabets")}
+            if r["config"].get("protocol") in WITHIN_ALPHABET_PROTOCOLS}
     if not lake:
         return ""
     lines = ["| checkpoint | method | error (%) | 95% CI | episodes | notes |",

@@ -661,15 +661,12 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         flat_params = [p.view(-1) if p.is_contiguous() else p.reshape(-1).contiguous()
                        for p in params]
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
-        sizes = [p.numel() for p in params]
-        active = [g is not None for g in grads]
         if self._runs_native(buffer):
             self._update_native(flat_params, flat_grads, buffer, constants, lr, weight_decay)
         else:
-            self._update_chunks(flat_params, flat_grads, sizes, active, buffer, constants,
-                                lr, weight_decay)
-        for param, flat, is_active in zip(params, flat_params, active):
-            if is_active and not param.is_contiguous():
+            self._update_chunks(flat_params, flat_grads, buffer, constants, lr, weight_decay)
+        for param, flat, grad in zip(params, flat_params, grads):
+            if grad is not None and not param.is_contiguous():
                 param.copy_(flat.view(param.shape))
 
     def _runs_native(self, buffer: Tensor) -> bool:
@@ -693,10 +690,12 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                                  float(weight_decay), kernel_constants=laid_out)
             offset += rows
 
-    def _update_chunks(self, flat_params, flat_grads, sizes, active, buffer: Tensor,
-                       constants, lr, weight_decay) -> None:
+    def _update_chunks(self, flat_params, flat_grads, buffer: Tensor, constants, lr,
+                       weight_decay) -> None:
         """The rule chunk by chunk of ``chunk_size`` rows: compiled or eager kernels."""
         plain = _is_default(lr, weight_decay)
+        sizes = [p.numel() for p in flat_params]
+        active = [g is not None for g in flat_grads]
         chunk_size = self.chunk_size_for(buffer.device)
         # Temporaries for one chunk of the eager kernel, reused by every such chunk of this
         # step; allocated only if a chunk takes it (the compiled forward allocates its own).

@@ -86,6 +86,7 @@ def build_task(config: MetaTrainConfig) -> Task:
                     F.mse_loss, "mse", higher_is_better=False)
 
     from learned_optim.data import EpisodeSampler, WithinAlphabetSampler
+    from learned_optim.data.omniglot import WITHIN_ALPHABET_PROTOCOLS
 
     cache: dict[str, object] = {}
 
@@ -93,7 +94,7 @@ def build_task(config: MetaTrainConfig) -> Task:
         if split not in cache:
             dataset = _classification_dataset(config, split)
             seed = config.seed + SPLIT_SEED_OFFSETS[split]
-            if config.task == "omniglot" and config.protocol in ("lake-within", "lake-alphabets"):
+            if config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS:
                 # Lake's runs: one alphabet per episode, support and query by other drawers.
                 # lake-within's few validation characters per alphabet: one group, drawers
                 # still apart; lake-alphabets validates on whole alphabets, as it tests.

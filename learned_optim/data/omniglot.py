@@ -73,6 +73,9 @@ MD5 = {
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 PROTOCOLS = ("vinyals", "lake", "lake-within", "lake-alphabets")
+# The protocols whose episodes are Lake's one-shot runs (classes of one alphabet, support and
+# query by other drawers): tasks draw them with WithinAlphabetSampler, cards quote Lake et al.
+WITHIN_ALPHABET_PROTOCOLS = ("lake-within", "lake-alphabets")
 SPLITS = ("train", "val", "trainval", "test")
 VINYALS_SPLIT_SEED = 0
 VINYALS_CHARACTERS = 1623

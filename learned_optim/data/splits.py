@@ -20,6 +20,7 @@ import numpy as np
 
 from learned_optim.data.omniglot import (
     LAKE_SPLIT_SEED,
+    OMNIGLOT_BACKGROUND,
     PROTOCOLS,
     ROTATIONS,
     VINYALS_SPLIT_SEED,
@@ -28,7 +29,7 @@ from learned_optim.data.omniglot import (
 
 __all__ = ["training_data", "split_characters", "split_overlap", "Overlap", "TRAINING_SPLITS"]
 
-OMNIGLOT_BACKGROUND, OMNIGLOT_EVALUATION = 964, 659
+OMNIGLOT_EVALUATION = 659
 TRAINING_SPLITS = ("train", "val")  # what meta-training reads: episodes and model selection
 _SPLIT_SEEDS = {"vinyals": VINYALS_SPLIT_SEED, "lake": LAKE_SPLIT_SEED,
                 "lake-alphabets": LAKE_SPLIT_SEED}

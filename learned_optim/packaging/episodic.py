@@ -46,6 +46,7 @@ from learned_optim.checkpoint import (
     save_checkpoint,
 )
 from learned_optim.config import MetaTrainConfig
+from learned_optim.data.omniglot import WITHIN_ALPHABET_PROTOCOLS
 from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.data.splits import training_data
 from learned_optim.packaging.facts import continued_facts, training_facts
@@ -228,7 +229,7 @@ def with_warm_start_seen(seen: dict | None, earlier: dict | None, name: str) -> 
 def lake_note(config: dict, evaluation: dict) -> str:
     """For Lake's protocol: the error rates beside Lake et al.'s published 20-way figures."""
     protocol = config.get("protocol")
-    if protocol not in ("lake-within", "lake-alphabets") or evaluation["metric"] != "accuracy":
+    if protocol not in WITHIN_ALPHABET_PROTOCOLS or evaluation["metric"] != "accuracy":
         return ""
     errors = ", ".join(f"{method} {100 * (1 - r['mean']):.1f}% +- {100 * r['ci95']:.1f}"
                        for method, r in evaluation["results"].items())

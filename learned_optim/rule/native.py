@@ -250,10 +250,10 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
     """One step of the rule for ``n`` coordinates, in place: ``state`` (``[n, 2H + 2]``,
     feature-major: a transposed view whose rows are one float apart, as
     ``initial_state(n, H, feature_major=True)`` or a row slice of it) becomes the next state
-    and ``param`` (``[n]``, contiguous)
-    ``theta_t``, scaled by ``lr`` with decoupled ``weight_decay`` as
-    :func:`~learned_optim.rule.math.apply_group_options` does. float32 on the CPU, hidden size
-    at most :data:`MAX_HIDDEN`; the caller checks :func:`native_step_kernel` is not ``None``.
+    and ``param`` (``[n]``, contiguous) ``theta_t``, scaled by ``lr`` with decoupled
+    ``weight_decay`` as :func:`~learned_optim.rule.math.apply_group_options` does. float32 on
+    the CPU, hidden size at most :data:`MAX_HIDDEN`; the caller checks
+    :func:`native_step_kernel` is not ``None``.
     ``kernel_constants`` (:func:`native_constants` of the same constants) saves laying them
     out again for each call of one step.
 

@@ -292,8 +292,10 @@ def step_compiles(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
 def step_native(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the in-place ``step()`` runs the hand-fused kernel
     (learned_optim.rule.native.step_rows_native), one call a parameter: on a CPU, float32,
-    when on. Measured on the 2-core Xeon, 2 threads, 55,050 coordinates: 6.8 ms against 9.9
-    for the compiled forward in chunks of 8,192 rows (interleaved, load average 0.5-0.9).
+    when on. Measured on the 2-core Xeon, 2 threads, against the chunk paths in one run
+    (benchmarks/step_native.py, load average 1.2-1.5): 7.8 against 14.0 ms at 55,050
+    coordinates and 132 against 244 ms at 1M, before the state buffers became feature-major;
+    6.4 against 19.6 ms and 89 against 246 ms after.
 
     >>> step_native(torch.device("cuda"), torch.float32)
     False
@@ -306,7 +308,8 @@ def step_native(device: torch.device, dtype: torch.dtype) -> bool:
 def step_threads(device: torch.device, dtype: torch.dtype, rows: int,
                  chunk_rows: int) -> int | None:
     """Torch threads for the in-place ``step()`` over ``rows`` rows in chunks of
-    ``chunk_rows``: torch's own where the chunks take the compiled forward (a few fused loops
+    ``chunk_rows``: torch's own where the step takes the native kernel (which runs one thread
+    below a few thousand rows by itself) or its chunks the compiled forward (a few fused loops
     a chunk, and a changed thread count would compile it again), else
     :func:`chunk_loop_threads`.
 

@@ -58,6 +58,8 @@ _CONFIG_OPTIONS = {
     "pretrain_epochs": (int, "omniglot / miniimagenet: first train the learned init's features "
                              "as one classifier of all training classes for this many epochs",
                         None),
+    "pretrain_alphabets": (int, "omniglot: pre-train the features on this many of the training "
+                                "alphabets and meta-train on episodes of the others", None),
     "max_time_s": (float, "stop after this many seconds of training (validated, saved)", None),
     "truncation": (int, "general: steps per truncated unroll (default 20)", None),
     "horizon_min": (int, "general: shortest training horizon in steps (default 5)", None),

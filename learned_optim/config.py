@@ -72,6 +72,11 @@ class MetaTrainConfig:
     init_from: str | None = None  # start from a checkpoint's rule and learned init
     pretrain_epochs: int | None = None  # supervised pre-training of c_0's features first
     pretrain_distort: bool = False  # ... on randomly distorted images (Koch et al. 2015)
+    # omniglot: the features are pre-trained on this many of the training split's alphabets
+    # (drawn by seed; data.omniglot.split_by_alphabets) and meta-training's episodes come from
+    # the others, whose characters the features never saw (as at test). Set it also when
+    # continuing (init_from) a run whose features were pre-trained so.
+    pretrain_alphabets: int | None = None
     max_time_s: float | None = None  # stop (validated and saved) after this much training time
     # task "general" (learned_optim.general): fresh learners trained for horizon_min ..
     # horizon_max steps in truncations of `truncation` steps; `loss_dropout` of the problems
@@ -93,7 +98,7 @@ class MetaTrainConfig:
         for name in ("ways", "shots", "queries", "inner_steps", "meta_batch", "meta_steps",
                      "hidden_size", "filters", "image_size", "validate_every", "val_episodes",
                      "checkpoint_every", "truncation", "horizon_min", "horizon_max",
-                     "pretrain_epochs"):
+                     "pretrain_epochs", "pretrain_alphabets"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -141,6 +146,9 @@ class MetaTrainConfig:
         if not isinstance(self.pretrain_distort, bool):
             raise ValueError(f"pretrain_distort must be true or false, got "
                              f"{self.pretrain_distort!r}")
+        if self.pretrain_alphabets is not None and self.task != "omniglot":
+            raise ValueError("pretrain_alphabets (--pretrain-alphabets) splits Omniglot's "
+                             f"training alphabets, got task {self.task!r}")
         if self.pretrain_distort and not self.pretrain_epochs:
             raise ValueError("pretrain_distort (--pretrain-distort) distorts the images of the "
                              "supervised pre-training: set pretrain_epochs (--pretrain-epochs) too")

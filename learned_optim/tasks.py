@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from learned_optim.config import MetaTrainConfig
 from learned_optim.learners import ConvLearner, SinusoidMLP
 
-__all__ = ["Task", "build_task", "accuracy", "SPLIT_SEED_OFFSETS"]
+__all__ = ["Task", "build_task", "accuracy", "pretraining_dataset", "SPLIT_SEED_OFFSETS"]
 
 # Each split draws from its own episode stream (seed + offset).
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
@@ -67,6 +67,24 @@ def _classification_dataset(config: MetaTrainConfig, split: str):
     return miniimagenet(root, split=split, image_size=config.image_size)
 
 
+def _training_parts(config: MetaTrainConfig):
+    """The training split as ``(pre-training classes, meta-training classes)``: the same data
+    set twice, or, with ``pretrain_alphabets``, its two disjoint parts by whole alphabets."""
+    from learned_optim.data.omniglot import split_by_alphabets
+
+    dataset = _classification_dataset(config, "train")
+    if config.pretrain_alphabets is None:
+        return dataset, dataset
+    return split_by_alphabets(dataset, config.pretrain_alphabets, config.seed)
+
+
+def pretraining_dataset(config: MetaTrainConfig):
+    """The classes whose examples pre-train the learned init's features
+    (``pretrain_epochs``): the whole training split, or with ``pretrain_alphabets`` only that
+    many of its alphabets (meta-training's episodes then come from the others)."""
+    return _training_parts(config.resolved())[0]
+
+
 def build_task(config: MetaTrainConfig) -> Task:
     """Build the task family a (resolved) configuration describes.
 
@@ -92,7 +110,8 @@ def build_task(config: MetaTrainConfig) -> Task:
 
     def classification_episodes(split: str):
         if split not in cache:
-            dataset = _classification_dataset(config, split)
+            dataset = (_training_parts(config)[1] if split == "train"
+                       else _classification_dataset(config, split))
             seed = config.seed + SPLIT_SEED_OFFSETS[split]
             if config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS:
                 # Lake's runs: one alphabet per episode, support and query by other drawers.

@@ -8,6 +8,7 @@ instead; these tests check the split on the real Omniglot zips.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ from learned_optim.data.omniglot import (
     BACKGROUND_ALPHABETS,
     lake_val_alphabets,
     omniglot_split_characters,
+    split_by_alphabets,
 )
 from learned_optim.data.splits import split_characters, split_overlap, training_data
-from learned_optim.tasks import build_task
+from learned_optim.tasks import build_task, pretraining_dataset
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 VAL_ALPHABETS = ["Latin", "Asomtavruli_(Georgian)", "Early_Aramaic", "Futurama", "Tifinagh"]
@@ -102,3 +104,41 @@ def test_rotations_are_allowed_and_a_partial_archive_is_refused():
     MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=20, rotations=True)
     with pytest.raises(ValueError, match="964 background characters"):
         omniglot_split_characters(np.array([0] * 900 + [1] * 659), "val", "lake-alphabets")
+
+
+def test_pretrain_alphabets_splits_training_alphabets_between_features_and_rule():
+    config = MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=20,
+                             data_root=str(ROOT), pretrain_alphabets=17, pretrain_epochs=1)
+    features = pretraining_dataset(config)
+    episodes = build_task(config).episodes("train")
+    pretrained, meta_trained = _alphabets(features.class_names), _alphabets(
+        episodes.dataset.class_names)
+    assert (len(pretrained), len(meta_trained)) == (17, 8)
+    assert not pretrained & meta_trained and not (pretrained | meta_trained) & set(VAL_ALPHABETS)
+    assert features.num_classes + episodes.dataset.num_classes == 795
+    # Every meta-training episode is drawn from characters the features never saw.
+    drawn = set()
+    for index in range(40):
+        classes, _, _ = episodes.episode_indices(index)
+        drawn |= _alphabets(episodes.dataset.class_names[c] for c in classes.tolist())
+    assert drawn <= meta_trained and len(drawn) > 1
+    # The same seed draws the same alphabets; another seed others.
+    assert _alphabets(pretraining_dataset(config).class_names) == pretrained
+    other = dataclasses.replace(config, seed=1)
+    assert _alphabets(pretraining_dataset(other).class_names) != pretrained
+
+
+def test_split_by_alphabets_keeps_rotated_copies_with_their_alphabet_and_refuses_bad_counts():
+    train = omniglot(ROOT, "train", "lake-alphabets", rotations=True)
+    first, rest = split_by_alphabets(train, 5, seed=0)
+    assert first.num_classes + rest.num_classes == train.num_classes
+    assert not _alphabets(first.class_names) & _alphabets(rest.class_names)
+    assert {n.split("@")[0] for n in first.class_names}.isdisjoint(
+        {n.split("@")[0] for n in rest.class_names})
+    for count in (0, 25, 2.5):
+        with pytest.raises(ValueError, match="from 1 to 24 .* 25 alphabets"):
+            split_by_alphabets(train, count)
+    with pytest.raises(ValueError, match="pretrain_alphabets .* Omniglot"):
+        MetaTrainConfig(task="sinusoid", pretrain_alphabets=3)
+    with pytest.raises(ValueError, match="pretrain_alphabets must be a positive integer"):
+        MetaTrainConfig(task="omniglot", pretrain_alphabets=0)

@@ -61,7 +61,8 @@ from learned_optim.data._images import check_image_size, decode_image
 from learned_optim.data.dataset import FewShotDataset
 from learned_optim.data.preprocessing import RESAMPLE_FILTERS, Preprocessing, adjust_loaded
 
-__all__ = ["omniglot", "load_omniglot_characters", "omniglot_split_characters"]
+__all__ = ["omniglot", "load_omniglot_characters", "omniglot_split_characters",
+           "split_by_alphabets"]
 
 log = logging.getLogger(__name__)
 
@@ -482,3 +483,32 @@ def omniglot(
         class_names,
         name=f"omniglot-{protocol}-{split}" + ("-rotations" if rotations else ""),
     )
+
+
+def split_by_alphabets(dataset: FewShotDataset, count: int, seed: int = 0
+                       ) -> tuple[FewShotDataset, FewShotDataset]:
+    """Two disjoint Omniglot data sets by whole alphabets: ``count`` alphabets drawn with
+    ``numpy.random.default_rng(seed)`` from ``dataset``'s (sorted by name), and the others.
+
+    Classes are grouped by the alphabet in their name (``"Alphabet/characterNN"``); rotated
+    copies (``"...@rot90"``) go with their alphabet, so no character is in both parts. Meta-
+    training uses it to pre-train the features on some training alphabets and meta-train the
+    rule on episodes of the others, whose characters the features never saw (as at test).
+
+    >>> names = ["A/c1", "A/c2", "B/c1", "C/c1", "A/c1@rot90"]
+    >>> data = FewShotDataset(torch.zeros(5, 1), torch.arange(5), names)
+    >>> first, rest = split_by_alphabets(data, 1, seed=3)
+    >>> first.class_names, rest.class_names
+    (['C/c1'], ['A/c1', 'A/c2', 'B/c1', 'A/c1@rot90'])
+    """
+    alphabets = [name.split("/", 1)[0] for name in dataset.class_names]
+    names = sorted(set(alphabets))
+    if not (isinstance(count, int) and 1 <= count < len(names)):
+        raise ValueError(f"split_by_alphabets: count must be an integer from 1 to "
+                         f"{len(names) - 1} (the data set has {len(names)} alphabets), "
+                         f"got {count!r}")
+    order = np.random.default_rng(seed).permutation(len(names))
+    chosen = {names[i] for i in order[:count]}
+    first = [c for c, alphabet in enumerate(alphabets) if alphabet in chosen]
+    rest = [c for c, alphabet in enumerate(alphabets) if alphabet not in chosen]
+    return dataset.subset_classes(first), dataset.subset_classes(rest)

@@ -215,3 +215,18 @@ def test_a_card_says_when_the_learned_init_was_pretrained_in_an_earlier_run(ship
                                       "a CPU", "meta-train", continues=True)
     assert "pretrain_epochs" not in load_checkpoint(path).record["card"]
     assert "pre-trained first" not in (shipped / f"{NAME}.md").read_text()
+
+
+def test_a_card_says_which_alphabets_pretrained_the_features(shipped, tmp_path):
+    shipped_path = f"learned_optim/pretrained/{NAME}.safetensors"
+    first = _continued_run(tmp_path / "pretrained-run", shipped_path)
+    config = json.loads((first / "config.json").read_text())
+    (first / "config.json").write_text(json.dumps(
+        {**config, "pretrain_epochs": 12, "pretrain_alphabets": 17}))
+    evaluation = _new_evaluation(tmp_path, first / "best.safetensors")
+    path = package_checkpoint.package(NAME, [first], evaluation, "a CPU", "meta-train",
+                                      continues=True)
+    assert load_checkpoint(path).record["card"]["pretrain_alphabets"] == 17
+    assert ("one classifier of the training classes of 17 training alphabets, meta-training's "
+            "episodes drawn from the other alphabets (12 epochs"
+            in (shipped / f"{NAME}.md").read_text())

@@ -173,8 +173,11 @@ def card_markdown(name: str, record: dict) -> str:
                         f" (the rule's weights {config['rule_lr']})")
                      + f", clip {config['grad_clip']}, meta-batch "
                      f"{config['meta_batch']}, {order} order"
-                     + (f"; the learned init's features pre-trained first as one classifier "
-                        f"of all training classes ({card['pretrain_epochs']} epochs"
+                     + ("; the learned init's features pre-trained first as one classifier "
+                        + (f"of the training classes of {card['pretrain_alphabets']} training "
+                           "alphabets, meta-training's episodes drawn from the other alphabets"
+                           if card.get("pretrain_alphabets") else "of all training classes")
+                        + f" ({card['pretrain_epochs']} epochs"
                         + (", randomly distorted images" if card.get("pretrain_distort") else "")
                         + ", "
                         "`learned_optim.pretrain`)" if card.get("pretrain_epochs") else "")),
@@ -342,7 +345,9 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
                        if (run_config := read_run_config(run)).get("pretrain_epochs")), None)
     card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
             **({"pretrain_epochs": pretrained["pretrain_epochs"],
-                "pretrain_distort": bool(pretrained.get("pretrain_distort"))}
+                "pretrain_distort": bool(pretrained.get("pretrain_distort")),
+                **({"pretrain_alphabets": pretrained["pretrain_alphabets"]}
+                   if pretrained.get("pretrain_alphabets") else {})}
                if pretrained else {}),
             "hardware": hardware, "learner": learner, "command": command,
             "test": evaluation, "validation_trace": facts["validation_trace"]}

@@ -60,6 +60,9 @@ _CONFIG_OPTIONS = {
                         None),
     "pretrain_alphabets": (int, "omniglot: pre-train the features on this many of the training "
                                 "alphabets and meta-train on episodes of the others", None),
+    "query_statistics": (str, "meta-training's BatchNorm statistics of the query set: batch "
+                              "(the paper: its own) or support (as validation and test)",
+                         None),
     "max_time_s": (float, "stop after this many seconds of training (validated, saved)", None),
     "truncation": (int, "general: steps per truncated unroll (default 20)", None),
     "horizon_min": (int, "general: shortest training horizon in steps (default 5)", None),

@@ -13,6 +13,7 @@ __all__ = ["MetaTrainConfig", "TASKS", "METHODS", "SINUSOID_RULE_LR", "load_conf
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet", "general")
 METHODS = ("lstm", "maml", "metasgd")
+QUERY_STATISTICS = ("batch", "support")  # meta-training's BatchNorm of the query set
 # The sinusoid main job's rule learning rate: 10x meta_lr. In the ~1,500 meta-steps that fit in
 # its few minutes the rule, which starts as SGD with a step of ~0.01 (input gate bias -4.5), then
 # learns its own steps, while the learned init moves at meta_lr (3x meta_lr for everything
@@ -77,6 +78,10 @@ class MetaTrainConfig:
     # the others, whose characters the features never saw (as at test). Set it also when
     # continuing (init_from) a run whose features were pre-trained so.
     pretrain_alphabets: int | None = None
+    # BatchNorm statistics of the query set in meta-training: "batch" (the paper: the query
+    # set's own) or "support" (eval mode with the support steps' running statistics, as
+    # validation and test score it)
+    query_statistics: str = "batch"
     max_time_s: float | None = None  # stop (validated and saved) after this much training time
     # task "general" (learned_optim.general): fresh learners trained for horizon_min ..
     # horizon_max steps in truncations of `truncation` steps; `loss_dropout` of the problems
@@ -146,6 +151,9 @@ class MetaTrainConfig:
         if not isinstance(self.pretrain_distort, bool):
             raise ValueError(f"pretrain_distort must be true or false, got "
                              f"{self.pretrain_distort!r}")
+        if self.query_statistics not in QUERY_STATISTICS:
+            raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got "
+                             f"{self.query_statistics!r}")
         if self.pretrain_alphabets is not None and self.task != "omniglot":
             raise ValueError("pretrain_alphabets (--pretrain-alphabets) splits Omniglot's "
                              f"training alphabets, got task {self.task!r}")

@@ -86,11 +86,14 @@ def rule_spec(config: MetaTrainConfig, rule):
     return functools.partial(PerCoordinateSGD, rates=list(rule.rates))
 
 
-def episode_query_loss(learner, opt, step_kwargs, episode, steps, task: Task, learned_init=True):
+def episode_query_loss(learner, opt, step_kwargs, episode, steps, task: Task, learned_init=True,
+                       query_statistics: str = "batch"):
     """Adapt on the support set for ``steps`` differentiable updates; score the query set.
 
     Meta-training protocol: BatchNorm statistics reset, support steps in train mode, the query
-    set normalised with its own batch statistics. Returns ``(query_loss, query_metric)``.
+    set normalised with its own batch statistics (``query_statistics="batch"``, the paper's),
+    or in eval mode with the running statistics of the support steps (``"support"``, as
+    validation and test score it). Returns ``(query_loss, query_metric)``.
     """
     reset_batchnorm(learner)
     with higher.innerloop_ctx(learner, opt, copy_initial_weights=not learned_init) as (
@@ -99,6 +102,8 @@ def episode_query_loss(learner, opt, step_kwargs, episode, steps, task: Task, le
         for _ in range(steps):
             diffopt.step(task.loss(fmodel(episode.support_inputs), episode.support_targets),
                          **step_kwargs)
+        if query_statistics == "support":
+            fmodel.eval()
         output = fmodel(episode.query_inputs)
         return task.loss(output, episode.query_targets), task.metric(output.detach(),
                                                                     episode.query_targets)
@@ -285,7 +290,7 @@ class MetaTrainer:
             try:
                 loss, metric = episode_query_loss(self.learner, opt, step_kwargs, episode,
                                                   config.inner_steps, self.task,
-                                                  config.learned_init)
+                                                  config.learned_init, config.query_statistics)
             except FloatingPointError as error:
                 failure = str(error)
                 break

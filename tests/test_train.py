@@ -327,3 +327,39 @@ def test_warm_start_from_another_number_of_ways_reinitialises_only_the_head(tmp_
         trainer = MetaTrainer(config, progress=False)
     assert torch.equal(trainer.learner.features[0].weight, five_way.features[0].weight)
     assert trainer.learner.head.weight.shape == (20, 8)
+
+
+def test_query_statistics_support_scores_queries_as_validation_does():
+    """``query_statistics="support"``: the meta-training query loss is the loss of the model
+    that ``finetune`` (validation's and test's protocol) returns; ``"batch"`` (the paper's)
+    normalises the queries with their own statistics and differs."""
+    import functools
+
+    from learned_optim.data import WithinAlphabetSampler, omniglot
+    from learned_optim.finetune import finetune
+    from learned_optim.learners import ConvLearner
+    from learned_optim.tasks import build_task
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+    task = build_task(MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=5,
+                                      data_root=str(root)))
+    episode = WithinAlphabetSampler(omniglot(root, "val", "lake-alphabets"), 5, 1, 5,
+                                    seed=0).episode(0)
+    torch.manual_seed(0)
+    learner = ConvLearner(1, 5, 8, 28)
+    sgd = functools.partial(torch.optim.SGD, lr=0.5)
+    adapted = finetune(learner, episode.support_inputs, episode.support_targets, optimizer=sgd,
+                       steps=3)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(adapted(episode.query_inputs),
+                                                     episode.query_targets)
+    losses = {}
+    for statistics in ("support", "batch"):
+        loss, _ = train_module.episode_query_loss(
+            learner, sgd(learner.parameters()), {}, episode, 3, task,
+            query_statistics=statistics)
+        losses[statistics] = loss.item()
+    assert losses["support"] == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(losses["batch"] - losses["support"]) > 1e-3
+    with pytest.raises(ValueError, match="query_statistics must be one of"):
+        MetaTrainConfig(query_statistics="queries")

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from learned_optim.config import MetaTrainConfig
 from learned_optim.learners import ConvLearner, SinusoidMLP
 
-__all__ = ["Task", "build_task", "accuracy", "pretraining_dataset", "SPLIT_SEED_OFFSETS"]
+__all__ = ["Task", "build_task", "accuracy", "SPLIT_SEED_OFFSETS"]
 
 # Each split draws from its own episode stream (seed + offset).
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
@@ -30,7 +30,10 @@ class Task:
 
     ``episodes(split)`` returns an object with ``episode(index)``; ``make_learner()`` a fresh
     learner; ``loss`` the training loss; ``metric`` the reported number (accuracy, or MSE for
-    regression) with ``higher_is_better``.
+    regression) with ``higher_is_better``. ``pretraining()`` (classification tasks) returns
+    the data set whose classes pre-train the learned init's features (``pretrain_epochs``):
+    the training split, or with ``pretrain_alphabets`` that many of its alphabets, whose
+    characters ``episodes("train")`` then leaves out.
     """
 
     config: MetaTrainConfig
@@ -40,6 +43,7 @@ class Task:
     metric: Callable[[Tensor, Tensor], Tensor]
     metric_name: str
     higher_is_better: bool
+    pretraining: Callable[[], object] | None = None
 
     def is_better(self, score: float, than: float | None) -> bool:
         """Whether ``score`` beats ``than`` (``None``: nothing to beat) for this metric."""
@@ -78,13 +82,6 @@ def _training_parts(config: MetaTrainConfig):
     return split_by_alphabets(dataset, config.pretrain_alphabets, config.seed)
 
 
-def pretraining_dataset(config: MetaTrainConfig):
-    """The classes whose examples pre-train the learned init's features
-    (``pretrain_epochs``): the whole training split, or with ``pretrain_alphabets`` only that
-    many of its alphabets (meta-training's episodes then come from the others)."""
-    return _training_parts(config.resolved())[0]
-
-
 def build_task(config: MetaTrainConfig) -> Task:
     """Build the task family a (resolved) configuration describes.
 
@@ -108,9 +105,14 @@ def build_task(config: MetaTrainConfig) -> Task:
 
     cache: dict[str, object] = {}
 
+    def training_parts():  # loaded once for pre-training and the training episodes
+        if "parts" not in cache:
+            cache["parts"] = _training_parts(config)
+        return cache["parts"]
+
     def classification_episodes(split: str):
         if split not in cache:
-            dataset = (_training_parts(config)[1] if split == "train"
+            dataset = (training_parts()[1] if split == "train"
                        else _classification_dataset(config, split))
             seed = config.seed + SPLIT_SEED_OFFSETS[split]
             if config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS:
@@ -133,7 +135,7 @@ def build_task(config: MetaTrainConfig) -> Task:
                            config.bn_momentum, feature_scale=config.feature_scale)
 
     return Task(config, classification_episodes, make_learner, F.cross_entropy, accuracy,
-                "accuracy", higher_is_better=True)
+                "accuracy", higher_is_better=True, pretraining=lambda: training_parts()[0])
 
 
 def to_device(episode, device: torch.device | str):

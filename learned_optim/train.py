@@ -42,7 +42,7 @@ from learned_optim.runstate import (
 )
 from learned_optim.schedule import run_schedule
 from learned_optim.stats import Summary, summarize
-from learned_optim.tasks import Task, build_task, pretraining_dataset, to_device
+from learned_optim.tasks import Task, build_task, to_device
 
 # read_log and RESUME_OVERRIDES live in runstate; re-exported, as the README imports them here.
 __all__ = ["meta_train", "MetaTrainer", "episode_query_loss", "read_log", "RESUME_OVERRIDES"]
@@ -186,7 +186,7 @@ class MetaTrainer:
         ``pretrain_alphabets`` (after a warm start, so it replaces the features a checkpoint of
         another architecture could not give); its time counts as training time and its report
         goes to the metrics log."""
-        dataset = pretraining_dataset(self.config)
+        dataset = self.task.pretraining()
         report = pretrain_features(self.learner, dataset, epochs, seed=self.config.seed,
                                    distort=self.config.pretrain_distort, progress=self.progress)
         self.elapsed += report.seconds

@@ -23,7 +23,7 @@ from learned_optim.data.omniglot import (
     split_by_alphabets,
 )
 from learned_optim.data.splits import split_characters, split_overlap, training_data
-from learned_optim.tasks import build_task, pretraining_dataset
+from learned_optim.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 VAL_ALPHABETS = ["Latin", "Asomtavruli_(Georgian)", "Early_Aramaic", "Futurama", "Tifinagh"]
@@ -109,8 +109,9 @@ def test_rotations_are_allowed_and_a_partial_archive_is_refused():
 def test_pretrain_alphabets_splits_training_alphabets_between_features_and_rule():
     config = MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=20,
                              data_root=str(ROOT), pretrain_alphabets=17, pretrain_epochs=1)
-    features = pretraining_dataset(config)
-    episodes = build_task(config).episodes("train")
+    task = build_task(config)
+    features = task.pretraining()
+    episodes = task.episodes("train")
     pretrained, meta_trained = _alphabets(features.class_names), _alphabets(
         episodes.dataset.class_names)
     assert (len(pretrained), len(meta_trained)) == (17, 8)
@@ -123,9 +124,12 @@ def test_pretrain_alphabets_splits_training_alphabets_between_features_and_rule(
         drawn |= _alphabets(episodes.dataset.class_names[c] for c in classes.tolist())
     assert drawn <= meta_trained and len(drawn) > 1
     # The same seed draws the same alphabets; another seed others.
-    assert _alphabets(pretraining_dataset(config).class_names) == pretrained
+    assert _alphabets(build_task(config).pretraining().class_names) == pretrained
     other = dataclasses.replace(config, seed=1)
-    assert _alphabets(pretraining_dataset(other).class_names) != pretrained
+    assert _alphabets(build_task(other).pretraining().class_names) != pretrained
+    # Without the split, pre-training reads the training episodes' own data set (loaded once).
+    plain = build_task(dataclasses.replace(config, pretrain_alphabets=None))
+    assert plain.pretraining() is plain.episodes("train").dataset
 
 
 def test_split_by_alphabets_keeps_rotated_copies_with_their_alphabet_and_refuses_bad_counts():

@@ -58,6 +58,10 @@ _CONFIG_OPTIONS = {
     "pretrain_epochs": (int, "omniglot / miniimagenet: first train the learned init's features "
                              "as one classifier of all training classes for this many epochs",
                         None),
+    "pretrain_episodes": (int, "omniglot / miniimagenet: (then) train the learned init's "
+                               "features as a prototypical network on this many episodes of "
+                               "the training classes (within one alphabet for the lake "
+                               "protocols)", None),
     "pretrain_alphabets": (int, "omniglot: pre-train the features on this many of the training "
                                 "alphabets and meta-train on episodes of the others", None),
     "query_statistics": (str, "meta-training's BatchNorm statistics of the query set: batch "
@@ -92,8 +96,8 @@ def _add_meta_train(commands) -> None:
                              "by 90, 180 and 270 degrees as new classes (a rotated alphabet is "
                              "a new alphabet; validation and test stay unrotated)")
     parser.add_argument("--pretrain-distort", dest="pretrain_distort", action="store_true",
-                        default=None, help="with --pretrain-epochs: show each pre-training "
-                        "image under a small random affine distortion")
+                        default=None, help="with --pretrain-epochs or --pretrain-episodes: show "
+                        "each pre-training image under a small random affine distortion")
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
     parser.add_argument("--resume", action="store_true",

@@ -72,6 +72,9 @@ class MetaTrainConfig:
     checkpoint_every: int | None = None
     init_from: str | None = None  # start from a checkpoint's rule and learned init
     pretrain_epochs: int | None = None  # supervised pre-training of c_0's features first
+    # ... then (or instead) as a prototypical network on this many episodes of the training
+    # classes (Snell et al. 2017; within one alphabet for Omniglot's lake protocols)
+    pretrain_episodes: int | None = None
     pretrain_distort: bool = False  # ... on randomly distorted images (Koch et al. 2015)
     # omniglot: the features are pre-trained on this many of the training split's alphabets
     # (drawn by seed; data.omniglot.split_by_alphabets) and meta-training's episodes come from
@@ -103,7 +106,7 @@ class MetaTrainConfig:
         for name in ("ways", "shots", "queries", "inner_steps", "meta_batch", "meta_steps",
                      "hidden_size", "filters", "image_size", "validate_every", "val_episodes",
                      "checkpoint_every", "truncation", "horizon_min", "horizon_max",
-                     "pretrain_epochs", "pretrain_alphabets"):
+                     "pretrain_epochs", "pretrain_episodes", "pretrain_alphabets"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -140,13 +143,14 @@ class MetaTrainConfig:
                 f"protocol {self.protocol!r} (protocol 'vinyals', the omniglot default, always "
                 "rotates)")
 
-        if self.pretrain_epochs and not (self.task in ("omniglot", "miniimagenet")
-                                         and self.learned_init):
-            raise ValueError(
-                "pretrain_epochs (--pretrain-epochs) pre-trains the learned init's features on "
-                "the training classes: it needs a classification task (omniglot, "
-                f"miniimagenet) with learned_init, got task {self.task!r} with learned_init "
-                f"{self.learned_init!r}")
+        for name in ("pretrain_epochs", "pretrain_episodes"):
+            if getattr(self, name) and not (self.task in ("omniglot", "miniimagenet")
+                                            and self.learned_init):
+                raise ValueError(
+                    f"{name} (--{name.replace('_', '-')}) pre-trains the learned init's "
+                    "features on the training classes: it needs a classification task "
+                    f"(omniglot, miniimagenet) with learned_init, got task {self.task!r} with "
+                    f"learned_init {self.learned_init!r}")
 
         if not isinstance(self.pretrain_distort, bool):
             raise ValueError(f"pretrain_distort must be true or false, got "
@@ -157,9 +161,10 @@ class MetaTrainConfig:
         if self.pretrain_alphabets is not None and self.task != "omniglot":
             raise ValueError("pretrain_alphabets (--pretrain-alphabets) splits Omniglot's "
                              f"training alphabets, got task {self.task!r}")
-        if self.pretrain_distort and not self.pretrain_epochs:
+        if self.pretrain_distort and not (self.pretrain_epochs or self.pretrain_episodes):
             raise ValueError("pretrain_distort (--pretrain-distort) distorts the images of the "
-                             "supervised pre-training: set pretrain_epochs (--pretrain-epochs) too")
+                             "pre-training: set pretrain_epochs (--pretrain-epochs) or "
+                             "pretrain_episodes (--pretrain-episodes) too")
 
     @property
     def is_classification(self) -> bool:

@@ -17,6 +17,8 @@ __all__ = ["Task", "build_task", "accuracy", "SPLIT_SEED_OFFSETS"]
 
 # Each split draws from its own episode stream (seed + offset).
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+# ... and prototypical pre-training's episodes from a stream of their own.
+PRETRAINING_SEED_OFFSET = 3_000_017
 
 
 def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -33,7 +35,9 @@ class Task:
     regression) with ``higher_is_better``. ``pretraining()`` (classification tasks) returns
     the data set whose classes pre-train the learned init's features (``pretrain_epochs``):
     the training split, or with ``pretrain_alphabets`` that many of its alphabets, whose
-    characters ``episodes("train")`` then leaves out.
+    characters ``episodes("train")`` then leaves out. ``pretraining_episodes(ways, shots,
+    queries)`` draws episodes of that data set for prototypical pre-training
+    (``pretrain_episodes``): inside one alphabet where the protocol tests so.
     """
 
     config: MetaTrainConfig
@@ -44,6 +48,7 @@ class Task:
     metric_name: str
     higher_is_better: bool
     pretraining: Callable[[], object] | None = None
+    pretraining_episodes: Callable[[int, int, int], object] | None = None
 
     def is_better(self, score: float, than: float | None) -> bool:
         """Whether ``score`` beats ``than`` (``None``: nothing to beat) for this metric."""
@@ -128,6 +133,13 @@ def build_task(config: MetaTrainConfig) -> Task:
                                               config.queries, seed=seed)
         return cache[split]
 
+    def pretraining_episodes(ways: int, shots: int, queries: int):
+        dataset = training_parts()[0]
+        seed = config.seed + PRETRAINING_SEED_OFFSET
+        if config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS:
+            return WithinAlphabetSampler(dataset, ways, shots, queries, seed)
+        return EpisodeSampler(dataset, ways, shots, queries, seed=seed)
+
     channels = 1 if config.task == "omniglot" else 3
 
     def make_learner() -> nn.Module:
@@ -135,7 +147,8 @@ def build_task(config: MetaTrainConfig) -> Task:
                            config.bn_momentum, feature_scale=config.feature_scale)
 
     return Task(config, classification_episodes, make_learner, F.cross_entropy, accuracy,
-                "accuracy", higher_is_better=True, pretraining=lambda: training_parts()[0])
+                "accuracy", higher_is_better=True, pretraining=lambda: training_parts()[0],
+                pretraining_episodes=pretraining_episodes)
 
 
 def to_device(episode, device: torch.device | str):

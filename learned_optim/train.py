@@ -32,7 +32,12 @@ from learned_optim.evaluate import evaluate_rule, query_scores
 from learned_optim.learners import conv_memory_format, reset_batchnorm, set_channels_last
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
-from learned_optim.pretrain import pretrain_features
+from learned_optim.pretrain import (
+    PROTOTYPICAL_QUERIES,
+    PROTOTYPICAL_SHOTS,
+    pretrain_features,
+    pretrain_prototypical,
+)
 from learned_optim.runstate import (
     RESUME_OVERRIDES,
     RunFolder,
@@ -178,19 +183,30 @@ class MetaTrainer:
         if self.config.init_from:
             self._warm_start(self.config.init_from)
         self.folder.start(self.config)
-        if self.config.pretrain_epochs:
-            self._pretrain(self.config.pretrain_epochs)
+        if self.config.pretrain_epochs or self.config.pretrain_episodes:
+            self._pretrain()
 
-    def _pretrain(self, epochs: int) -> None:
-        """Supervised pre-training of c_0's features on the training split, or on its
+    def _pretrain(self) -> None:
+        """Pre-training of c_0's features on the training split, or on its
         ``pretrain_alphabets`` (after a warm start, so it replaces the features a checkpoint of
-        another architecture could not give); its time counts as training time and its report
-        goes to the metrics log."""
-        dataset = self.task.pretraining()
-        report = pretrain_features(self.learner, dataset, epochs, seed=self.config.seed,
-                                   distort=self.config.pretrain_distort, progress=self.progress)
-        self.elapsed += report.seconds
-        self.folder.log({"step": 0, "pretrain": report.to_dict()})
+        another architecture could not give): ``pretrain_epochs`` as a classifier, then
+        ``pretrain_episodes`` as a prototypical network. Its time counts as training time and
+        its reports go to the metrics log."""
+        config = self.config
+        reports = []
+        if config.pretrain_epochs:
+            reports.append(pretrain_features(
+                self.learner, self.task.pretraining(), config.pretrain_epochs, seed=config.seed,
+                distort=config.pretrain_distort, progress=self.progress))
+        if config.pretrain_episodes:
+            episodes = self.task.pretraining_episodes(config.ways, PROTOTYPICAL_SHOTS,
+                                                      PROTOTYPICAL_QUERIES)
+            reports.append(pretrain_prototypical(
+                self.learner, episodes, config.pretrain_episodes, seed=config.seed,
+                distort=config.pretrain_distort, progress=self.progress))
+        for report in reports:
+            self.elapsed += report.seconds
+            self.folder.log({"step": 0, "pretrain": report.to_dict()})
 
     def _warm_start(self, path: str) -> None:
         """Continue from a checkpoint's update rule and learned init (a new Adam state)."""

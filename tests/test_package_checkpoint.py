@@ -230,3 +230,19 @@ def test_a_card_says_which_alphabets_pretrained_the_features(shipped, tmp_path):
     assert ("one classifier of the training classes of 17 training alphabets, meta-training's "
             "episodes drawn from the other alphabets (12 epochs"
             in (shipped / f"{NAME}.md").read_text())
+
+
+def test_a_card_says_when_the_features_were_pretrained_as_a_prototypical_network(shipped,
+                                                                                 tmp_path):
+    shipped_path = f"learned_optim/pretrained/{NAME}.safetensors"
+    first = _continued_run(tmp_path / "pretrained-run", shipped_path)
+    config = json.loads((first / "config.json").read_text())
+    (first / "config.json").write_text(json.dumps(
+        {**config, "pretrain_episodes": 4000, "pretrain_distort": True}))
+    evaluation = _new_evaluation(tmp_path, first / "best.safetensors")
+    path = package_checkpoint.package(NAME, [first], evaluation, "a CPU", "meta-train",
+                                      continues=True)
+    card = load_checkpoint(path).record["card"]
+    assert card["pretrain_episodes"] == 4000 and "pretrain_epochs" not in card
+    assert ("features pre-trained first as a prototypical network on all training classes "
+            "(4000 episodes, randomly distorted images" in (shipped / f"{NAME}.md").read_text())

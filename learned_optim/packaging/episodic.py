@@ -60,6 +60,24 @@ PROG = "python -m learned_optim.packaging.episodic"  # as the module is run
 DEFAULT_META_LR = MetaTrainConfig().meta_lr
 
 
+def pretraining_text(card: dict) -> str:
+    """The card's words for how the learned init's features were pre-trained ("" if not)."""
+    source = (f"the training classes of {card['pretrain_alphabets']} training alphabets, "
+              "meta-training's episodes drawn from the other alphabets"
+              if card.get("pretrain_alphabets") else "all training classes")
+    stages = []
+    if card.get("pretrain_epochs"):
+        stages.append(f"as one classifier of {source} ({card['pretrain_epochs']} epochs")
+    if card.get("pretrain_episodes"):
+        stages.append(f"as a prototypical network on {'them' if stages else source} "
+                      f"({card['pretrain_episodes']} episodes")
+    if not stages:
+        return ""
+    distorted = ", randomly distorted images" if card.get("pretrain_distort") else ""
+    return ("; the learned init's features pre-trained first "
+            + "), then ".join(stages) + f"{distorted}, `learned_optim.pretrain`)")
+
+
 def preprocessing_of(record: dict) -> dict | None:
     """The record's preprocessing, or the one its configuration implies (older runs)."""
     stored = read_preprocessing(record)
@@ -173,14 +191,7 @@ def card_markdown(name: str, record: dict) -> str:
                         f" (the rule's weights {config['rule_lr']})")
                      + f", clip {config['grad_clip']}, meta-batch "
                      f"{config['meta_batch']}, {order} order"
-                     + ("; the learned init's features pre-trained first as one classifier "
-                        + (f"of the training classes of {card['pretrain_alphabets']} training "
-                           "alphabets, meta-training's episodes drawn from the other alphabets"
-                           if card.get("pretrain_alphabets") else "of all training classes")
-                        + f" ({card['pretrain_epochs']} epochs"
-                        + (", randomly distorted images" if card.get("pretrain_distort") else "")
-                        + ", "
-                        "`learned_optim.pretrain`)" if card.get("pretrain_epochs") else "")),
+                     + pretraining_text(card)),
         ("trained", f"{card['meta_steps']} meta-steps, {card['episodes_trained']} episodes, "
                     f"{card['train_wall_time_s']} s on {card['hardware']}"),
         ("regenerate", f"`{card['command']}`"),
@@ -342,12 +353,13 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
                else "SinusoidMLP (1-40-40-1, ReLU)")
     # Pre-training happens in the run that asks for it; later runs continue from its weights.
     pretrained = next((run_config for run in runs
-                       if (run_config := read_run_config(run)).get("pretrain_epochs")), None)
+                       if (run_config := read_run_config(run)).get("pretrain_epochs")
+                       or run_config.get("pretrain_episodes")), None)
     card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
-            **({"pretrain_epochs": pretrained["pretrain_epochs"],
-                "pretrain_distort": bool(pretrained.get("pretrain_distort")),
-                **({"pretrain_alphabets": pretrained["pretrain_alphabets"]}
-                   if pretrained.get("pretrain_alphabets") else {})}
+            **({**{key: pretrained[key] for key in ("pretrain_epochs", "pretrain_episodes",
+                                                    "pretrain_alphabets")
+                   if pretrained.get(key)},
+                "pretrain_distort": bool(pretrained.get("pretrain_distort"))}
                if pretrained else {}),
             "hardware": hardware, "learner": learner, "command": command,
             "test": evaluation, "validation_trace": facts["validation_trace"]}

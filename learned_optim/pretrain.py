@@ -141,11 +141,7 @@ def pretrain_features(
     was_training = features.training
     features.train()
     start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs * batches, desc="pre-training features", unit="batch")
+    bar = _progress_bar(progress, epochs * batches, "pre-training features", "batch")
     for _ in range(epochs):
         order = torch.randperm(len(inputs), generator=generator)
         loss_sum, correct = 0.0, 0
@@ -157,20 +153,37 @@ def pretrain_features(
                 images = random_affine(images, generator)
             logits = head(features(images.to(device)))
             loss = F.cross_entropy(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            _descend(optimizer, schedule, loss)
             loss_sum += loss.item()
             correct += int((logits.argmax(1) == targets).sum())
             if bar is not None:
                 bar.update()
+    _finish(bar, features, was_training, learner)
+    return PretrainReport(epochs, dataset.num_classes, len(inputs), loss_sum / batches,
+                          correct / (batches * batch_size), time.perf_counter() - start)
+
+
+def _progress_bar(enabled: bool, total: int, description: str, unit: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit)
+
+
+def _descend(optimizer, schedule, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+
+
+def _finish(bar, features: nn.Module, was_training: bool, learner: nn.Module) -> None:
+    """Close the progress bar, restore the features' mode and zero the learner's head."""
     if bar is not None:
         bar.close()
     features.train(was_training)
     _zero_head(learner)
-    return PretrainReport(epochs, dataset.num_classes, len(inputs), loss_sum / batches,
-                          correct / (batches * batch_size), time.perf_counter() - start)
 
 
 def _zero_head(learner: nn.Module) -> None:
@@ -266,11 +279,7 @@ def pretrain_prototypical(
     was_training = features.training
     features.train()
     start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=count, desc="pre-training features (prototypical)", unit="episode")
+    bar = _progress_bar(progress, count, "pre-training features (prototypical)", "episode")
     recent: list[tuple[float, float]] = []
     for index in range(count):
         episode = episodes.episode(index)
@@ -286,18 +295,12 @@ def pretrain_prototypical(
         logits = -torch.cdist(query, prototypes).pow(2) / log_temperature.exp()
         query_targets = episode.query_targets.to(device)
         loss = F.cross_entropy(logits, query_targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        _descend(optimizer, schedule, loss)
         recent = [*recent[-99:], (loss.item(),
                                   (logits.argmax(1) == query_targets).float().mean().item())]
         if bar is not None:
             bar.update()
-    if bar is not None:
-        bar.close()
-    features.train(was_training)
-    _zero_head(learner)
+    _finish(bar, features, was_training, learner)
     dataset = getattr(episodes, "dataset", None)
     return PretrainReport(0, getattr(dataset, "num_classes", 0), len(dataset or ()),
                           sum(loss for loss, _ in recent) / len(recent),

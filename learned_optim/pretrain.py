@@ -17,6 +17,7 @@ classes, within one alphabet for Omniglot's within-alphabet protocols.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -280,7 +281,7 @@ def pretrain_prototypical(
     features.train()
     start = time.perf_counter()
     bar = _progress_bar(progress, count, "pre-training features (prototypical)", "episode")
-    recent: list[tuple[float, float]] = []
+    recent: deque[tuple[float, float]] = deque(maxlen=100)  # the last 100 episodes
     for index in range(count):
         episode = episodes.episode(index)
         ways = int(episode.support_targets.max()) + 1
@@ -296,13 +297,13 @@ def pretrain_prototypical(
         query_targets = episode.query_targets.to(device)
         loss = F.cross_entropy(logits, query_targets)
         _descend(optimizer, schedule, loss)
-        recent = [*recent[-99:], (loss.item(),
-                                  (logits.argmax(1) == query_targets).float().mean().item())]
+        recent.append((loss.item(), (logits.argmax(1) == query_targets).float().mean().item()))
         if bar is not None:
             bar.update()
     _finish(bar, features, was_training, learner)
     dataset = getattr(episodes, "dataset", None)
-    return PretrainReport(0, getattr(dataset, "num_classes", 0), len(dataset or ()),
+    return PretrainReport(0, getattr(dataset, "num_classes", 0),
+                          len(dataset) if dataset is not None else 0,
                           sum(loss for loss, _ in recent) / len(recent),
                           sum(acc for _, acc in recent) / len(recent),
                           time.perf_counter() - start, objective="prototypical", episodes=count)

@@ -115,30 +115,31 @@ def build_task(config: MetaTrainConfig) -> Task:
             cache["parts"] = _training_parts(config)
         return cache["parts"]
 
+    within_alphabet = config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS
+
+    def sampler(dataset, ways: int, shots: int, queries: int, seed: int, mixed: bool = False):
+        """Lake's runs (one alphabet per episode, support and query by other drawers) under
+        the within-alphabet protocols; ``mixed``: one group, drawers still apart."""
+        if within_alphabet:
+            alphabets = ["all"] * dataset.num_classes if mixed else None
+            return WithinAlphabetSampler(dataset, ways, shots, queries, seed,
+                                         alphabets=alphabets)
+        return EpisodeSampler(dataset, ways, shots, queries, seed=seed)
+
     def classification_episodes(split: str):
         if split not in cache:
             dataset = (training_parts()[1] if split == "train"
                        else _classification_dataset(config, split))
-            seed = config.seed + SPLIT_SEED_OFFSETS[split]
-            if config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS:
-                # Lake's runs: one alphabet per episode, support and query by other drawers.
-                # lake-within's few validation characters per alphabet: one group, drawers
-                # still apart; lake-alphabets validates on whole alphabets, as it tests.
-                mixed = split == "val" and config.protocol == "lake-within"
-                alphabets = ["all"] * dataset.num_classes if mixed else None
-                cache[split] = WithinAlphabetSampler(dataset, config.ways, config.shots,
-                                                     config.queries, seed, alphabets=alphabets)
-            else:
-                cache[split] = EpisodeSampler(dataset, config.ways, config.shots,
-                                              config.queries, seed=seed)
+            # lake-within's few validation characters per alphabet: one group; lake-alphabets
+            # validates on whole alphabets, as it tests.
+            mixed = split == "val" and config.protocol == "lake-within"
+            cache[split] = sampler(dataset, config.ways, config.shots, config.queries,
+                                   config.seed + SPLIT_SEED_OFFSETS[split], mixed)
         return cache[split]
 
     def pretraining_episodes(ways: int, shots: int, queries: int):
-        dataset = training_parts()[0]
-        seed = config.seed + PRETRAINING_SEED_OFFSET
-        if config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS:
-            return WithinAlphabetSampler(dataset, ways, shots, queries, seed)
-        return EpisodeSampler(dataset, ways, shots, queries, seed=seed)
+        return sampler(training_parts()[0], ways, shots, queries,
+                       config.seed + PRETRAINING_SEED_OFFSET)
 
     channels = 1 if config.task == "omniglot" else 3
 

@@ -1,12 +1,16 @@
-"""The conv learner in NCHW against channels-last on the CPU (issue 16): the ratio behind
-``learned_optim.learners.conv_memory_format``.
+"""The conv learner in NCHW against channels-last on the CPU, module by module and through
+the fused block kernels (issue 16): the ratios behind
+``learned_optim.learners.conv_memory_format`` and ``learned_optim.learners.ConvFeatures``.
 
 The paper's Omniglot learner (``ConvLearner``, 32 filters, 28 x 28, 1 channel) on the batches
 of a meta-training episode (5-way 1-shot: 5 support and 75 query images; 20-way 5-shot: 100
 and 300): forward + cross-entropy + backward to the parameters (what first order, evaluation
 and fine-tuning run), and forward + backward + backward of the backward (what second order
-adds). The two layouts are timed interleaved round by round, with the same weights. Run from
-the repository root::
+adds). Three variants, timed interleaved round by round with the same weights: NCHW (the
+straightforward layout, module by module), channels-last module by module
+(``native_block.FUSED_BLOCKS`` off), and channels-last as the package runs it (the first
+block through ``learned_optim.native_stem``, the later ones through
+``learned_optim.native_block``). Run from the repository root::
 
     python benchmarks/learner_layout.py --threads 1 --markdown docs/results/learner_layout.md
 """
@@ -26,6 +30,7 @@ import torch  # noqa: E402
 from _shared import load_average  # noqa: E402 (sibling module)
 from torch.nn import functional as F  # noqa: E402
 
+from learned_optim import native_block  # noqa: E402
 from learned_optim.learners import ConvLearner  # noqa: E402
 
 # (ways, images): the support and query batches of the two benchmark episodes.
@@ -40,21 +45,32 @@ def passes(learner: ConvLearner, inputs, targets, double: bool) -> None:
         torch.autograd.grad(sum((g * g).sum() for g in grads), params)
 
 
-def time_case(ways: int, images: int, double: bool, rounds: int) -> tuple[float, float]:
+VARIANTS = ("NCHW", "channels-last", "channels-last fused")
+
+
+def time_case(ways: int, images: int, double: bool, rounds: int) -> list[float]:
+    """Median milliseconds of each of :data:`VARIANTS`."""
     torch.manual_seed(0)
     nchw = ConvLearner(1, ways, 32, 28, channels_last=False)
     nhwc = ConvLearner(1, ways, 32, 28, channels_last=True)
     nhwc.load_state_dict(nchw.state_dict())
-    inputs, targets = torch.randn(images, 1, 28, 28), torch.randint(0, ways, (images,))
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for learner in (nchw, nhwc):  # warm-up
-        passes(learner, inputs, targets, double)
-    for _ in range(rounds):
-        for channels_last, learner in ((False, nchw), (True, nhwc)):
-            start = time.perf_counter()
-            passes(learner, inputs, targets, double)
-            times[channels_last].append(time.perf_counter() - start)
-    return (statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3)
+    # Omniglot-like images: ink in [0, 1] on a blank background
+    inputs = torch.rand(images, 1, 28, 28) * (torch.rand(images, 1, 28, 28) < 0.2)
+    targets = torch.randint(0, ways, (images,))
+    variants = ((nchw, False), (nhwc, False), (nhwc, True))
+    times: list[list[float]] = [[] for _ in variants]
+    before = native_block.FUSED_BLOCKS
+    try:
+        for round_ in range(rounds + 1):  # the first is a warm-up
+            for slot, (learner, fused) in enumerate(variants):
+                native_block.FUSED_BLOCKS = fused
+                start = time.perf_counter()
+                passes(learner, inputs, targets, double)
+                if round_:
+                    times[slot].append(time.perf_counter() - start)
+    finally:
+        native_block.FUSED_BLOCKS = before
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def main(argv=None) -> int:
@@ -64,17 +80,19 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="also write the report to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lines = ["# ConvLearner: NCHW against channels-last on the CPU (benchmarks/learner_layout.py)",
+    lines = ["# ConvLearner: NCHW, channels-last and fused blocks on the CPU "
+             "(benchmarks/learner_layout.py)",
              "", f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved "
              f"rounds after a warm-up; {load_average()} (start)", "",
-             "| passes | ways | images | NCHW ms | channels-last ms | NCHW / channels-last |",
-             "|---|---|---|---|---|---|"]
+             "| passes | ways | images | NCHW ms | channels-last ms | fused ms "
+             "| NCHW / channels-last | channels-last / fused | NCHW / fused |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for double in (False, True):
         for ways, images in CASES:
-            nchw, nhwc = time_case(ways, images, double, args.rounds)
+            nchw, nhwc, fused = time_case(ways, images, double, args.rounds)
             kind = "forward + backward + double backward" if double else "forward + backward"
-            lines.append(f"| {kind} | {ways} | {images} | {nchw:.1f} | {nhwc:.1f} | "
-                         f"{nchw / nhwc:.2f}x |")
+            lines.append(f"| {kind} | {ways} | {images} | {nchw:.1f} | {nhwc:.1f} | {fused:.1f} "
+                         f"| {nchw / nhwc:.2f}x | {nhwc / fused:.2f}x | {nchw / fused:.2f}x |")
             print(lines[-1], flush=True)
     lines += ["", f"{load_average()} (end)", "",
               "Generated by `python benchmarks/learner_layout.py "

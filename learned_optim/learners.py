@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from learned_optim.native_block import batchnorm_relu_maxpool, fusable
+from learned_optim.native_stem import conv_batchnorm_relu_maxpool, stem_fusable
+
 __all__ = [
     "CPU_CHANNELS_LAST",
+    "ConvFeatures",
     "ConvLearner",
     "ScaledUnitNorm",
     "SinusoidMLP",
@@ -50,20 +54,24 @@ def conv_memory_format(device: torch.device, second_order: bool = False) -> torc
 
 def conv_inputs(inputs: Tensor, channels_last: bool | None = None) -> Tensor:
     """``inputs`` restrided for a conv net: channels-last if ``channels_last`` (``None``: as
-    :func:`conv_memory_format` chooses for their device), else untouched.
+    :func:`conv_memory_format` chooses for their device), else NCHW.
 
     ``to`` rather than ``contiguous``: a 1-channel batch is already "contiguous" in both
-    formats, and only channels-last strides make oneDNN pick its NHWC kernels (the first
-    conv's output, and every layer after it, then stay NHWC).
+    formats, and only its strides tell oneDNN which kernels to pick (the first conv's output,
+    and every layer after it, then keep that layout), and :class:`ConvFeatures` whether to
+    fuse.
 
     >>> conv_inputs(torch.zeros(2, 1, 4, 4), True).stride()
     (16, 1, 4, 1)
+    >>> conv_inputs(torch.zeros(2, 1, 4, 4).to(memory_format=torch.channels_last), False).stride()
+    (16, 16, 4, 1)
     """
     if channels_last is None:
         channels_last = conv_memory_format(inputs.device) == torch.channels_last
-    if channels_last and inputs.dim() == 4:
-        return inputs.to(memory_format=torch.channels_last)
-    return inputs
+    if inputs.dim() != 4:
+        return inputs
+    return inputs.to(memory_format=torch.channels_last if channels_last
+                     else torch.contiguous_format)
 
 
 def set_channels_last(model: nn.Module, channels_last: bool | None) -> None:
@@ -97,6 +105,53 @@ class ScaledUnitNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether any of ``modules`` has forward hooks, or any module has (global hooks): a fused
+    block would skip them, so such a block runs module by module."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+class ConvFeatures(nn.Sequential):
+    """A ``Sequential`` whose ``conv -> BatchNorm -> ReLU -> max-pool 2`` blocks run as
+    hand-fused kernels where they may, and module by module otherwise.
+
+    On channels-last float32 CPU activations with batch statistics (the inner loop and
+    meta-training), the first block, on the data, runs whole as one kernel each way
+    (:func:`learned_optim.native_stem.stem_fusable`), and every later block runs the three
+    modules after its convolution as one (:func:`learned_optim.native_block.fusable`). Same
+    modules, same parameter names, the same outputs to float32 rounding. A block with a
+    forward hook on any of its modules runs module by module, so the hook sees what it
+    expects.
+
+    >>> import torch
+    >>> features = ConvFeatures(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+    ...                         nn.MaxPool2d(2), nn.Flatten())
+    >>> features(torch.zeros(2, 1, 6, 6)).shape
+    torch.Size([2, 36])
+    """
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        modules = list(self)
+        x, index = inputs, 0
+        while index < len(modules):
+            block = modules[index + 1: index + 4]
+            whole = len(block) == 3 and not _hooked(modules[index: index + 4])
+            if whole and stem_fusable(x, modules[index], *block):
+                x = conv_batchnorm_relu_maxpool(x, modules[index], block[0])
+                index += 4
+                continue
+            x = modules[index](x)
+            if whole and isinstance(modules[index], nn.Conv2d) and fusable(x, *block):
+                x = batchnorm_relu_maxpool(x, block[0])
+                index += 4
+            else:
+                index += 1
+        return x
 
 
 class ConvLearner(nn.Module):
@@ -168,7 +223,7 @@ class ConvLearner(nn.Module):
         layers.append(nn.Flatten())
         if feature_scale is not None:
             layers.append(ScaledUnitNorm(feature_scale))
-        self.features = nn.Sequential(*layers)
+        self.features = ConvFeatures(*layers)
         self.head = nn.Linear(filters * size * size, ways)
         self.channels_last = channels_last
 

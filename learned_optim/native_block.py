@@ -10,21 +10,22 @@ backward pass, the convolutions one third. Here they are two kernels, one each w
 channels-last (NHWC) float32 activations, vectorised across channels:
 
 - **forward**: the per-channel mean and variance (two passes, float sums of 64 rows joined in
-  double), then each 2 x 2 window's maximum of ``scale * x + shift`` and the ReLU, written
-  pooled. Nothing but the block's input is kept for the backward, not ReLU's output or
-  pooling's indices.
+  double), the running statistics updated in place, then each 2 x 2 window's maximum of
+  ``scale * x + shift`` and the ReLU, written pooled. Nothing but the block's input is kept
+  for the backward, not ReLU's output or pooling's indices.
 - **backward**: recomputes each window's winner (the first maximum in scan order, as eager
   pooling picks it, NaN winning) and whether it passed the ReLU, sums BatchNorm's two
   per-channel reductions, then writes the input gradient of every position (positions
   outside every window, an odd last row or column, get only BatchNorm's share).
 
-The results equal the eager modules' to float32 rounding (``tests/test_native_block.py``).
+The results equal the eager modules' to float32 rounding, and are closer to float64 than
+theirs where float32 BatchNorm statistics lose digits (``tests/test_native_block.py``).
 :class:`ConvFeatures <learned_optim.learners.ConvFeatures>` takes this path for a block whose
 BatchNorm uses batch statistics (training mode, the paper's inner loop and meta-training) on
 channels-last float32 CPU activations, and the eager modules otherwise: in evaluation mode, on
-a GPU, in NCHW (second-order meta-training runs its learner so), under ``torch.compile`` or
-``torch.func`` transforms, or where the kernels cannot be built (warned once;
-``LEARNED_OPTIM_COMPILE=0`` skips them). A backward that is itself differentiated
+a GPU, in NCHW (second-order meta-training runs its learner so), with forward hooks on the
+block, under ``torch.compile`` or ``torch.func`` transforms, or where the kernels cannot be
+built (warned once; ``LEARNED_OPTIM_COMPILE=0`` skips them). A backward that is itself differentiated
 (``create_graph=True``) recomputes the block eagerly, so higher-order gradients stay exact.
 """
 
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from learned_optim.native_build import VEC_PRELUDE, NativeKernel, native_allowed
 
 __all__ = ["FUSED_BLOCKS", "MAX_CHANNELS", "NO_RUNNING", "batchnorm_relu_maxpool", "fusable",
-           "modules_fusable", "poolable_shape", "running_update"]
+           "modules_fusable", "partial_sums", "poolable_shape", "running_update"]
 
 # Read at call time, so a test or a user may switch the fused path off.
 FUSED_BLOCKS = native_allowed()
@@ -326,6 +327,13 @@ def _kernels_built() -> bool:
     return _forward_kernel() is not None and _backward_kernel() is not None
 
 
+def partial_sums(threads: int, width: int) -> Tensor:
+    """A kernel's per-thread double sums, zeroed: OpenMP may run fewer threads than asked
+    (nested in another parallel region, ``OMP_THREAD_LIMIT``), and the rows of threads that
+    never ran are still added up."""
+    return torch.zeros(threads, width, dtype=torch.float64)
+
+
 def _threads(values: int) -> int:
     return torch.get_num_threads() if values >= _PARALLEL_MIN_VALUES else 1
 
@@ -348,7 +356,7 @@ class _BatchNormReLUPool(torch.autograd.Function):
                           memory_format=torch.channels_last)
         scale_shift = torch.empty(2, channels)
         stats = torch.empty(2, channels)
-        partial = torch.empty(threads, _padded(channels), dtype=torch.float64)
+        partial = partial_sums(threads, _padded(channels))
         _forward_kernel()(x.detach(), weight.detach().contiguous(), bias.detach().contiguous(),
                           out, scale_shift, stats, *running[:2], partial, n, height, width,
                           channels, threads, eps, running[2])
@@ -367,7 +375,7 @@ class _BatchNormReLUPool(torch.autograd.Function):
         d_out = d_out.contiguous(memory_format=torch.channels_last)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         d_params = torch.empty(2, channels)
-        partial = torch.empty(threads, 2 * _padded(channels), dtype=torch.float64)
+        partial = partial_sums(threads, 2 * _padded(channels))
         _backward_kernel()(x.detach(), d_out, scale_shift, stats, weight.detach().contiguous(),
                            dx, d_params, partial, n, height, width, channels, threads, ctx.eps)
         return dx, d_params[0], d_params[1], None, None

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from learned_optim import native_block
-from learned_optim.native_block import NO_RUNNING
+from learned_optim.native_block import NO_RUNNING, partial_sums
 from learned_optim.native_build import VEC_PRELUDE, NativeKernel
 
 __all__ = ["MAX_INPUT_CHANNELS", "conv_batchnorm_relu_maxpool", "stem_fusable"]
@@ -452,7 +452,7 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         center, scale_shift, moments = (torch.empty(channels), torch.empty(2, channels),
                                         torch.empty(2, channels))
         conv_bias = bias.detach() if bias is not None else torch.zeros(channels)
-        partial = torch.empty(threads, 2 * _padded(channels), dtype=torch.float64)
+        partial = partial_sums(threads, 2 * _padded(channels))
         _forward_kernel()(x.detach(), taps, conv_bias, gamma.detach().contiguous(),
                           beta.detach().contiguous(), out, mean_patch, center, scale_shift,
                           moments, *running[:2], partial, n, height, width, inputs, channels,
@@ -476,7 +476,7 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         channels = weight.shape[0]
         threads = _threads(n * height * width * channels)
         d_taps, d_params = torch.empty(9 * inputs, channels), torch.empty(3, channels)
-        sums = torch.empty(threads, (3 + 18 * inputs) * _padded(channels), dtype=torch.float64)
+        sums = partial_sums(threads, (3 + 18 * inputs) * _padded(channels))
         _backward_kernel()(x.detach(), taps, center, scale_shift, moments, mean_patch,
                            gamma.detach().contiguous(),
                            d_out.contiguous(memory_format=torch.channels_last), d_taps,

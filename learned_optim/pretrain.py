@@ -21,8 +21,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
+
+from learned_optim.learners import conv_inputs
 
 __all__ = ["PretrainReport", "pretrain_features", "pretrain_prototypical", "random_affine",
            "PROTOTYPICAL_SHOTS", "PROTOTYPICAL_QUERIES"]
@@ -152,7 +154,7 @@ def pretrain_features(
             images = inputs[rows]
             if distort:
                 images = random_affine(images, generator)
-            logits = head(features(images.to(device)))
+            logits = head(_embed(features, images, device))
             loss = F.cross_entropy(logits, targets)
             _descend(optimizer, schedule, loss)
             loss_sum += loss.item()
@@ -194,6 +196,12 @@ def _zero_head(learner: nn.Module) -> None:
         with torch.no_grad():
             for tensor in own_head.parameters():
                 tensor.zero_()
+
+
+def _embed(features: nn.Module, images: Tensor, device: torch.device) -> Tensor:
+    """``features`` of ``images`` on ``device``, laid out as the learner's own forward lays
+    them out (channels-last on a CPU: the conv blocks' fused kernels take only that)."""
+    return features(conv_inputs(images.to(device)))
 
 
 def _features_of(learner: nn.Module) -> nn.Module:
@@ -271,7 +279,7 @@ def pretrain_prototypical(
     device = next(features.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the temperature's start, scaled to the features' length
-        first = features(episodes.episode(0).support_inputs.to(device)).flatten(1)
+        first = _embed(features, episodes.episode(0).support_inputs, device).flatten(1)
         start_temperature = 3 * first.norm(dim=1).mean().clamp_min(1e-6)
     log_temperature = nn.Parameter(start_temperature.log().reshape(()))
     optimizer = torch.optim.Adam([*features.parameters(), log_temperature], lr=max_lr)
@@ -288,7 +296,7 @@ def pretrain_prototypical(
         images = torch.cat([episode.support_inputs, episode.query_inputs])
         if distort:
             images = random_affine(images, generator)
-        embedded = features(images.to(device)).flatten(1)
+        embedded = _embed(features, images, device).flatten(1)
         support, query = embedded.split([len(episode.support_inputs), len(episode.query_inputs)])
         targets = episode.support_targets.to(device)
         prototypes = torch.zeros(ways, support.shape[1], device=device).index_add_(

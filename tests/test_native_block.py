@@ -258,3 +258,31 @@ def test_a_failed_build_warns_once_and_the_learner_runs_its_eager_modules(monkey
     assert len(messages) == 1 and "no C++ compiler found" in messages[0], messages
     assert "eager modules" in messages[0]
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
+
+
+def test_fewer_openmp_threads_than_asked_still_sum_every_value():
+    # OMP_THREAD_LIMIT=1 with torch asked for two: the kernels' sums of threads that never
+    # ran must count as zero (they are zeroed, not left as allocated).
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from learned_optim.native_block import batchnorm_relu_maxpool\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(50, 32, 28, 28, generator=torch.Generator().manual_seed(0))\n"
+        "x = x.contiguous(memory_format=torch.channels_last).requires_grad_()\n"
+        "bn = nn.BatchNorm2d(32)\n"
+        "out = batchnorm_relu_maxpool(x, bn)\n"
+        "(dx,) = torch.autograd.grad(out.sum(), x)\n"
+        "truth = nn.functional.max_pool2d(torch.relu(nn.functional.batch_norm(\n"
+        "    x.double(), None, None, training=True)), 2)\n"
+        "(tdx,) = torch.autograd.grad(truth.sum(), x)\n"
+        "print(float((out.double() - truth).abs().max()), float((dx - tdx).abs().max()))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_THREAD_LIMIT": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out_error, grad_error = map(float, result.stdout.split())
+    assert out_error < 1e-5 and grad_error < 1e-5, result.stdout

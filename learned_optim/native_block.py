@@ -25,8 +25,9 @@ BatchNorm uses batch statistics (training mode, the paper's inner loop and meta-
 channels-last float32 CPU activations, and the eager modules otherwise: in evaluation mode, on
 a GPU, in NCHW (second-order meta-training runs its learner so), with forward hooks on the
 block, under ``torch.compile`` or ``torch.func`` transforms, or where the kernels cannot be
-built (warned once; ``LEARNED_OPTIM_COMPILE=0`` skips them). A backward that is itself differentiated
-(``create_graph=True``) recomputes the block eagerly, so higher-order gradients stay exact.
+built (warned once; ``LEARNED_OPTIM_COMPILE=0`` skips them). A backward that is itself
+differentiated (``create_graph=True``) recomputes the block eagerly, so higher-order gradients
+stay exact.
 """
 
 from __future__ import annotations

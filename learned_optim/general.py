@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from learned_optim.data.episodes import episode_generator
-from learned_optim.learners import conv_inputs
+from learned_optim.learners import ConvFeatures, conv_inputs
 
 __all__ = ["Problem", "ProblemDistribution", "ConvNet", "make_mlp", "make_convnet", "KINDS"]
 
@@ -90,13 +90,15 @@ def make_mlp(inputs: int, widths: list[int], outputs: int, activation: str = "re
     return nn.Sequential(*layers)
 
 
-class ConvNet(nn.Sequential):
+class ConvNet(ConvFeatures):
     """A :class:`torch.nn.Sequential` conv net whose activations take the memory format
     :func:`learned_optim.learners.conv_memory_format` chooses for the inputs' device.
 
     Channels-last on a CPU: forward and backward of the distribution's conv nets (8 to 64
     filters on 8 to 28 pixels) measured 1.2x to 1.85x as fast on one thread
-    (docs/results/cpu_speed.md). Parameters and their names are a plain ``Sequential``'s.
+    (docs/results/cpu_speed.md); with BatchNorm its blocks then run as
+    :class:`~learned_optim.learners.ConvFeatures`' fused kernels. Parameters and their names
+    are a plain ``Sequential``'s.
     """
 
     def forward(self, inputs: Tensor) -> Tensor:

@@ -101,7 +101,8 @@ def test_a_run_pretrains_once_logs_it_and_counts_its_time(tmp_path):
     (entry,) = [e for e in log if "pretrain" in e]
     assert entry["pretrain"]["classes"] == 868 and entry["pretrain"]["examples"] == 868 * 20
     last = [e for e in log if "meta_loss" in e][-1]
-    assert last["elapsed_s"] >= entry["pretrain"]["seconds"]
+    # the report's seconds are rounded to 0.1 (a fast pre-training can round above the log)
+    assert last["elapsed_s"] >= entry["pretrain"]["seconds"] - 0.05
     # the checkpoint says what it saw: the training split, as without pre-training
     record = load_checkpoint(tmp_path / "run" / "best.safetensors").record
     assert record["config"]["pretrain_epochs"] == 1

@@ -37,8 +37,9 @@ from torch import Tensor, nn
 
 from learned_optim.native_build import VEC_PRELUDE, NativeKernel, native_allowed
 
-__all__ = ["FUSED_BLOCKS", "MAX_CHANNELS", "NO_RUNNING", "batchnorm_relu_maxpool", "fusable",
-           "modules_fusable", "partial_sums", "poolable_shape", "running_update"]
+__all__ = ["FUSED_BLOCKS", "KERNEL_PRELUDE", "MAX_CHANNELS", "NO_RUNNING", "batchnorm_relu_maxpool",
+           "eager_block", "fusable", "kernel_threads", "modules_fusable", "padded_channels",
+           "partial_sums", "poolable_shape", "running_update"]
 
 # Read at call time, so a test or a user may switch the fused path off.
 FUSED_BLOCKS = native_allowed()
@@ -48,7 +49,9 @@ MAX_CHANNELS = 1024  # the kernels' per-channel buffers live on the stack
 _PARALLEL_MIN_VALUES = 32768
 _LANES = 16  # the widest at::vec float vector (AVX-512); per-channel sums are padded to it
 
-_COMMON = VEC_PRELUDE + f"static constexpr int64_t kMaxChannels = {MAX_CHANNELS};\n" + r"""
+# The start of every conv-block kernel's source (this module's and native_stem's): at::vec
+# helpers, the channel bound, and BatchNorm's running-statistics update.
+KERNEL_PRELUDE = VEC_PRELUDE + f"static constexpr int64_t kMaxChannels = {MAX_CHANNELS};\n" + r"""
 // As BatchNorm's training forward: running = (1 - m) running + m batch, the variance
 // unbiased. stats: [2, C] (mean, biased variance) of P values a channel.
 static void update_running(float* running_mean, float* running_var, const float* stats,
@@ -61,7 +64,7 @@ static void update_running(float* running_mean, float* running_var, const float*
 }
 """
 
-_FORWARD = _COMMON + r"""
+_FORWARD = KERNEL_PRELUDE + r"""
 // x: [n, h, w, C] (channels-last). out: [n, h/2, w/2, C]. scale_shift: [2, C] and stats:
 // [2, C] (mean, biased variance) are written for the backward. The running mean and
 // variance [C] move towards the batch's by momentum unless it is negative. partial:
@@ -143,7 +146,7 @@ extern "C" void kernel(const float* x, const float* weight, const float* bias, f
 }
 """
 
-_BACKWARD = _COMMON + r"""
+_BACKWARD = KERNEL_PRELUDE + r"""
 // One window of V channels: its four inputs, which of them eager max-pooling routes the
 // gradient to (the first maximum in scan order, NaN winning) as four lane masks, and whether
 // the pooled value passed the ReLU (else no gradient flows at all).
@@ -284,7 +287,9 @@ extern "C" void kernel(const float* x, const float* dz, const float* scale_shift
 """
 
 
-def _padded(channels: int) -> int:
+def padded_channels(channels: int) -> int:
+    """``channels`` rounded up to whole vectors of the widest ISA: a kernel's per-thread sums
+    are laid out so (``padded`` in :data:`KERNEL_PRELUDE` never exceeds it)."""
     return -(-channels // _LANES) * _LANES
 
 
@@ -293,7 +298,7 @@ def _probe_forward(kernel) -> None:
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2)
     out, scale_shift, stats = torch.empty(1), torch.empty(2), torch.empty(2)
     kernel(x, torch.ones(1), torch.zeros(1), out, scale_shift, stats, NO_RUNNING, NO_RUNNING,
-           torch.empty(1, _padded(1), dtype=torch.float64), 1, 2, 2, 1, 1, 0.0, -1.0)
+           partial_sums(1, padded_channels(1)), 1, 2, 2, 1, 1, 0.0, -1.0)
     expected = 1.5 / 1.25 ** 0.5
     if not (abs(float(out) - expected) < 1e-5 and stats.tolist() == [2.5, 1.25]):
         raise RuntimeError(f"the fused conv-block forward computed {out.tolist()}, "
@@ -306,7 +311,7 @@ def _probe_backward(kernel) -> None:
     dx, dparams = torch.empty(4), torch.empty(2)
     kernel(x, torch.ones(1), torch.tensor([1.25 ** -0.5, -2.5 * 1.25 ** -0.5]),
            torch.tensor([2.5, 1.25]), torch.ones(1), dx, dparams,
-           torch.empty(1, 2 * _padded(1), dtype=torch.float64), 1, 2, 2, 1, 1, 0.0)
+           partial_sums(1, 2 * padded_channels(1)), 1, 2, 2, 1, 1, 0.0)
     if not (float(dparams[1]) == 1.0 and abs(float(dx.sum())) < 1e-5):
         raise RuntimeError(f"the fused conv-block backward computed {dx.tolist()}, "
                            f"{dparams.tolist()} on its probe")
@@ -335,11 +340,13 @@ def partial_sums(threads: int, width: int) -> Tensor:
     return torch.zeros(threads, width, dtype=torch.float64)
 
 
-def _threads(values: int) -> int:
+def kernel_threads(values: int) -> int:
+    """The threads a kernel over an activation of ``values`` floats runs on: torch's, or one
+    below 32,768 values."""
     return torch.get_num_threads() if values >= _PARALLEL_MIN_VALUES else 1
 
 
-def _eager_block(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def eager_block(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """The same block from torch's operators (batch statistics, no running statistics)."""
     normalised = nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     return nn.functional.max_pool2d(nn.functional.relu(normalised), 2)
@@ -352,12 +359,12 @@ class _BatchNormReLUPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, running: tuple):
         n, channels, height, width = x.shape
-        threads = _threads(x.numel())
+        threads = kernel_threads(x.numel())
         out = torch.empty((n, channels, height // 2, width // 2), dtype=x.dtype,
                           memory_format=torch.channels_last)
         scale_shift = torch.empty(2, channels)
         stats = torch.empty(2, channels)
-        partial = partial_sums(threads, _padded(channels))
+        partial = partial_sums(threads, padded_channels(channels))
         _forward_kernel()(x.detach(), weight.detach().contiguous(), bias.detach().contiguous(),
                           out, scale_shift, stats, *running[:2], partial, n, height, width,
                           channels, threads, eps, running[2])
@@ -369,14 +376,14 @@ class _BatchNormReLUPool(torch.autograd.Function):
     def backward(ctx, d_out: Tensor):
         x, weight, bias, scale_shift, stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the eager block, which autograd records
-            _, pull_back = torch.func.vjp(lambda *a: _eager_block(*a, ctx.eps), x, weight, bias)
+            _, pull_back = torch.func.vjp(lambda *a: eager_block(*a, ctx.eps), x, weight, bias)
             return (*pull_back(d_out), None, None)
         n, channels, height, width = x.shape
-        threads = _threads(x.numel())
+        threads = kernel_threads(x.numel())
         d_out = d_out.contiguous(memory_format=torch.channels_last)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         d_params = torch.empty(2, channels)
-        partial = partial_sums(threads, 2 * _padded(channels))
+        partial = partial_sums(threads, 2 * padded_channels(channels))
         _backward_kernel()(x.detach(), d_out, scale_shift, stats, weight.detach().contiguous(),
                            dx, d_params, partial, n, height, width, channels, threads, ctx.eps)
         return dx, d_params[0], d_params[1], None, None

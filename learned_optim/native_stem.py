@@ -35,20 +35,22 @@ import torch
 from torch import Tensor, nn
 
 from learned_optim import native_block
-from learned_optim.native_block import NO_RUNNING, partial_sums
-from learned_optim.native_build import VEC_PRELUDE, NativeKernel
+from learned_optim.native_block import (
+    KERNEL_PRELUDE,
+    NO_RUNNING,
+    eager_block,
+    kernel_threads,
+    padded_channels,
+    partial_sums,
+)
+from learned_optim.native_build import NativeKernel
 
 __all__ = ["MAX_INPUT_CHANNELS", "conv_batchnorm_relu_maxpool", "stem_fusable"]
 
 MAX_INPUT_CHANNELS = 4  # 36 products a channel and position: recomputing stays cheap
 _MAX_TAPS = 9 * MAX_INPUT_CHANNELS
-_PARALLEL_MIN_VALUES = 32768  # output values below which one thread runs (as native_block)
-_LANES = 16
 
-_COMMON = VEC_PRELUDE + f"""
-static constexpr int64_t kMaxChannels = {native_block.MAX_CHANNELS};
-static constexpr int64_t kMaxTaps = {_MAX_TAPS};
-""" + r"""
+_COMMON = KERNEL_PRELUDE + f"static constexpr int64_t kMaxTaps = {_MAX_TAPS};\n" + r"""
 // Input rows y0 .. y0 + rows - 1 of image b, zero-padded by one pixel on every side, as
 // rows x (w + 2) x ci floats into buf: a patch is then a plain 3 x 3 x ci window of it.
 static void padded_rows(const float* x, float* buf, int64_t b, int64_t y0, int64_t rows,
@@ -169,6 +171,7 @@ extern "C" void kernel(const float* x, const float* wk, const float* bias,
         }
     }
     alignas(64) float scale[kMaxChannels] = {0.f}, shift[kMaxChannels] = {0.f};
+    alignas(64) float batch[2 * kMaxChannels];  // the convolution's mean and biased variance
     for (int64_t c = 0; c < C; ++c) {
         double s = 0.0, s2 = 0.0;
         for (int64_t t = 0; t < threads; ++t) {
@@ -180,13 +183,10 @@ extern "C" void kernel(const float* x, const float* wk, const float* bias,
         shift[c] = beta[c] - scale[c] * (float)((double)centre[c] + mean_e);
         scale_shift[c] = scale[c]; scale_shift[C + c] = shift[c];
         moments[c] = (float)mean_e; moments[C + c] = (float)var;
-        if (momentum >= 0.f) {  // as BatchNorm's training forward, the variance unbiased
-            const float mean = (float)((double)bias[c] + (double)centre[c] + mean_e);
-            const float unbiased = (float)(var * (double)P / (double)(P - 1));
-            running_mean[c] = (1.f - momentum) * running_mean[c] + momentum * mean;
-            running_var[c] = (1.f - momentum) * running_var[c] + momentum * unbiased;
-        }
+        batch[c] = (float)((double)bias[c] + (double)centre[c] + mean_e);
+        batch[C + c] = (float)var;
     }
+    if (momentum >= 0.f) update_running(running_mean, running_var, batch, C, P, momentum);
     #pragma omp parallel num_threads(threads)
     {
         std::vector<float> buf(4 * width);
@@ -361,10 +361,6 @@ extern "C" void kernel(const float* x, const float* wk, const float* center,
 """
 
 
-def _padded(channels: int) -> int:
-    return -(-channels // _LANES) * _LANES
-
-
 def _probe_forward(kernel) -> None:
     """A 2 x 2 one-channel image, a centre tap of 1 and a unit BatchNorm: the pooled value is
     the normalised maximum (4 - 2.5) / sqrt(1.25); each tap's mean is over the image shifted
@@ -377,7 +373,7 @@ def _probe_forward(kernel) -> None:
     mean_patch = torch.empty(9, dtype=torch.float64)
     kernel(x, weights, torch.zeros(1), torch.ones(1), torch.zeros(1), out, mean_patch, center,
            scale_shift, moments, NO_RUNNING, NO_RUNNING,
-           torch.empty(1, 2 * _padded(1), dtype=torch.float64), 1, 2, 2, 1, 1, 1, 0.0, -1.0)
+           partial_sums(1, 2 * padded_channels(1)), 1, 2, 2, 1, 1, 1, 0.0, -1.0)
     if not (abs(float(out) - 1.5 / 1.25 ** 0.5) < 1e-5 and float(center) == 2.5
             and moments.tolist() == [0.0, 1.25]
             and mean_patch.tolist() == [0.25, 0.75, 0.5, 1.0, 2.5, 1.5, 0.75, 1.75, 1.0]):
@@ -397,7 +393,7 @@ def _probe_backward(kernel) -> None:
     d_taps, d_params = torch.empty(9), torch.empty(3)
     kernel(x, weights, torch.tensor([2.5]), torch.tensor([scale, -2.5 * scale]),
            torch.tensor([0.0, 1.25]), mean_patch, torch.ones(1), torch.ones(1), d_taps, d_params,
-           torch.empty(1, (3 + 18) * _padded(1), dtype=torch.float64), 1, 2, 2, 1, 1, 1, 0.0)
+           partial_sums(1, (3 + 18) * padded_channels(1)), 1, 2, 2, 1, 1, 1, 0.0)
     if not (float(d_params[2]) == 1.0 and abs(float(d_params[1]) - 1.5 * scale) < 1e-5):
         raise RuntimeError(f"the fused first-block backward computed {d_params.tolist()} on "
                            "its probe")
@@ -415,10 +411,6 @@ _backward_kernel = NativeKernel(
     "first conv blocks run their eager modules")
 
 
-def _threads(values: int) -> int:
-    return torch.get_num_threads() if values >= _PARALLEL_MIN_VALUES else 1
-
-
 def _taps(weight: Tensor) -> Tensor:
     """``[C, ci, 3, 3]`` -> ``[9 ci, C]``, rows in the kernels' tap order (ky, kx, channel)."""
     channels, inputs = weight.shape[:2]
@@ -428,9 +420,7 @@ def _taps(weight: Tensor) -> Tensor:
 def _eager_stem(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor,
                 eps: float) -> Tensor:
     """The same block from torch's operators (batch statistics, no running statistics)."""
-    convolved = nn.functional.conv2d(x, weight, bias, padding=1)
-    normalised = nn.functional.batch_norm(convolved, None, None, gamma, beta, True, 0.0, eps)
-    return nn.functional.max_pool2d(nn.functional.relu(normalised), 2)
+    return eager_block(nn.functional.conv2d(x, weight, bias, padding=1), gamma, beta, eps)
 
 
 class _ConvBatchNormReLUPool(torch.autograd.Function):
@@ -444,7 +434,7 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
                 beta: Tensor, eps: float, running: tuple):
         n, inputs, height, width = x.shape
         channels = weight.shape[0]
-        threads = _threads(n * height * width * channels)
+        threads = kernel_threads(n * height * width * channels)
         taps = _taps(weight.detach()).contiguous()
         out = torch.empty((n, channels, height // 2, width // 2),
                           memory_format=torch.channels_last)
@@ -452,7 +442,7 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         center, scale_shift, moments = (torch.empty(channels), torch.empty(2, channels),
                                         torch.empty(2, channels))
         conv_bias = bias.detach() if bias is not None else torch.zeros(channels)
-        partial = partial_sums(threads, 2 * _padded(channels))
+        partial = partial_sums(threads, 2 * padded_channels(channels))
         _forward_kernel()(x.detach(), taps, conv_bias, gamma.detach().contiguous(),
                           beta.detach().contiguous(), out, mean_patch, center, scale_shift,
                           moments, *running[:2], partial, n, height, width, inputs, channels,
@@ -474,9 +464,9 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
             return (None, *pull_back(d_out), None, None)
         n, inputs, height, width = x.shape
         channels = weight.shape[0]
-        threads = _threads(n * height * width * channels)
+        threads = kernel_threads(n * height * width * channels)
         d_taps, d_params = torch.empty(9 * inputs, channels), torch.empty(3, channels)
-        sums = partial_sums(threads, (3 + 18 * inputs) * _padded(channels))
+        sums = partial_sums(threads, (3 + 18 * inputs) * padded_channels(channels))
         _backward_kernel()(x.detach(), taps, center, scale_shift, moments, mean_patch,
                            gamma.detach().contiguous(),
                            d_out.contiguous(memory_format=torch.channels_last), d_taps,

@@ -30,6 +30,33 @@ def digits(shared_data) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, labels
 
 
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test (the suite runs on one); restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_cpp_compiler(monkeypatch):
+    """Make building C++ kernels fail ("no C++ compiler found"); call it with the
+    ``NativeKernel`` objects to forget their earlier build."""
+    from torch._inductor import codecache
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+
+    def unbuild(*kernels) -> None:
+        for kernel in kernels:
+            monkeypatch.setattr(kernel, "kernel", None)
+            monkeypatch.setattr(kernel, "failure", None)
+
+    return unbuild
+
+
 # The test models are tiny: intra-op threads only add scheduling overhead, and on a loaded
 # machine they make small kernels wait for descheduled workers.
 torch.set_num_threads(1)

@@ -38,14 +38,6 @@ def support_set() -> tuple[torch.Tensor, torch.Tensor]:
     return episode.support_inputs, episode.support_targets
 
 
-@pytest.fixture
-def threads():
-    """Set torch's thread count for one test (the suite runs on one)."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def eager(x, batchnorm):
     return F.max_pool2d(F.relu(batchnorm(x)), 2)
 
@@ -237,17 +229,9 @@ def test_torch_func_transforms_run_the_eager_modules(support_set, monkeypatch):
         torch.testing.assert_close(transformed[name], grad)
 
 
-def test_a_failed_build_warns_once_and_the_learner_runs_its_eager_modules(monkeypatch,
+def test_a_failed_build_warns_once_and_the_learner_runs_its_eager_modules(no_cpp_compiler,
                                                                         support_set):
-    from torch._inductor import codecache
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found\nmore detail")
-
-    for kernel in (native_block._forward_kernel, native_block._backward_kernel):
-        monkeypatch.setattr(kernel, "kernel", None)
-        monkeypatch.setattr(kernel, "failure", None)
-    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+    no_cpp_compiler(native_block._forward_kernel, native_block._backward_kernel)
     inputs, targets = support_set
     learner = ConvLearner(1, ways=20, filters=8, image_size=28)
     with warnings.catch_warnings(record=True) as caught:

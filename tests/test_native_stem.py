@@ -23,13 +23,6 @@ pytestmark = pytest.mark.skipif(
     reason="the fused first-block kernels did not build here")
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def make_block(inputs: int, channels: int, seed: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     torch.manual_seed(seed)
     conv, batchnorm = nn.Conv2d(inputs, channels, 3, padding=1), nn.BatchNorm2d(channels)
@@ -158,16 +151,8 @@ def test_the_learner_fuses_its_first_block_only_channels_last(monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_failed_build_warns_once_and_the_block_runs_its_modules(monkeypatch):
-    from torch._inductor import codecache
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found\nmore detail")
-
-    for kernel in (native_stem._forward_kernel, native_stem._backward_kernel):
-        monkeypatch.setattr(kernel, "kernel", None)
-        monkeypatch.setattr(kernel, "failure", None)
-    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+def test_a_failed_build_warns_once_and_the_block_runs_its_modules(no_cpp_compiler):
+    no_cpp_compiler(native_stem._forward_kernel, native_stem._backward_kernel)
     x = image_batch((4, 1, 8, 8), 11)
     conv, batchnorm = make_block(1, 4, seed=1)
     with warnings.catch_warnings(record=True) as caught:

@@ -139,14 +139,16 @@ class ConvFeatures(nn.Sequential):
         modules = list(self)
         x, index = inputs, 0
         while index < len(modules):
-            block = modules[index + 1: index + 4]
-            whole = len(block) == 3 and not _hooked(modules[index: index + 4])
-            if whole and stem_fusable(x, modules[index], *block):
-                x = conv_batchnorm_relu_maxpool(x, modules[index], block[0])
+            module, block = modules[index], modules[index + 1: index + 4]
+            # a conv starting a whole, unhooked block: only there are the fusions worth asking
+            whole = (isinstance(module, nn.Conv2d) and len(block) == 3
+                     and not _hooked(modules[index: index + 4]))
+            if whole and stem_fusable(x, module, *block):
+                x = conv_batchnorm_relu_maxpool(x, module, block[0])
                 index += 4
                 continue
-            x = modules[index](x)
-            if whole and isinstance(modules[index], nn.Conv2d) and fusable(x, *block):
+            x = module(x)
+            if whole and fusable(x, *block):
                 x = batchnorm_relu_maxpool(x, block[0])
                 index += 4
             else:

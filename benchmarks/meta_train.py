@@ -90,6 +90,7 @@ from learned_optim.learners import ConvLearner, reset_batchnorm  # noqa: E402
 from learned_optim.rule import policy  # noqa: E402
 from learned_optim.rule.compiled import update_rows_compiled  # noqa: E402
 from learned_optim.rule.math import initial_state, prepare_step  # noqa: E402
+from learned_optim.rule.native_tape import update_rows_native  # noqa: E402
 from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable  # noqa: E402
 from learned_optim.tasks import to_device  # noqa: E402
 from learned_optim.train import MetaTrainer  # noqa: E402
@@ -381,10 +382,11 @@ class Parts:
         F.cross_entropy(out, yq).backward()
 
     def update_on_tape(self, backward: bool = True, recompute: bool = True,
-                       chain: bool = True, compiled: bool = False) -> None:
+                       chain: bool = True, compiled: bool = False,
+                       native: bool = False) -> None:
         """(b) T steps of the first-order trajectory on the tape, as the differentiable
         optimizer runs them, + backward; ``chain=False``: one node per step (bs);
-        ``compiled``: one compiled node per step (bc)."""
+        ``compiled``: one compiled node per step (bc); ``native``: one native node (bn)."""
         weights = self.rule.weights()
         params = list(self.init)
         state = initial_state(self.rows, self.rule.hidden_size, device=self.device)
@@ -396,8 +398,9 @@ class Parts:
             flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
             if trajectory is not None:
                 new_param, state = trajectory.step(constants, flat_grad)
-            elif compiled:
-                new_param, state = update_rows_compiled(
+            elif compiled or native:
+                node = update_rows_native if native else update_rows_compiled
+                new_param, state = node(
                     constants, state, flat_grad, torch.cat([p.reshape(-1) for p in params]))
             else:
                 new_param, state = update_rows_differentiable(
@@ -416,6 +419,10 @@ class Parts:
     def update_compiled(self) -> None:
         """(bc) as (bs), each step the node compiled by torch.compile (either order)."""
         self.update_on_tape(chain=False, compiled=True)
+
+    def update_native(self) -> None:
+        """(bn) as (bs), each step the node of hand-fused C++ kernels (either order)."""
+        self.update_on_tape(chain=False, native=True)
 
     def update_recorded(self) -> None:
         """(b0) as (bs), every operation recorded by autograd (the straightforward tape)."""
@@ -500,6 +507,8 @@ def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
                   "rule: package hand-written backward per step (bs)": parts.update_per_step,
                   "rule: package recorded op by op (b0)": parts.update_recorded,
                   "rule: reference LSTMCell chain": parts.update_reference_chain}
+    if parts.device.type == "cpu":  # the native kernels are the CPU's
+        rule_parts = {"rule: package native step (bn)": parts.update_native, **rule_parts}
     timed_fns = {**steps, **rule_parts}
     for _ in range(args.warmup):
         for fn in timed_fns.values():

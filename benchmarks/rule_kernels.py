@@ -15,8 +15,8 @@ load hits every column alike), with the load average printed beside them:
               ``chunk_loop_threads`` bypassed).
 ``tape``      T = 12 first-order steps on the autograd tape + one backward, by each path the
               policy may choose (``learned_optim.rule.policy.tape_path``): the anchored
-              trajectory (replay), one recomputing node per step (hand-written backward), and
-              every operation recorded by autograd.
+              trajectory (replay), one recomputing node per step (hand-written backward),
+              every operation recorded by autograd, the compiled node and the native node.
 ``layout``    the kernels row-major (``[n, 2H + 2]``, gate blocks strided) against
               feature-major (``[2H + 2, n]``, ``update_rows(feature_major=True)``): the
               forward with its scratch, forward + hand-written backward + the constants'
@@ -52,6 +52,7 @@ from learned_optim.rule.math import (
     rows_backward,
     update_rows,
 )
+from learned_optim.rule.native_tape import update_rows_native
 from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable
 
 
@@ -113,6 +114,8 @@ def tape_paths(rows: int, steps: int = 12) -> dict:
                     theta, state = trajectory.step(constants, grad)
                 elif path == "compiled":
                     theta, state = update_rows_compiled(constants, state, grad, theta)
+                elif path == "native":
+                    theta, state = update_rows_native(constants, state, grad, theta)
                 else:
                     theta, state = update_rows_differentiable(
                         constants, state, grad, theta, recompute=path == "recomputed")

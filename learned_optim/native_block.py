@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learned_optim.native_build import VEC_PRELUDE, NativeKernel, native_allowed
+from learned_optim.rule.native_build import VEC_PRELUDE, NativeKernel, native_allowed
 
 __all__ = ["FUSED_BLOCKS", "KERNEL_PRELUDE", "MAX_CHANNELS", "NO_RUNNING", "batchnorm_relu_maxpool",
            "eager_block", "fusable", "kernel_threads", "modules_fusable", "padded_channels",

@@ -43,7 +43,7 @@ from learned_optim.native_block import (
     padded_channels,
     partial_sums,
 )
-from learned_optim.native_build import NativeKernel
+from learned_optim.rule.native_build import NativeKernel
 
 __all__ = ["MAX_INPUT_CHANNELS", "conv_batchnorm_relu_maxpool", "stem_fusable"]
 

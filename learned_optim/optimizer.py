@@ -871,19 +871,29 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
     def _first_order_path(self, flat_grad: Tensor) -> str | None:
         """``"trajectory"`` where this step can join a first-order trajectory (on a tape, the
         gradient and the loss constants, so only the last parameters need the tape),
-        ``"compiled"`` where it takes the compiled node instead, else ``None``."""
-        return first_order_path(flat_grad, self._loss) if self.first_order else None
+        ``"native"`` or ``"compiled"`` where it takes one node a step instead, else ``None``."""
+        return (first_order_path(flat_grad, self._loss, self.meta_learner.hidden_size)
+                if self.first_order else None)
 
     def _initial_bucket_state(self, group_index: int, indices: list[int], like: Tensor) -> Tensor:
-        """The state the drop-in optimizer had (copied by higher), or a new task's zeros."""
+        """The state the drop-in optimizer had (copied by higher), or a new task's zeros.
+
+        Feature-major where the bucket's steps take one node a step (the native or compiled
+        node keeps its state so): a row-major start would be transposed by the first step.
+        """
         group = self.param_groups[group_index]
-        pieces = []
-        for i in indices:
-            size = group["params"][i].numel()
-            copied = self.state[group_index][i].get("lstm_state")
-            if copied is None:
-                copied = initial_state(size, self.meta_learner.hidden_size)
-            pieces.append(copied.to(dtype=like.dtype, device=like.device))
+        hidden = self.meta_learner.hidden_size
+        sizes = [group["params"][i].numel() for i in indices]
+        copied = [self.state[group_index][i].get("lstm_state") for i in indices]
+        feature_major = policy.in_compiled_range(like.device, sum(sizes))
+        if all(c is None for c in copied):
+            return initial_state(sum(sizes), hidden, dtype=like.dtype, device=like.device,
+                                 feature_major=feature_major)
+        pieces = [(initial_state(size, hidden) if c is None else c).to(dtype=like.dtype,
+                                                                         device=like.device)
+                  for size, c in zip(sizes, copied)]
+        if feature_major:
+            return torch.cat([piece.t() for piece in pieces], dim=1).t()
         return torch.cat(pieces)
 
     def _update(self, grouped_grads, **kwargs) -> None:

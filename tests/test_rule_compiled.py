@@ -135,6 +135,8 @@ def _twin_meta_gradients(first_order: bool, compile_rule: bool, monkeypatch):
     took the compiled path."""
     monkeypatch.setattr(policy, "COMPILE_RULE", compile_rule)
     monkeypatch.setattr(policy, "step_native", lambda device, dtype: False)  # the chunk paths
+    # the compiled node, not the native one in front of it (tests/test_rule_native_tape.py)
+    monkeypatch.setattr(tape_module, "native_tape_applies", lambda grad, hidden: False)
     calls = []
 
     def counted(*args):
@@ -187,6 +189,7 @@ def test_a_failed_compilation_warns_once_and_steps_stay_eager(monkeypatch):
     monkeypatch.setattr(compiled, "_failure", None)
     monkeypatch.setattr(torch, "compile", no_compiler)
     monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    monkeypatch.setattr(tape_module, "native_tape_applies", lambda grad, hidden: False)
     grad = torch.randn(5000)
     with pytest.warns(RuntimeWarning, match="torch.compile of the update rule failed "
                                             r"\(RuntimeError: no C\+\+ compiler found\); "

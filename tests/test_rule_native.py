@@ -147,8 +147,8 @@ def test_a_failed_build_warns_once_and_step_takes_the_chunk_paths(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(native, "_failure", None)
-    monkeypatch.setattr(native, "_kernel", None)
+    monkeypatch.setattr(native.STEP_KERNEL, "failure", None)
+    monkeypatch.setattr(native.STEP_KERNEL, "kernel", None)
     monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
     monkeypatch.setattr(policy, "COMPILE_RULE", True)
     failure_before = compiled._failure

@@ -70,13 +70,13 @@ def test_tape_path_records_op_by_op_only_below_the_threshold_on_one_cpu_thread(m
     assert policy.tape_path(CPU, 10, first_order=True) == "trajectory"
 
 
-def test_cpu_steps_of_the_compiled_range_take_the_compiled_node_in_either_order(monkeypatch):
+def test_cpu_steps_of_the_compiled_range_take_the_native_node_in_either_order(monkeypatch):
     assert policy.RECORDED_MAX_ROWS == 0
     low, high = policy.COMPILED_MIN_ROWS, policy.COMPILED_MAX_ROWS
     monkeypatch.setattr(policy, "COMPILE_RULE", True)
     for rows in (low, 28_485, high):
-        assert policy.tape_path(CPU, rows, first_order=True) == "compiled"
-        assert policy.tape_path(CPU, rows, first_order=False) == "compiled"
+        assert policy.tape_path(CPU, rows, first_order=True) == "native"
+        assert policy.tape_path(CPU, rows, first_order=False) == "native"
     for rows in (1, low - 1, high + 1, 10**7):  # too cheap to matter; temporaries too large
         assert policy.tape_path(CPU, rows, first_order=True) == "trajectory"
         assert policy.tape_path(CPU, rows, first_order=False) == "recomputed"

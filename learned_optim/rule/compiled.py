@@ -47,7 +47,8 @@ from torch import Tensor
 
 from learned_optim.rule.math import MetaWeights, StepConstants, prepare_step, update_rows
 
-__all__ = ["compiled_rule", "compiled_step_rule", "step_rows_compiled", "update_rows_compiled"]
+__all__ = ["compiled_rule", "compiled_step_rule", "feature_major_step_vjp", "step_rows_compiled",
+           "update_rows_compiled"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ _feature_major_step = functools.partial(_step, True)
 _row_major_step = functools.partial(_step, False)
 
 
-def _step_vjp(p, d_param, d_state, *inputs):
+def feature_major_step_vjp(p, d_param, d_state, *inputs):
     """Gradients of :func:`_feature_major_step` w.r.t. its 9 tensor ``inputs`` (the six
     constants, state, grad, param), given those of its outputs."""
     def step(*tensors):
@@ -122,7 +123,7 @@ class _CompiledStep(torch.autograd.Function):
     def backward(ctx, d_param, d_state):
         inputs = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
-            grads = _step_vjp(ctx.p, d_param, d_state, *inputs)
+            grads = feature_major_step_vjp(ctx.p, d_param, d_state, *inputs)
         else:  # detached, as in the forward: one graph whatever requires grad
             _, backward = _compiled
             laid_out = (*_with_gate_weight_layout(inputs[:6]), *inputs[6:])
@@ -182,7 +183,7 @@ def compiled_rule():
 
     def build():
         pair = (torch.compile(_feature_major_step, dynamic=True, options=_INDUCTOR_OPTIONS),
-                torch.compile(_step_vjp, dynamic=True, options=_INDUCTOR_OPTIONS))
+                torch.compile(feature_major_step_vjp, dynamic=True, options=_INDUCTOR_OPTIONS))
         _probe(*pair)
         log.info("compiled the update rule for the CPU's tape")
         return pair

@@ -218,17 +218,20 @@ def _threads(threads: int | None) -> Iterator[None]:
 
 # The paths a step may take on the autograd tape (learned_optim.rule.tape): the anchored
 # first-order trajectory (replayed chunk by chunk), one node per step with the hand-written
-# backward (recomputed), every operation recorded by autograd, and one node per step whose
-# forward and recomputing backward are compiled by torch.compile (learned_optim.rule.compiled).
-TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled")
-# Steps on a CPU take the compiled node, first order and second order alike
-# (LEARNED_OPTIM_COMPILE=0 turns it off). Measured on the 2-core Xeon at 28,485 rows, T = 12
-# steps and the backward (benchmarks/meta_train.py --reference, "rule:" rows, medians of 7
-# interleaved rounds): 2 threads, 165 ms against 437 for the trajectory, 485 for the
-# hand-written backward and 308 recorded op by op; one thread, 352 against 578, 698 and 593.
-# Its compilation (20 to 40 s a process) pays for itself within a few hundred meta-steps.
+# backward (recomputed), every operation recorded by autograd, one node per step whose
+# forward and recomputing backward are compiled by torch.compile (learned_optim.rule.compiled),
+# and one node per step of hand-fused C++ kernels (learned_optim.rule.native_tape).
+TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled", "native")
+# Steps on a CPU take the native node, first order and second order alike, or the compiled
+# node where the native kernels do not build (LEARNED_OPTIM_COMPILE=0 turns both off).
+# Measured on the 2-core Xeon at 28,485 rows, T = 12 steps and the backward
+# (benchmarks/meta_train.py --reference, "rule:" rows, medians of 7 interleaved rounds): the
+# compiled node, 2 threads, 165 ms against 437 for the trajectory, 485 for the hand-written
+# backward and 308 recorded op by op; one thread, 352 against 578, 698 and 593. The native
+# node against the compiled one: see tape_path.
+# Compilation (20 to 40 s a process) pays for itself within a few hundred meta-steps.
 # Below COMPILED_MIN_ROWS a step is too cheap to matter; above COMPILED_MAX_ROWS the
-# backward's temporaries, which cover all rows at once, outgrow what the chunked paths bound.
+# tape's saved states (one per step for all rows) outgrow what the chunked paths bound.
 COMPILE_RULE = os.environ.get("LEARNED_OPTIM_COMPILE", "1").strip() not in ("0", "false", "no")
 # (4,097: above inductor's 4,096-element threshold for its CPU reductions, the graph that the
 # probe of learned_optim.rule.compiled compiles serves every size of the range.)
@@ -249,8 +252,11 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
 
     ``first_order``: the step's gradient and loss are constants, so it may join a trajectory.
     On a CPU, float32 steps of ``COMPILED_MIN_ROWS`` to ``COMPILED_MAX_ROWS`` rows take the
-    compiled node in either order (where compilation works; :mod:`learned_optim.rule.tape`
-    checks).
+    native node in either order (where its kernels build; else the compiled node, where
+    compilation works: :mod:`learned_optim.rule.tape` checks). Measured on the 2-core Xeon at
+    28,485 rows, T = 12 steps and the backward, interleaved (``benchmarks/meta_train.py
+    --reference``, "rule:" rows, medians): the native node took 0.70-0.85x the compiled node's
+    time on 2 threads (docs/results/cpu_speed.md, session 19).
 
     >>> gpu = torch.device("cuda")
     >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 30_000, first_order=False)
@@ -259,7 +265,7 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     if _on_cpu(device) and rows <= RECORDED_MAX_ROWS and torch.get_num_threads() == 1:
         return "recorded"
     if in_compiled_range(device, rows):
-        return "compiled"
+        return "native"
     return "trajectory" if first_order else "recomputed"
 
 

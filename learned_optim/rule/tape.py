@@ -44,8 +44,9 @@ from learned_optim.rule.math import (
     update_rows,
     update_rows_chunked,
 )
+from learned_optim.rule.native_tape import native_tape_applies, update_rows_native
 
-__all__ = ["RuleTrajectory", "compiled_applies", "first_order_path", "on_tape",
+__all__ = ["RuleTrajectory", "compiled_applies", "first_order_path", "node_path", "on_tape",
            "trajectory_applies", "update_rows_differentiable", "update_rows_recomputed"]
 
 
@@ -76,13 +77,31 @@ def compiled_applies(grad: Tensor) -> bool:
     return grad.dtype == torch.float32 and compiled_rule() is not None
 
 
-def first_order_path(grad: Tensor, loss: Tensor | None) -> str | None:
-    """The first-order path of a step on a tape whose gradient and loss are constants:
-    ``"trajectory"`` (join a :class:`RuleTrajectory`) or ``"compiled"``
-    (:func:`~learned_optim.rule.compiled.update_rows_compiled`), as the policy chooses for its
-    size (:func:`learned_optim.rule.policy.tape_path`; the trajectory where the compiled node
-    does not apply, :func:`compiled_applies`); ``None`` off the tape or for a second-order
+def node_path(grad: Tensor, hidden: int, first_order: bool) -> str:
+    """The policy's path for a step on ``grad``'s rows (:func:`learned_optim.rule.policy.tape_path`)
+    where it can be taken: the native node where its kernels apply
+    (:func:`~learned_optim.rule.native_tape.native_tape_applies`), else the compiled node where
+    it applies (:func:`compiled_applies`), else the trajectory (first order) or the recomputed
     step.
+
+    >>> node_path(torch.ones(3), 20, first_order=True)
+    'trajectory'
+    """
+    path = policy.tape_path(grad.device, grad.shape[0], first_order=first_order)
+    if path == "native" and not native_tape_applies(grad, hidden):
+        path = "compiled"
+    if path == "compiled" and not compiled_applies(grad):
+        path = "trajectory" if first_order else "recomputed"
+    return path
+
+
+def first_order_path(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> str | None:
+    """The first-order path of a step on a tape whose gradient and loss are constants:
+    ``"trajectory"`` (join a :class:`RuleTrajectory`), ``"native"``
+    (:func:`~learned_optim.rule.native_tape.update_rows_native`) or ``"compiled"``
+    (:func:`~learned_optim.rule.compiled.update_rows_compiled`), as :func:`node_path` resolves
+    the policy's choice for its size and the rule's ``hidden`` size; ``None`` off the tape or
+    for a second-order step.
 
     >>> first_order_path(torch.ones(3), torch.tensor(1.0))
     'trajectory'
@@ -92,13 +111,11 @@ def first_order_path(grad: Tensor, loss: Tensor | None) -> str | None:
     if not torch.is_grad_enabled() or grad.requires_grad or (
             loss is not None and loss.requires_grad):
         return None
-    path = policy.tape_path(grad.device, grad.shape[0], first_order=True)
-    if path == "compiled" and not compiled_applies(grad):
-        return "trajectory"
-    return path if path in ("trajectory", "compiled") else None
+    path = node_path(grad, hidden, first_order=True)
+    return path if path in ("trajectory", "compiled", "native") else None
 
 
-def trajectory_applies(grad: Tensor, loss: Tensor | None) -> bool:
+def trajectory_applies(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> bool:
     """Whether a step may join a first-order :class:`RuleTrajectory`: on a tape, with the
     gradient and the loss constants, so that only the last parameters need the tape, and the
     trajectory is the policy's path for its size (:func:`first_order_path`).
@@ -108,7 +125,7 @@ def trajectory_applies(grad: Tensor, loss: Tensor | None) -> bool:
     >>> trajectory_applies(torch.ones(3, requires_grad=True), torch.tensor(1.0))
     False
     """
-    return first_order_path(grad, loss) == "trajectory"
+    return first_order_path(grad, loss, hidden) == "trajectory"
 
 
 def update_rows_differentiable(
@@ -121,9 +138,9 @@ def update_rows_differentiable(
     ``recompute=True`` records the step as one node that saves only its inputs
     (:func:`update_rows_recomputed`: about 5x less tape memory and a faster backward);
     ``recompute=False`` records every operation instead; ``None`` (default) takes the
-    policy's choice for the size (:func:`learned_optim.rule.policy.tape_path`), which on a
-    CPU may be the compiled node (:func:`~learned_optim.rule.compiled.update_rows_compiled`,
-    where :func:`compiled_applies`). Same gradients, to rounding.
+    policy's choice for the size (:func:`node_path`), which on a CPU may be the native node
+    (:func:`~learned_optim.rule.native_tape.update_rows_native`) or the compiled one
+    (:func:`~learned_optim.rule.compiled.update_rows_compiled`). Same gradients, to rounding.
 
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step
@@ -134,9 +151,11 @@ def update_rows_differentiable(
     '_UpdateRowsBackward'
     """
     if recompute is None:
-        path = policy.tape_path(grad.device, grad.shape[0], first_order=False)
-        if (path == "compiled" and on_tape(constants, state, grad, param)
-                and compiled_applies(grad)):
+        hidden = constants.meta_weight_h.shape[0]
+        path = node_path(grad, hidden, first_order=False)
+        if path == "native" and on_tape(constants, state, grad, param):
+            return update_rows_native(constants, state, grad, param)
+        if path == "compiled" and on_tape(constants, state, grad, param):
             return update_rows_compiled(constants, state, grad, param)
         recompute = path != "recorded"
     if recompute and on_tape(constants, state, grad, param):

@@ -1,0 +1,346 @@
+"""The meta-training tape's step as one node of hand-fused C++ kernels on the CPU.
+
+The forward is the step kernel of :mod:`learned_optim.rule.native`, out of place. The
+backward is one more kernel over the same tiles of 16 coordinates (8 with AVX2): it recomputes
+a tile's gates from the step's inputs with the shared tile forward
+(:data:`~learned_optim.rule.native.RULE_TILE_SOURCE`), then pulls the output gradients back
+through the meta-gates, the cell and the gate sigmoids in registers and L1, and through
+layer 1 by broadcast FMAs. What leaves a tile: the gradients of the state, theta and the
+gradient input, the gate pre-activations' gradient (``[4H, n]``, for the one weight-gradient
+product, which MKL does best), and per-thread partial sums for the biases and the meta-gates'
+weights. The node saves only its inputs, like :mod:`learned_optim.rule.compiled`'s, and serves
+first and second order alike; a gradient *of* its backward (``create_graph=True`` through the
+update) takes the eager ``torch.func.vjp`` of ``update_rows``, which autograd records.
+
+:func:`learned_optim.rule.policy.tape_path` gives it float32 steps on a CPU where the kernels
+build (else the compiled node, else the eager paths).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from learned_optim.rule.compiled import feature_major_step_vjp
+from learned_optim.rule.math import StepConstants
+from learned_optim.rule.native import (
+    RULE_TILE_SOURCE,
+    kernel_threads,
+    native_constants,
+    native_step_kernel,
+    rule_scalars,
+    step_rows_native_out,
+)
+from learned_optim.rule.native_build import NativeKernel
+
+__all__ = ["BACKWARD_KERNEL", "native_tape_applies", "step_rows_backward_native",
+           "update_rows_native"]
+
+_BACKWARD_SOURCE = RULE_TILE_SOURCE + r"""
+#include <omp.h>
+
+static constexpr int64_t kStash = 16;  // tiles per block of the weight gradient
+
+// dw[(j K + k) V + l] += sum over `tiles` stashed tiles s of
+// d_a[(s G + j) V + l] x[(s K + k) V + l], for gates j .. j + 4 and inputs k .. k + KB: the
+// 4 x KB accumulators stay in registers while the tiles stream through L1.
+template <int KB>
+static inline void weight_block(const float* d_a, const float* x, int64_t tiles, int64_t G,
+                                int64_t K, int64_t j, int64_t k, float* dw) {
+    Vec acc[4][KB];
+    for (int jj = 0; jj < 4; ++jj)
+        for (int kk = 0; kk < KB; ++kk) acc[jj][kk] = Vec(0.f);
+    for (int64_t s = 0; s < tiles; ++s) {
+        const float* a = d_a + (s * G + j) * V;
+        const float* xs = x + (s * K + k) * V;
+        const Vec a0 = Vec::loadu(a), a1 = Vec::loadu(a + V), a2 = Vec::loadu(a + 2 * V),
+                  a3 = Vec::loadu(a + 3 * V);
+        for (int kk = 0; kk < KB; ++kk) {
+            const Vec xk = Vec::loadu(xs + kk * V);
+            acc[0][kk] = at::vec::fmadd(a0, xk, acc[0][kk]);
+            acc[1][kk] = at::vec::fmadd(a1, xk, acc[1][kk]);
+            acc[2][kk] = at::vec::fmadd(a2, xk, acc[2][kk]);
+            acc[3][kk] = at::vec::fmadd(a3, xk, acc[3][kk]);
+        }
+    }
+    for (int jj = 0; jj < 4; ++jj)
+        for (int kk = 0; kk < KB; ++kk) {
+            float* d = dw + ((j + jj) * K + k + kk) * V;
+            (Vec::loadu(d) + acc[jj][kk]).store(d);
+        }
+}
+
+// The weight gradient's share of `tiles` stashed tiles (G is a multiple of 4).
+static inline void weight_gradient(const float* d_a, const float* x, int64_t tiles,
+                                   int64_t G, int64_t K, float* dw) {
+    for (int64_t j = 0; j < G; j += 4) {
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) weight_block<4>(d_a, x, tiles, G, K, j, k, dw);
+        switch (K - k) {
+            case 3: weight_block<3>(d_a, x, tiles, G, K, j, k, dw); break;
+            case 2: weight_block<2>(d_a, x, tiles, G, K, j, k, dw); break;
+            case 1: weight_block<1>(d_a, x, tiles, G, K, j, k, dw); break;
+            default: break;
+        }
+    }
+}
+
+// Gradients of one step (the forward kernel's) for n coordinates, given those of its outputs:
+// d_theta [n] and d_state, feature-major (`d_stride`). The step's inputs: state (`stride`),
+// grad, theta. Written: d_state_in (feature-major, n apart), d_theta_in, d_grad and, per
+// thread (zeroed by the caller: OpenMP may run fewer threads), the partial sums
+// [threads, 4H + 2H + 6 + 4H (2 + H)] of the gradients of bias, meta_h, meta_small and weight.
+extern "C" void kernel(const float* weight, const float* bias, const float* meta_h,
+                       const float* meta_small, const float* state, const float* grad,
+                       const float* theta, const float* d_theta, const float* d_state,
+                       float* d_state_in, float* d_theta_in, float* d_grad, double* partials,
+                       const int64_t n, const int64_t hidden, const int64_t stride,
+                       const int64_t d_stride, const int64_t threads, const float p,
+                       const float threshold, const float exp_p)
+{
+    const Rule r{weight, bias, meta_h, meta_small, hidden, p, threshold, exp_p};
+    const int64_t H = hidden, G = 4 * H, K = 2 + H, P = G + 2 * H + 6 + G * K;
+    const int64_t tiles = (n + V - 1) / V;
+    const float* ms = meta_small;
+    const Vec one(1.f), two(2.f);
+    #pragma omp parallel num_threads(threads)
+    {
+        Tile t;
+        // The gate pre-activations' gradient and layer 1's input of kStash tiles, for the
+        // weight gradient (never written out: 320 bytes a coordinate at H = 20).
+        std::vector<float> stash_a(kStash * G * V), stash_x(kStash * K * V);
+        int64_t stashed = 0;
+        // Per lane: [bias | meta_h | meta_small | weight], summed in float over kFlush tiles
+        // at most, then into double (28,485 rows on one thread would otherwise lose 1e-6).
+        std::vector<float> sums(P * V, 0.f);
+        std::vector<double> totals(P * V, 0.0);
+        int64_t pending = 0;
+        float* meta_h_sums = sums.data() + G * V;
+        float* small_sums = sums.data() + (G + 2 * H) * V;
+        float* weight_sums = sums.data() + (G + 2 * H + 6) * V;
+        auto accumulate = [](float* at, Vec value) { (Vec::loadu(at) + value).store(at); };
+        auto flush = [&]() {
+            for (int64_t i = 0; i < P * V; ++i) { totals[i] += sums[i]; sums[i] = 0.f; }
+            pending = 0;
+        };
+        #pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+            const int64_t start = tile * V, m = std::min(V, n - start);
+            load_tile(r, t, state, stride, grad, theta, start, m);
+            forward_tile(r, t);
+            float* d_a = stash_a.data() + stashed * G * V;
+            std::copy(t.x, t.x + K * V, stash_x.data() + stashed * K * V);
+            // theta_t = F theta - I g, F = sigmoid(f_pre), I = sigmoid(i_pre).
+            const Vec F = sigmoid(t.f_pre), I = sigmoid(t.i_pre);
+            const Vec dt = load(d_theta + start, m);
+            const Vec d_f_pre = load(d_state + 2 * H * d_stride + start, m)
+                                + dt * t.theta * F * (one - F);
+            const Vec d_i_pre = load(d_state + (2 * H + 1) * d_stride + start, m)
+                                - dt * t.g * I * (one - I);
+            store(dt * F + d_f_pre * Vec(ms[0]) + d_i_pre * Vec(ms[1]), d_theta_in + start, m);
+            store(d_f_pre * Vec(ms[2]), d_state_in + 2 * H * n + start, m);
+            store(d_i_pre * Vec(ms[3]), d_state_in + (2 * H + 1) * n + start, m);
+            accumulate(small_sums, d_f_pre * t.theta);
+            accumulate(small_sums + V, d_i_pre * t.theta);
+            accumulate(small_sums + 2 * V, d_f_pre * t.f_prev);
+            accumulate(small_sums + 3 * V, d_i_pre * t.i_prev);
+            accumulate(small_sums + 4 * V, d_f_pre);
+            accumulate(small_sums + 5 * V, d_i_pre);
+            // The cell: h1 = o tanh(c), c = f c_prev + i (2 s_g - 1).
+            for (int64_t h = 0; h < H; ++h) {
+                const Vec h1 = Vec::loadu(t.h1 + h * V), tanh_c = Vec::loadu(t.tanh_c + h * V);
+                const Vec in_gate = Vec::loadu(t.gates + h * V);
+                const Vec forget_gate = Vec::loadu(t.gates + (H + h) * V);
+                const Vec out_gate = Vec::loadu(t.gates + (2 * H + h) * V);
+                const Vec sigmoid_g = Vec::loadu(t.gates + (3 * H + h) * V);
+                accumulate(meta_h_sums + h * V, d_f_pre * h1);
+                accumulate(meta_h_sums + (H + h) * V, d_i_pre * h1);
+                const Vec d_h1 = load(d_state + h * d_stride + start, m)
+                                 + Vec(meta_h[h]) * d_f_pre + Vec(meta_h[H + h]) * d_i_pre;
+                const Vec d_c = load(d_state + (H + h) * d_stride + start, m)
+                                + d_h1 * out_gate * (one - tanh_c * tanh_c);
+                const Vec cell_gate = sigmoid_g * two - one;
+                (d_c * cell_gate * in_gate * (one - in_gate)).store(d_a + h * V);
+                (d_c * Vec::loadu(t.c_prev + h * V) * forget_gate * (one - forget_gate))
+                    .store(d_a + (H + h) * V);
+                (d_h1 * tanh_c * out_gate * (one - out_gate)).store(d_a + (2 * H + h) * V);
+                (d_c * in_gate * two * sigmoid_g * (one - sigmoid_g)).store(d_a + (3 * H + h) * V);
+                store(d_c * forget_gate, d_state_in + (H + h) * n + start, m);
+            }
+            for (int64_t j = 0; j < G; ++j)
+                accumulate(sums.data() + j * V, Vec::loadu(d_a + j * V));
+            // Layer 1's input gradient, weight^T d_a (h1 before, and the gradient features),
+            // two inputs at a time: eight independent accumulators, each d_a loaded once.
+            Vec d_log(0.f), d_sign(0.f);
+            auto d_input = [&](int64_t k, Vec d_x) {
+                if (k >= 2) store(d_x, d_state_in + (k - 2) * n + start, m);
+                else if (k == 0) d_log = d_x;
+                else d_sign = d_x;
+            };
+            int64_t k = 0;
+            for (; k + 2 <= K; k += 2) {
+                Vec a[4], b[4];
+                for (int q = 0; q < 4; ++q) a[q] = b[q] = Vec(0.f);
+                for (int64_t j = 0; j < G; j += 4) {
+                    for (int q = 0; q < 4; ++q) {
+                        const Vec d = Vec::loadu(d_a + (j + q) * V);
+                        a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]), d, a[q]);
+                        b[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k + 1]), d, b[q]);
+                    }
+                }
+                d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
+                d_input(k + 1, (b[0] + b[1]) + (b[2] + b[3]));
+            }
+            if (k < K) {
+                Vec a[4];
+                for (int q = 0; q < 4; ++q) a[q] = Vec(0.f);
+                for (int64_t j = 0; j < G; j += 4)
+                    for (int q = 0; q < 4; ++q)
+                        a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]),
+                                              Vec::loadu(d_a + (j + q) * V), a[q]);
+                d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
+            }
+            // Through the preprocessing: (log|g|/p)' = 1/(p g), sign' = 0 when large; else
+            // the features are (-1, e^p g), with derivatives (0, e^p).
+            const Vec safe = Vec::blendv(one, t.g, t.large);
+            const Vec d_features = Vec::blendv(d_sign * Vec(exp_p), d_log / (Vec(p) * safe),
+                                               t.large);
+            store(d_features - dt * I, d_grad + start, m);
+            // Lanes past n hold zero gradients: they add nothing to the sums.
+            if (++stashed == kStash) {
+                weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K, weight_sums);
+                stashed = 0;
+            }
+            if (++pending == kFlush) flush();
+        }
+        weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K, weight_sums);
+        flush();
+        double* part = partials + omp_get_thread_num() * P;
+        for (int64_t f = 0; f < P; ++f) {
+            double s = 0.0;
+            for (int64_t l = 0; l < V; ++l) s += totals[f * V + l];
+            part[f] = s;
+        }
+    }
+}
+"""
+
+_ARGTYPES = (["const float*"] * 9 + ["float*"] * 3 + ["double*"] + ["const int64_t"] * 5
+             + ["const float"] * 3)
+
+
+def _probe(kernel) -> None:
+    """Run the kernel once on a few rows (raises if the build is unusable): at zero weights,
+    theta_t = theta / 2 - g / 2, so d theta_t / d theta = 1/2 and d / d g = -1/2."""
+    rows, hidden = 3, 1
+    zeros = torch.zeros
+    d_state_in, d_theta_in, d_grad = zeros(4, rows), zeros(rows), zeros(rows)
+    kernel(zeros(4, 3), zeros(4), zeros(2, 1), zeros(6), zeros(4, rows), torch.ones(rows),
+           zeros(rows), torch.ones(rows), zeros(4, rows), d_state_in, d_theta_in, d_grad,
+           zeros(1, partial_width(hidden), dtype=torch.float64), rows, hidden, rows, rows, 1,
+           *rule_scalars(10.0))
+    if not (torch.equal(d_theta_in, torch.full((rows,), 0.5))
+            and torch.equal(d_grad, torch.full((rows,), -0.5))):
+        raise RuntimeError(f"the native rule backward kernel computed {d_theta_in.tolist()}, "
+                           f"{d_grad.tolist()} on its probe")
+
+
+BACKWARD_KERNEL = NativeKernel("the native rule backward kernel", _ARGTYPES, _BACKWARD_SOURCE,
+                               _probe, "the tape takes the compiled or eager steps")
+
+
+def partial_width(hidden: int) -> int:
+    """Floats of the backward's per-thread sums: the gradients of the gate bias (4H), meta_h
+    (2H), meta_small (6) and the gate weight (4H (2 + H))."""
+    return 4 * hidden + 2 * hidden + 6 + 4 * hidden * (2 + hidden)
+
+
+def native_tape_applies(grad: Tensor, hidden: int) -> bool:
+    """Whether a tape step on ``grad``'s rows may take the native node: float32 on the CPU,
+    hidden size within the kernels' bound, and both kernels built (each warns once if not).
+
+    >>> native_tape_applies(torch.ones(3, dtype=torch.float64), 20)
+    False
+    """
+    from learned_optim.rule.native import MAX_HIDDEN
+
+    return (grad.dtype == torch.float32 and grad.device.type == "cpu" and hidden <= MAX_HIDDEN
+            and native_step_kernel() is not None and BACKWARD_KERNEL() is not None)
+
+
+def step_rows_backward_native(kernel_constants: tuple, p: float, columns: Tensor, grad: Tensor,
+                              param: Tensor, d_param: Tensor, d_columns: Tensor
+                              ) -> tuple[Tensor, ...]:
+    """Gradients of :func:`~learned_optim.rule.native.step_rows_native_out`, without autograd.
+
+    ``kernel_constants`` and the step's inputs as for the forward; ``d_param`` (``[n]``) and
+    ``d_columns`` (``[2H + 2, n]``) the gradients of its outputs. Returns the gradients of
+    ``input_weight`` (``[2 + H, 4H]``), ``gate_bias``, ``meta_weight_h`` (``[H, 2]``),
+    ``meta_weight_theta``, ``meta_weight_prev``, ``meta_bias``, then of ``columns``, ``grad``
+    and ``param``: the order of :class:`~learned_optim.rule.math.StepConstants` and the inputs.
+    """
+    rows = grad.shape[0]
+    hidden = kernel_constants[2].shape[1]
+    gates, inputs = 4 * hidden, 2 + hidden
+    d_param, d_columns = d_param.contiguous(), d_columns.contiguous()
+    d_state_in = torch.empty(2 * hidden + 2, rows)
+    d_theta_in, d_grad = torch.empty(rows), torch.empty(rows)
+    threads = kernel_threads(rows)
+    partials = torch.zeros(threads, partial_width(hidden), dtype=torch.float64)
+    BACKWARD_KERNEL()(*kernel_constants, columns, grad, param, d_param, d_columns, d_state_in,
+                      d_theta_in, d_grad, partials, rows, hidden, columns.stride(0),
+                      d_columns.stride(0), threads, *rule_scalars(p))
+    sums = partials.sum(0).float()
+    d_bias, d_meta_h, d_small, d_weight = sums.split((gates, 2 * hidden, 6, gates * inputs))
+    return (d_weight.view(gates, inputs).t(), d_bias, d_meta_h.view(2, hidden).t(),
+            d_small[0:2], d_small[2:4], d_small[4:6], d_state_in, d_grad, d_theta_in)
+
+
+class _NativeStep(torch.autograd.Function):
+    """One step as one node: native forward, native recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, p: float, columns, grad, param, *constant_tensors):
+        ctx.p = p
+        ctx.save_for_backward(*constant_tensors, columns, grad, param)
+        laid_out = native_constants(StepConstants(*(t.detach() for t in constant_tensors), p=p))
+        return step_rows_native_out(laid_out, p, columns.detach(), grad.detach(),
+                                    param.detach())
+
+    @staticmethod
+    def backward(ctx, d_param, d_columns):
+        inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
+            grads = feature_major_step_vjp(ctx.p, d_param, d_columns, *inputs)
+        else:
+            *constant_tensors, columns, grad, param = (t.detach() for t in inputs)
+            laid_out = native_constants(StepConstants(*constant_tensors, p=ctx.p))
+            grads = step_rows_backward_native(laid_out, ctx.p, columns, grad, param, d_param,
+                                              d_columns)
+        *constant_grads, d_columns_in, d_grad, d_param_in = grads
+        return (None, d_columns_in, d_grad, d_param_in, *constant_grads)
+
+
+def update_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """:func:`~learned_optim.rule.math.update_rows` on the tape, as one native node.
+
+    First or second order, as :func:`~learned_optim.rule.compiled.update_rows_compiled`:
+    returns ``(theta_t, state_t)``, ``state_t`` a ``[n, 2H + 2]`` transposed view of a
+    feature-major tensor. The caller checks :func:`native_tape_applies`.
+
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> from learned_optim.rule.math import initial_state, prepare_step
+    >>> constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
+    >>> grad = torch.ones(3)
+    >>> if native_tape_applies(grad, 20):
+    ...     theta, state = update_rows_native(constants, initial_state(3, 20), grad,
+    ...                                       torch.zeros(3, requires_grad=True))
+    ...     assert theta.grad_fn.name() == "_NativeStepBackward"
+    """
+    columns = state.t()  # free when ``state`` is a previous step's transposed output
+    if not columns.is_contiguous():
+        columns = columns.contiguous()
+    new_param, new_columns = _NativeStep.apply(constants.p, columns, grad.contiguous(),
+                                               param.contiguous(), *constants[:-1])
+    return new_param, new_columns.t()

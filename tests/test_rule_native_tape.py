@@ -1,0 +1,245 @@
+"""The tape's native node (learned_optim.rule.native_tape) against the eager rule.
+
+Its backward is the rule's only hand-written gradient in C++: these tests hold the node's
+values and every gradient (state, gradient input, parameter, all rule weights) to float64
+``update_rows`` over sizes that end inside a vector tile and every hidden size the kernels
+take, through chains of steps in both orders and a double backward, inside ``higher``; and
+check what it saves, where the tape sends a step, and how a failed build falls back.
+"""
+
+import math
+import warnings
+
+import higher
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import learned_optim.rule.tape as tape_module
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim.rule import compiled, native_tape, policy
+from learned_optim.rule.math import initial_state, prepare_step, update_rows
+from learned_optim.rule.tape import node_path, update_rows_differentiable
+
+pytestmark = pytest.mark.skipif(not native_tape.native_tape_applies(torch.ones(1), 20),
+                                reason="no C++ toolchain for the native kernels here")
+
+
+def _trained_looking_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:
+    """A rule whose weights are far from the paper's init (gates away from saturation)."""
+    torch.manual_seed(seed)
+    rule = MetaLearnerLSTM(hidden_size=hidden)
+    with torch.no_grad():
+        for param in rule.parameters():
+            param.normal_(0, 0.5)
+    return rule
+
+
+def _one_step_gradients(step, rule, rows: int, dtype: torch.dtype):
+    """One step's outputs and the gradients of a fixed random function of them w.r.t. the
+    state, the gradient input, the parameter and every rule weight."""
+    hidden = rule.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    state = torch.randn(2 * hidden + 2, rows, generator=generator).t().to(dtype)
+    # gradients from 1e-9 to 1 (both sides of e^-10), some exactly zero, both signs
+    grad = torch.randn(rows, generator=generator) * torch.logspace(-9, 0, rows)
+    grad[::7] = 0.0
+    theta = torch.randn(rows, generator=generator)
+    out_theta = torch.randn(rows, generator=generator).to(dtype)
+    out_state = torch.randn(rows, 2 * hidden + 2, generator=generator).to(dtype)
+    state, grad, theta = (t.to(dtype).requires_grad_() for t in (state, grad, theta))
+    rule.zero_grad()
+    constants = prepare_step(rule.weights(), torch.tensor(0.37), dtype)
+    new_theta, new_state = step(constants, state, grad, theta)
+    ((new_theta * out_theta).sum() + (new_state * out_state).sum()).backward()
+    return [new_theta.detach(), new_state.detach(), state.grad, grad.grad, theta.grad,
+            *[p.grad.clone() for p in rule.parameters()]]
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 1000, 5003])
+@pytest.mark.parametrize("hidden", [1, 7, 20, 64])
+def test_one_step_gives_update_rows_values_and_gradients(rows, hidden):
+    rule = _trained_looking_rule(hidden)
+    exact = _one_step_gradients(update_rows, rule, rows, torch.float64)
+    ours = _one_step_gradients(native_tape.update_rows_native, rule, rows, torch.float32)
+    eager = _one_step_gradients(update_rows, rule, rows, torch.float32)
+    assert len(ours) == 10
+    for index, (mine, theirs, truth) in enumerate(zip(ours, eager, exact)):
+        scale = truth.abs().max().item()
+        assert scale > 0, index  # every gradient is exercised
+        # float32 rounding: no further from float64 than the eager float32 rule, or 2e-6 of
+        # the largest value (another summation order)
+        error = (mine.double() - truth).abs().max().item()
+        eager_error = (theirs.double() - truth).abs().max().item()
+        assert error <= max(4 * eager_error, 2e-6 * scale), (index, error, eager_error)
+
+
+def _chain(step, rule, rows: int, steps: int = 6):
+    """``steps`` first-order updates from a random state, then a backward: values and grads."""
+    generator = torch.Generator().manual_seed(1)
+    state0 = torch.randn(rows, 42, generator=generator)
+    param0 = torch.randn(rows, generator=generator).requires_grad_()
+    grads = [torch.randn(rows, generator=generator) * 0.05 for _ in range(steps)]
+    rule.zero_grad()
+    state, param = state0.clone().requires_grad_(), param0
+    start = state
+    for grad in grads:
+        constants = prepare_step(rule.weights(), torch.tensor(0.8), torch.float32)
+        param, state = step(constants, state, grad, param)
+    weights = torch.randn(rows, 42, generator=generator)
+    ((param * grads[0]).sum() + (state * weights).sum()).backward()
+    return [param.detach(), state.detach(), start.grad, param0.grad,
+            *[p.grad.clone() for p in rule.parameters()]]
+
+
+def test_a_chain_of_steps_matches_the_eager_rule_and_keeps_the_state_feature_major():
+    rule = _trained_looking_rule()
+    ours = _chain(native_tape.update_rows_native, rule, 28_485)
+    theirs = _chain(update_rows, rule, 28_485)
+    for index, (mine, eager) in enumerate(zip(ours, theirs)):
+        scale = eager.abs().max().item()
+        torch.testing.assert_close(mine, eager, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                   msg=f"output {index}")
+    constants = prepare_step(rule.weights(), torch.tensor(1.0), torch.float32)
+    theta, state = native_tape.update_rows_native(constants, torch.zeros(500, 42),
+                                                  torch.ones(500), torch.zeros(500))
+    assert state.shape == (500, 42) and state.t().is_contiguous()
+
+
+def _second_order_chain(step, rule, rows: int = 3000, steps: int = 4):
+    """``steps`` second-order updates of a quadratic's parameters (the gradient and the loss
+    on the tape), then the meta-gradients with ``create_graph=True`` and a gradient of those."""
+    generator = torch.Generator().manual_seed(2)
+    theta0 = torch.randn(rows, generator=generator).requires_grad_()
+    target = torch.randn(rows, generator=generator)
+    state, theta = initial_state(rows, rule.hidden_size), theta0
+    for _ in range(steps):
+        loss = ((theta - target) ** 2).mean() * 3
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+        theta, state = step(prepare_step(rule.weights(), loss, torch.float32), state, grad, theta)
+    meta = torch.autograd.grad((theta ** 3).sum() + state.sum(),
+                               [theta0, *rule.parameters()], create_graph=True)
+    again = torch.autograd.grad(meta[0].sum() + meta[1].sum(), [theta0, rule.weight_ih])
+    return [theta.detach(), *(g.detach() for g in meta), *again]
+
+
+def test_second_order_steps_and_a_double_backward_through_them_match_the_eager_rule():
+    rule = _trained_looking_rule(seed=5)
+    eager = _second_order_chain(update_rows, rule)
+    ours = _second_order_chain(native_tape.update_rows_native, rule)
+    assert len(ours) == 9
+    for index, (mine, theirs) in enumerate(zip(ours, eager)):
+        scale = theirs.abs().max().item()
+        assert scale > 0, index
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                   msg=f"output {index}")
+
+
+def test_the_node_saves_only_its_inputs():
+    rule, rows, steps, saved = _trained_looking_rule(), 5000, 3, []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    state, theta = initial_state(rows, 20), torch.zeros(rows, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        for _ in range(steps):
+            constants = prepare_step(rule.weights(), torch.tensor(1.0), torch.float32)
+            theta, state = native_tape.update_rows_native(constants, state, torch.ones(rows),
+                                                          theta)
+    per_row = [t for t in saved if t.numel() >= rows]
+    # per step: the incoming state (42 floats a row), the gradient and the parameter
+    assert sorted(t.numel() for t in per_row) == sorted([42 * rows, rows, rows] * steps)
+
+
+def test_the_backward_is_deterministic_on_two_threads():
+    rule = _trained_looking_rule()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = _one_step_gradients(native_tape.update_rows_native, rule, 28_485, torch.float32)
+        again = _one_step_gradients(native_tape.update_rows_native, rule, 28_485, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def _twin_meta_gradients(first_order: bool, native_on: bool, monkeypatch):
+    """Meta-gradients after 4 twin steps on an MLP of 4,403 coordinates, and how many steps
+    took the native node (the trajectory or the recomputed step otherwise)."""
+    monkeypatch.setattr(policy, "COMPILE_RULE", native_on)
+    monkeypatch.setattr(policy, "step_native", lambda device, dtype: False)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return native_tape.update_rows_native(*args)
+
+    monkeypatch.setattr(tape_module, "update_rows_native", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 100), nn.Tanh(), nn.Linear(100, 3))
+    assert sum(p.numel() for p in model.parameters()) >= policy.COMPILED_MIN_ROWS
+    x, y = torch.randn(24, 40), torch.randint(0, 3, (24,))
+    rule = _trained_looking_rule(seed=3)
+    opt = LSTMMetaOptimizer(model.parameters(), rule, first_order=first_order)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(4):
+            diffopt.step(F.cross_entropy(fmodel(x[:16]), y[:16]))
+        F.cross_entropy(fmodel(x[16:]), y[16:]).backward()
+    monkeypatch.undo()
+    return [p.grad.clone() for p in (*rule.parameters(), *model.parameters())], len(calls)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_the_twin_takes_the_native_node_with_the_eager_paths_meta_gradients(first_order,
+                                                                             monkeypatch):
+    ours, calls = _twin_meta_gradients(first_order, True, monkeypatch)
+    assert calls == 4
+    theirs, calls = _twin_meta_gradients(first_order, False, monkeypatch)
+    assert calls == 0
+    for mine, eager in zip(ours, theirs):
+        scale = eager.abs().max().item()
+        torch.testing.assert_close(mine, eager, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def test_where_the_tape_sends_a_step(monkeypatch):
+    monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    grad = torch.randn(5000)
+    assert node_path(grad, 20, first_order=True) == "native"
+    assert node_path(grad, 20, first_order=False) == "native"
+    # past the kernels' hidden size, float64, below the range: the other paths
+    assert node_path(grad, 65, first_order=False) == "compiled"
+    assert node_path(grad.double(), 20, first_order=True) == "trajectory"
+    assert node_path(torch.randn(100), 20, first_order=False) == "recomputed"
+    constants = prepare_step(_trained_looking_rule().weights(), None, torch.float32)
+    theta, _ = update_rows_differentiable(constants, initial_state(5000, 20), grad,
+                                          torch.zeros(5000, requires_grad=True))
+    assert theta.grad_fn.name() == "_NativeStepBackward"
+
+
+def test_a_failed_build_warns_once_and_the_tape_takes_the_compiled_node(monkeypatch):
+    from torch._inductor import codecache
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(native_tape.BACKWARD_KERNEL, "failure", None)
+    monkeypatch.setattr(native_tape.BACKWARD_KERNEL, "kernel", None)
+    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+    monkeypatch.setattr(policy, "COMPILE_RULE", True)
+    assert compiled.compiled_rule() is not None  # built before the patch: unaffected
+    grad = torch.randn(5000)
+    with pytest.warns(RuntimeWarning, match=r"building the native rule backward kernel failed "
+                                            r"\(RuntimeError: no C\+\+ compiler found\); the "
+                                            "tape takes the compiled or eager steps"):
+        assert node_path(grad, 20, first_order=True) == "compiled"
+    with warnings.catch_warnings():  # once: later steps do not try again
+        warnings.simplefilter("error")
+        assert node_path(grad, 20, first_order=False) == "compiled"
+        constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
+        theta, _ = update_rows_differentiable(constants, initial_state(5000, 20), grad,
+                                              torch.zeros(5000, requires_grad=True))
+    assert theta.grad_fn.name() == "_CompiledStepBackward"
+    assert all(math.isfinite(v) for v in theta.tolist()[:10])

@@ -2,9 +2,14 @@
 
 import warnings
 
-import higher
 import pytest
 import torch
+from rule_chains import (  # tests/rule_chains.py
+    first_order_chain,
+    saved_row_tensor_sizes,
+    second_order_chain,
+    twin_meta_gradients,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -30,28 +35,10 @@ def _trained_looking_rule(seed: int = 0) -> MetaLearnerLSTM:
     return rule
 
 
-def _chain(step, rule, rows: int, steps: int = 6):
-    """``steps`` first-order updates from a random state, then a backward: values and grads."""
-    generator = torch.Generator().manual_seed(1)
-    state0 = torch.randn(rows, 42, generator=generator)
-    param0 = torch.randn(rows, generator=generator).requires_grad_()
-    grads = [torch.randn(rows, generator=generator) * 0.05 for _ in range(steps)]
-    rule.zero_grad()
-    state, param = state0.clone().requires_grad_(), param0
-    start = state
-    for grad in grads:
-        constants = prepare_step(rule.weights(), torch.tensor(0.8), torch.float32)
-        param, state = step(constants, state, grad, param)
-    weights = torch.randn(rows, 42, generator=generator)
-    ((param * grads[0]).sum() + (state * weights).sum()).backward()
-    return [param.detach(), state.detach(), start.grad, param0.grad,
-            *[p.grad for p in rule.parameters()]]
-
-
 def test_the_compiled_step_gives_the_eager_rules_values_and_gradients():
     rule = _trained_looking_rule()
-    eager = _chain(update_rows, rule, 3000)
-    fused = _chain(compiled.update_rows_compiled, rule, 3000)
+    eager = first_order_chain(update_rows, rule, 3000)
+    fused = first_order_chain(compiled.update_rows_compiled, rule, 3000)
     names = ["theta", "state", "d state_0", "d theta_0",
              *[n for n, _ in rule.named_parameters()]]
     for name, ours, theirs in zip(names, fused, eager):
@@ -71,28 +58,10 @@ def test_the_state_stays_feature_major_between_compiled_steps():
     assert again.t().is_contiguous()
 
 
-def _second_order_chain(step, rule, rows: int = 3000, steps: int = 4):
-    """``steps`` second-order updates of a quadratic's parameters (the gradient and the loss
-    on the tape), then the meta-gradients with ``create_graph=True`` and a gradient of those:
-    what a hypergradient of a hypergradient needs."""
-    generator = torch.Generator().manual_seed(2)
-    theta0 = torch.randn(rows, generator=generator).requires_grad_()
-    target = torch.randn(rows, generator=generator)
-    state, theta = initial_state(rows, rule.hidden_size), theta0
-    for _ in range(steps):
-        loss = ((theta - target) ** 2).mean() * 3
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        theta, state = step(prepare_step(rule.weights(), loss, torch.float32), state, grad, theta)
-    meta = torch.autograd.grad((theta ** 3).sum() + state.sum(),
-                               [theta0, *rule.parameters()], create_graph=True)
-    again = torch.autograd.grad(meta[0].sum() + meta[1].sum(), [theta0, rule.weight_ih])
-    return [theta.detach(), *(g.detach() for g in meta), *again]
-
-
 def test_second_order_steps_and_a_double_backward_through_them_match_the_eager_rule():
     rule = _trained_looking_rule(seed=5)
-    eager = _second_order_chain(update_rows, rule)
-    fused = _second_order_chain(compiled.update_rows_compiled, rule)
+    eager = second_order_chain(update_rows, rule)
+    fused = second_order_chain(compiled.update_rows_compiled, rule)
     assert len(fused) == 9
     for index, (ours, theirs) in enumerate(zip(fused, eager)):
         scale = theirs.abs().max().item()
@@ -104,23 +73,11 @@ def test_second_order_steps_and_a_double_backward_through_them_match_the_eager_r
 def test_the_compiled_node_saves_only_its_inputs():
     """Its tape holds the gradient and parameter rows and the step constants; the state it
     saves is the previous step's output, which the tape keeps anyway."""
-    rule = _trained_looking_rule()
     rows, steps = 20_000, 3
-    saved: list[torch.Tensor] = []
-
-    def pack(tensor):
-        saved.append(tensor)
-        return tensor
-
-    state, theta = initial_state(rows, 20), torch.zeros(rows, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        for _ in range(steps):
-            constants = prepare_step(rule.weights(), torch.tensor(1.0), torch.float32)
-            theta, state = compiled.update_rows_compiled(constants, state, torch.ones(rows),
-                                                         theta)
-    per_row = [t for t in saved if t.numel() >= rows]
+    sizes = saved_row_tensor_sizes(compiled.update_rows_compiled, _trained_looking_rule(), rows,
+                                   steps)
     # per step: the incoming state (42 floats a row), the gradient and the parameter
-    assert sorted(t.numel() for t in per_row) == sorted([42 * rows, rows, rows] * steps)
+    assert sizes == sorted([42 * rows, rows, rows] * steps)
 
 
 def test_float64_steps_stay_on_the_eager_paths():
@@ -144,17 +101,7 @@ def _twin_meta_gradients(first_order: bool, compile_rule: bool, monkeypatch):
         return compiled.update_rows_compiled(*args)
 
     monkeypatch.setattr(tape_module, "update_rows_compiled", counted)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 100), nn.Tanh(), nn.Linear(100, 3))
-    assert sum(p.numel() for p in model.parameters()) >= policy.COMPILED_MIN_ROWS
-    x, y = torch.randn(24, 40), torch.randint(0, 3, (24,))
-    rule = _trained_looking_rule(seed=3)
-    opt = LSTMMetaOptimizer(model.parameters(), rule, first_order=first_order)
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
-        for _ in range(4):
-            diffopt.step(F.cross_entropy(fmodel(x[:16]), y[:16]))
-        F.cross_entropy(fmodel(x[16:]), y[16:]).backward()
-    return [p.grad.clone() for p in (*rule.parameters(), *model.parameters())], len(calls)
+    return twin_meta_gradients(_trained_looking_rule(seed=3), first_order), len(calls)
 
 
 def test_the_twin_takes_the_compiled_step_in_first_order_with_the_trajectorys_gradients(

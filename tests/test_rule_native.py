@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from rule_chains import random_rule  # tests/rule_chains.py
 from torch import nn
 
 import learned_optim.optimizer as optimizer_module
@@ -24,16 +25,6 @@ from learned_optim.rule.math import apply_group_options, prepare_step, update_ro
 
 pytestmark = pytest.mark.skipif(native.native_step_kernel() is None,
                                 reason="no C++ toolchain for torch.compile on this machine")
-
-
-def _trained_looking_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:
-    """A rule whose weights are far from the paper's init (gates away from saturation)."""
-    torch.manual_seed(seed)
-    rule = MetaLearnerLSTM(hidden_size=hidden)
-    with torch.no_grad():
-        for param in rule.parameters():
-            param.normal_(0, 0.5)
-    return rule
 
 
 def _inputs(rows: int, hidden: int, seed: int = 1):
@@ -49,7 +40,7 @@ def _inputs(rows: int, hidden: int, seed: int = 1):
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 1000, 5003])
 @pytest.mark.parametrize("hidden", [1, 7, 20, 64])
 def test_the_kernel_computes_update_rows(rows, hidden):
-    rule = _trained_looking_rule(hidden)
+    rule = random_rule(hidden)
     constants = prepare_step(rule.weights(), torch.tensor(0.37), torch.float32)
     state, grad, theta = _inputs(rows, hidden)
     expected_theta, expected_state = update_rows(constants, state, grad, theta)
@@ -62,7 +53,7 @@ def test_the_kernel_computes_update_rows(rows, hidden):
 
 @pytest.mark.parametrize("lr, weight_decay", [(0.3, 0.0), (0.7, 1e-2), (1.0, 0.1), (2.0, 0.0)])
 def test_lr_and_weight_decay_as_apply_group_options(lr, weight_decay):
-    constants = prepare_step(_trained_looking_rule().weights(), None, torch.float32)
+    constants = prepare_step(random_rule().weights(), None, torch.float32)
     state, grad, theta = _inputs(300, 20)
     proposed, _ = update_rows(constants, state, grad, theta)
     expected = apply_group_options(theta, proposed, lr, weight_decay)
@@ -79,7 +70,7 @@ def test_a_step_of_several_parameters_runs_one_call_each_in_place(monkeypatch):
 
     monkeypatch.setattr(optimizer_module, "step_rows_native", counted)
     model = nn.Linear(30, 5)
-    opt = LSTMMetaOptimizer(model.parameters(), _trained_looking_rule())
+    opt = LSTMMetaOptimizer(model.parameters(), random_rule())
     F.mse_loss(model(torch.randn(8, 30)), torch.randn(8, 5)).backward()
     opt.step(loss=torch.tensor(1.0))
     states = [opt.state[p]["lstm_state"] for p in model.parameters()]
@@ -99,7 +90,7 @@ def _drop_in_run(native_on: bool, monkeypatch):
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 4, (16,))
     opt = LSTMMetaOptimizer([{"params": model[0].parameters(), "lr": 0.6, "weight_decay": 1e-3},
                              {"params": [*model[3].parameters(), unused]}],
-                            _trained_looking_rule(seed=3))
+                            random_rule(seed=3))
     for _ in range(5):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)

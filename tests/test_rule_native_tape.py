@@ -10,30 +10,24 @@ check what it saves, where the tape sends a step, and how a failed build falls b
 import math
 import warnings
 
-import higher
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
+from rule_chains import (  # tests/rule_chains.py
+    first_order_chain,
+    random_rule,
+    saved_row_tensor_sizes,
+    second_order_chain,
+    twin_meta_gradients,
+)
 
 import learned_optim.rule.tape as tape_module
-from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim import MetaLearnerLSTM
 from learned_optim.rule import compiled, native_tape, policy
 from learned_optim.rule.math import initial_state, prepare_step, update_rows
 from learned_optim.rule.tape import node_path, update_rows_differentiable
 
 pytestmark = pytest.mark.skipif(not native_tape.native_tape_applies(torch.ones(1), 20),
                                 reason="no C++ toolchain for the native kernels here")
-
-
-def _trained_looking_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:
-    """A rule whose weights are far from the paper's init (gates away from saturation)."""
-    torch.manual_seed(seed)
-    rule = MetaLearnerLSTM(hidden_size=hidden)
-    with torch.no_grad():
-        for param in rule.parameters():
-            param.normal_(0, 0.5)
-    return rule
 
 
 def _one_step_gradients(step, rule, rows: int, dtype: torch.dtype):
@@ -60,7 +54,7 @@ def _one_step_gradients(step, rule, rows: int, dtype: torch.dtype):
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 1000, 5003])
 @pytest.mark.parametrize("hidden", [1, 7, 20, 64])
 def test_one_step_gives_update_rows_values_and_gradients(rows, hidden):
-    rule = _trained_looking_rule(hidden)
+    rule = random_rule(hidden)
     exact = _one_step_gradients(update_rows, rule, rows, torch.float64)
     ours = _one_step_gradients(native_tape.update_rows_native, rule, rows, torch.float32)
     eager = _one_step_gradients(update_rows, rule, rows, torch.float32)
@@ -75,28 +69,10 @@ def test_one_step_gives_update_rows_values_and_gradients(rows, hidden):
         assert error <= max(4 * eager_error, 2e-6 * scale), (index, error, eager_error)
 
 
-def _chain(step, rule, rows: int, steps: int = 6):
-    """``steps`` first-order updates from a random state, then a backward: values and grads."""
-    generator = torch.Generator().manual_seed(1)
-    state0 = torch.randn(rows, 42, generator=generator)
-    param0 = torch.randn(rows, generator=generator).requires_grad_()
-    grads = [torch.randn(rows, generator=generator) * 0.05 for _ in range(steps)]
-    rule.zero_grad()
-    state, param = state0.clone().requires_grad_(), param0
-    start = state
-    for grad in grads:
-        constants = prepare_step(rule.weights(), torch.tensor(0.8), torch.float32)
-        param, state = step(constants, state, grad, param)
-    weights = torch.randn(rows, 42, generator=generator)
-    ((param * grads[0]).sum() + (state * weights).sum()).backward()
-    return [param.detach(), state.detach(), start.grad, param0.grad,
-            *[p.grad.clone() for p in rule.parameters()]]
-
-
 def test_a_chain_of_steps_matches_the_eager_rule_and_keeps_the_state_feature_major():
-    rule = _trained_looking_rule()
-    ours = _chain(native_tape.update_rows_native, rule, 28_485)
-    theirs = _chain(update_rows, rule, 28_485)
+    rule = random_rule()
+    ours = first_order_chain(native_tape.update_rows_native, rule, 28_485)
+    theirs = first_order_chain(update_rows, rule, 28_485)
     for index, (mine, eager) in enumerate(zip(ours, theirs)):
         scale = eager.abs().max().item()
         torch.testing.assert_close(mine, eager, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
@@ -107,27 +83,10 @@ def test_a_chain_of_steps_matches_the_eager_rule_and_keeps_the_state_feature_maj
     assert state.shape == (500, 42) and state.t().is_contiguous()
 
 
-def _second_order_chain(step, rule, rows: int = 3000, steps: int = 4):
-    """``steps`` second-order updates of a quadratic's parameters (the gradient and the loss
-    on the tape), then the meta-gradients with ``create_graph=True`` and a gradient of those."""
-    generator = torch.Generator().manual_seed(2)
-    theta0 = torch.randn(rows, generator=generator).requires_grad_()
-    target = torch.randn(rows, generator=generator)
-    state, theta = initial_state(rows, rule.hidden_size), theta0
-    for _ in range(steps):
-        loss = ((theta - target) ** 2).mean() * 3
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        theta, state = step(prepare_step(rule.weights(), loss, torch.float32), state, grad, theta)
-    meta = torch.autograd.grad((theta ** 3).sum() + state.sum(),
-                               [theta0, *rule.parameters()], create_graph=True)
-    again = torch.autograd.grad(meta[0].sum() + meta[1].sum(), [theta0, rule.weight_ih])
-    return [theta.detach(), *(g.detach() for g in meta), *again]
-
-
 def test_second_order_steps_and_a_double_backward_through_them_match_the_eager_rule():
-    rule = _trained_looking_rule(seed=5)
-    eager = _second_order_chain(update_rows, rule)
-    ours = _second_order_chain(native_tape.update_rows_native, rule)
+    rule = random_rule(seed=5)
+    eager = second_order_chain(update_rows, rule)
+    ours = second_order_chain(native_tape.update_rows_native, rule)
     assert len(ours) == 9
     for index, (mine, theirs) in enumerate(zip(ours, eager)):
         scale = theirs.abs().max().item()
@@ -137,25 +96,14 @@ def test_second_order_steps_and_a_double_backward_through_them_match_the_eager_r
 
 
 def test_the_node_saves_only_its_inputs():
-    rule, rows, steps, saved = _trained_looking_rule(), 5000, 3, []
-
-    def pack(tensor):
-        saved.append(tensor)
-        return tensor
-
-    state, theta = initial_state(rows, 20), torch.zeros(rows, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        for _ in range(steps):
-            constants = prepare_step(rule.weights(), torch.tensor(1.0), torch.float32)
-            theta, state = native_tape.update_rows_native(constants, state, torch.ones(rows),
-                                                          theta)
-    per_row = [t for t in saved if t.numel() >= rows]
+    rows, steps = 5000, 3
+    sizes = saved_row_tensor_sizes(native_tape.update_rows_native, random_rule(), rows, steps)
     # per step: the incoming state (42 floats a row), the gradient and the parameter
-    assert sorted(t.numel() for t in per_row) == sorted([42 * rows, rows, rows] * steps)
+    assert sizes == sorted([42 * rows, rows, rows] * steps)
 
 
 def test_the_backward_is_deterministic_on_two_threads():
-    rule = _trained_looking_rule()
+    rule = random_rule()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -178,18 +126,9 @@ def _twin_meta_gradients(first_order: bool, native_on: bool, monkeypatch):
         return native_tape.update_rows_native(*args)
 
     monkeypatch.setattr(tape_module, "update_rows_native", counted)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 100), nn.Tanh(), nn.Linear(100, 3))
-    assert sum(p.numel() for p in model.parameters()) >= policy.COMPILED_MIN_ROWS
-    x, y = torch.randn(24, 40), torch.randint(0, 3, (24,))
-    rule = _trained_looking_rule(seed=3)
-    opt = LSTMMetaOptimizer(model.parameters(), rule, first_order=first_order)
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
-        for _ in range(4):
-            diffopt.step(F.cross_entropy(fmodel(x[:16]), y[:16]))
-        F.cross_entropy(fmodel(x[16:]), y[16:]).backward()
+    grads = twin_meta_gradients(random_rule(seed=3), first_order)
     monkeypatch.undo()
-    return [p.grad.clone() for p in (*rule.parameters(), *model.parameters())], len(calls)
+    return grads, len(calls)
 
 
 @pytest.mark.parametrize("first_order", [True, False])
@@ -213,7 +152,7 @@ def test_where_the_tape_sends_a_step(monkeypatch):
     assert node_path(grad, 65, first_order=False) == "compiled"
     assert node_path(grad.double(), 20, first_order=True) == "trajectory"
     assert node_path(torch.randn(100), 20, first_order=False) == "recomputed"
-    constants = prepare_step(_trained_looking_rule().weights(), None, torch.float32)
+    constants = prepare_step(random_rule().weights(), None, torch.float32)
     theta, _ = update_rows_differentiable(constants, initial_state(5000, 20), grad,
                                           torch.zeros(5000, requires_grad=True))
     assert theta.grad_fn.name() == "_NativeStepBackward"

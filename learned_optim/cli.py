@@ -47,6 +47,8 @@ _CONFIG_OPTIONS = {
                               "(general: 0.1; default: raw gradients, as in the paper)", None),
     "filters": (int, "conv learner filters", None),
     "image_size": (int, "input side in pixels", None),
+    "crop_to_ink": (float, "omniglot: crop each image to the square around its ink, widened by "
+                           "this share on each side, before resizing (e.g. 0.1)", None),
     "feature_scale": (float, "conv learner: scale the features to this length before the head "
                              "(a cosine classifier; default: as they are)", None),
     "bn_momentum": (float, "BatchNorm momentum of the learner", None),

@@ -65,6 +65,9 @@ class MetaTrainConfig:
     filters: int | None = None
     feature_scale: float | None = None  # conv learner: a cosine head (features scaled to this)
     image_size: int | None = None
+    # omniglot: crop every image to the square around its ink, widened by this margin,
+    # before resizing (data.crop_to_ink; stored in the record's preprocessing)
+    crop_to_ink: float | None = None
     bn_momentum: float | None = None
     inner_lr: float | None = None  # maml step size / metasgd initial step size
     validate_every: int | None = None
@@ -130,6 +133,10 @@ class MetaTrainConfig:
             raise ValueError("feature_scale (--feature-scale) must be positive and applies to "
                              "the conv learner of omniglot / miniimagenet, got "
                              f"{self.feature_scale!r} for task {self.task!r}")
+        if self.crop_to_ink is not None and (not 0 <= self.crop_to_ink <= 2
+                                             or self.task != "omniglot"):
+            raise ValueError("crop_to_ink (--crop-to-ink) is a margin in [0, 2] for task "
+                             f"omniglot, got {self.crop_to_ink!r} for task {self.task!r}")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum!r}")
         if not isinstance(self.rotations, bool):

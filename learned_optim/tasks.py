@@ -58,7 +58,7 @@ class Task:
 
 
 def _classification_dataset(config: MetaTrainConfig, split: str):
-    from learned_optim.data import miniimagenet, omniglot
+    from learned_optim.data import Preprocessing, miniimagenet, omniglot
 
     if config.data_root is None:
         raise ValueError(
@@ -72,7 +72,8 @@ def _classification_dataset(config: MetaTrainConfig, split: str):
         # them, so scores remain comparable with and without rotations.
         return omniglot(root, split=split, protocol=config.protocol, image_size=config.image_size,
                         download=bool(config.extra.get("download", False)),
-                        rotations=config.rotations and split == "train")
+                        rotations=config.rotations and split == "train",
+                        preprocessing=Preprocessing.for_config(config))
     return miniimagenet(root, split=split, image_size=config.image_size)
 
 

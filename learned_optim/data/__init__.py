@@ -4,7 +4,8 @@
 - :class:`EpisodeSampler`, :class:`Episode`: N-way K-shot tasks drawn by episode index.
 - :class:`SinusoidTasks`: few-shot sinusoid regression (MAML / Meta-SGD protocols).
 - :func:`omniglot`, :func:`miniimagenet`: the standard benchmarks, read from local files.
-- :class:`Preprocessing`, :func:`preprocess`: a checkpoint's image preprocessing, applied.
+- :class:`Preprocessing`, :func:`preprocess`: a checkpoint's image preprocessing, applied;
+  :func:`crop_to_ink`, its optional crop of a character to its ink.
 - :class:`WithinAlphabetSampler`: Lake et al.'s within-alphabet, drawer-disjoint episodes.
 - :func:`image_folder`, :func:`sklearn_digits`, :func:`mnist5k`, :func:`animal_mnist`:
   small cross-domain sets and a user's own images.
@@ -20,7 +21,7 @@ from learned_optim.data.episodes import (
 )
 from learned_optim.data.miniimagenet import miniimagenet
 from learned_optim.data.omniglot import omniglot
-from learned_optim.data.preprocessing import Preprocessing, preprocess
+from learned_optim.data.preprocessing import Preprocessing, crop_to_ink, preprocess
 from learned_optim.data.sinusoid import SinusoidTask, SinusoidTasks
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "EpisodeSampler",
     "FewShotDataset",
     "Preprocessing",
+    "crop_to_ink",
     "SinusoidTask",
     "SinusoidTasks",
     "WithinAlphabetSampler",

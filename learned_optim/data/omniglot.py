@@ -197,8 +197,8 @@ def _fingerprint(source: _Source) -> dict:
     return {"archive": source.archive, "folder_sha256": digest.hexdigest()}
 
 
-def _decode(sources: list[_Source], image_size: int, resample: int = _RESAMPLE
-            ) -> dict[str, np.ndarray]:
+def _decode(sources: list[_Source], image_size: int, resample: int = _RESAMPLE,
+            ink_margin: float | None = None) -> dict[str, np.ndarray]:
     """Decode every PNG: images uint8 [n, S, S] (ink 255), character [n], names, archive."""
     images: list[np.ndarray] = []
     character: list[int] = []
@@ -213,10 +213,11 @@ def _decode(sources: list[_Source], image_size: int, resample: int = _RESAMPLE
                     if opened:
                         with opened.open(member) as handle:
                             pixels = decode_image(
-                                handle, "L", image_size, resample, f"{source.path}/{member}"
-                            )
+                                handle, "L", image_size, resample, f"{source.path}/{member}",
+                                ink_margin)
                     else:
-                        pixels = decode_image(source.path / member, "L", image_size, resample)
+                        pixels = decode_image(source.path / member, "L", image_size, resample,
+                                              ink_margin=ink_margin)
                     images.append(255 - pixels)  # mode "1" has white background: make ink 255
                     character.append(len(names))
                 names.append(name)
@@ -238,6 +239,7 @@ def load_omniglot_characters(
     download: bool = False,
     cache_dir: str | os.PathLike | None = None,
     resample: str = "lanczos",
+    crop_to_ink: float | None = None,
 ) -> dict[str, np.ndarray]:
     """All Omniglot images of both archives, decoded (or read back from the cache).
 
@@ -247,6 +249,9 @@ def load_omniglot_characters(
         As for :func:`omniglot`.
     resample : str
         PIL resize filter (a key of ``RESAMPLE_FILTERS``); Lanczos as in MAML.
+    crop_to_ink : float, optional
+        Crop each image to the square around its ink first, with this margin
+        (:func:`learned_optim.data.crop_to_ink`); cached apart.
 
     Returns
     -------
@@ -266,11 +271,15 @@ def load_omniglot_characters(
         "resample": resample,
         "sources": [_fingerprint(s) for s in sources],
     }
-    path = cache.cache_file(cache_root, f"omniglot_{image_size}px", key)
+    stem = f"omniglot_{image_size}px"
+    if crop_to_ink is not None:  # (absent otherwise: the uncropped caches keep their keys)
+        key["crop_to_ink"] = crop_to_ink
+        stem += "_ink"
+    path = cache.cache_file(cache_root, stem, key)
     arrays = cache.load_arrays(path)
     if arrays is None:
         log.info("decoding Omniglot from %s (once; cached at %s)", root, path)
-        arrays = _decode(sources, image_size, RESAMPLE_FILTERS[resample])
+        arrays = _decode(sources, image_size, RESAMPLE_FILTERS[resample], crop_to_ink)
         cache.save_arrays(path, **arrays)
     return arrays
 
@@ -411,7 +420,8 @@ def omniglot(
         ``~/.cache/learned_optim``.
     preprocessing : Preprocessing, optional
         Other steps than the default ``Preprocessing.omniglot(image_size)`` (gray, Lanczos,
-        inverted so that ink = 1); its size replaces ``image_size``. Mode must be ``"L"``.
+        inverted so that ink = 1), e.g. ``crop_to_ink``; its size replaces ``image_size``.
+        Mode must be ``"L"``.
     rotations : bool
         ``"lake"`` and ``"lake-within"`` only (``"vinyals"`` always rotates): add every
         character rotated by 90, 180 and 270 degrees as three more classes. Class
@@ -451,7 +461,8 @@ def omniglot(
     if preprocessing is not None:
         image_size = preprocessing.require_mode("L", "Omniglot").size
     resample = "lanczos" if preprocessing is None else preprocessing.resample
-    arrays = load_omniglot_characters(root, image_size, download, cache_dir, resample)
+    crop = None if preprocessing is None else preprocessing.crop_to_ink
+    arrays = load_omniglot_characters(root, image_size, download, cache_dir, resample, crop)
     if protocol == "lake-alphabets":
         _check_background_alphabets(arrays["names"], arrays["archive"])
     chosen = omniglot_split_characters(arrays["archive"], split, protocol)
@@ -475,7 +486,7 @@ def omniglot(
         class_names = [name + (f"@rot{angle}" if angle else "") for name, angle in order]
     inputs = inputs.to(torch.float32).div_(255.0)
     if preprocessing is not None:
-        loaded = Preprocessing(image_size, "L", resample, invert=True)
+        loaded = Preprocessing(image_size, "L", resample, invert=True, crop_to_ink=crop)
         inputs = adjust_loaded(inputs, loaded, preprocessing)
     return FewShotDataset(
         inputs,

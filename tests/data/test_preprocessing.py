@@ -11,8 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from learned_optim.data import Preprocessing, image_folder, omniglot, preprocess
-from learned_optim.data.preprocessing import OMNIGLOT_MEAN_PIXEL_28, check_polarity, to_pil
+from learned_optim.data import Preprocessing, crop_to_ink, image_folder, omniglot, preprocess
+from learned_optim.data.preprocessing import (
+    OMNIGLOT_INK_CROPPED_MEAN_PIXEL_28,
+    OMNIGLOT_MEAN_PIXEL_28,
+    check_polarity,
+    to_pil,
+)
 
 CHARACTERS = {  # archive -> (alphabet/character, id) spread over both archives
     "images_background": [("Latin/character01", 683), ("Tifinagh/character55", 964)],
@@ -115,3 +120,69 @@ def test_array_loaders_accept_a_preprocessing(shared_data):
     assert torch.equal(same.inputs, plain.inputs)
     inverted = mnist5k(path, preprocessing=Preprocessing(28, "L", "bilinear", invert=True))
     assert torch.allclose(inverted.inputs, 1 - plain.inputs, atol=1e-6)
+
+
+def test_crop_to_ink_frames_the_ink_in_a_centred_square():
+    image = Image.new("L", (60, 40), 255)
+    image.paste(0, (10, 5, 14, 25))  # ink: columns 10-13, rows 5-24 (4 x 20)
+    square = crop_to_ink(image, 0.25)
+    assert square.size == (30, 30)  # 20 * (1 + 2 * 0.25)
+    ink = np.argwhere(np.asarray(square) < 128)
+    assert ink.min(0).tolist() == [5, 13] and ink.max(0).tolist() == [24, 16]  # centred
+    assert np.asarray(square)[:5].min() == 255  # the margin (and past the edge) is background
+    tight = crop_to_ink(image, 0.0)
+    assert tight.size == (20, 20) and np.asarray(tight)[:, 8:12].max() == 0
+    blank = Image.new("L", (9, 9), 255)
+    assert crop_to_ink(blank, 0.1) is blank  # no ink: unchanged
+    light = Image.new("L", (10, 10), 0)
+    light.paste(255, (2, 2, 4, 4))
+    assert crop_to_ink(light, 0.0, dark_ink=False).size == (2, 2)
+
+
+def test_cropped_omniglot_loader_equals_preprocess_pixel_for_pixel(omniglot_root,
+                                                                   omniglot_cache):
+    spec = Preprocessing.omniglot(28, crop_to_ink=0.1)
+    test = omniglot(omniglot_root, "test", "lake", cache_dir=omniglot_cache, preprocessing=spec)
+    plain = omniglot(omniglot_root, "test", "lake", cache_dir=omniglot_cache)
+    assert not torch.equal(test.inputs, plain.inputs)
+    for character, number in CHARACTERS["images_evaluation"]:
+        images = _official_images(omniglot_root, "images_evaluation", character, number)
+        expected = test.examples_of(test.class_names.index(character))
+        assert torch.equal(preprocess(images, spec), expected)
+    # the ink fills the frame: its extent reaches within a few pixels of two opposite edges
+    ink = test.inputs[:, 0] > 0.5
+    rows, cols = ink.any(2), ink.any(1)
+    extent = torch.maximum(rows.sum(1), cols.sum(1)).float()
+    assert extent.median() >= 21  # 28 / 1.2 = 23.3 less the resampling's blur
+    background = omniglot(omniglot_root, "trainval", "lake", cache_dir=omniglot_cache,
+                          preprocessing=spec)
+    assert float(background.inputs.mean()) == pytest.approx(
+        OMNIGLOT_INK_CROPPED_MEAN_PIXEL_28[0.1], abs=5e-4)
+
+
+def test_a_crop_is_recorded_and_refused_where_it_cannot_apply():
+    spec = Preprocessing.omniglot(28, crop_to_ink=0.1)
+    assert Preprocessing.from_dict(spec.to_dict()) == spec
+    assert Preprocessing.from_dict({"size": 28}).crop_to_ink is None  # older records
+    assert spec.train_mean == OMNIGLOT_INK_CROPPED_MEAN_PIXEL_28[0.1]
+    for bad in (-0.1, 3.0, True, "0.1"):
+        with pytest.raises(ValueError, match="crop_to_ink must be a margin"):
+            Preprocessing(28, crop_to_ink=bad)
+    with pytest.raises(ValueError, match="crop_to_ink finds the ink of gray images"):
+        Preprocessing(28, "RGB", crop_to_ink=0.1)
+    from learned_optim.data.preprocessing import adjust_loaded
+    with pytest.raises(ValueError, match="preprocessing crop_to_ink 0.1 differs"):
+        adjust_loaded(torch.zeros(1, 1, 28, 28), Preprocessing.omniglot(28), spec)
+
+
+def test_a_configured_crop_reaches_the_record_and_wrong_tasks_are_refused():
+    from learned_optim.config import MetaTrainConfig
+
+    config = MetaTrainConfig(task="omniglot", protocol="lake", crop_to_ink=0.1).resolved()
+    assert Preprocessing.for_config(config) == Preprocessing.omniglot(28, crop_to_ink=0.1)
+    assert Preprocessing.for_config(MetaTrainConfig(task="omniglot").resolved()).crop_to_ink is None
+    with pytest.raises(ValueError, match=r"crop_to_ink \(--crop-to-ink\) is a margin in \[0, 2\] "
+                                         "for task omniglot, got 0.1 for task 'sinusoid'"):
+        MetaTrainConfig(task="sinusoid", crop_to_ink=0.1)
+    with pytest.raises(ValueError, match="got -1"):
+        MetaTrainConfig(task="omniglot", crop_to_ink=-1)

@@ -60,9 +60,11 @@ def test_lake_checkpoints_record_their_characters_and_preprocessing(name):
     seen = read_training_data(checkpoint)
     assert seen["split_protocol"] in ("lake", "lake-alphabets") and seen["split_seed"] == 0
     assert max(seen["characters"]["train"] + seen["characters"]["val"]) < 964
-    assert read_preprocessing(checkpoint) == {"size": 28, "mode": "L", "resample": "lanczos",
-                                              "invert": True, "mean": None, "std": None,
-                                              "train_mean": 0.0815}
+    expected = {"size": 28, "mode": "L", "resample": "lanczos", "invert": True, "mean": None,
+                "std": None, "train_mean": 0.0815}
+    if name == "omniglot-lake-alphabets-20w1s":  # session 19: cropped to the ink
+        expected.update(train_mean=0.137, crop_to_ink=0.1)
+    assert read_preprocessing(checkpoint) == expected
 
 
 def test_malformed_record_fields_name_the_file_and_field(tmp_path):

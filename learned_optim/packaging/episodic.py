@@ -133,8 +133,11 @@ def seen_characters(data: dict) -> str:
 
 
 def preprocessing_text(spec: dict) -> str:
-    steps = [f"mode {spec['mode']}", f"{spec['resample']} resize to {spec['size']}x{spec['size']}",
-             "inverted (ink = 1)" if spec["invert"] else "not inverted"]
+    steps = [f"mode {spec['mode']}"]
+    if spec.get("crop_to_ink") is not None:
+        steps.append(f"cropped to the square around the ink, margin {spec['crop_to_ink']:g}")
+    steps += [f"{spec['resample']} resize to {spec['size']}x{spec['size']}",
+              "inverted (ink = 1)" if spec["invert"] else "not inverted"]
     if spec.get("mean") is not None:
         steps.append(f"normalised mean {spec['mean']} std {spec['std']}")
     return ", ".join(steps) + " (`learned_optim.data.preprocess`)"

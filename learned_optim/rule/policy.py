@@ -255,8 +255,10 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     native node in either order (where its kernels build; else the compiled node, where
     compilation works: :mod:`learned_optim.rule.tape` checks). Measured on the 2-core Xeon at
     28,485 rows, T = 12 steps and the backward, interleaved (``benchmarks/meta_train.py
-    --reference``, "rule:" rows, medians): the native node took 0.70-0.85x the compiled node's
-    time on 2 threads (docs/results/cpu_speed.md, session 19).
+    --reference``, "rule:" rows, medians) the native node took 0.9-1.15x the compiled node's
+    time on 2 threads, and 0.7-0.85x in a loop of the rule alone; a whole 5-way 1-shot
+    meta-step was 1.04x faster with it (docs/results/cpu_speed.md, session 19). It needs no
+    ``torch.compile`` (20-40 s a fresh machine) and sums in double, deterministically.
 
     >>> gpu = torch.device("cuda")
     >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 30_000, first_order=False)

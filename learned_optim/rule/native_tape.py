@@ -24,6 +24,7 @@ from torch import Tensor
 from learned_optim.rule.compiled import feature_major_step_vjp
 from learned_optim.rule.math import StepConstants
 from learned_optim.rule.native import (
+    MAX_HIDDEN,
     RULE_TILE_SOURCE,
     kernel_threads,
     native_constants,
@@ -262,8 +263,6 @@ def native_tape_applies(grad: Tensor, hidden: int) -> bool:
     >>> native_tape_applies(torch.ones(3, dtype=torch.float64), 20)
     False
     """
-    from learned_optim.rule.native import MAX_HIDDEN
-
     return (grad.dtype == torch.float32 and grad.device.type == "cpu" and hidden <= MAX_HIDDEN
             and native_step_kernel() is not None and BACKWARD_KERNEL() is not None)
 
@@ -303,8 +302,10 @@ class _NativeStep(torch.autograd.Function):
     def forward(ctx, p: float, columns, grad, param, *constant_tensors):
         ctx.p = p
         ctx.save_for_backward(*constant_tensors, columns, grad, param)
-        laid_out = native_constants(StepConstants(*(t.detach() for t in constant_tensors), p=p))
-        return step_rows_native_out(laid_out, p, columns.detach(), grad.detach(),
+        # the constants as the kernels read them, kept for the backward (a few kB)
+        ctx.laid_out = native_constants(StepConstants(*(t.detach() for t in constant_tensors),
+                                                      p=p))
+        return step_rows_native_out(ctx.laid_out, p, columns.detach(), grad.detach(),
                                     param.detach())
 
     @staticmethod
@@ -313,10 +314,9 @@ class _NativeStep(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
             grads = feature_major_step_vjp(ctx.p, d_param, d_columns, *inputs)
         else:
-            *constant_tensors, columns, grad, param = (t.detach() for t in inputs)
-            laid_out = native_constants(StepConstants(*constant_tensors, p=ctx.p))
-            grads = step_rows_backward_native(laid_out, ctx.p, columns, grad, param, d_param,
-                                              d_columns)
+            columns, grad, param = (t.detach() for t in inputs[-3:])
+            grads = step_rows_backward_native(ctx.laid_out, ctx.p, columns, grad, param,
+                                              d_param, d_columns)
         *constant_grads, d_columns_in, d_grad, d_param_in = grads
         return (None, d_columns_in, d_grad, d_param_in, *constant_grads)
 

@@ -78,6 +78,19 @@ static inline void load_tile(const Rule& r, Tile& t, const float* state, int64_t
     t.g = load(grad + start, m);
 }
 
+// Layer 1's gates j .. j + Q of a tile (its input in t.x), their sigmoids into t.gates.
+template <int Q>
+static inline void gate_block(const Rule& r, Tile& t, int64_t j, int64_t K) {
+    const float* w = r.weight + j * K;
+    Vec a[Q];
+    for (int q = 0; q < Q; ++q) a[q] = Vec(r.bias[j + q]);
+    for (int64_t k = 0; k < K; ++k) {
+        const Vec xk = Vec::loadu(t.x + k * V);
+        for (int q = 0; q < Q; ++q) a[q] = at::vec::fmadd(Vec(w[q * K + k]), xk, a[q]);
+    }
+    for (int q = 0; q < Q; ++q) sigmoid(a[q]).store(t.gates + (j + q) * V);
+}
+
 // The rule's forward on a loaded tile, up to the meta-gates' pre-activations.
 static inline void forward_tile(const Rule& r, Tile& t) {
     const int64_t H = r.H, G = 4 * H, K = 2 + H;
@@ -93,26 +106,8 @@ static inline void forward_tile(const Rule& r, Tile& t) {
     // Layer 1, eight gates at a time (eight independent accumulators: the FMAs' latency,
     // not their throughput, bounds fewer), then the last four if 4H is not a multiple of 8.
     int64_t j = 0;
-    for (; j + 8 <= G; j += 8) {
-        const float* w = r.weight + j * K;
-        Vec a[8];
-        for (int q = 0; q < 8; ++q) a[q] = Vec(r.bias[j + q]);
-        for (int64_t k = 0; k < K; ++k) {
-            const Vec xk = Vec::loadu(t.x + k * V);
-            for (int q = 0; q < 8; ++q) a[q] = at::vec::fmadd(Vec(w[q * K + k]), xk, a[q]);
-        }
-        for (int q = 0; q < 8; ++q) sigmoid(a[q]).store(t.gates + (j + q) * V);
-    }
-    for (; j < G; j += 4) {
-        const float* w = r.weight + j * K;
-        Vec a[4];
-        for (int q = 0; q < 4; ++q) a[q] = Vec(r.bias[j + q]);
-        for (int64_t k = 0; k < K; ++k) {
-            const Vec xk = Vec::loadu(t.x + k * V);
-            for (int q = 0; q < 4; ++q) a[q] = at::vec::fmadd(Vec(w[q * K + k]), xk, a[q]);
-        }
-        for (int q = 0; q < 4; ++q) sigmoid(a[q]).store(t.gates + (j + q) * V);
-    }
+    for (; j + 8 <= G; j += 8) gate_block<8>(r, t, j, K);
+    for (; j < G; j += 4) gate_block<4>(r, t, j, K);
     // The cell; tanh(x) = 2 sigmoid(2x) - 1 (the g gate's factor 2 is in the weights).
     const float* ms = r.meta_small;
     Vec f_pre(ms[4]), i_pre(ms[5]);

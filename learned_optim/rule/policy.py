@@ -256,7 +256,7 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     compilation works: :mod:`learned_optim.rule.tape` checks). Measured on the 2-core Xeon at
     28,485 rows, T = 12 steps and the backward, interleaved (``benchmarks/meta_train.py
     --reference``, "rule:" rows, medians) the native node took 0.9-1.15x the compiled node's
-    time on 2 threads, and 0.7-0.85x in a loop of the rule alone; a whole 5-way 1-shot
+    time on 2 threads, and 0.7-0.97x in a loop of the rule alone; a whole 5-way 1-shot
     meta-step was 1.04x faster with it (docs/results/cpu_speed.md, session 19). It needs no
     ``torch.compile`` (20-40 s a fresh machine) and sums in double, deterministically.
 

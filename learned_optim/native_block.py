@@ -35,11 +35,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learned_optim.rule.native_build import VEC_PRELUDE, NativeKernel, native_allowed
+from learned_optim.rule.native_build import (
+    VEC_PRELUDE,
+    NativeKernel,
+    native_allowed,
+    partial_sums,
+)
 
 __all__ = ["FUSED_BLOCKS", "KERNEL_PRELUDE", "MAX_CHANNELS", "NO_RUNNING", "batchnorm_relu_maxpool",
            "eager_block", "fusable", "kernel_threads", "modules_fusable", "padded_channels",
-           "partial_sums", "poolable_shape", "running_update"]
+           "poolable_shape", "running_update"]
 
 # Read at call time, so a test or a user may switch the fused path off.
 FUSED_BLOCKS = native_allowed()
@@ -331,13 +336,6 @@ _backward_kernel = NativeKernel(
 
 def _kernels_built() -> bool:
     return _forward_kernel() is not None and _backward_kernel() is not None
-
-
-def partial_sums(threads: int, width: int) -> Tensor:
-    """A kernel's per-thread double sums, zeroed: OpenMP may run fewer threads than asked
-    (nested in another parallel region, ``OMP_THREAD_LIMIT``), and the rows of threads that
-    never ran are still added up."""
-    return torch.zeros(threads, width, dtype=torch.float64)
 
 
 def kernel_threads(values: int) -> int:

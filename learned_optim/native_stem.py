@@ -41,9 +41,8 @@ from learned_optim.native_block import (
     eager_block,
     kernel_threads,
     padded_channels,
-    partial_sums,
 )
-from learned_optim.rule.native_build import NativeKernel
+from learned_optim.rule.native_build import NativeKernel, partial_sums
 
 __all__ = ["MAX_INPUT_CHANNELS", "conv_batchnorm_relu_maxpool", "stem_fusable"]
 

@@ -216,14 +216,14 @@ def rule_scalars(p: float) -> tuple[float, float, float]:
     return p, math.exp(-p), math.exp(p)
 
 
-def check_layout(state: Tensor, grad: Tensor, param: Tensor, rows: int, hidden: int,
-                 what: str = "the native step kernel") -> None:
+def check_layout(state: Tensor, grad: Tensor, param: Tensor, rows: int, hidden: int) -> None:
     """The kernels read raw pointers: refuse what they would misread."""
     if hidden > MAX_HIDDEN:
-        raise ValueError(f"{what} takes hidden sizes up to {MAX_HIDDEN}, got {hidden}")
+        raise ValueError(f"the native step kernel takes hidden sizes up to {MAX_HIDDEN}, got "
+                         f"{hidden}")
     for name, tensor in (("state", state), ("grad", grad), ("param", param)):
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise ValueError(f"{what} takes float32 CPU tensors, got {name} "
+            raise ValueError(f"the native step kernel takes float32 CPU tensors, got {name} "
                              f"{tensor.dtype} on {tensor.device}")
     if grad.shape != (rows,) or param.shape != (rows,) or not (grad.is_contiguous()
                                                                 and param.is_contiguous()):

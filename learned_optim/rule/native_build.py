@@ -14,7 +14,9 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 
-__all__ = ["VEC_PRELUDE", "NativeKernel", "native_allowed"]
+import torch
+
+__all__ = ["VEC_PRELUDE", "NativeKernel", "native_allowed", "partial_sums"]
 
 # The start of a kernel source that vectorises over a channel dimension: ``at::vec`` floats
 # (16 lanes with AVX-512, 8 with AVX2), partial loads and stores for the channels' last
@@ -93,3 +95,14 @@ class NativeKernel:
                               f"{self.fallback} (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
                               RuntimeWarning, stacklevel=3)
         return self.kernel
+
+
+def partial_sums(threads: int, width: int) -> torch.Tensor:
+    """A kernel's per-thread double sums, zeroed: OpenMP may run fewer threads than asked
+    (nested in another parallel region, ``OMP_THREAD_LIMIT``), and the rows of threads that
+    never ran are still added up.
+
+    >>> partial_sums(2, 3).shape, partial_sums(2, 3).dtype
+    (torch.Size([2, 3]), torch.float64)
+    """
+    return torch.zeros(threads, width, dtype=torch.float64)

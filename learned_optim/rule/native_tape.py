@@ -6,11 +6,12 @@ a tile's gates from the step's inputs with the shared tile forward
 (:data:`~learned_optim.rule.native.RULE_TILE_SOURCE`), then pulls the output gradients back
 through the meta-gates, the cell and the gate sigmoids in registers and L1, and through
 layer 1 by broadcast FMAs. What leaves a tile: the gradients of the state, theta and the
-gradient input, the gate pre-activations' gradient (``[4H, n]``, for the one weight-gradient
-product, which MKL does best), and per-thread partial sums for the biases and the meta-gates'
-weights. The node saves only its inputs, like :mod:`learned_optim.rule.compiled`'s, and serves
-first and second order alike; a gradient *of* its backward (``create_graph=True`` through the
-update) takes the eager ``torch.func.vjp`` of ``update_rows``, which autograd records.
+gradient input. The rule's weight gradients are per-thread sums in the kernel (the gate
+weight's 16 tiles a block, so the gates' gradient, 320 bytes a coordinate, never goes to
+memory), in double, joined in a fixed order. The node saves only its inputs, like
+:mod:`learned_optim.rule.compiled`'s, and serves first and second order alike; a gradient *of*
+its backward (``create_graph=True`` through the update) takes the eager ``torch.func.vjp`` of
+``update_rows``, which autograd records.
 
 :func:`learned_optim.rule.policy.tape_path` gives it float32 steps on a CPU where the kernels
 build (else the compiled node, else the eager paths).
@@ -32,7 +33,7 @@ from learned_optim.rule.native import (
     rule_scalars,
     step_rows_native_out,
 )
-from learned_optim.rule.native_build import NativeKernel
+from learned_optim.rule.native_build import NativeKernel, partial_sums
 
 __all__ = ["BACKWARD_KERNEL", "native_tape_applies", "step_rows_backward_native",
            "update_rows_native"]
@@ -238,7 +239,7 @@ def _probe(kernel) -> None:
     d_state_in, d_theta_in, d_grad = zeros(4, rows), zeros(rows), zeros(rows)
     kernel(zeros(4, 3), zeros(4), zeros(2, 1), zeros(6), zeros(4, rows), torch.ones(rows),
            zeros(rows), torch.ones(rows), zeros(4, rows), d_state_in, d_theta_in, d_grad,
-           zeros(1, partial_width(hidden), dtype=torch.float64), rows, hidden, rows, rows, 1,
+           partial_sums(1, partial_width(hidden)), rows, hidden, rows, rows, 1,
            *rule_scalars(10.0))
     if not (torch.equal(d_theta_in, torch.full((rows,), 0.5))
             and torch.equal(d_grad, torch.full((rows,), -0.5))):
@@ -285,7 +286,7 @@ def step_rows_backward_native(kernel_constants: tuple, p: float, columns: Tensor
     d_state_in = torch.empty(2 * hidden + 2, rows)
     d_theta_in, d_grad = torch.empty(rows), torch.empty(rows)
     threads = kernel_threads(rows)
-    partials = torch.zeros(threads, partial_width(hidden), dtype=torch.float64)
+    partials = partial_sums(threads, partial_width(hidden))
     BACKWARD_KERNEL()(*kernel_constants, columns, grad, param, d_param, d_columns, d_state_in,
                       d_theta_in, d_grad, partials, rows, hidden, columns.stride(0),
                       d_columns.stride(0), threads, *rule_scalars(p))

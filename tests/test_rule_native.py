@@ -51,6 +51,23 @@ def test_the_kernel_computes_update_rows(rows, hidden):
     torch.testing.assert_close(state, expected_state, rtol=1e-4, atol=1e-5)
 
 
+def test_saturated_infinite_and_nan_inputs_as_update_rows():
+    # The kernel's own sigmoid clamps its exponent: saturated gates must still give 0 and 1
+    # to rounding, infinite pre-activations no NaN, and a NaN stays NaN, as in update_rows.
+    hidden = 20
+    constants = prepare_step(random_rule(hidden).weights(), torch.tensor(0.37), torch.float32)
+    state, grad, theta = _inputs(100, hidden)
+    state.mul_(1e4)  # every gate saturated
+    state[:10, 2 * hidden] = torch.tensor([float("inf"), -float("inf")] * 5)  # f_prev
+    state[10:20, 2 * hidden + 1] = torch.tensor([float("inf"), -float("inf")] * 5)  # i_prev
+    grad[20] = float("nan")
+    expected_theta, expected_state = update_rows(constants, state, grad, theta)
+    native.step_rows_native(constants, state, grad, theta)
+    assert theta[20].isnan() and expected_theta[20].isnan()
+    torch.testing.assert_close(theta, expected_theta, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(state, expected_state, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("lr, weight_decay", [(0.3, 0.0), (0.7, 1e-2), (1.0, 0.1), (2.0, 0.0)])
 def test_lr_and_weight_decay_as_apply_group_options(lr, weight_decay):
     constants = prepare_step(random_rule().weights(), None, torch.float32)

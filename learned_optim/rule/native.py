@@ -41,7 +41,35 @@ PARALLEL_MIN_ROWS = 4096
 RULE_TILE_SOURCE = VEC_PRELUDE + r"""
 static constexpr int64_t kMaxHidden = @MAX_HIDDEN@;
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+// 1 / (1 + e^-x) without Sleef's exp (1 ulp, with special cases) and without the division,
+// which are most of the rule's time: e^-x = 2^n e^r, r = -x - n ln 2 in two parts (Cody-Waite),
+// e^r by Moshier's (Cephes') degree-6 polynomial, 2^n by scalef, and the reciprocal from
+// rcp14 refined by one Newton step. Within 3 ulp of the exact sigmoid (1.4x faster). -x is
+// clamped to [-88, 87] first so that no infinity reaches the reciprocal (NaN stays NaN: the
+// clamps return their second operand when it is NaN).
+static inline Vec sigmoid(Vec xv) {
+    __m512 z = _mm512_sub_ps(_mm512_setzero_ps(), __m512(xv));
+    z = _mm512_max_ps(_mm512_set1_ps(-88.f), _mm512_min_ps(_mm512_set1_ps(87.f), z));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), z);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 e = _mm512_set1_ps(1.9875691500e-4f);
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.3981999507e-3f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(8.3334519073e-3f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(4.1665795894e-2f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.6666665459e-1f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(5.0000001201e-1f));
+    e = _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(e, n), _mm512_set1_ps(1.f));
+    const __m512 y = _mm512_rcp14_ps(d);
+    return Vec(_mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f))));
+}
+#else
 static inline Vec sigmoid(Vec x) { return (Vec(1.0f) + x.neg().exp()).reciprocal(); }
+#endif
 
 // A step's constants as native_constants() lays them out: weight [4H, 2 + H] (gates i, f, o,
 // 2g; inputs log|g|/p, sign, h1), bias [4H], meta_h [2, H] (f_pre, i_pre), meta_small [6]:

@@ -27,6 +27,7 @@ from learned_optim.rule.math import StepConstants
 from learned_optim.rule.native import (
     MAX_HIDDEN,
     RULE_TILE_SOURCE,
+    feature_rows,
     kernel_threads,
     native_constants,
     native_step_kernel,
@@ -36,7 +37,7 @@ from learned_optim.rule.native import (
 from learned_optim.rule.native_build import NativeKernel, partial_sums
 
 __all__ = ["BACKWARD_KERNEL", "native_tape_applies", "step_rows_backward_native",
-           "update_rows_native"]
+           "unit_rows", "update_rows_native"]
 
 _BACKWARD_SOURCE = RULE_TILE_SOURCE + r"""
 #include <omp.h>
@@ -89,7 +90,7 @@ static inline void weight_gradient(const float* d_a, const float* x, int64_t til
 
 // Gradients of one step (the forward kernel's) for n coordinates, given those of its outputs:
 // d_theta [n] and d_state, feature-major (`d_stride`). The step's inputs: state (`stride`),
-// grad, theta. Written: d_state_in (feature-major, n apart), d_theta_in, d_grad and, per
+// grad, theta. Written: d_state_in (feature-major, `d_in_stride`), d_theta_in, d_grad and, per
 // thread (zeroed by the caller: OpenMP may run fewer threads), the partial sums
 // [threads, 4H + 2H + 6 + 4H (2 + H)] of the gradients of bias, meta_h, meta_small and weight.
 extern "C" void kernel(const float* weight, const float* bias, const float* meta_h,
@@ -97,7 +98,8 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
                        const float* theta, const float* d_theta, const float* d_state,
                        float* d_state_in, float* d_theta_in, float* d_grad, double* partials,
                        const int64_t n, const int64_t hidden, const int64_t stride,
-                       const int64_t d_stride, const int64_t threads, const float p,
+                       const int64_t d_stride, const int64_t d_in_stride,
+                       const int64_t threads, const float p,
                        const float threshold, const float exp_p)
 {
     const Rule r{weight, bias, meta_h, meta_small, hidden, p, threshold, exp_p};
@@ -140,8 +142,8 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
             const Vec d_i_pre = load(d_state + (2 * H + 1) * d_stride + start, m)
                                 - dt * t.g * I * (one - I);
             store(dt * F + d_f_pre * Vec(ms[0]) + d_i_pre * Vec(ms[1]), d_theta_in + start, m);
-            store(d_f_pre * Vec(ms[2]), d_state_in + 2 * H * n + start, m);
-            store(d_i_pre * Vec(ms[3]), d_state_in + (2 * H + 1) * n + start, m);
+            store(d_f_pre * Vec(ms[2]), d_state_in + 2 * H * d_in_stride + start, m);
+            store(d_i_pre * Vec(ms[3]), d_state_in + (2 * H + 1) * d_in_stride + start, m);
             accumulate(small_sums, d_f_pre * t.theta);
             accumulate(small_sums + V, d_i_pre * t.theta);
             accumulate(small_sums + 2 * V, d_f_pre * t.f_prev);
@@ -167,7 +169,7 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
                     .store(d_a + (H + h) * V);
                 (d_h1 * tanh_c * out_gate * (one - out_gate)).store(d_a + (2 * H + h) * V);
                 (d_c * in_gate * two * sigmoid_g * (one - sigmoid_g)).store(d_a + (3 * H + h) * V);
-                store(d_c * forget_gate, d_state_in + (H + h) * n + start, m);
+                store(d_c * forget_gate, d_state_in + (H + h) * d_in_stride + start, m);
             }
             for (int64_t j = 0; j < G; ++j)
                 accumulate(sums.data() + j * V, Vec::loadu(d_a + j * V));
@@ -175,7 +177,7 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
             // two inputs at a time: eight independent accumulators, each d_a loaded once.
             Vec d_log(0.f), d_sign(0.f);
             auto d_input = [&](int64_t k, Vec d_x) {
-                if (k >= 2) store(d_x, d_state_in + (k - 2) * n + start, m);
+                if (k >= 2) store(d_x, d_state_in + (k - 2) * d_in_stride + start, m);
                 else if (k == 0) d_log = d_x;
                 else d_sign = d_x;
             };
@@ -227,7 +229,7 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
 }
 """
 
-_ARGTYPES = (["const float*"] * 9 + ["float*"] * 3 + ["double*"] + ["const int64_t"] * 5
+_ARGTYPES = (["const float*"] * 9 + ["float*"] * 3 + ["double*"] + ["const int64_t"] * 6
              + ["const float"] * 3)
 
 
@@ -239,7 +241,7 @@ def _probe(kernel) -> None:
     d_state_in, d_theta_in, d_grad = zeros(4, rows), zeros(rows), zeros(rows)
     kernel(zeros(4, 3), zeros(4), zeros(2, 1), zeros(6), zeros(4, rows), torch.ones(rows),
            zeros(rows), torch.ones(rows), zeros(4, rows), d_state_in, d_theta_in, d_grad,
-           partial_sums(1, partial_width(hidden)), rows, hidden, rows, rows, 1,
+           partial_sums(1, partial_width(hidden)), rows, hidden, rows, rows, rows, 1,
            *rule_scalars(10.0))
     if not (torch.equal(d_theta_in, torch.full((rows,), 0.5))
             and torch.equal(d_grad, torch.full((rows,), -0.5))):
@@ -255,6 +257,21 @@ def partial_width(hidden: int) -> int:
     """Floats of the backward's per-thread sums: the gradients of the gate bias (4H), meta_h
     (2H), meta_small (6) and the gate weight (4H (2 + H))."""
     return 4 * hidden + 2 * hidden + 6 + 4 * hidden * (2 + hidden)
+
+
+def unit_rows(columns: Tensor) -> Tensor:
+    """``columns`` (``[features, n]``) as the kernels read it, each feature contiguous (any
+    distance between features, so :func:`~learned_optim.rule.native.feature_rows`' padded
+    outputs pass as they are); a copy only where a feature is not contiguous.
+
+    >>> from learned_optim.rule.native import feature_rows
+    >>> padded = feature_rows(4, 3)
+    >>> unit_rows(padded) is padded, unit_rows(torch.zeros(3, 4).t()).is_contiguous()
+    (True, True)
+    """
+    if columns.dim() == 2 and (columns.stride(1) == 1 or columns.shape[1] == 1):
+        return columns
+    return columns.contiguous()
 
 
 def native_tape_applies(grad: Tensor, hidden: int) -> bool:
@@ -282,14 +299,14 @@ def step_rows_backward_native(kernel_constants: tuple, p: float, columns: Tensor
     rows = grad.shape[0]
     hidden = kernel_constants[2].shape[1]
     gates, inputs = 4 * hidden, 2 + hidden
-    d_param, d_columns = d_param.contiguous(), d_columns.contiguous()
-    d_state_in = torch.empty(2 * hidden + 2, rows)
+    d_param, d_columns = d_param.contiguous(), unit_rows(d_columns)
+    d_state_in = feature_rows(2 * hidden + 2, rows)
     d_theta_in, d_grad = torch.empty(rows), torch.empty(rows)
     threads = kernel_threads(rows)
     partials = partial_sums(threads, partial_width(hidden))
     BACKWARD_KERNEL()(*kernel_constants, columns, grad, param, d_param, d_columns, d_state_in,
                       d_theta_in, d_grad, partials, rows, hidden, columns.stride(0),
-                      d_columns.stride(0), threads, *rule_scalars(p))
+                      d_columns.stride(0), d_state_in.stride(0), threads, *rule_scalars(p))
     sums = partials.sum(0).float()
     d_bias, d_meta_h, d_small, d_weight = sums.split((gates, 2 * hidden, 6, gates * inputs))
     return (d_weight.view(gates, inputs).t(), d_bias, d_meta_h.view(2, hidden).t(),
@@ -339,9 +356,7 @@ def update_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, pa
     ...                                       torch.zeros(3, requires_grad=True))
     ...     assert theta.grad_fn.name() == "_NativeStepBackward"
     """
-    columns = state.t()  # free when ``state`` is a previous step's transposed output
-    if not columns.is_contiguous():
-        columns = columns.contiguous()
+    columns = unit_rows(state.t())  # free when ``state`` is a previous step's output
     new_param, new_columns = _NativeStep.apply(constants.p, columns, grad.contiguous(),
                                                param.contiguous(), *constants[:-1])
     return new_param, new_columns.t()

@@ -100,6 +100,10 @@ def _add_meta_train(commands) -> None:
     parser.add_argument("--pretrain-distort", dest="pretrain_distort", action="store_true",
                         default=None, help="with --pretrain-epochs or --pretrain-episodes: show "
                         "each pre-training image under a small random affine distortion")
+    parser.add_argument("--pretrain-on-validation", dest="pretrain_on_validation",
+                        action="store_true", default=None,
+                        help="with --pretrain-epochs or --pretrain-episodes: pre-train on the "
+                             "validation classes too (validation scores are then not held out)")
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
     parser.add_argument("--resume", action="store_true",
@@ -258,6 +262,8 @@ def _config_from(args) -> MetaTrainConfig:
         changes["rotations"] = True
     if args.pretrain_distort:
         changes["pretrain_distort"] = True
+    if args.pretrain_on_validation:
+        changes["pretrain_on_validation"] = True
     if args.download:
         changes["extra"] = {**base.extra, "download": True}
     return dataclasses.replace(base, **changes)

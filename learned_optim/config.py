@@ -84,6 +84,10 @@ class MetaTrainConfig:
     # the others, whose characters the features never saw (as at test). Set it also when
     # continuing (init_from) a run whose features were pre-trained so.
     pretrain_alphabets: int | None = None
+    # pre-train the features on the validation classes too (train + val: the final features of
+    # a recipe fixed on validation, with every class the protocol allows); validation scores
+    # of such a run are not held out, which its record and card say
+    pretrain_on_validation: bool = False
     # BatchNorm statistics of the query set in meta-training: "batch" (the paper: the query
     # set's own) or "support" (eval mode with the support steps' running statistics, as
     # validation and test score it)
@@ -168,6 +172,16 @@ class MetaTrainConfig:
         if self.pretrain_alphabets is not None and self.task != "omniglot":
             raise ValueError("pretrain_alphabets (--pretrain-alphabets) splits Omniglot's "
                              f"training alphabets, got task {self.task!r}")
+        if not isinstance(self.pretrain_on_validation, bool):
+            raise ValueError(f"pretrain_on_validation must be true or false, got "
+                             f"{self.pretrain_on_validation!r}")
+        if self.pretrain_on_validation and not (self.pretrain_epochs or self.pretrain_episodes):
+            raise ValueError("pretrain_on_validation (--pretrain-on-validation) adds the "
+                             "validation classes to the pre-training: set pretrain_epochs "
+                             "(--pretrain-epochs) or pretrain_episodes (--pretrain-episodes) too")
+        if self.pretrain_on_validation and self.pretrain_alphabets is not None:
+            raise ValueError("pretrain_on_validation and pretrain_alphabets cannot be combined: "
+                             "the one pre-trains on more classes, the other keeps some apart")
         if self.pretrain_distort and not (self.pretrain_epochs or self.pretrain_episodes):
             raise ValueError("pretrain_distort (--pretrain-distort) distorts the images of the "
                              "pre-training: set pretrain_epochs (--pretrain-epochs) or "

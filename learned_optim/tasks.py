@@ -79,13 +79,45 @@ def _classification_dataset(config: MetaTrainConfig, split: str):
 
 def _training_parts(config: MetaTrainConfig):
     """The training split as ``(pre-training classes, meta-training classes)``: the same data
-    set twice, or, with ``pretrain_alphabets``, its two disjoint parts by whole alphabets."""
+    set twice, or, with ``pretrain_alphabets``, its two disjoint parts by whole alphabets; with
+    ``pretrain_on_validation`` the pre-training classes are the training and the validation
+    classes."""
     from learned_optim.data.omniglot import split_by_alphabets
 
     dataset = _classification_dataset(config, "train")
+    if config.pretrain_on_validation:
+        return join_classes(dataset, _classification_dataset(config, "val")), dataset
     if config.pretrain_alphabets is None:
         return dataset, dataset
     return split_by_alphabets(dataset, config.pretrain_alphabets, config.seed)
+
+
+def join_classes(first, second):
+    """One :class:`~learned_optim.data.FewShotDataset` of two data sets' classes, the second's
+    numbered after the first's; class names are kept (an alphabet's characters stay grouped
+    by their ``"alphabet/character"`` names), so they must not repeat.
+
+    >>> import torch
+    >>> from learned_optim.data import FewShotDataset
+    >>> a = FewShotDataset(torch.zeros(4, 2), torch.tensor([0, 0, 1, 1]), class_names=["x", "y"])
+    >>> b = FewShotDataset(torch.ones(2, 2), torch.tensor([0, 0]), class_names=["z"])
+    >>> joined = join_classes(a, b)
+    >>> joined.num_classes, joined.labels.tolist(), joined.class_names
+    (3, [0, 0, 1, 1, 2, 2], ['x', 'y', 'z'])
+    """
+    from learned_optim.data import FewShotDataset
+
+    if first.inputs.shape[1:] != second.inputs.shape[1:]:
+        raise ValueError(f"cannot join {first.name!r} (examples {tuple(first.inputs.shape[1:])}) "
+                         f"and {second.name!r} ({tuple(second.inputs.shape[1:])})")
+    shared = sorted(set(first.class_names) & set(second.class_names))
+    if shared:
+        raise ValueError(f"cannot join {first.name!r} and {second.name!r}: {len(shared)} class "
+                         f"name(s) in both, e.g. {shared[0]!r}")
+    return FewShotDataset(torch.cat((first.inputs, second.inputs)),
+                          torch.cat((first.labels, second.labels + first.num_classes)),
+                          class_names=list(first.class_names) + list(second.class_names),
+                          name=f"{first.name}+{second.name}")
 
 
 def build_task(config: MetaTrainConfig) -> Task:

@@ -193,6 +193,11 @@ class MetaTrainer:
         ``pretrain_episodes`` as a prototypical network. Its time counts as training time and
         its reports go to the metrics log."""
         config = self.config
+        if config.pretrain_on_validation:
+            warnings.warn("pretrain_on_validation: the features are pre-trained on the "
+                          "validation classes too, so this run's validation scores are not held "
+                          "out (the record says so; test on another split)", UserWarning,
+                          stacklevel=2)
         reports = []
         if config.pretrain_epochs:
             reports.append(pretrain_features(

@@ -23,7 +23,7 @@ from learned_optim.data.omniglot import (
     split_by_alphabets,
 )
 from learned_optim.data.splits import split_characters, split_overlap, training_data
-from learned_optim.tasks import build_task
+from learned_optim.tasks import build_task, join_classes
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 VAL_ALPHABETS = ["Latin", "Asomtavruli_(Georgian)", "Early_Aramaic", "Futurama", "Tifinagh"]
@@ -146,3 +146,40 @@ def test_split_by_alphabets_keeps_rotated_copies_with_their_alphabet_and_refuses
         MetaTrainConfig(task="sinusoid", pretrain_alphabets=3)
     with pytest.raises(ValueError, match="pretrain_alphabets must be a positive integer"):
         MetaTrainConfig(task="omniglot", pretrain_alphabets=0)
+
+
+def test_pretrain_on_validation_adds_the_validation_classes_to_pretraining_only():
+    config = MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=20,
+                             data_root=str(ROOT), pretrain_epochs=1, pretrain_on_validation=True)
+    task = build_task(config)
+    features, episodes = task.pretraining(), task.episodes("train")
+    # 795 training and 169 validation characters: all 964 of the background alphabets
+    assert (features.num_classes, episodes.dataset.num_classes) == (964, 795)
+    validation = task.episodes("val").dataset
+    assert _alphabets(features.class_names[795:]) == set(VAL_ALPHABETS)
+    assert features.class_names[795:] == validation.class_names
+    assert features.inputs[-len(validation.inputs):].equal(validation.inputs)
+    assert features.labels[-1].item() == 963
+    # the record says the features saw the validation classes; the seen characters are as before
+    record = training_data(config.resolved().to_dict())
+    assert record["pretrained_on"] == ["train", "val"]
+    assert record["characters"] == training_data(
+        dataclasses.replace(config, pretrain_on_validation=False).resolved().to_dict()
+    )["characters"]
+    assert "pretrained_on" not in training_data({"task": "omniglot",
+                                                 "protocol": "lake-alphabets"})
+    with pytest.raises(ValueError, match=r"169 class name\(s\) in both, e.g. 'Asomtavruli"):
+        join_classes(validation, validation)
+    # the command line's flag sets it
+    from learned_optim import cli
+
+    args = cli.build_parser().parse_args(["meta-train", "--task", "omniglot", "--pretrain-epochs",
+                                          "1", "--pretrain-on-validation"])
+    assert cli._config_from(args).pretrain_on_validation is True
+    with pytest.raises(ValueError, match="pretrain_on_validation .* set pretrain_epochs"):
+        MetaTrainConfig(task="omniglot", pretrain_on_validation=True)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        MetaTrainConfig(task="omniglot", pretrain_epochs=1, pretrain_alphabets=17,
+                        pretrain_on_validation=True)
+    with pytest.raises(ValueError, match="pretrain_on_validation must be true or false"):
+        MetaTrainConfig(task="omniglot", pretrain_epochs=1, pretrain_on_validation="yes")

@@ -77,6 +77,10 @@ def training_data(config: dict | object) -> dict | None:
         "splits": list(TRAINING_SPLITS),
         "characters": {s: split_characters(protocol, s).tolist() for s in TRAINING_SPLITS},
     }
+    if values.get("pretrain_on_validation"):
+        # Only when set, as rotations: the validation characters are already counted as seen;
+        # this says the features were trained on them, so validation scores are not held out.
+        record["pretrained_on"] = ["train", "val"]
     if values.get("rotations"):
         # Only when set: records without it stay as they were. The rotated copies are classes
         # of the same characters, so "characters" (and the overlap check) does not change.

@@ -64,7 +64,9 @@ def pretraining_text(card: dict) -> str:
     """The card's words for how the learned init's features were pre-trained ("" if not)."""
     source = (f"the training classes of {card['pretrain_alphabets']} training alphabets, "
               "meta-training's episodes drawn from the other alphabets"
-              if card.get("pretrain_alphabets") else "all training classes")
+              if card.get("pretrain_alphabets") else
+              "all training and validation classes (so its validation scores are not held out)"
+              if card.get("pretrain_on_validation") else "all training classes")
     stages = []
     if card.get("pretrain_epochs"):
         stages.append(f"as one classifier of {source} ({card['pretrain_epochs']} epochs")
@@ -360,7 +362,8 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
                        or run_config.get("pretrain_episodes")), None)
     card = {**{k: v for k, v in facts.items() if k != "validation_trace"},
             **({**{key: pretrained[key] for key in ("pretrain_epochs", "pretrain_episodes",
-                                                    "pretrain_alphabets")
+                                                    "pretrain_alphabets",
+                                                    "pretrain_on_validation")
                    if pretrained.get(key)},
                 "pretrain_distort": bool(pretrained.get("pretrain_distort"))}
                if pretrained else {}),

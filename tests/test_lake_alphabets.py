@@ -178,6 +178,10 @@ def test_pretrain_on_validation_adds_the_validation_classes_to_pretraining_only(
     assert cli._config_from(args).pretrain_on_validation is True
     with pytest.raises(ValueError, match="pretrain_on_validation .* set pretrain_epochs"):
         MetaTrainConfig(task="omniglot", pretrain_on_validation=True)
+    # a continuation of such a run says so too, without pre-training again
+    continued = MetaTrainConfig(task="omniglot", protocol="lake-alphabets", init_from="run.st",
+                                pretrain_on_validation=True)
+    assert training_data(continued.resolved().to_dict())["pretrained_on"] == ["train", "val"]
     with pytest.raises(ValueError, match="cannot be combined"):
         MetaTrainConfig(task="omniglot", pretrain_epochs=1, pretrain_alphabets=17,
                         pretrain_on_validation=True)

@@ -87,7 +87,8 @@ class MetaTrainConfig:
     # pre-train the features on the validation classes too (train + val: the final features of
     # a recipe fixed on validation, with every class the protocol allows); validation scores
     # of such a run are not held out, which its record and card say. Set it also when
-    # continuing (init_from) a run whose features were pre-trained so.
+    # continuing (init_from) a run whose features were pre-trained so: a shipped record keeps
+    # it without init_from, and meta_train() refuses it with neither that nor pre-training.
     pretrain_on_validation: bool = False
     # BatchNorm statistics of the query set in meta-training: "batch" (the paper: the query
     # set's own) or "support" (eval mode with the support steps' running statistics, as
@@ -176,12 +177,6 @@ class MetaTrainConfig:
         if not isinstance(self.pretrain_on_validation, bool):
             raise ValueError(f"pretrain_on_validation must be true or false, got "
                              f"{self.pretrain_on_validation!r}")
-        if self.pretrain_on_validation and not (self.pretrain_epochs or self.pretrain_episodes
-                                                or self.init_from):
-            raise ValueError("pretrain_on_validation (--pretrain-on-validation) adds the "
-                             "validation classes to the pre-training: set pretrain_epochs "
-                             "(--pretrain-epochs) or pretrain_episodes (--pretrain-episodes) too, "
-                             "or init_from (--init-from) the run whose features were so")
         if self.pretrain_on_validation and self.pretrain_alphabets is not None:
             raise ValueError("pretrain_on_validation and pretrain_alphabets cannot be combined: "
                              "the one pre-trains on more classes, the other keeps some apart")

@@ -129,6 +129,12 @@ class MetaTrainer:
 
     def __init__(self, config: MetaTrainConfig, *, resume: bool = False, progress: bool = True):
         self.config = config = config.resolved()
+        if config.pretrain_on_validation and not (config.pretrain_epochs
+                                                  or config.pretrain_episodes or config.init_from):
+            raise ValueError("pretrain_on_validation (--pretrain-on-validation) adds the "
+                             "validation classes to the pre-training: set pretrain_epochs "
+                             "(--pretrain-epochs) or pretrain_episodes (--pretrain-episodes) too, "
+                             "or init_from (--init-from) the run whose features were so")
         distributed.init_from_env(config.device)
         self.rank, self.world_size = distributed.world()
         if config.meta_batch % self.world_size:

@@ -24,6 +24,7 @@ from learned_optim.data.omniglot import (
 )
 from learned_optim.data.splits import split_characters, split_overlap, training_data
 from learned_optim.tasks import build_task, join_classes
+from learned_optim.train import MetaTrainer
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 VAL_ALPHABETS = ["Latin", "Asomtavruli_(Georgian)", "Early_Aramaic", "Futurama", "Tifinagh"]
@@ -177,7 +178,8 @@ def test_pretrain_on_validation_adds_the_validation_classes_to_pretraining_only(
                                           "1", "--pretrain-on-validation"])
     assert cli._config_from(args).pretrain_on_validation is True
     with pytest.raises(ValueError, match="pretrain_on_validation .* set pretrain_epochs"):
-        MetaTrainConfig(task="omniglot", pretrain_on_validation=True)
+        MetaTrainer(MetaTrainConfig(task="omniglot", protocol="lake-alphabets",
+                                    data_root=str(ROOT), pretrain_on_validation=True))
     # a continuation of such a run says so too, without pre-training again
     continued = MetaTrainConfig(task="omniglot", protocol="lake-alphabets", init_from="run.st",
                                 pretrain_on_validation=True)

@@ -103,7 +103,8 @@ def _add_meta_train(commands) -> None:
     parser.add_argument("--pretrain-on-validation", dest="pretrain_on_validation",
                         action="store_true", default=None,
                         help="with --pretrain-epochs or --pretrain-episodes: pre-train on the "
-                             "validation classes too (validation scores are then not held out)")
+                             "validation classes too (validation scores are then not held out); "
+                             "set it also on an --init-from continuation of such a run")
     parser.add_argument("--download", action="store_true",
                         help="download a missing public data set (Omniglot)")
     parser.add_argument("--resume", action="store_true",

@@ -149,15 +149,9 @@ def test_the_kernel_refuses_what_it_would_misread():
         native.step_rows_native(wide, torch.zeros(132, 10).t(), grad, theta)
 
 
-def test_a_failed_build_warns_once_and_step_takes_the_chunk_paths(monkeypatch):
-    from torch._inductor import codecache
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found\nmore detail")
-
-    monkeypatch.setattr(native.STEP_KERNEL, "failure", None)
-    monkeypatch.setattr(native.STEP_KERNEL, "kernel", None)
-    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+def test_a_failed_build_warns_once_and_step_takes_the_chunk_paths(no_cpp_compiler,
+                                                                  monkeypatch):
+    no_cpp_compiler(native.STEP_KERNEL)
     monkeypatch.setattr(policy, "COMPILE_RULE", True)
     failure_before = compiled._failure
     model = nn.Linear(4, 3)

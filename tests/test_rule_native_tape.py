@@ -159,15 +159,9 @@ def test_where_the_tape_sends_a_step(monkeypatch):
     assert theta.grad_fn.name() == "_NativeStepBackward"
 
 
-def test_a_failed_build_warns_once_and_the_tape_takes_the_compiled_node(monkeypatch):
-    from torch._inductor import codecache
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler found\nmore detail")
-
-    monkeypatch.setattr(native_tape.BACKWARD_KERNEL, "failure", None)
-    monkeypatch.setattr(native_tape.BACKWARD_KERNEL, "kernel", None)
-    monkeypatch.setattr(codecache.CppPythonBindingsCodeCache, "load_pybinding", no_compiler)
+def test_a_failed_build_warns_once_and_the_tape_takes_the_compiled_node(no_cpp_compiler,
+                                                                        monkeypatch):
+    no_cpp_compiler(native_tape.BACKWARD_KERNEL)
     monkeypatch.setattr(policy, "COMPILE_RULE", True)
     assert compiled.compiled_rule() is not None  # built before the patch: unaffected
     grad = torch.randn(5000)

@@ -91,3 +91,18 @@ def twin_meta_gradients(rule, first_order: bool) -> list[torch.Tensor]:
             diffopt.step(F.cross_entropy(fmodel(x[:16]), y[:16]))
         F.cross_entropy(fmodel(x[16:]), y[16:]).backward()
     return [p.grad.clone() for p in (*rule.parameters(), *model.parameters())]
+
+
+def assert_close_to_largest(ours, theirs, names=None, exercised: bool = False) -> None:
+    """Each of ``ours`` equals its ``theirs`` to float32 rounding: relative 1e-4, absolute
+    1e-5 of the largest value (or 1e-5 below 1). ``exercised``: also every ``theirs`` is
+    nonzero somewhere, so that no gradient is compared as zeros against zeros."""
+    ours, theirs = list(ours), list(theirs)
+    assert len(ours) == len(theirs), (len(ours), len(theirs))
+    names = names or [f"output {index}" for index in range(len(theirs))]
+    for name, mine, reference in zip(names, ours, theirs):
+        scale = reference.abs().max().item()
+        if exercised:
+            assert scale > 0, name
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                   msg=name)

@@ -77,16 +77,16 @@ def _classification_dataset(config: MetaTrainConfig, split: str):
     return miniimagenet(root, split=split, image_size=config.image_size)
 
 
-def _training_parts(config: MetaTrainConfig):
+def _training_parts(config: MetaTrainConfig, dataset_of: Callable):
     """The training split as ``(pre-training classes, meta-training classes)``: the same data
     set twice, or, with ``pretrain_alphabets``, its two disjoint parts by whole alphabets; with
     ``pretrain_on_validation`` the pre-training classes are the training and the validation
-    classes."""
+    classes. ``dataset_of(split)`` loads a split (the task's, loaded once)."""
     from learned_optim.data.omniglot import split_by_alphabets
 
-    dataset = _classification_dataset(config, "train")
+    dataset = dataset_of("train")
     if config.pretrain_on_validation:
-        return join_classes(dataset, _classification_dataset(config, "val")), dataset
+        return join_classes(dataset, dataset_of("val")), dataset
     if config.pretrain_alphabets is None:
         return dataset, dataset
     return split_by_alphabets(dataset, config.pretrain_alphabets, config.seed)
@@ -143,9 +143,15 @@ def build_task(config: MetaTrainConfig) -> Task:
 
     cache: dict[str, object] = {}
 
+    def dataset_of(split: str):  # each split loaded once (validation may pre-train too)
+        key = "dataset " + split
+        if key not in cache:
+            cache[key] = _classification_dataset(config, split)
+        return cache[key]
+
     def training_parts():  # loaded once for pre-training and the training episodes
         if "parts" not in cache:
-            cache["parts"] = _training_parts(config)
+            cache["parts"] = _training_parts(config, dataset_of)
         return cache["parts"]
 
     within_alphabet = config.task == "omniglot" and config.protocol in WITHIN_ALPHABET_PROTOCOLS
@@ -161,8 +167,7 @@ def build_task(config: MetaTrainConfig) -> Task:
 
     def classification_episodes(split: str):
         if split not in cache:
-            dataset = (training_parts()[1] if split == "train"
-                       else _classification_dataset(config, split))
+            dataset = training_parts()[1] if split == "train" else dataset_of(split)
             # lake-within's few validation characters per alphabet: one group; lake-alphabets
             # validates on whole alphabets, as it tests.
             mixed = split == "val" and config.protocol == "lake-within"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import learned_optim.data as data_module
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data import WithinAlphabetSampler, omniglot
 from learned_optim.data.omniglot import (
@@ -149,14 +150,19 @@ def test_split_by_alphabets_keeps_rotated_copies_with_their_alphabet_and_refuses
         MetaTrainConfig(task="omniglot", pretrain_alphabets=0)
 
 
-def test_pretrain_on_validation_adds_the_validation_classes_to_pretraining_only():
+def test_pretrain_on_validation_adds_the_validation_classes_to_pretraining_only(monkeypatch):
     config = MetaTrainConfig(task="omniglot", protocol="lake-alphabets", ways=20,
                              data_root=str(ROOT), pretrain_epochs=1, pretrain_on_validation=True)
+    loads = []
+    monkeypatch.setattr(data_module, "omniglot",
+                        lambda *args, split, **kwargs: loads.append(split)
+                        or omniglot(*args, split=split, **kwargs))
     task = build_task(config)
     features, episodes = task.pretraining(), task.episodes("train")
     # 795 training and 169 validation characters: all 964 of the background alphabets
     assert (features.num_classes, episodes.dataset.num_classes) == (964, 795)
     validation = task.episodes("val").dataset
+    assert loads == ["train", "val"]  # each split loaded once, for pre-training and episodes
     assert _alphabets(features.class_names[795:]) == set(VAL_ALPHABETS)
     assert features.class_names[795:] == validation.class_names
     assert features.inputs[-len(validation.inputs):].equal(validation.inputs)

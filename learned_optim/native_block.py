@@ -360,8 +360,8 @@ class _BatchNormReLUPool(torch.autograd.Function):
         threads = kernel_threads(x.numel())
         out = torch.empty((n, channels, height // 2, width // 2), dtype=x.dtype,
                           memory_format=torch.channels_last)
-        scale_shift = torch.empty(2, channels)
-        stats = torch.empty(2, channels)
+        scale_shift = torch.empty(2, channels, dtype=torch.float32)
+        stats = torch.empty(2, channels, dtype=torch.float32)
         partial = partial_sums(threads, padded_channels(channels))
         _forward_kernel()(x.detach(), weight.detach().contiguous(), bias.detach().contiguous(),
                           out, scale_shift, stats, *running[:2], partial, n, height, width,
@@ -380,7 +380,7 @@ class _BatchNormReLUPool(torch.autograd.Function):
         threads = kernel_threads(x.numel())
         d_out = d_out.contiguous(memory_format=torch.channels_last)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
-        d_params = torch.empty(2, channels)
+        d_params = torch.empty(2, channels, dtype=torch.float32)
         partial = partial_sums(threads, 2 * padded_channels(channels))
         _backward_kernel()(x.detach(), d_out, scale_shift, stats, weight.detach().contiguous(),
                            dx, d_params, partial, n, height, width, channels, threads, ctx.eps)
@@ -458,7 +458,7 @@ def batchnorm_relu_maxpool(x: Tensor, batchnorm: nn.BatchNorm2d) -> Tensor:
 
 
 # A kernel's running-statistics arguments where there are none to update (never written).
-NO_RUNNING = torch.empty(0)
+NO_RUNNING = torch.empty(0, dtype=torch.float32)
 
 
 def running_update(batchnorm: nn.BatchNorm2d) -> tuple[Tensor, Tensor, float]:

@@ -435,12 +435,14 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         channels = weight.shape[0]
         threads = kernel_threads(n * height * width * channels)
         taps = _taps(weight.detach()).contiguous()
-        out = torch.empty((n, channels, height // 2, width // 2),
+        out = torch.empty((n, channels, height // 2, width // 2), dtype=torch.float32,
                           memory_format=torch.channels_last)
         mean_patch = torch.empty(9 * inputs, dtype=torch.float64)
-        center, scale_shift, moments = (torch.empty(channels), torch.empty(2, channels),
-                                        torch.empty(2, channels))
-        conv_bias = bias.detach() if bias is not None else torch.zeros(channels)
+        center, scale_shift, moments = (torch.empty(channels, dtype=torch.float32),
+                                        torch.empty(2, channels, dtype=torch.float32),
+                                        torch.empty(2, channels, dtype=torch.float32))
+        conv_bias = (bias.detach() if bias is not None
+                     else torch.zeros(channels, dtype=torch.float32))
         partial = partial_sums(threads, 2 * padded_channels(channels))
         _forward_kernel()(x.detach(), taps, conv_bias, gamma.detach().contiguous(),
                           beta.detach().contiguous(), out, mean_patch, center, scale_shift,
@@ -464,7 +466,8 @@ class _ConvBatchNormReLUPool(torch.autograd.Function):
         n, inputs, height, width = x.shape
         channels = weight.shape[0]
         threads = kernel_threads(n * height * width * channels)
-        d_taps, d_params = torch.empty(9 * inputs, channels), torch.empty(3, channels)
+        d_taps = torch.empty(9 * inputs, channels, dtype=torch.float32)
+        d_params = torch.empty(3, channels, dtype=torch.float32)
         sums = partial_sums(threads, (3 + 18 * inputs) * padded_channels(channels))
         _backward_kernel()(x.detach(), taps, center, scale_shift, moments, mean_patch,
                            gamma.detach().contiguous(),

@@ -39,6 +39,15 @@ def threads():
 
 
 @pytest.fixture
+def default_dtype():
+    """Set torch's default dtype for one test (as ``torch.set_default_dtype``); restored
+    after."""
+    before = torch.get_default_dtype()
+    yield torch.set_default_dtype
+    torch.set_default_dtype(before)
+
+
+@pytest.fixture
 def no_cpp_compiler(monkeypatch):
     """Make building C++ kernels fail ("no C++ compiler found"); call it with the
     ``NativeKernel`` objects to forget their earlier build."""

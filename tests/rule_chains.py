@@ -25,19 +25,20 @@ def random_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:
     return rule
 
 
-def first_order_chain(step, rule, rows: int, steps: int = 6) -> list[torch.Tensor]:
-    """``steps`` first-order updates from a random state, then a backward: values and grads."""
+def first_order_chain(step, rule, rows: int, steps: int = 6, dtype=None) -> list[torch.Tensor]:
+    """``steps`` first-order updates from a random state, then a backward: values and grads
+    (the inputs at ``dtype``, by default torch's default dtype)."""
     generator = torch.Generator().manual_seed(1)
-    state0 = torch.randn(rows, 42, generator=generator)
-    param0 = torch.randn(rows, generator=generator).requires_grad_()
-    grads = [torch.randn(rows, generator=generator) * 0.05 for _ in range(steps)]
+    state0 = torch.randn(rows, 42, generator=generator, dtype=dtype)
+    param0 = torch.randn(rows, generator=generator, dtype=dtype).requires_grad_()
+    grads = [torch.randn(rows, generator=generator, dtype=dtype) * 0.05 for _ in range(steps)]
     rule.zero_grad()
     state, param = state0.clone().requires_grad_(), param0
     start = state
     for grad in grads:
         constants = prepare_step(rule.weights(), torch.tensor(0.8), torch.float32)
         param, state = step(constants, state, grad, param)
-    weights = torch.randn(rows, 42, generator=generator)
+    weights = torch.randn(rows, 42, generator=generator, dtype=dtype)
     ((param * grads[0]).sum() + (state * weights).sum()).backward()
     return [param.detach(), state.detach(), start.grad, param0.grad,
             *[p.grad.clone() for p in rule.parameters()]]

@@ -270,3 +270,23 @@ def test_fewer_openmp_threads_than_asked_still_sum_every_value():
     assert result.returncode == 0, result.stderr
     out_error, grad_error = map(float, result.stdout.split())
     assert out_error < 1e-5 and grad_error < 1e-5, result.stdout
+
+
+def test_a_float64_default_dtype_changes_nothing_for_a_float32_learner(default_dtype):
+    # The fused blocks allocate their outputs and statistics themselves: float32 whatever
+    # the default dtype (before, the first block's output came out float64 and the next
+    # convolution refused it).
+    torch.manual_seed(0)
+    learner, inputs = ConvLearner(1, ways=5, filters=8, image_size=28), torch.rand(5, 1, 28, 28)
+
+    def output_and_gradient():
+        learner.zero_grad()
+        out = learner(inputs)
+        out.square().sum().backward()
+        return out.detach(), learner.features[0].weight.grad.clone()
+
+    expected = output_and_gradient()
+    default_dtype(torch.float64)
+    for ours, theirs in zip(output_and_gradient(), expected):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -167,3 +167,17 @@ def test_a_failed_build_warns_once_and_step_takes_the_chunk_paths(no_cpp_compile
     # The torch.compile paths keep their own state: this failure does not switch them off.
     assert compiled._failure is failure_before
     assert all(math.isfinite(v) for p in model.parameters() for v in p.flatten().tolist())
+
+
+def test_the_build_probe_runs_in_float32_whatever_the_default_dtype(default_dtype):
+    # The probe's tensors are made at the default dtype; a float64 default must not make a
+    # working kernel look broken (the kernels read float).
+    from learned_optim.rule.native_build import NativeKernel
+
+    fresh = NativeKernel("a fresh step kernel", native.STEP_KERNEL.argtypes,
+                         native.STEP_KERNEL.source, native.STEP_KERNEL.probe, "nothing")
+    default_dtype(torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh() is not None
+    assert torch.get_default_dtype() == torch.float64  # restored after the probe

@@ -169,3 +169,13 @@ def test_a_failed_build_warns_once_and_the_tape_takes_the_compiled_node(no_cpp_c
                                               torch.zeros(5000, requires_grad=True))
     assert theta.grad_fn.name() == "_CompiledStepBackward"
     assert all(math.isfinite(v) for v in theta.tolist()[:10])
+
+
+def test_a_float64_default_dtype_changes_nothing_for_float32_steps(default_dtype):
+    # The node allocates its outputs itself: float32 whatever the default dtype, as a
+    # float32 learner's steps are (before, its second step refused a float64 state).
+    rule = random_rule()
+    expected = first_order_chain(native_tape.update_rows_native, rule, 5000)
+    default_dtype(torch.float64)
+    assert_close_to_largest(first_order_chain(native_tape.update_rows_native, rule, 5000,
+                                              dtype=torch.float32), expected)

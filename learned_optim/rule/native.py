@@ -273,7 +273,7 @@ def feature_rows(features: int, rows: int) -> Tensor:
     >>> columns.shape, columns.stride()
     (torch.Size([42, 28485]), (28496, 1))
     """
-    return torch.empty(features, -(-rows // 16) * 16)[:, :rows]
+    return torch.empty(features, -(-rows // 16) * 16, dtype=torch.float32)[:, :rows]
 
 
 def kernel_threads(rows: int) -> int:

@@ -86,7 +86,13 @@ class NativeKernel:
                 from torch._inductor.codecache import CppPythonBindingsCodeCache
 
                 kernel = CppPythonBindingsCodeCache.load_pybinding(self.argtypes, self.source)
-                self.probe(kernel)
+                # The probes build their tensors at the default dtype; the kernels read float.
+                default = torch.get_default_dtype()
+                torch.set_default_dtype(torch.float32)
+                try:
+                    self.probe(kernel)
+                finally:
+                    torch.set_default_dtype(default)
                 self.kernel = kernel
             except Exception as error:  # noqa: BLE001 - any build failure means: stay eager
                 first_line = str(error).splitlines()[0] if str(error) else ""

@@ -301,7 +301,7 @@ def step_rows_backward_native(kernel_constants: tuple, p: float, columns: Tensor
     gates, inputs = 4 * hidden, 2 + hidden
     d_param, d_columns = d_param.contiguous(), unit_rows(d_columns)
     d_state_in = feature_rows(2 * hidden + 2, rows)
-    d_theta_in, d_grad = torch.empty(rows), torch.empty(rows)
+    d_theta_in, d_grad = torch.empty_like(param), torch.empty_like(grad)
     threads = kernel_threads(rows)
     partials = partial_sums(threads, partial_width(hidden))
     BACKWARD_KERNEL()(*kernel_constants, columns, grad, param, d_param, d_columns, d_state_in,

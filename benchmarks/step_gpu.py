@@ -1,0 +1,168 @@
+"""``LSTMMetaOptimizer.step()`` on a GPU against the time to read and write its state once.
+
+Issue #16's GPU target: a drop-in step at 100M parameters within 3x of the time one pass over
+its state takes at the device's measured copy bandwidth. Prepared so that a session lent a GPU
+for a few minutes can measure it in one call::
+
+    python benchmarks/step_gpu.py                           # CUDA, 100M parameters
+    python benchmarks/step_gpu.py --sizes 10M,100M          # other sizes (suffixes k and M)
+    python benchmarks/step_gpu.py --device cpu --sizes 100k --quick --no-compile   # smoke run
+
+Columns: ``ours`` is the package's ``step(loss=...)`` as shipped (whatever path the policy
+takes on the device); ``compiled`` is one ``torch.compile``'d call of
+:func:`learned_optim.rule.math.update_rows` over all coordinates (inductor fuses the
+elementwise work around the two matrix products; on CUDA that is Triton), the candidate for a
+fused GPU step, run as an experiment beside it (its outputs replace the buffers, no copy back);
+``floor`` is the traffic of one step, ``(2 x 42 + 3) x 4`` bytes a coordinate (read and write
+the state and the parameter, read the gradient), at the bandwidth of a ``copy_`` of 512 MiB
+measured in the same run; ``SGD`` is ``torch.optim.SGD(foreach=True)`` for scale. Times are
+medians of rounds in which the implementations take turns, each synchronised on the device.
+Before timing, ``compiled`` is checked against ``ours`` after one step from the same start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from _shared import load_average  # sibling module: run as python benchmarks/step_gpu.py
+from step import TRAFFIC_ELEMENTS, clone_model, human, mlp, parse_size
+
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim.rule.math import initial_state, prepare_step, update_rows
+
+TARGET_FLOOR_RATIO = 3.0
+COPY_FLOATS = 128 * 2**20  # 512 MiB of float32: far beyond any cache
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns: dict, device: torch.device, warmup: int, repeats: int,
+                        budget_s: float) -> dict:
+    """Median seconds of each of ``fns``, taking turns every round, synchronised."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronise(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for done in range(repeats):
+        if done >= 3 and time.perf_counter() - start > budget_s:
+            break
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            synchronise(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def copy_bandwidth(device: torch.device, quick: bool) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on the device (read + write counted)."""
+    src = torch.randn(COPY_FLOATS // (8 if quick else 1), device=device)
+    dst = torch.empty_like(src)
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, 2,
+                                  5 if quick else 20, 2.0)["copy"]
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+class CompiledFlatStep:
+    """The rule over all coordinates as one flat tensor, its step one compiled call."""
+
+    def __init__(self, params, meta: MetaLearnerLSTM, device: torch.device) -> None:
+        self.params = list(params)
+        self.theta = torch.cat([p.detach().flatten() for p in self.params])
+        self.grad = torch.cat([p.grad.flatten() for p in self.params])
+        self.state = initial_state(self.theta.numel(), meta.hidden_size, device=device)
+        self.weights = meta.weights()
+        self.step_rows = torch.compile(update_rows, dynamic=False)
+
+    @torch.no_grad()
+    def step(self, loss: torch.Tensor) -> None:
+        constants = prepare_step(self.weights, loss, self.theta.dtype, self.theta.device)
+        self.theta, self.state = self.step_rows(constants, self.state, self.grad, self.theta)
+
+    def flat_params(self) -> torch.Tensor:
+        return self.theta
+
+
+def measure(target: int, device: torch.device, quick: bool, compile_step: bool) -> dict:
+    base = mlp(target).to(device)
+    for param, source in zip(base.parameters(), mlp(target).parameters()):
+        param.grad = source.grad.to(device)
+    n = sum(p.numel() for p in base.parameters())
+    torch.manual_seed(0)
+    meta = MetaLearnerLSTM().to(device)
+    loss = torch.tensor(2.3, device=device)
+    model = clone_model(base)
+    opt = LSTMMetaOptimizer(model.parameters(), meta)
+    sgd = torch.optim.SGD(clone_model(base).parameters(), lr=1e-2, foreach=True)
+    fns = {"ours": lambda: opt.step(loss=loss), "SGD": sgd.step}
+    result: dict = {"n": n}
+    if compile_step:
+        checked = clone_model(base)
+        reference = LSTMMetaOptimizer(checked.parameters(), meta)
+        flat = CompiledFlatStep(clone_model(base).parameters(), meta.to(device), device)
+        reference.step(loss=loss)
+        flat.step(loss)
+        ours_flat = torch.cat([p.detach().flatten() for p in checked.parameters()])
+        result["disagreement"] = (ours_flat - flat.flat_params()).abs().max().item()
+        fns["compiled"] = lambda: flat.step(loss)
+    warmup, repeats, budget = (1, 3, 1.0) if quick else (3, 30, 10.0)
+    result["time"] = interleaved_medians(fns, device, warmup, repeats, budget)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="100M",
+                        help="comma-separated parameter counts (default 100M)")
+    parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    parser.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the compiled candidate (no torch.compile)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("step_gpu.py: no CUDA device here (use --device cpu for a smoke run)",
+              file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {name}, float32, {load_average()} (start)")
+    bandwidth = copy_bandwidth(device, args.quick)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; traffic {TRAFFIC_ELEMENTS * 4} bytes "
+          "a coordinate and step")
+    header = (f"{'N':>8} {'ours':>9} {'compiled':>9} {'SGD':>8} {'floor':>8} "
+              f"{'ours/floor':>11} {'compiled/floor':>15}")
+    print(f"\n{header}\n{'-' * len(header)}")
+    verdicts = []
+    for target in (parse_size(s) for s in args.sizes.split(",") if s.strip()):
+        result = measure(target, device, args.quick, not args.no_compile)
+        n, t = result["n"], result["time"]
+        floor = TRAFFIC_ELEMENTS * 4 * n / bandwidth
+        compiled = t.get("compiled")
+        print(f"{human(n):>8} {t['ours'] * 1e3:9.2f} "
+              f"{compiled * 1e3 if compiled else float('nan'):9.2f} {t['SGD'] * 1e3:8.3f} "
+              f"{floor * 1e3:8.3f} {t['ours'] / floor:11.1f} "
+              f"{compiled / floor if compiled else float('nan'):15.1f}")
+        if "disagreement" in result:
+            print(f"{'':>8} compiled vs ours after one step: max |diff| "
+                  f"{result['disagreement']:.1e}")
+        verdicts.append((n, t["ours"] / floor))
+    print("(times in ms, medians of interleaved rounds)")
+    n, ratio = verdicts[-1]
+    passed = ratio <= TARGET_FLOOR_RATIO
+    print(f"\n{'PASS' if passed else 'FAIL'}: step() at N = {human(n)} on {name} = {ratio:.1f}x "
+          f"the time to read and write its state once (target <= {TARGET_FLOOR_RATIO:g}x)")
+    print(f"{load_average()} (end)")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -200,11 +200,15 @@ def median_seconds(fn, warmup: int, repeats: int, budget_s: float) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, warmup: int, repeats: int, budget_s: float) -> dict:
-    """Median seconds of each of ``fns``, timed one after the other in every round."""
+def interleaved_medians(fns: dict, warmup: int, repeats: int, budget_s: float,
+                        wait=lambda: None) -> dict:
+    """Median seconds of each of ``fns``, timed one after the other in every round.
+
+    ``wait`` runs after each call inside its timing (a device synchronisation on a GPU)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    wait()
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for done in range(repeats):
@@ -213,6 +217,7 @@ def interleaved_medians(fns: dict, warmup: int, repeats: int, budget_s: float) -
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            wait()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(values) for name, values in times.items()}
 

@@ -23,13 +23,11 @@ Before timing, ``compiled`` is checked against ``ours`` after one step from the 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 from _shared import load_average  # sibling module: run as python benchmarks/step_gpu.py
-from step import TRAFFIC_ELEMENTS, clone_model, human, mlp, parse_size
+from step import TRAFFIC_ELEMENTS, clone_model, human, interleaved_medians, mlp, parse_size
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule.math import initial_state, prepare_step, update_rows
@@ -43,32 +41,12 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns: dict, device: torch.device, warmup: int, repeats: int,
-                        budget_s: float) -> dict:
-    """Median seconds of each of ``fns``, taking turns every round, synchronised."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    synchronise(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    for done in range(repeats):
-        if done >= 3 and time.perf_counter() - start > budget_s:
-            break
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            synchronise(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def copy_bandwidth(device: torch.device, quick: bool) -> float:
     """Bytes/s of ``dst.copy_(src)`` on the device (read + write counted)."""
     src = torch.randn(COPY_FLOATS // (8 if quick else 1), device=device)
     dst = torch.empty_like(src)
-    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, 2,
-                                  5 if quick else 20, 2.0)["copy"]
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, 2, 5 if quick else 20, 2.0,
+                                  lambda: synchronise(device))["copy"]
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -115,7 +93,8 @@ def measure(target: int, device: torch.device, quick: bool, compile_step: bool) 
         result["disagreement"] = (ours_flat - flat.flat_params()).abs().max().item()
         fns["compiled"] = lambda: flat.step(loss)
     warmup, repeats, budget = (1, 3, 1.0) if quick else (3, 30, 10.0)
-    result["time"] = interleaved_medians(fns, device, warmup, repeats, budget)
+    result["time"] = interleaved_medians(fns, warmup, repeats, budget,
+                                         lambda: synchronise(device))
     return result
 
 

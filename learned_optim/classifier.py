@@ -40,7 +40,7 @@ from learned_optim.data.preprocessing import (
     preprocess_with_shapes,
 )
 from learned_optim.finetune import finetune
-from learned_optim.learners import ConvLearner
+from learned_optim.learners import classification_learner
 
 __all__ = ["FewShotClassifier", "read_class_folders", "list_images"]
 
@@ -175,9 +175,10 @@ class FewShotClassifier:
         config = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            learner = ConvLearner(self.preprocessing.channels, ways, config.filters,
-                                  config.image_size, config.bn_momentum,
-                                  feature_scale=config.feature_scale)
+            learner = classification_learner(config.architecture, self.preprocessing.channels,
+                                             ways, config.filters, config.image_size,
+                                             config.bn_momentum,
+                                             feature_scale=config.feature_scale)
         if self.checkpoint.learned_init is None:
             return learner
         report = load_learned_init(learner, self.checkpoint, strict=False)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from learned_optim import distributed
-from learned_optim.config import METHODS, TASKS, MetaTrainConfig, load_config
+from learned_optim.config import ARCHITECTURES, METHODS, TASKS, MetaTrainConfig, load_config
 from learned_optim.runstate import METRICS_LOG, RunFolder, read_log
 
 __all__ = ["main", "build_parser"]
@@ -45,7 +45,8 @@ _CONFIG_OPTIONS = {
     "hidden_size": (int, "meta-learner LSTM hidden size (default 20)", None),
     "gradient_scale": (float, "the rule reads RMS-scaled gradients, a step at most this "
                               "(general: 0.1; default: raw gradients, as in the paper)", None),
-    "filters": (int, "conv learner filters", None),
+    "filters": (int, "conv learner filters (resnet12: of its first stage)", None),
+    "architecture": (str, "image learner: conv4 (the paper's 4 blocks) or resnet12", ARCHITECTURES),
     "image_size": (int, "input side in pixels", None),
     "crop_to_ink": (float, "omniglot: crop each image to the square around its ink, widened by "
                            "this share on each side, before resizing (e.g. 0.1)", None),

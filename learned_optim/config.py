@@ -9,10 +9,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetaTrainConfig", "TASKS", "METHODS", "SINUSOID_RULE_LR", "load_config"]
+__all__ = ["ARCHITECTURES", "MetaTrainConfig", "TASKS", "METHODS", "SINUSOID_RULE_LR",
+           "load_config"]
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet", "general")
 METHODS = ("lstm", "maml", "metasgd")
+# The image learners a configuration may name (learners.classification_learner).
+ARCHITECTURES = ("conv4", "resnet12")
 QUERY_STATISTICS = ("batch", "support")  # meta-training's BatchNorm of the query set
 # The sinusoid main job's rule learning rate: 10x meta_lr. In the ~1,500 meta-steps that fit in
 # its few minutes the rule, which starts as SGD with a step of ~0.01 (input gate bias -4.5), then
@@ -63,6 +66,9 @@ class MetaTrainConfig:
     # and a step is at most this (MetaLearnerLSTM(gradient_scale=...)); "general" uses 0.1.
     gradient_scale: float | None = None
     filters: int | None = None
+    # image tasks: the learner, "conv4" (the paper's 4 blocks) or "resnet12" (widths filters,
+    # 2, 4 and 8 filters; learners.ResNet12Learner)
+    architecture: str = "conv4"
     feature_scale: float | None = None  # conv learner: a cosine head (features scaled to this)
     image_size: int | None = None
     # omniglot: crop every image to the square around its ink, widened by this margin,
@@ -168,6 +174,9 @@ class MetaTrainConfig:
         if not isinstance(self.pretrain_distort, bool):
             raise ValueError(f"pretrain_distort must be true or false, got "
                              f"{self.pretrain_distort!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got "
+                             f"{self.architecture!r}")
         if self.query_statistics not in QUERY_STATISTICS:
             raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got "
                              f"{self.query_statistics!r}")

@@ -5,15 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from learned_optim.config import ARCHITECTURES
 from learned_optim.native_block import batchnorm_relu_maxpool, fusable
 from learned_optim.native_stem import conv_batchnorm_relu_maxpool, stem_fusable
 
 __all__ = [
+    "ARCHITECTURES",
     "CPU_CHANNELS_LAST",
     "ConvFeatures",
     "ConvLearner",
+    "ResNet12Learner",
     "ScaledUnitNorm",
     "SinusoidMLP",
+    "classification_learner",
     "conv_inputs",
     "conv_memory_format",
     "reset_batchnorm",
@@ -233,6 +237,96 @@ class ConvLearner(nn.Module):
         # getattr: modules pickled before the option existed
         inputs = conv_inputs(inputs, getattr(self, "channels_last", None))
         return self.head(self.features(inputs))
+
+
+class ResidualStage(nn.Module):
+    """Three 3x3 conv + BatchNorm layers (leaky ReLU between them) beside a 1x1 conv +
+    BatchNorm shortcut, summed, then leaky ReLU and a 2x2 max-pool: one stage of ResNet-12."""
+
+    def __init__(self, in_channels: int, channels: int, bn_momentum: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for index in range(3):
+            layers += [nn.Conv2d(in_channels if index == 0 else channels, channels, 3,
+                                 padding=1, bias=False),
+                       nn.BatchNorm2d(channels, momentum=bn_momentum)]
+            if index < 2:
+                layers.append(nn.LeakyReLU(0.1))
+        self.body = nn.Sequential(*layers)
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False),
+                                      nn.BatchNorm2d(channels, momentum=bn_momentum))
+        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.out(self.body(inputs) + self.shortcut(inputs))
+
+
+class ResNet12Learner(nn.Module):
+    """A ResNet-12 learner: four residual stages (:class:`ResidualStage`) of ``filters``,
+    ``2 filters``, ``4 filters`` and ``8 filters`` channels, global average pooling, a linear
+    head. The deeper feature net of the few-shot literature (Oreshkin et al., 2018; Lee et al.,
+    2019 use widths 64-160-320-640); its features have ``8 filters`` entries whatever the
+    input size (at least 16 pixels).
+
+    Same interface as :class:`ConvLearner` (``features`` then ``head``; ``feature_scale``
+    makes the head a cosine classifier), so pre-training, the paper's BatchNorm protocol,
+    ``higher`` and the update rule take it as they take the 4-block net. It runs plain torch
+    modules (none of the 4-block net's fused CPU kernels).
+
+    Examples
+    --------
+    >>> import torch
+    >>> learner = ResNet12Learner(in_channels=1, ways=5, filters=4, image_size=28)
+    >>> learner(torch.zeros(2, 1, 28, 28)).shape, learner.head.in_features
+    (torch.Size([2, 5]), 32)
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ways: int = 5,
+        filters: int = 64,
+        image_size: int = 84,
+        bn_momentum: float = 0.9,
+        feature_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, ways, filters, image_size) < 1:
+            raise ValueError("in_channels, ways, filters and image_size must be positive")
+        if image_size < 16:
+            raise ValueError(f"image_size {image_size} is too small for ResNet-12's four "
+                             "pooling stages (at least 16 pixels)")
+        stages: list[nn.Module] = []
+        channels = in_channels
+        for width in (filters, 2 * filters, 4 * filters, 8 * filters):
+            stages.append(ResidualStage(channels, width, bn_momentum))
+            channels = width
+        layers = [*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        if feature_scale is not None:
+            layers.append(ScaledUnitNorm(feature_scale))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, ways)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.features(inputs))
+
+
+def classification_learner(architecture: str, in_channels: int, ways: int, filters: int,
+                           image_size: int, bn_momentum: float,
+                           feature_scale: float | None = None) -> nn.Module:
+    """The image learner ``architecture`` names (one of :data:`ARCHITECTURES`): the paper's
+    4-block :class:`ConvLearner` (``"conv4"``) or :class:`ResNet12Learner` (``"resnet12"``).
+
+    >>> type(classification_learner("resnet12", 1, 5, 4, 28, 0.9)).__name__
+    'ResNet12Learner'
+    """
+    if architecture == "conv4":
+        return ConvLearner(in_channels, ways, filters, image_size, bn_momentum,
+                           feature_scale=feature_scale)
+    if architecture == "resnet12":
+        return ResNet12Learner(in_channels, ways, filters, image_size, bn_momentum,
+                               feature_scale=feature_scale)
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
 
 
 class SinusoidMLP(nn.Module):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from learned_optim.config import MetaTrainConfig
-from learned_optim.learners import ConvLearner, SinusoidMLP
+from learned_optim.learners import SinusoidMLP, classification_learner
 
 __all__ = ["Task", "build_task", "accuracy", "SPLIT_SEED_OFFSETS"]
 
@@ -182,8 +182,9 @@ def build_task(config: MetaTrainConfig) -> Task:
     channels = 1 if config.task == "omniglot" else 3
 
     def make_learner() -> nn.Module:
-        return ConvLearner(channels, config.ways, config.filters, config.image_size,
-                           config.bn_momentum, feature_scale=config.feature_scale)
+        return classification_learner(config.architecture, channels, config.ways,
+                                      config.filters, config.image_size, config.bn_momentum,
+                                      feature_scale=config.feature_scale)
 
     return Task(config, classification_episodes, make_learner, F.cross_entropy, accuracy,
                 "accuracy", higher_is_better=True, pretraining=lambda: training_parts()[0],

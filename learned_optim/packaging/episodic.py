@@ -353,9 +353,11 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         command = f"{before['command']}; then {command}"
     scale = (f", feature_scale={config['feature_scale']}" if config.get("feature_scale")
              else "")
-    learner = (f"ConvLearner(in_channels=1, ways={config['ways']}, filters={config['filters']}, "
-               f"image_size={config['image_size']}{scale})" if config["task"] != "sinusoid"
-               else "SinusoidMLP (1-40-40-1, ReLU)")
+    learner_class = {"conv4": "ConvLearner", "resnet12": "ResNet12Learner"}[
+        config.get("architecture", "conv4")]
+    learner = (f"{learner_class}(in_channels=1, ways={config['ways']}, "
+               f"filters={config['filters']}, image_size={config['image_size']}{scale})"
+               if config["task"] != "sinusoid" else "SinusoidMLP (1-40-40-1, ReLU)")
     # Pre-training happens in the run that asks for it; later runs continue from its weights.
     pretrained = next((run_config for run in runs
                        if (run_config := read_run_config(run)).get("pretrain_epochs")

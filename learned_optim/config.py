@@ -177,6 +177,10 @@ class MetaTrainConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got "
                              f"{self.architecture!r}")
+        if self.architecture != "conv4" and self.task not in ("omniglot", "miniimagenet"):
+            raise ValueError(f"architecture {self.architecture!r} is for the image tasks "
+                             f"(omniglot, miniimagenet); task {self.task!r} builds its own "
+                             "learners")
         if self.query_statistics not in QUERY_STATISTICS:
             raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got "
                              f"{self.query_statistics!r}")

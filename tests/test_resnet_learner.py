@@ -33,6 +33,9 @@ def test_the_configuration_chooses_the_learner_and_refuses_unknown_ones(shared_d
         MetaTrainConfig(task="omniglot", architecture="resnet")
     with pytest.raises(ValueError, match="architecture must be one of"):
         classification_learner("vgg", 1, 5, 4, 28, 0.9)
+    for task in ("sinusoid", "general"):  # their learners are not the image learner
+        with pytest.raises(ValueError, match=f"'resnet12' is for the image tasks.*'{task}'"):
+            MetaTrainConfig(task=task, architecture="resnet12")
     # records written before the option have no such field: the paper's learner
     old = MetaTrainConfig(task="omniglot").to_dict()
     del old["architecture"]

@@ -14,6 +14,7 @@ __all__ = ["ARCHITECTURES", "MetaTrainConfig", "TASKS", "METHODS", "SINUSOID_RUL
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet", "general")
 METHODS = ("lstm", "maml", "metasgd")
+IMAGE_TASKS = ("omniglot", "miniimagenet")  # the tasks whose learner is an image classifier
 # The image learners a configuration may name (learners.classification_learner).
 ARCHITECTURES = ("conv4", "resnet12")
 QUERY_STATISTICS = ("batch", "support")  # meta-training's BatchNorm of the query set
@@ -141,7 +142,7 @@ class MetaTrainConfig:
             raise ValueError(f"horizon_min {self.horizon_min} exceeds horizon_max "
                              f"{self.horizon_max}")
         if self.feature_scale is not None and (not self.feature_scale > 0
-                                               or self.task not in ("omniglot", "miniimagenet")):
+                                               or self.task not in IMAGE_TASKS):
             raise ValueError("feature_scale (--feature-scale) must be positive and applies to "
                              "the conv learner of omniglot / miniimagenet, got "
                              f"{self.feature_scale!r} for task {self.task!r}")
@@ -163,7 +164,7 @@ class MetaTrainConfig:
                 "rotates)")
 
         for name in ("pretrain_epochs", "pretrain_episodes"):
-            if getattr(self, name) and not (self.task in ("omniglot", "miniimagenet")
+            if getattr(self, name) and not (self.task in IMAGE_TASKS
                                             and self.learned_init):
                 raise ValueError(
                     f"{name} (--{name.replace('_', '-')}) pre-trains the learned init's "
@@ -177,10 +178,9 @@ class MetaTrainConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got "
                              f"{self.architecture!r}")
-        if self.architecture != "conv4" and self.task not in ("omniglot", "miniimagenet"):
+        if self.architecture != "conv4" and self.task not in IMAGE_TASKS:
             raise ValueError(f"architecture {self.architecture!r} is for the image tasks "
-                             f"(omniglot, miniimagenet); task {self.task!r} builds its own "
-                             "learners")
+                             f"{IMAGE_TASKS}; task {self.task!r} builds its own learners")
         if self.query_statistics not in QUERY_STATISTICS:
             raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got "
                              f"{self.query_statistics!r}")

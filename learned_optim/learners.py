@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learned_optim.config import ARCHITECTURES
 from learned_optim.native_block import batchnorm_relu_maxpool, fusable
 from learned_optim.native_stem import conv_batchnorm_relu_maxpool, stem_fusable
 
 __all__ = [
-    "ARCHITECTURES",
     "CPU_CHANNELS_LAST",
     "ConvFeatures",
     "ConvLearner",
+    "LEARNER_CLASSES",
     "ResNet12Learner",
     "ScaledUnitNorm",
     "SinusoidMLP",
@@ -311,22 +310,27 @@ class ResNet12Learner(nn.Module):
         return self.head(self.features(inputs))
 
 
+# The image learner each config.ARCHITECTURES name builds; their constructors share the
+# arguments (in_channels, ways, filters, image_size, bn_momentum, feature_scale).
+LEARNER_CLASSES: dict[str, type[nn.Module]] = {"conv4": ConvLearner, "resnet12": ResNet12Learner}
+
+
 def classification_learner(architecture: str, in_channels: int, ways: int, filters: int,
                            image_size: int, bn_momentum: float,
                            feature_scale: float | None = None) -> nn.Module:
-    """The image learner ``architecture`` names (one of :data:`ARCHITECTURES`): the paper's
-    4-block :class:`ConvLearner` (``"conv4"``) or :class:`ResNet12Learner` (``"resnet12"``).
+    """The image learner ``architecture`` names (a key of :data:`LEARNER_CLASSES`): the
+    paper's 4-block :class:`ConvLearner` (``"conv4"``) or :class:`ResNet12Learner`
+    (``"resnet12"``).
 
     >>> type(classification_learner("resnet12", 1, 5, 4, 28, 0.9)).__name__
     'ResNet12Learner'
     """
-    if architecture == "conv4":
-        return ConvLearner(in_channels, ways, filters, image_size, bn_momentum,
-                           feature_scale=feature_scale)
-    if architecture == "resnet12":
-        return ResNet12Learner(in_channels, ways, filters, image_size, bn_momentum,
-                               feature_scale=feature_scale)
-    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if architecture not in LEARNER_CLASSES:
+        raise ValueError(f"architecture must be one of {tuple(LEARNER_CLASSES)}, got "
+                         f"{architecture!r}")
+    return LEARNER_CLASSES[architecture](in_channels=in_channels, ways=ways, filters=filters,
+                                         image_size=image_size, bn_momentum=bn_momentum,
+                                         feature_scale=feature_scale)
 
 
 class SinusoidMLP(nn.Module):

@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from learned_optim import FewShotClassifier, load_checkpoint
-from learned_optim.config import MetaTrainConfig
+from learned_optim.config import ARCHITECTURES, MetaTrainConfig
 from learned_optim.finetune import finetune
-from learned_optim.learners import ConvLearner, ResNet12Learner, classification_learner
+from learned_optim.learners import (
+    LEARNER_CLASSES,
+    ConvLearner,
+    ResNet12Learner,
+    classification_learner,
+)
 from learned_optim.tasks import build_task
 from learned_optim.train import MetaTrainer, meta_train
 
@@ -29,6 +34,7 @@ def test_four_stages_double_the_width_and_pool_to_eight_filters_features():
 
 def test_the_configuration_chooses_the_learner_and_refuses_unknown_ones(shared_data):
     assert MetaTrainConfig(task="omniglot").architecture == "conv4"
+    assert tuple(LEARNER_CLASSES) == ARCHITECTURES  # every name the config takes builds
     with pytest.raises(ValueError, match="architecture must be one of .*'resnet'"):
         MetaTrainConfig(task="omniglot", architecture="resnet")
     with pytest.raises(ValueError, match="architecture must be one of"):

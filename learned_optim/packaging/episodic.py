@@ -49,6 +49,7 @@ from learned_optim.config import MetaTrainConfig
 from learned_optim.data.omniglot import WITHIN_ALPHABET_PROTOCOLS
 from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.data.splits import training_data
+from learned_optim.learners import LEARNER_CLASSES
 from learned_optim.packaging.facts import continued_facts, training_facts
 from learned_optim.runstate import read_run_config
 
@@ -353,8 +354,7 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         command = f"{before['command']}; then {command}"
     scale = (f", feature_scale={config['feature_scale']}" if config.get("feature_scale")
              else "")
-    learner_class = {"conv4": "ConvLearner", "resnet12": "ResNet12Learner"}[
-        config.get("architecture", "conv4")]
+    learner_class = LEARNER_CLASSES[config.get("architecture", "conv4")].__name__
     learner = (f"{learner_class}(in_channels=1, ways={config['ways']}, "
                f"filters={config['filters']}, image_size={config['image_size']}{scale})"
                if config["task"] != "sinusoid" else "SinusoidMLP (1-40-40-1, ReLU)")

@@ -88,7 +88,7 @@ def trajectory(learner, spec, episode, max_steps, record_steps, task):
             step.model.train()
 
     finetune(learner, episode.support_inputs, episode.support_targets, optimizer=spec,
-             steps=max_steps, loss_fn=task.loss, on_step=watch)
+             steps=max_steps, loss_fn=task.loss, on_step=watch, adapt=task.config.adapt)
     return scores, trace
 
 
@@ -135,7 +135,7 @@ def study(name: str, args) -> dict:
     for method in ("learned rule", "SGD"):
         spec = specs[method]
         adapted = finetune(learner, episode.support_inputs, episode.support_targets,
-                           optimizer=spec, steps=T, loss_fn=task.loss)
+                           optimizer=spec, steps=T, loss_fn=task.loss, adapt=task.config.adapt)
         with torch.no_grad():
             reference = float(task.metric(adapted(episode.query_inputs), episode.query_targets))
         mine, _ = trajectory(learner, spec, episode, T, {T}, task)

@@ -276,7 +276,7 @@ def gate_records(name: str, data_root: str, episodes: int, steps: int | None = N
         episode = source.episode(index)
         finetune(task.make_learner(), episode.support_inputs, episode.support_targets,
                  optimizer=checkpoint.meta_learner, steps=steps or config.inner_steps,
-                 loss_fn=task.loss, learned_init=checkpoint,
+                 loss_fn=task.loss, learned_init=checkpoint, adapt=config.adapt,
                  on_step=lambda step, index=index: records.extend(record_gates(
                      step.optimizer, step=step.step, episode=index, model=step.model)))
     return records

@@ -232,7 +232,8 @@ class FewShotClassifier:
         learner = self._learner(len(order)).to(self.device)
         inputs = normalise_pixels(pixels, self.preprocessing).to(self.device)
         self._model = finetune(learner, inputs, targets.to(self.device),
-                               optimizer=self.checkpoint, steps=self.inner_steps)
+                               optimizer=self.checkpoint, steps=self.inner_steps,
+                               adapt=self.config.adapt)
         return self
 
     # --- prediction ------------------------------------------------------------------------

@@ -20,7 +20,14 @@ import sys
 from pathlib import Path
 
 from learned_optim import distributed
-from learned_optim.config import ARCHITECTURES, METHODS, TASKS, MetaTrainConfig, load_config
+from learned_optim.config import (
+    ADAPTED,
+    ARCHITECTURES,
+    METHODS,
+    TASKS,
+    MetaTrainConfig,
+    load_config,
+)
 from learned_optim.runstate import METRICS_LOG, RunFolder, read_log
 
 __all__ = ["main", "build_parser"]
@@ -47,6 +54,8 @@ _CONFIG_OPTIONS = {
                               "(general: 0.1; default: raw gradients, as in the paper)", None),
     "filters": (int, "conv learner filters (resnet12: of its first stage)", None),
     "architecture": (str, "image learner: conv4 (the paper's 4 blocks) or resnet12", ARCHITECTURES),
+    "adapt": (str, "image learner: the parameters the rule adapts, all or head (the features "
+                   "stay the learned init)", ADAPTED),
     "image_size": (int, "input side in pixels", None),
     "crop_to_ink": (float, "omniglot: crop each image to the square around its ink, widened by "
                            "this share on each side, before resizing (e.g. 0.1)", None),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "MetaTrainConfig", "TASKS", "METHODS", "SINUSOID_RULE_LR",
+__all__ = ["ADAPTED", "ARCHITECTURES", "MetaTrainConfig", "TASKS", "METHODS", "SINUSOID_RULE_LR",
            "load_config"]
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet", "general")
@@ -17,6 +17,9 @@ METHODS = ("lstm", "maml", "metasgd")
 IMAGE_TASKS = ("omniglot", "miniimagenet")  # the tasks whose learner is an image classifier
 # The image learners a configuration may name (learners.classification_learner).
 ARCHITECTURES = ("conv4", "resnet12")
+# What the inner loop adapts (finetune.adapted_parameters): every parameter, or the image
+# learner's head alone (its features stay the learned init).
+ADAPTED = ("all", "head")
 QUERY_STATISTICS = ("batch", "support")  # meta-training's BatchNorm of the query set
 # The sinusoid main job's rule learning rate: 10x meta_lr. In the ~1,500 meta-steps that fit in
 # its few minutes the rule, which starts as SGD with a step of ~0.01 (input gate bias -4.5), then
@@ -70,6 +73,9 @@ class MetaTrainConfig:
     # image tasks: the learner, "conv4" (the paper's 4 blocks) or "resnet12" (widths filters,
     # 2, 4 and 8 filters; learners.ResNet12Learner)
     architecture: str = "conv4"
+    # image tasks: the parameters the update rule adapts on a support set, "all" or "head"
+    # (the features stay the learned init, meta-trained by the outer loop only)
+    adapt: str = "all"
     feature_scale: float | None = None  # conv learner: a cosine head (features scaled to this)
     image_size: int | None = None
     # omniglot: crop every image to the square around its ink, widened by this margin,
@@ -181,6 +187,11 @@ class MetaTrainConfig:
         if self.architecture != "conv4" and self.task not in IMAGE_TASKS:
             raise ValueError(f"architecture {self.architecture!r} is for the image tasks "
                              f"{IMAGE_TASKS}; task {self.task!r} builds its own learners")
+        if self.adapt not in ADAPTED:
+            raise ValueError(f"adapt must be one of {ADAPTED}, got {self.adapt!r}")
+        if self.adapt != "all" and self.task not in IMAGE_TASKS:
+            raise ValueError(f"adapt {self.adapt!r} is for the image tasks {IMAGE_TASKS} (their "
+                             f"learners have a head); task {self.task!r} adapts all parameters")
         if self.query_statistics not in QUERY_STATISTICS:
             raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got "
                              f"{self.query_statistics!r}")

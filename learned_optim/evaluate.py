@@ -139,12 +139,14 @@ class EvaluationReport:
 
 
 def query_scores(learner, spec, episodes, indices, steps, task: Task, device="cpu") -> list[float]:
-    """The query metric of each episode in ``indices``, adapting through :func:`finetune`."""
+    """The query metric of each episode in ``indices``, adapting through :func:`finetune` the
+    parameters the task's configuration names (``adapt``)."""
     scores = []
     for index in indices:
         episode = to_device(episodes.episode(index), device)
         adapted = finetune(learner, episode.support_inputs, episode.support_targets,
-                           optimizer=spec, steps=steps, loss_fn=task.loss)
+                           optimizer=spec, steps=steps, loss_fn=task.loss,
+                           adapt=task.config.adapt)
         with torch.no_grad():
             scores.append(task.metric(adapted(episode.query_inputs), episode.query_targets).item())
     return scores

@@ -17,21 +17,54 @@ from learned_optim.learners import reset_batchnorm
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
 
-__all__ = ["finetune", "make_optimizer", "FinetuneStep"]
+__all__ = ["adapted_parameters", "finetune", "make_optimizer", "FinetuneStep"]
 
 OptimizerSpec = (
     MetaLearnerLSTM | str | os.PathLike | Checkpoint | Callable[..., torch.optim.Optimizer]
 )
 
 
-def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+def adapted_parameters(model: nn.Module, adapt: str = "all") -> list[tuple[str, nn.Parameter]]:
+    """The named parameters that few-shot adaptation updates: all of ``model``'s that require
+    grad (``adapt="all"``), or those of its submodule called ``adapt`` (``"head"``: the
+    features stay as initialised, and no gradient needs to flow through them).
+
+    Examples
+    --------
+    >>> model = nn.Sequential()
+    >>> model.add_module("features", nn.Linear(4, 3))
+    >>> model.add_module("head", nn.Linear(3, 2))
+    >>> [name for name, _ in adapted_parameters(model, "head")]
+    ['head.weight', 'head.bias']
+    >>> len(adapted_parameters(model))
+    4
+    """
+    if adapt == "all":
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    try:
+        part = model.get_submodule(adapt)
+    except AttributeError:
+        children = [name for name, _ in model.named_children()]
+        raise ValueError(f"adapt={adapt!r}: {type(model).__name__} has no submodule {adapt!r} "
+                         f"(its submodules: {children}); adapt 'all' or one of them") from None
+    named = [(f"{adapt}.{n}", p) for n, p in part.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"adapt={adapt!r}: {type(model).__name__}.{adapt} has no parameter "
+                         "that requires grad: nothing would be adapted")
+    return named
+
+
+def make_optimizer(spec: OptimizerSpec, model: nn.Module, adapt: str = "all"
+                   ) -> torch.optim.Optimizer:
     """Build the optimizer that adapts ``model``'s parameters from an update-rule spec.
 
     ``spec`` is a :class:`MetaLearnerLSTM`, a checkpoint (loaded, or a shipped name or path:
     the Meta-Learner LSTM, or a MAML / Meta-SGD baseline), or a factory called with the
-    parameters (e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``).
+    parameters (e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``). ``adapt`` chooses the
+    parameters (:func:`adapted_parameters`).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = adapted_parameters(model, adapt)
+    params = [p for _, p in named]
     if isinstance(spec, MetaLearnerLSTM):
         return LSTMMetaOptimizer(params, spec)
     if isinstance(spec, (str, os.PathLike)):
@@ -41,7 +74,6 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimiz
             return LSTMMetaOptimizer(params, spec.meta_learner)
         if spec.method == "maml":
             return torch.optim.SGD(params, lr=spec.inner_lr)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         missing = [n for n, p in named
                    if n not in spec.learning_rates or spec.learning_rates[n].shape != p.shape]
         if missing:
@@ -72,6 +104,7 @@ def finetune(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     learned_init: str | os.PathLike | Checkpoint | None = None,
     on_step: Callable[[FinetuneStep], None] | None = None,
+    adapt: str = "all",
 ) -> nn.Module:
     """Adapt a copy of ``model`` on a support set and return it, in eval mode.
 
@@ -98,6 +131,11 @@ def finetune(
         Called with a :class:`FinetuneStep` after every update, to watch the adaptation
         (query scores, gates, weight norms after each step) without writing the loop again.
         It must leave the model in train mode and its parameters as they are.
+    adapt:
+        ``"all"`` parameters, or the name of the submodule whose parameters alone are adapted
+        (``"head"`` for the package's learners; ``"fc"`` for a torchvision ResNet): the rest
+        keep their values and the backward pass stops at that submodule's inputs
+        (:func:`adapted_parameters`).
 
     Examples
     --------
@@ -113,6 +151,9 @@ def finetune(
     ...              on_step=lambda s: losses.append((s.step, round(s.loss.item(), 1) > 0)))
     >>> losses
     [(1, True), (2, True), (3, True)]
+    >>> last = finetune(model, x, y, optimizer=MetaLearnerLSTM(), steps=2, adapt="2")
+    >>> torch.equal(last[0].weight, model[0].weight), torch.equal(last[2].weight, model[2].weight)
+    (True, False)
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -123,7 +164,12 @@ def finetune(
     if learned_init is not None:
         load_learned_init(adapted, learned_init)
     reset_batchnorm(adapted)  # a new episode: no statistics from earlier ones
-    opt = make_optimizer(optimizer, adapted)
+    opt = make_optimizer(optimizer, adapted, adapt)
+    # Parameters left as they are need no gradient: backward stops where the adapted ones start.
+    adapting = {id(p) for group in opt.param_groups for p in group["params"]}
+    held = [p for p in adapted.parameters() if p.requires_grad and id(p) not in adapting]
+    for param in held:
+        param.requires_grad_(False)
     learned = isinstance(opt, LSTMMetaOptimizer)
     adapted.train()
     with torch.enable_grad():
@@ -140,4 +186,6 @@ def finetune(
     adapted.eval()  # queries use this support set's running statistics
     for param in adapted.parameters():
         param.grad = None
+    for param in held:  # the copy's flags as the model's
+        param.requires_grad_(True)
     return adapted

@@ -813,17 +813,23 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         params = list(params)
         _loss_tensor(loss)  # validates shape and finiteness
         # The learner's backward and the rule's update: on a CPU they run on the threads the
-        # policy chooses for the learner's size (learned_optim.rule.policy.tape_step_threads:
-        # torch's for the compiled node, else one when small or when cores are busy).
+        # policy chooses for the size of what is updated (learned_optim.rule.policy.
+        # tape_step_threads: torch's for the compiled node, else one when small or when cores
+        # are busy).
+        updated = self._updated_indices()
         with policy.threads_for_tape_step(_device_for_threads(params),
-                                          sum(p.numel() for p in params)):
+                                          sum(params[i].numel() for i in updated)):
             return self._step(loss, params, grad_callback)
 
     def _step(self, loss: Tensor, params: list[Tensor], grad_callback) -> list[Tensor]:
         """:meth:`step` once the parameters are known, under the policy's threads."""
         second_order = self._track_higher_grads and not self.first_order
-        # Unused or frozen parameters: a dummy target keeps autograd.grad happy; grad is None.
-        targets = [p if p.requires_grad else torch.empty(0, requires_grad=True) for p in params]
+        # Unused or frozen parameters, and those this optimizer does not update (a head-only
+        # inner loop): a dummy target keeps autograd.grad happy, their grad is None and the
+        # backward stops where the updated ones start.
+        updated = self._updated_indices()
+        targets = [p if p.requires_grad and i in updated else torch.empty(0, requires_grad=True)
+                   for i, p in enumerate(params)]
         grads = torch.autograd.grad(
             loss, targets, create_graph=second_order, allow_unused=True
         )
@@ -849,6 +855,10 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
+
+    def _updated_indices(self) -> set[int]:
+        """Which of the patched model's parameters (by index) this optimizer updates."""
+        return {index for mapping in self._group_to_param_list for index in mapping}
 
     def _rule_gradient(self, group_index: int, index: int, grad: Tensor) -> Tensor:
         """As :meth:`LSTMMetaOptimizer._rule_gradients`, for one parameter."""

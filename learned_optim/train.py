@@ -29,6 +29,7 @@ from learned_optim.config import MetaTrainConfig
 from learned_optim.data import splits
 from learned_optim.data.preprocessing import Preprocessing
 from learned_optim.evaluate import evaluate_rule, query_scores
+from learned_optim.finetune import adapted_parameters
 from learned_optim.learners import conv_memory_format, reset_batchnorm, set_channels_last
 from learned_optim.metalearner import MetaLearnerLSTM
 from learned_optim.optimizer import LSTMMetaOptimizer
@@ -70,15 +71,21 @@ def build_rule(config: MetaTrainConfig, learner: nn.Module) -> nn.Module | None:
 
 
 def inner_optimizer(config: MetaTrainConfig, rule, learner: nn.Module):
-    """The optimizer ``higher`` differentiates through, and the keyword arguments of its step."""
+    """The optimizer ``higher`` differentiates through, and the keyword arguments of its step.
+
+    It holds the parameters ``config.adapt`` names; the others keep their initial values in the
+    inner loop (and, as the learned init, still get their meta-gradients)."""
+    named = adapted_parameters(learner, config.adapt)
+    params = [p for _, p in named]
     if config.method == "lstm":
-        return LSTMMetaOptimizer(learner.parameters(), rule, first_order=config.first_order), {}
+        return LSTMMetaOptimizer(params, rule, first_order=config.first_order), {}
     step_kwargs = {"grad_callback": _detach_all} if config.first_order else {}
     if config.method == "maml":
-        return torch.optim.SGD(learner.parameters(), lr=config.inner_lr), step_kwargs
+        return torch.optim.SGD(params, lr=config.inner_lr), step_kwargs
     # Meta-SGD: one group per tensor, whose step size is a learned tensor of the same shape.
-    groups = [{"params": [p]} for p in learner.parameters()]
-    step_kwargs["override"] = {"lr": list(rule.rates)}
+    groups = [{"params": [p]} for p in params]
+    rates = rule.as_dict()
+    step_kwargs["override"] = {"lr": [rates[name] for name, _ in named]}
     return torch.optim.SGD(groups, lr=config.inner_lr), step_kwargs
 
 
@@ -233,7 +240,15 @@ class MetaTrainer:
             if checkpoint.learning_rates is not None:
                 for name, rate in zip(self.rule.names, self.rule.rates):
                     rate.copy_(checkpoint.learning_rates[name])
-        if checkpoint.learned_init is not None:
+        theirs = (checkpoint.record.get("config") or {}).get("architecture", "conv4")
+        if checkpoint.learned_init is not None and theirs != self.config.architecture:
+            # Nothing of another net's init fits; the rule is architecture-free.
+            warnings.warn(f"init_from {path}: only its update rule is loaded; its learned init "
+                          f"is a {theirs!r} learner's, this run's is {self.config.architecture!r}"
+                          + ("" if self.config.pretrain_epochs or self.config.pretrain_episodes
+                             else " (and nothing pre-trains it: set pretrain_epochs)"),
+                          stacklevel=2)
+        elif checkpoint.learned_init is not None:
             # Another number of ways: the head's shape differs; it keeps its fresh weights.
             report = load_learned_init(self.learner, checkpoint, strict=False)
             fresh = report.missing + report.mismatched

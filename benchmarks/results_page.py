@@ -44,6 +44,9 @@ PUBLISHED = {
     "omniglot-lake-5w1s": ("", "Lake et al. publish 20-way only; no target"),
     "omniglot-lake-alphabets-20w1s": ("accuracy >= 92.0%", "the same test as "
                                       "omniglot-lake-20w1s and the same published figures"),
+    "omniglot-lake-alphabets-resnet12-20w1s": ("accuracy >= 92.0%", "the same test as "
+                                               "omniglot-lake-20w1s and the same published "
+                                               "figures"),
     "sinusoid-10shot": ("MSE <= 0.53", "Meta-SGD 0.53, MAML 0.77 (Meta-SGD's sinusoids, "
                                        "1 step; ours T = 5)"),
     "sinusoid-10shot-maml": ("", "MAML publishes K = 5 only (0.35 after 10 steps); no target"),

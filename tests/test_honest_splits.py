@@ -54,7 +54,8 @@ def test_cli_evaluate_refuses_without_force_overlap(shared_data, capsys):
 
 
 @pytest.mark.parametrize("name", ["omniglot-lake-5w1s", "omniglot-lake-20w1s",
-                                  "omniglot-lake-alphabets-20w1s"])
+                                  "omniglot-lake-alphabets-20w1s",
+                                  "omniglot-lake-alphabets-resnet12-20w1s"])
 def test_lake_checkpoints_record_their_characters_and_preprocessing(name):
     checkpoint = load_checkpoint(name)
     seen = read_training_data(checkpoint)
@@ -62,7 +63,7 @@ def test_lake_checkpoints_record_their_characters_and_preprocessing(name):
     assert max(seen["characters"]["train"] + seen["characters"]["val"]) < 964
     expected = {"size": 28, "mode": "L", "resample": "lanczos", "invert": True, "mean": None,
                 "std": None, "train_mean": 0.0815}
-    if name == "omniglot-lake-alphabets-20w1s":  # session 19: cropped to the ink
+    if name.startswith("omniglot-lake-alphabets-"):  # since session 19: cropped to the ink
         expected.update(train_mean=0.137, crop_to_ink=0.1)
     assert read_preprocessing(checkpoint) == expected
 

@@ -11,13 +11,13 @@ from learned_optim.evaluate import evaluate
 
 SHIPPED = ["general", "omniglot-20w1s", "omniglot-20w5s", "omniglot-5w1s", "omniglot-5w5s",
            "omniglot-lake-20w1s", "omniglot-lake-5w1s", "omniglot-lake-alphabets-20w1s",
-           "sinusoid-10shot", "sinusoid-10shot-maml"]
+           "omniglot-lake-alphabets-resnet12-20w1s", "sinusoid-10shot", "sinusoid-10shot-maml"]
 # The episodic checkpoints, whose cards evaluate() reproduces (general's come from benchmarks).
 EPISODIC = [name for name in SHIPPED if name != "general"]
 # Few episodes keep CI fast; the tolerance below is sized for this count.
 CHECK_EPISODES = {"omniglot-5w1s": 40, "omniglot-5w5s": 30, "omniglot-20w1s": 15,
                   "omniglot-20w5s": 10, "omniglot-lake-5w1s": 40, "omniglot-lake-20w1s": 15,
-                  "omniglot-lake-alphabets-20w1s": 15,
+                  "omniglot-lake-alphabets-20w1s": 15, "omniglot-lake-alphabets-resnet12-20w1s": 15,
                   "sinusoid-10shot": 100, "sinusoid-10shot-maml": 100}
 
 

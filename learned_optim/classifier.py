@@ -40,9 +40,9 @@ from learned_optim.data.preprocessing import (
     preprocess_with_shapes,
 )
 from learned_optim.finetune import finetune
-from learned_optim.learners import classification_learner
+from learned_optim.learners import classification_learner, start_classes_alike
 
-__all__ = ["FewShotClassifier", "read_class_folders", "list_images", "start_classes_alike"]
+__all__ = ["FewShotClassifier", "read_class_folders", "list_images"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
@@ -91,30 +91,6 @@ def read_class_folders(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
     return paths, labels
 
 
-def start_classes_alike(learner: nn.Module, learned: dict[str, torch.Tensor],
-                        names: Sequence[str]) -> None:
-    """Give every output row of the parameters ``names`` (a head of another number of classes
-    than the learned init's) the mean of the learned rows, so that all classes start alike.
-
-    Class indices are arbitrary in few-shot episodes, so the learned rows are interchangeable
-    and their mean is the neutral start; a random head would give the classes random scores
-    before the first step (on the lake-alphabets validation episodes at 5 ways, 62-68% instead
-    of 97% for the two shipped lake-alphabets checkpoints).
-
-    >>> head = nn.Linear(3, 4)
-    >>> start_classes_alike(nn.Sequential(head), {"0.weight": torch.ones(2, 3),
-    ...                                           "0.bias": torch.tensor([1.0, 3.0])},
-    ...                     ["0.weight", "0.bias"])
-    >>> head.weight.tolist()[3], head.bias.tolist()
-    ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0])
-    """
-    params = dict(learner.named_parameters())
-    with torch.no_grad():
-        for name in names:
-            if name in learned and learned[name].shape[1:] == params[name].shape[1:]:
-                params[name].copy_(learned[name].mean(dim=0).expand_as(params[name]))
-
-
 class FewShotClassifier:
     """A checkpoint's learner, init, update rule, T and preprocessing, as a classifier.
 
@@ -124,7 +100,7 @@ class FewShotClassifier:
         A loaded image-classification checkpoint (use :meth:`from_pretrained` for a name or
         path). Any number of classes can be fitted; a head of another size than the
         checkpoint's starts with every class alike, as the mean of the learned rows
-        (:func:`start_classes_alike`; a warning says so).
+        (:func:`learned_optim.learners.start_classes_alike`; a warning says so).
     inner_steps : int, optional
         Updates on the support set (default: the checkpoint's T).
     device : str

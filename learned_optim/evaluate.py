@@ -30,7 +30,7 @@ from learned_optim.checkpoint import (
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data import splits
 from learned_optim.finetune import finetune
-from learned_optim.learners import reset_batchnorm
+from learned_optim.learners import reset_batchnorm, start_classes_alike
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 from learned_optim.version import __version__
@@ -197,8 +197,11 @@ def learner_with_init(task: Task, checkpoint: Checkpoint, device) -> tuple[nn.Mo
     if checkpoint.learned_init is None:
         return learner.to(device), "random init"
     report = load_learned_init(learner, checkpoint, strict=False)
-    note = "learned init" if not (report.missing or report.mismatched) else (
-        f"learned init except {report.missing + report.mismatched}")
+    fresh = report.missing + report.mismatched
+    if not fresh:
+        return learner.to(device), "learned init"
+    start_classes_alike(learner, checkpoint.learned_init, fresh)  # another number of ways
+    note = f"learned init except {fresh} (every class as the mean of the learned rows)"
     return learner.to(device), note
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,7 @@ __all__ = [
     "reset_batchnorm",
     "set_batchnorm_momentum",
     "set_channels_last",
+    "start_classes_alike",
 ]
 
 # Conv learners run channels-last (NHWC) on a CPU. Measured on the 2-core EPYC, one thread,
@@ -363,3 +366,28 @@ def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = momentum
+
+
+def start_classes_alike(learner: nn.Module, learned: dict[str, torch.Tensor],
+                        names: Sequence[str]) -> None:
+    """Give every output row of the parameters ``names`` (a head of another number of classes
+    than the learned init's) the mean of the learned rows, so that all classes start alike.
+
+    Class indices are arbitrary in few-shot episodes, so the learned rows are interchangeable
+    and their mean is the neutral start; a random head would give the classes random scores
+    before the first step (with the two shipped lake-alphabets checkpoints at 5 ways, 62-68%
+    instead of 97% on validation episodes). :class:`~learned_optim.FewShotClassifier` and
+    :func:`~learned_optim.evaluate.evaluate` start so a head of another number of ways.
+
+    >>> head = nn.Linear(3, 4)
+    >>> start_classes_alike(nn.Sequential(head), {"0.weight": torch.ones(2, 3),
+    ...                                           "0.bias": torch.tensor([1.0, 3.0])},
+    ...                     ["0.weight", "0.bias"])
+    >>> head.weight.tolist()[3], head.bias.tolist()
+    ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0])
+    """
+    params = dict(learner.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            if name in learned and learned[name].shape[1:] == params[name].shape[1:]:
+                params[name].copy_(learned[name].mean(dim=0).expand_as(params[name]))

@@ -240,7 +240,8 @@ class MetaTrainer:
             if checkpoint.learning_rates is not None:
                 for name, rate in zip(self.rule.names, self.rule.rates):
                     rate.copy_(checkpoint.learning_rates[name])
-        theirs = (checkpoint.record.get("config") or {}).get("architecture", "conv4")
+        theirs = (checkpoint.record.get("config") or {}).get("architecture",
+                                                            MetaTrainConfig.architecture)
         if checkpoint.learned_init is not None and theirs != self.config.architecture:
             # Nothing of another net's init fits; the rule is architecture-free.
             warnings.warn(f"init_from {path}: only its update rule is loaded; its learned init "

@@ -354,13 +354,15 @@ def package(name: str, runs: list[Path], evaluation_path: Path, hardware: str, c
         command = f"{before['command']}; then {command}"
     scale = (f", feature_scale={config['feature_scale']}" if config.get("feature_scale")
              else "")
-    learner_class = LEARNER_CLASSES[config.get("architecture", "conv4")].__name__
+    learner_class = LEARNER_CLASSES[config.get("architecture",
+                                               MetaTrainConfig.architecture)].__name__
     learner = (f"{learner_class}(in_channels=1, ways={config['ways']}, "
                f"filters={config['filters']}, image_size={config['image_size']}{scale})"
                if config["task"] != "sinusoid" else "SinusoidMLP (1-40-40-1, ReLU)")
-    if config.get("adapt", "all") != "all":
-        learner += (f"; every method adapts its {config['adapt']} alone (adapt = "
-                    f"{config['adapt']!r}), the rest stays the learned init")
+    adapt = config.get("adapt", MetaTrainConfig.adapt)
+    if adapt != MetaTrainConfig.adapt:
+        learner += (f"; every method adapts its {adapt} alone (adapt = {adapt!r}), the rest "
+                    "stays the learned init")
     # Pre-training happens in the run that asks for it; later runs continue from its weights.
     pretrained = next((run_config for run in runs
                        if (run_config := read_run_config(run)).get("pretrain_epochs")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -364,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         rank, size = distributed.world()
         where = f" (rank {rank} of {size})" if size > 1 else ""
         print(f"learned-optim {args.command}{where}: error: {error}", file=sys.stderr)
+        if isinstance(error, distributed.DistributedError) and size > 1:
+            # A process group whose peer died can abort (SIGABRT) in torch's C++ teardown at
+            # interpreter exit, hiding this exit code: the files are written, so leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

@@ -170,6 +170,9 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--baselines", default="",
                         help="comma list of sgd,adam,maml,metasgd,nn")
+    parser.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT",
+                        help="checkpoints of other learners for the same setting: every one "
+                             "adapts on its own and the queries get their mean probabilities")
     parser.add_argument("--maml", help="MAML checkpoint for the maml baseline")
     parser.add_argument("--metasgd", help="Meta-SGD checkpoint for the metasgd baseline")
     parser.add_argument("--tune-episodes", type=int, default=50,
@@ -195,6 +198,9 @@ def _add_predict(commands) -> None:
     parser.add_argument("--inner-steps", type=int, help="updates on the support set (default: "
                                                         "the checkpoint's T)")
     parser.add_argument("--json", type=Path, help="also write the predictions as JSON here")
+    parser.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT",
+                        help="checkpoints of other learners with the same preprocessing: each "
+                             "adapts on its own and the queries get their mean probabilities")
     parser.add_argument("--device", default="cpu")
     _add_threads(parser)
 
@@ -208,7 +214,7 @@ def _predict(args) -> int:
     if not queries:
         raise ValueError(f"{args.query}: no image files to classify")
     classifier = FewShotClassifier.from_pretrained(args.checkpoint, inner_steps=args.inner_steps,
-                                                   device=args.device)
+                                                   device=args.device, ensemble=args.ensemble)
     classifier.fit(paths, labels)
     probabilities = classifier.predict_proba(queries)
     rows = []
@@ -221,7 +227,9 @@ def _predict(args) -> int:
                                        for c, p in zip(classifier.classes_, row)}})
         print(f"{name}\t{classifier.classes_[best]}\t{row[best]:.4f}")
     if args.json:
+        members = [str(m.checkpoint.path) for m in classifier.members]
         args.json.write_text(json.dumps({"checkpoint": str(classifier.checkpoint.path),
+                                         **({"ensemble": members} if members else {}),
                                          "classes": classifier.classes_,
                                          "predictions": rows}, indent=2))
     return 0
@@ -339,7 +347,7 @@ def _evaluate(args) -> int:
         baseline_checkpoints={k: v for k, v in (("maml", args.maml),
                                                 ("metasgd", args.metasgd)) if v},
         tune_episodes=args.tune_episodes, device=args.device, progress=not args.no_progress,
-        queries=args.queries, force_overlap=args.force_overlap)
+        queries=args.queries, force_overlap=args.force_overlap, ensemble=args.ensemble)
     print(json.dumps(report.setting))
     print(report.to_markdown())
     if args.json:

@@ -29,15 +29,17 @@ from learned_optim.checkpoint import (
 )
 from learned_optim.config import MetaTrainConfig
 from learned_optim.data import splits
+from learned_optim.data.preprocessing import Preprocessing
+from learned_optim.ensemble import Member, ensemble_log_probabilities, support_and_query_features
 from learned_optim.finetune import finetune
-from learned_optim.learners import reset_batchnorm, start_classes_alike
+from learned_optim.learners import start_classes_alike
 from learned_optim.stats import Summary, summarize
 from learned_optim.tasks import Task, build_task, to_device
 from learned_optim.version import __version__
 
 __all__ = ["evaluate", "EvaluationReport", "BASELINES", "LR_GRIDS", "TUNED_OPTIMIZERS",
-           "evaluate_rule", "learner_with_init", "nearest_neighbour_score", "query_scores",
-           "split_overlap_of", "tune_learning_rate", "tuned_on_validation"]
+           "ensemble_scores", "evaluate_rule", "learner_with_init", "nearest_neighbour_score",
+           "query_scores", "split_overlap_of", "tune_learning_rate", "tuned_on_validation"]
 
 BASELINES = ("sgd", "adam", "maml", "metasgd", "nn")
 TUNED_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -157,28 +159,35 @@ def evaluate_rule(learner, spec, episodes, indices, steps, task: Task, device="c
     return summarize(query_scores(learner, spec, episodes, indices, steps, task, device))
 
 
-def nearest_neighbour_score(learner: nn.Module, episode, task: Task) -> float:
-    """1-nearest-neighbour in the learner's feature space (its ``features`` module, else the
-    raw inputs); BatchNorm statistics come from the support set alone."""
-    features = getattr(learner, "features", None)
-    with torch.no_grad():
-        if features is None:
-            support, query = episode.support_inputs.flatten(1), episode.query_inputs.flatten(1)
-        else:
-            import copy
+def ensemble_scores(members: Sequence[Member], episodes, indices, task: Task,
+                    device="cpu") -> list[float]:
+    """The query metric of each episode in ``indices`` when every member adapts on its support
+    set on its own and the queries get the members' mean class probabilities
+    (:mod:`learned_optim.ensemble`)."""
+    scores = []
+    for index in indices:
+        episode = to_device(episodes.episode(index), device)
+        scores.append(task.metric(
+            ensemble_log_probabilities(members, episode.support_inputs,
+                                       episode.support_targets, episode.query_inputs,
+                                       task.loss),
+            episode.query_targets).item())
+    return scores
 
-            extractor = copy.deepcopy(features)
-            reset_batchnorm(extractor)
-            for module in extractor.modules():  # exact support statistics in one pass
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.momentum = None
-            extractor.train()
-            support = extractor(episode.support_inputs).flatten(1)
-            extractor.eval()
-            query = extractor(episode.query_inputs).flatten(1)
-        nearest = torch.cdist(query, support).argmin(dim=1)
-        return task.metric(_nn_predictions(episode.support_targets[nearest], task),
-                           episode.query_targets).item()
+
+def nearest_neighbour_score(learner: nn.Module | Sequence[nn.Module], episode,
+                            task: Task) -> float:
+    """1-nearest-neighbour in the learner's feature space (its ``features`` module, else the
+    raw inputs); BatchNorm statistics come from the support set alone. Several learners (an
+    ensemble): their features concatenated."""
+    learners = list(learner) if isinstance(learner, Sequence) else [learner]
+    pairs = [support_and_query_features(one, episode.support_inputs, episode.query_inputs)
+             for one in learners]
+    support = torch.cat([s for s, _ in pairs], dim=1)
+    query = torch.cat([q for _, q in pairs], dim=1)
+    nearest = torch.cdist(query, support).argmin(dim=1)
+    return task.metric(_nn_predictions(episode.support_targets[nearest], task),
+                       episode.query_targets).item()
 
 
 def _nn_predictions(targets: Tensor, task: Task) -> Tensor:
@@ -279,6 +288,7 @@ def evaluate(
     progress: bool = False,
     queries: int | None = None,
     force_overlap: bool = False,
+    ensemble: Sequence[str | os.PathLike | Checkpoint] = (),
 ) -> EvaluationReport:
     """Mean query score with 95% CI of a checkpoint and of baselines, on the same episodes.
 
@@ -301,6 +311,13 @@ def evaluate(
     meta-trained or validated on characters of the evaluated split is refused with a
     ``ValueError`` that says how many overlap, unless ``force_overlap=True`` (the report's
     setting then records the overlap).
+
+    ``ensemble`` adds checkpoints of other learners (another architecture, say) meta-trained
+    for the same setting and preprocessing: every member adapts on each support set on its own
+    (its learned init, rule, T and ``adapt``) and the queries get the members' mean class
+    probabilities (:mod:`learned_optim.ensemble`); SGD and Adam fine-tune every member at its
+    own learning rate, tuned as above, and average the same way; ``nn`` uses the members'
+    features concatenated. Every member passes the overlap check.
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -310,41 +327,29 @@ def evaluate(
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    # The record's config may hold fields of a newer writer: only this version's are read.
-    known = {f.name for f in dataclasses.fields(MetaTrainConfig)}
-    saved = {k: v for k, v in (checkpoint.record.get("config") or {}).items() if k in known}
+    members = [m if isinstance(m, Checkpoint) else load_checkpoint(m) for m in ensemble]
+    if members and set(baselines) & {"maml", "metasgd"}:
+        raise ValueError("the maml and metasgd baselines take one checkpoint each: evaluate "
+                         "them without ensemble members")
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
-                 "protocol": protocol, "data_root": data_root, "queries": queries}
-    saved.update({k: v for k, v in overrides.items() if v is not None})
-    # Rotated copies are training classes only (val and test never have them): evaluation on
-    # another protocol or task must not inherit them (nor their check).
-    saved.pop("rotations", None)
-    if saved.get("task") == "general":
-        raise ValueError(
-            f"{checkpoint.path} was meta-trained over a task distribution (task 'general'), "
-            "which has no episodes of its own: pass task='omniglot' (or sinusoid, "
-            "miniimagenet) to evaluate its rule on those episodes with a fresh learner, or "
-            "run benchmarks/scratch.py and benchmarks/transfer.py")
-    if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
-        saved["inner_steps"] = None  # let the task default follow the new shot count
-    if queries is None and shots is not None and saved.get("task") == "sinusoid":
-        saved["queries"] = None
-    saved["device"] = device
-    try:
-        config = MetaTrainConfig.from_dict(saved).resolved()
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{checkpoint.path}: field 'config' does not describe a valid "
-                              f"setting ({error})") from None
-    overlaps = {name: split_overlap_of(other, config, split) for name, other in
-                [("checkpoint", checkpoint)] + [(b, load_checkpoint(p)) for b, p in
-                                                (baseline_checkpoints or {}).items()
-                                                if b in baselines]}
-    overlaps = {name: o for name, o in overlaps.items() if o is not None and o.seen}
+                 "protocol": protocol, "data_root": data_root, "queries": queries,
+                 "device": device}
+    config = evaluation_config(checkpoint, overrides, shots, queries, inner_steps)
+    member_configs = [evaluation_config(m, overrides, shots, queries, inner_steps)
+                      for m in members]
+    for member, member_config in zip(members, member_configs):
+        _check_same_episodes(member, member_config, checkpoint, config)
+    checked = ([("checkpoint", checkpoint)]
+               + [(b, load_checkpoint(p)) for b, p in (baseline_checkpoints or {}).items()
+                  if b in baselines]
+               + [(f"ensemble member {i}", m) for i, m in enumerate(members, start=1)])
+    overlaps = {name: (split_overlap_of(other, config, split), other.path)
+                for name, other in checked}
+    overlaps = {name: (o, path) for name, (o, path) in overlaps.items()
+                if o is not None and o.seen}
     if overlaps and not force_overlap:
         raise ValueError(
-            "; ".join(o.message(f"{name} ({path})") for name, (o, path) in (
-                (n, (o, checkpoint.path if n == "checkpoint" else baseline_checkpoints[n]))
-                for n, o in overlaps.items()))
+            "; ".join(o.message(f"{name} ({path})") for name, (o, path) in overlaps.items())
             + f": its {split} score would not measure generalisation to unseen characters. "
             "Evaluate on a split it has not seen, or pass force_overlap=True "
             "(learned-optim evaluate --force-overlap) to report it anyway.")
@@ -361,12 +366,18 @@ def evaluate(
         {"task": config.task, "ways": config.ways, "shots": config.shots, "inner_steps": steps,
          "queries": config.queries, "protocol": config.protocol,
          "checkpoint": str(checkpoint.path)}, seed=config.seed)
-    for name, overlap in overlaps.items():  # only when forced
+    for name, (overlap, _) in overlaps.items():  # only when forced
         report.setting.setdefault("overlap", {})[name] = {
             "characters": overlap.characters, "seen": overlap.seen,
             "seen_in_training": overlap.seen_in_training,
             "seen_in_validation": overlap.seen_in_validation}
     name = {"lstm": "meta-learner LSTM"}.get(checkpoint.method, checkpoint.method)
+    if members:
+        tasks = [the_task] + [build_task(c) for c in member_configs]
+        built = [(learner, init_note)] + [learner_with_init(t, m, device)
+                                          for t, m in zip(tasks[1:], members)]
+        return _evaluate_ensemble(report, name, baselines, [checkpoint, *members], tasks,
+                                  built, source, indices, tune_episodes, device)
     report.add(name, query_scores(learner, checkpoint, source, indices(name), steps, the_task,
                                   device), {"init": init_note})
     for baseline in baselines:
@@ -392,4 +403,84 @@ def evaluate(
                                               the_task) for i in indices("nn")]
             report.add("nn", scores, {"features": "learner features" if hasattr(
                 learner, "features") else "raw inputs"})
+    return report
+
+
+def evaluation_config(checkpoint: Checkpoint, overrides: dict, shots: int | None,
+                      queries: int | None, inner_steps: int | None) -> MetaTrainConfig:
+    """The resolved setting :func:`evaluate` runs ``checkpoint`` in: its recorded configuration
+    with ``overrides`` (the non-``None`` ones) applied."""
+    # The record's config may hold fields of a newer writer: only this version's are read.
+    known = {f.name for f in dataclasses.fields(MetaTrainConfig)}
+    saved = {k: v for k, v in (checkpoint.record.get("config") or {}).items() if k in known}
+    saved.update({k: v for k, v in overrides.items() if v is not None})
+    # Rotated copies are training classes only (val and test never have them): evaluation on
+    # another protocol or task must not inherit them (nor their check).
+    saved.pop("rotations", None)
+    if saved.get("task") == "general":
+        raise ValueError(
+            f"{checkpoint.path} was meta-trained over a task distribution (task 'general'), "
+            "which has no episodes of its own: pass task='omniglot' (or sinusoid, "
+            "miniimagenet) to evaluate its rule on those episodes with a fresh learner, or "
+            "run benchmarks/scratch.py and benchmarks/transfer.py")
+    if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
+        saved["inner_steps"] = None  # let the task default follow the new shot count
+    if queries is None and shots is not None and saved.get("task") == "sinusoid":
+        saved["queries"] = None
+    try:
+        return MetaTrainConfig.from_dict(saved).resolved()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint.path}: field 'config' does not describe a valid "
+                              f"setting ({error})") from None
+
+
+# What must agree for every member of an ensemble to see the same episodes.
+EPISODE_FIELDS = ("task", "protocol", "ways", "shots", "queries", "seed", "data_root")
+
+
+def _check_same_episodes(member: Checkpoint, member_config: MetaTrainConfig,
+                         checkpoint: Checkpoint, config: MetaTrainConfig) -> None:
+    for name in EPISODE_FIELDS:
+        if getattr(member_config, name) != getattr(config, name):
+            raise ValueError(
+                f"ensemble member {member.path}: its {name} {getattr(member_config, name)!r} "
+                f"differs from {checkpoint.path}'s {getattr(config, name)!r}; the members of "
+                "an ensemble must be scored on the same episodes")
+    if Preprocessing.for_config(member_config) != Preprocessing.for_config(config):
+        raise ValueError(
+            f"ensemble member {member.path}: its image preprocessing "
+            f"({Preprocessing.for_config(member_config)}) differs from {checkpoint.path}'s "
+            f"({Preprocessing.for_config(config)}); the members of an ensemble must read the "
+            "same images")
+
+
+def _evaluate_ensemble(report: EvaluationReport, name: str, baselines: Sequence[str],
+                       checkpoints: list[Checkpoint], tasks: list[Task],
+                       built: list[tuple[nn.Module, str]], source, indices, tune_episodes: int,
+                       device) -> EvaluationReport:
+    """The ensemble's rows of :func:`evaluate`: the members with their rules, then the
+    baselines (``sgd``/``adam`` with one tuned rate per member, ``nn`` on all features)."""
+    learners, notes = zip(*built)
+    task = tasks[0]  # every member's episodes, loss and metric are the same
+    paths = [str(c.path) for c in checkpoints]
+    report.setting["ensemble"] = paths
+    members = [Member(learner, c, t.config.inner_steps, t.config.adapt)
+               for learner, c, t in zip(learners, checkpoints, tasks)]
+    report.add(f"{name} ensemble", ensemble_scores(members, source, indices(name), task, device),
+               {"members": paths, "init": list(notes)})
+    for baseline in baselines:
+        if baseline == "nn":
+            scores = [nearest_neighbour_score(list(learners), to_device(source.episode(i), device),
+                                              task) for i in indices("nn")]
+            report.add("nn", scores, {"features": f"the {len(learners)} learners' features, "
+                                                  "concatenated"})
+            continue
+        rates = [tuned_on_validation(baseline, learner, t, t.config.inner_steps,
+                                     tune_episodes, device)
+                 for learner, t in zip(learners, tasks)]
+        tuned = [Member(learner, functools.partial(TUNED_OPTIMIZERS[baseline], lr=lr),
+                        t.config.inner_steps, t.config.adapt)
+                 for learner, lr, t in zip(learners, rates, tasks)]
+        report.add(baseline, ensemble_scores(tuned, source, indices(baseline), task, device),
+                   {"lr": rates, "init": list(notes)})
     return report

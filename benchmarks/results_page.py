@@ -181,6 +181,7 @@ def lake_section(records: dict[str, dict]) -> str:
             notes = result_notes(r, "accuracy")
             lines.append(f"| `{name}` | {method} | {100 * (1 - r['mean']):.2f} | "
                          f"{100 * r['ci95']:.2f} | {r['episodes']} | {notes} |")
+    lines += ensemble_rows()
     for method, error in LAKE_PUBLISHED:
         lines.append(f"| Lake et al. 2015 (20-way) | {method} | {error} | | 20 runs x 20 | "
                      "published |")
@@ -205,6 +206,21 @@ Training: {training}.
 {chr(10).join(lines)}
 
 {overlap.read_text() if overlap.exists() else ""}"""
+
+
+def ensemble_rows() -> list[str]:
+    """Rows of the ensembles evaluated on Lake's test (``docs/results/lake_ensemble*.json``,
+    written by ``learned-optim evaluate A --ensemble B ... --json``)."""
+    lines = []
+    for path in sorted((DOCS / "results").glob("lake_ensemble*.json")):
+        report = json.loads(path.read_text())
+        members = " + ".join(f"`{Path(m).stem}`" for m in report["setting"]["ensemble"])
+        for method, r in report["results"].items():
+            notes = result_notes({k: v for k, v in r.items() if k not in ("members", "init")},
+                                 "accuracy")
+            lines.append(f"| {members} | {method} | {100 * (1 - r['mean']):.2f} | "
+                         f"{100 * r['ci95']:.2f} | {r['episodes']} | {notes} |")
+    return lines
 
 
 def training_minutes(records: dict[str, dict]) -> str:

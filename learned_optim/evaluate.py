@@ -38,7 +38,8 @@ from learned_optim.tasks import Task, build_task, to_device
 from learned_optim.version import __version__
 
 __all__ = ["evaluate", "EvaluationReport", "BASELINES", "LR_GRIDS", "TUNED_OPTIMIZERS",
-           "ensemble_scores", "evaluate_rule", "learner_with_init", "nearest_neighbour_score",
+           "ensemble_scores", "evaluate_rule", "evaluation_config", "learner_with_init",
+           "nearest_neighbour_score",
            "query_scores", "split_overlap_of", "tune_learning_rate", "tuned_on_validation"]
 
 BASELINES = ("sgd", "adam", "maml", "metasgd", "nn")

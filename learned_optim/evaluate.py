@@ -39,8 +39,8 @@ from learned_optim.version import __version__
 
 __all__ = ["evaluate", "EvaluationReport", "BASELINES", "LR_GRIDS", "TUNED_OPTIMIZERS",
            "ensemble_scores", "evaluate_rule", "evaluation_config", "learner_with_init",
-           "nearest_neighbour_score",
-           "query_scores", "split_overlap_of", "tune_learning_rate", "tuned_on_validation"]
+           "nearest_neighbour_score", "query_scores", "split_overlap_of", "tune_learning_rate",
+           "tuned_on_validation"]
 
 BASELINES = ("sgd", "adam", "maml", "metasgd", "nn")
 TUNED_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -335,9 +335,8 @@ def evaluate(
     overrides = {"task": task, "ways": ways, "shots": shots, "inner_steps": inner_steps,
                  "protocol": protocol, "data_root": data_root, "queries": queries,
                  "device": device}
-    config = evaluation_config(checkpoint, overrides, shots, queries, inner_steps)
-    member_configs = [evaluation_config(m, overrides, shots, queries, inner_steps)
-                      for m in members]
+    config = evaluation_config(checkpoint, overrides)
+    member_configs = [evaluation_config(m, overrides) for m in members]
     for member, member_config in zip(members, member_configs):
         _check_same_episodes(member, member_config, checkpoint, config)
     checked = ([("checkpoint", checkpoint)]
@@ -407,14 +406,14 @@ def evaluate(
     return report
 
 
-def evaluation_config(checkpoint: Checkpoint, overrides: dict, shots: int | None,
-                      queries: int | None, inner_steps: int | None) -> MetaTrainConfig:
+def evaluation_config(checkpoint: Checkpoint, overrides: dict) -> MetaTrainConfig:
     """The resolved setting :func:`evaluate` runs ``checkpoint`` in: its recorded configuration
     with ``overrides`` (the non-``None`` ones) applied."""
     # The record's config may hold fields of a newer writer: only this version's are read.
     known = {f.name for f in dataclasses.fields(MetaTrainConfig)}
     saved = {k: v for k, v in (checkpoint.record.get("config") or {}).items() if k in known}
     saved.update({k: v for k, v in overrides.items() if v is not None})
+    shots, queries, steps = (overrides.get(k) for k in ("shots", "queries", "inner_steps"))
     # Rotated copies are training classes only (val and test never have them): evaluation on
     # another protocol or task must not inherit them (nor their check).
     saved.pop("rotations", None)
@@ -424,7 +423,7 @@ def evaluation_config(checkpoint: Checkpoint, overrides: dict, shots: int | None
             "which has no episodes of its own: pass task='omniglot' (or sinusoid, "
             "miniimagenet) to evaluate its rule on those episodes with a fresh learner, or "
             "run benchmarks/scratch.py and benchmarks/transfer.py")
-    if shots is not None and inner_steps is None and saved.get("task") != "sinusoid":
+    if shots is not None and steps is None and saved.get("task") != "sinusoid":
         saved["inner_steps"] = None  # let the task default follow the new shot count
     if queries is None and shots is not None and saved.get("task") == "sinusoid":
         saved["queries"] = None

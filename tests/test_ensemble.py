@@ -57,7 +57,7 @@ def test_the_ensemble_scores_the_mean_of_its_members_probabilities(report, data_
         f"{RESNET}.safetensors", f"{CONV}.safetensors"]
     overrides = {"data_root": data_root, "queries": 5, "device": "cpu"}
     checkpoints = [load_checkpoint(RESNET), load_checkpoint(CONV)]
-    tasks = [build_task(evaluation_config(c, overrides, None, 5, None)) for c in checkpoints]
+    tasks = [build_task(evaluation_config(c, overrides)) for c in checkpoints]
     learners = [learner_with_init(t, c, "cpu")[0] for t, c in zip(tasks, checkpoints)]
     assert [t.config.adapt for t in tasks] == ["head", "all"]
     for index in range(EPISODES):

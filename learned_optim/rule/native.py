@@ -67,6 +67,32 @@ static inline Vec sigmoid(Vec xv) {
     const __m512 y = _mm512_rcp14_ps(d);
     return Vec(_mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f))));
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+// The same e^-x on AVX2, which has no scalef: -x is clamped to [-87, 87], so n is in
+// [-126, 126] and 2^n is built as a normal float's bits. The reciprocal is a division here:
+// rcp's 12 bits and a Newton step gave sigmoid(0) = 0.49999997 at the same speed. Within
+// 3.1 ulp of the float64 sigmoid from -100 to 100 (at::vec: 2.5), 1.9x faster in a loop over
+// 2.3M inputs (AMD EPYC, one thread).
+static inline Vec sigmoid(Vec xv) {
+    __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), __m256(xv));
+    z = _mm256_max_ps(_mm256_set1_ps(-87.f), _mm256_min_ps(_mm256_set1_ps(87.f), z));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 e = _mm256_set1_ps(1.9875691500e-4f);
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.3981999507e-3f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(8.3334519073e-3f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(4.1665795894e-2f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.6666665459e-1f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(5.0000001201e-1f));
+    e = _mm256_fmadd_ps(e, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+    const __m256 d = _mm256_fmadd_ps(e, two_n, _mm256_set1_ps(1.f));
+    return Vec(_mm256_div_ps(_mm256_set1_ps(1.f), d));
+}
 #else
 static inline Vec sigmoid(Vec x) { return (Vec(1.0f) + x.neg().exp()).reciprocal(); }
 #endif

@@ -23,8 +23,13 @@ from learned_optim.metalearner import MetaLearnerLSTM, rule_fingerprint
 from learned_optim.rule import policy
 from learned_optim.rule.compiled import step_rows_compiled
 from learned_optim.rule.math import (
+    MetaWeights,
+    RuleConstants,
+    StepConstants,
     apply_group_options,
+    fold_loss,
     initial_state,
+    prepare_rule,
     prepare_step,
     row_scratch,
     update_rows,
@@ -107,12 +112,50 @@ def _loss_tensor(loss: Any) -> Tensor:
         )
     if loss.device.type == "meta":  # no data to check (as torch.optim.SGD on meta tensors)
         return loss.reshape(())
-    if not bool(torch.isfinite(loss).all()):
+    if not math.isfinite(loss.item()):  # one call, where isfinite().all() took three
         raise FloatingPointError(
             f"the loss is {loss.item()}: parameters were left untouched (a learned optimizer "
             "cannot take a step from a non-finite loss)"
         )
     return loss.reshape(())
+
+
+class _RuleCache:
+    """The rule's loss-free step constants (:func:`prepare_rule`) per (dtype, device), and
+    their layout for the native kernel, kept while the rule's weights stay the same tensors
+    with the same values (version counters): the drop-in ``step()`` then folds in each step's
+    loss alone (a few small tensor operations instead of about 40; at 55k parameters on 2
+    cores, 0.4 ms of a 7 ms step). Holding the weights keeps their ids from being reused.
+    """
+
+    def __init__(self) -> None:
+        self.rules: dict[tuple, tuple[tuple, RuleConstants]] = {}
+        self.layout: tuple[Tensor, tuple] | None = None  # (input_weight, native layout)
+
+    def constants(self, weights: MetaWeights, loss: Tensor | None, dtype: torch.dtype,
+                  device: torch.device) -> StepConstants:
+        """``prepare_step(weights, loss, dtype, device)``."""
+        tensors = tuple(weights[:5])
+        key = (weights.p, tensors, tuple((t.data_ptr(), t._version) for t in tensors))
+        cached = self.rules.get((dtype, device))
+        if cached is None or not _same_key(cached[0], key):
+            cached = (key, prepare_rule(weights, dtype, device))
+            self.rules[(dtype, device)] = cached
+        return fold_loss(cached[1], loss)
+
+    def native_layout(self, constants: StepConstants) -> tuple:
+        """``native_constants(constants)``, laying out again only the loss's gate bias when
+        ``constants`` shares the cached step's weights."""
+        if self.layout is None or self.layout[0] is not constants.input_weight:
+            self.layout = (constants.input_weight, native_constants(constants))
+            return self.layout[1]
+        weight, _, meta_h, meta_small = self.layout[1]
+        return weight, constants.gate_bias.contiguous(), meta_h, meta_small
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two :class:`_RuleCache` keys name the same weight tensors and values."""
+    return (a[0] == b[0] and all(x is y for x, y in zip(a[1], b[1])) and a[2] == b[2])
 
 
 class _Segment(NamedTuple):
@@ -170,10 +213,11 @@ def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list
         return
     # Each gradient's (min, max): NaN propagates into both and an infinity shows in one. One
     # vectorised pass: at 55k parameters on the CPU about 10x faster than an inf-norm.
-    extremes = torch.stack([torch.stack(torch.aminmax(g.reshape(-1))) for g in grads.values()])
+    extremes = torch.stack([extreme for g in grads.values()
+                            for extreme in torch.aminmax(g.reshape(-1))])
     if bool(torch.isfinite(extremes).all()):
         return
-    for (index, _), pair in zip(grads.items(), extremes):
+    for (index, _), pair in zip(grads.items(), extremes.view(-1, 2)):
         if not bool(torch.isfinite(pair).all()):
             raise FloatingPointError(
                 f"the gradient of parameter {index} of param group {group_index} "
@@ -303,6 +347,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             _group_option(defaults, name, 0)
         # Set before Optimizer.__init__, which calls add_param_group.
         self._bucket_cache: dict[tuple, _BucketCache] = {}
+        self._rule_cache = _RuleCache()
         self.meta_learner = meta_learner if meta_learner is not None else default_rule()
         # A default rule gives way to the rule of a loaded state_dict; an explicit one does not.
         self._rule_is_default = meta_learner is None
@@ -321,6 +366,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._bucket_cache = {}
+        self._rule_cache = _RuleCache()
         self.__dict__.setdefault("_rule_is_default", False)
 
     @classmethod
@@ -613,7 +659,8 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             grads = self._rule_gradients(params, grads)
             options = self._with_step_decay(options, [self.state[params[i]] for i in grads])
             self._update_bucket([params[i] for i in indices], [grads.get(i) for i in indices],
-                                buffer, prepare_step(weights, loss, buffer.dtype, buffer.device),
+                                buffer, self._rule_cache.constants(weights, loss, buffer.dtype,
+                                                                   buffer.device),
                                 options)
         return closure_loss
 
@@ -675,12 +722,11 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 and self.meta_learner.hidden_size <= NATIVE_MAX_HIDDEN
                 and native_step_kernel() is not None)
 
-    @staticmethod
-    def _update_native(flat_params, flat_grads, buffer: Tensor, constants, lr, weight_decay
-                       ) -> None:
+    def _update_native(self, flat_params, flat_grads, buffer: Tensor, constants, lr,
+                       weight_decay) -> None:
         """One kernel call a parameter, in place: its state rows, gradient and values (the
         kernel needs no temporaries, so no chunks)."""
-        laid_out = native_constants(constants)
+        laid_out = self._rule_cache.native_layout(constants)
         offset = 0
         for flat_param, flat_grad in zip(flat_params, flat_grads):
             rows = flat_param.numel()

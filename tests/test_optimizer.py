@@ -316,3 +316,59 @@ def test_cuda_step_matches_cpu_step():
             loss.backward()
             opt.step(loss=loss)
     torch.testing.assert_close(model.weight, gpu_model.weight.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def _two_steps_with_a_rule_change(change_in_place: bool):
+    """Two drop-in steps of a linear model; between them the rule's weights change, in place
+    or by handing the optimizer a new rule module with the changed values."""
+    torch.manual_seed(0)
+    rule = MetaLearnerLSTM()
+    with torch.no_grad():
+        rule.meta_bias.copy_(torch.tensor([5.0, -1.0]))
+    model = nn.Linear(6, 3)
+    opt = LSTMMetaOptimizer(model.parameters(), rule)
+    x = torch.randn(4, 6)
+    for step in range(2):
+        if step == 1:
+            changed = rule if change_in_place else copy.deepcopy(rule)
+            with torch.no_grad():
+                changed.weight_ih.mul_(50.0)
+                changed.bias.add_(0.3)
+            opt.meta_learner = changed
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step(loss=torch.tensor(1.0))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_rule_changed_in_place_between_steps_is_not_served_from_the_cache():
+    # The drop-in step keeps the rule's loss-free constants between steps; a rule whose
+    # weights change in place (an outer meta-training step, load_state_dict) is read again.
+    in_place = _two_steps_with_a_rule_change(change_in_place=True)
+    new_module = _two_steps_with_a_rule_change(change_in_place=False)
+    assert all(torch.equal(a, b) for a, b in zip(in_place, new_module))
+
+
+def test_the_cached_constants_equal_prepare_step_and_the_paper_bias():
+    from learned_optim.rule.math import prepare_step, preprocess
+
+    torch.manual_seed(1)
+    rule = MetaLearnerLSTM()
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.normal_()
+    opt = LSTMMetaOptimizer(nn.Linear(2, 2).parameters(), rule)
+    hidden = rule.hidden_size
+    for loss in (torch.tensor(2.7), torch.tensor(1e-6), torch.tensor(-0.4)):
+        cached = opt._rule_cache.constants(rule.weights(), loss, torch.float32,
+                                           torch.device("cpu"))
+        direct = prepare_step(rule.weights(), loss, torch.float32)
+        for a, b in zip(cached[:-1], direct[:-1]):
+            assert torch.equal(a, b)
+        # the gate bias as the paper's layer 1 reads the loss: bias + W_loss preprocess(loss),
+        # in the kernels' gate order (i, f, o, 2 g)
+        paper = rule.bias + rule.weight_ih[:, 2:] @ preprocess(loss, rule.p)
+        i, f, g, o = paper.split(hidden)
+        torch.testing.assert_close(cached.gate_bias, torch.cat((i, f, o, 2 * g)),
+                                   rtol=1e-6, atol=1e-7)
+    assert len(opt._rule_cache.rules) == 1  # one rule, one (dtype, device): built once

@@ -46,10 +46,13 @@ from learned_optim.rule import policy
 
 __all__ = [
     "MetaWeights",
+    "RuleConstants",
     "StepConstants",
     "ConstantGrads",
     "apply_group_options",
+    "fold_loss",
     "initial_state",
+    "prepare_rule",
     "prepare_step",
     "preprocess",
     "preprocess_backward",
@@ -137,21 +140,28 @@ def preprocess(x: Tensor, p: float) -> Tensor:
     return torch.stack(_preprocess_parts(x, p), dim=-1)
 
 
-def prepare_step(
-    weights: MetaWeights, loss: Tensor | None, dtype: torch.dtype,
-    device: torch.device | None = None,
-) -> StepConstants:
-    """Fold everything that does not depend on the coordinate into per-step constants.
+class RuleConstants(NamedTuple):
+    """A rule's per-step constants before the loss is known (:func:`prepare_rule`)."""
+
+    step: StepConstants  # gate_bias without the loss features' contribution
+    loss_weight: Tensor  # [4H, 2]: the two loss features -> gates (i, f, o, 2 g)
+
+
+def prepare_rule(weights: MetaWeights, dtype: torch.dtype,
+                 device: torch.device | None = None) -> RuleConstants:
+    """Everything of :func:`prepare_step` that depends on the rule's weights alone.
 
     The loss is the same for every coordinate, so its two input features enter layer 1 as a
-    bias; the gradient features and h1 share one fused matrix product. The gate columns of
-    that product are reordered to (i, f, o, g), so the three sigmoid gates are adjacent, and
-    the g columns are doubled: ``tanh(g) = 2 sigmoid(2 g) - 1`` then comes from the same
-    sigmoid as the other gates.
+    bias (:func:`fold_loss`); the gradient features and h1 share one fused matrix product. The
+    gate columns of that product are reordered to (i, f, o, g), so the three sigmoid gates are
+    adjacent, and the g columns are doubled: ``tanh(g) = 2 sigmoid(2 g) - 1`` then comes from
+    the same sigmoid as the other gates. A shell whose rule does not change between steps
+    (the drop-in ``step()``) keeps this and folds each step's loss in alone.
 
-    ``loss=None`` means "no loss input": both loss features are zero, a pair that no real loss
-    produces (``log|L| / p = 0`` needs ``|L| = 1``, whose sign feature is 1). Rules meta-trained
-    with the loss sometimes withheld (``MetaLearnerLSTM(optional_loss=True)``) read it as such.
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> rule = prepare_rule(MetaLearnerLSTM().weights(), torch.float32)
+    >>> rule.step.input_weight.shape, rule.loss_weight.shape
+    (torch.Size([22, 80]), torch.Size([80, 2]))
     """
     hidden = weights.weight_hh.shape[1]
 
@@ -163,22 +173,54 @@ def prepare_step(
                           2 * rows[2 * hidden : 3 * hidden]))
 
     weight_ih = cast(weights.weight_ih)
-    if loss is None:
-        gate_bias = cast(weights.bias)
-    else:
-        loss_features = preprocess(cast(loss.reshape(())), weights.p)
-        gate_bias = cast(weights.bias) + weight_ih[:, 2:] @ loss_features
     input_weight = torch.cat((weight_ih[:, :2], cast(weights.weight_hh)), dim=1)
     meta_weight = cast(weights.meta_weight)
-    return StepConstants(
+    step = StepConstants(
         input_weight=sigmoid_gates_first(input_weight).t(),
-        gate_bias=sigmoid_gates_first(gate_bias),
+        gate_bias=sigmoid_gates_first(cast(weights.bias)),
         meta_weight_h=meta_weight[:, :hidden].t(),
         meta_weight_theta=meta_weight[:, hidden],
         meta_weight_prev=meta_weight[:, hidden + 1],
         meta_bias=cast(weights.meta_bias),
         p=weights.p,
     )
+    return RuleConstants(step, sigmoid_gates_first(weight_ih[:, 2:]))
+
+
+def fold_loss(rule: RuleConstants, loss: Tensor | None) -> StepConstants:
+    """:func:`prepare_rule`'s constants with the loss's two features folded into the gate
+    bias: the step's :class:`StepConstants`.
+
+    ``loss=None`` means "no loss input": both loss features are zero, a pair that no real loss
+    produces (``log|L| / p = 0`` needs ``|L| = 1``, whose sign feature is 1). Rules meta-trained
+    with the loss sometimes withheld (``MetaLearnerLSTM(optional_loss=True)``) read it as such.
+
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> rule = prepare_rule(MetaLearnerLSTM().weights(), torch.float32)
+    >>> fold_loss(rule, None) is rule.step
+    True
+    """
+    if loss is None:
+        return rule.step
+    weight = rule.loss_weight
+    features = preprocess(loss.reshape(()).to(dtype=weight.dtype, device=weight.device),
+                          rule.step.p)
+    return rule.step._replace(gate_bias=rule.step.gate_bias + weight @ features)
+
+
+def prepare_step(
+    weights: MetaWeights, loss: Tensor | None, dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> StepConstants:
+    """Fold everything that does not depend on the coordinate into per-step constants:
+    :func:`prepare_rule`, then :func:`fold_loss` (see both).
+
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(2.3), torch.float32)
+    >>> constants.input_weight.shape, constants.gate_bias.shape
+    (torch.Size([22, 80]), torch.Size([80]))
+    """
+    return fold_loss(prepare_rule(weights, dtype, device), loss)
 
 
 def _tanh_from_sigmoid(sigmoid_of_double: Tensor, out: Tensor | None) -> Tensor:

@@ -104,9 +104,9 @@ class NativeKernel:
 
 
 def partial_sums(threads: int, width: int) -> torch.Tensor:
-    """A kernel's per-thread double sums, zeroed: OpenMP may run fewer threads than asked
-    (nested in another parallel region, ``OMP_THREAD_LIMIT``), and the rows of threads that
-    never ran are still added up.
+    """A kernel's double sums, a row per thread (or per block of work), zeroed: OpenMP may run
+    fewer threads than asked (nested in another parallel region, ``OMP_THREAD_LIMIT``), and
+    the rows of threads that never ran are still added up.
 
     >>> partial_sums(2, 3).shape, partial_sums(2, 3).dtype
     (torch.Size([2, 3]), torch.float64)

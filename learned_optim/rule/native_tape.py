@@ -36,11 +36,10 @@ from learned_optim.rule.native import (
 )
 from learned_optim.rule.native_build import NativeKernel, partial_sums
 
-__all__ = ["BACKWARD_KERNEL", "native_tape_applies", "step_rows_backward_native",
+__all__ = ["BACKWARD_KERNEL", "block_rows", "native_tape_applies", "step_rows_backward_native",
            "unit_rows", "update_rows_native"]
 
 _BACKWARD_SOURCE = RULE_TILE_SOURCE + r"""
-#include <omp.h>
 
 static constexpr int64_t kStash = 16;  // tiles per block of the weight gradient
 
@@ -96,20 +95,24 @@ static inline void weight_gradient(const float* d_a, const float* x, int64_t til
 // Gradients of one step (the forward kernel's) for n coordinates, given those of its outputs:
 // d_theta [n] and d_state, feature-major (`d_stride`). The step's inputs: state (`stride`),
 // grad, theta. Written: d_state_in (feature-major, `d_in_stride`), d_theta_in, d_grad and, per
-// thread (zeroed by the caller: OpenMP may run fewer threads), the partial sums
-// [threads, 4H + 2H + 6 + 4H (2 + H)] of the gradients of bias, meta_h, meta_small and weight.
+// block of `block_rows` coordinates (a multiple of 64), the block's sums
+// [blocks, 4H + 2H + 6 + 4H (2 + H)] of the gradients of bias, meta_h, meta_small and weight.
+// Blocks go to threads as they free up (a static half waited a time slice for a thread whose
+// core another process held); the caller adds the rows in block order, so the sums are the
+// same whichever thread ran each block, and for any number of threads.
 extern "C" void kernel(const float* weight, const float* bias, const float* meta_h,
                        const float* meta_small, const float* state, const float* grad,
                        const float* theta, const float* d_theta, const float* d_state,
                        float* d_state_in, float* d_theta_in, float* d_grad, double* partials,
                        const int64_t n, const int64_t hidden, const int64_t stride,
                        const int64_t d_stride, const int64_t d_in_stride,
-                       const int64_t threads, const float p,
+                       const int64_t threads, const int64_t block_rows, const float p,
                        const float threshold, const float exp_p)
 {
     const Rule r{weight, bias, meta_h, meta_small, hidden, p, threshold, exp_p};
     const int64_t H = hidden, G = 4 * H, K = 2 + H, P = G + 2 * H + 6 + G * K;
-    const int64_t tiles = (n + V - 1) / V;
+    const int64_t tiles = (n + V - 1) / V, block_tiles = block_rows / V;
+    const int64_t blocks = (tiles + block_tiles - 1) / block_tiles;
     const float* ms = meta_small;
     const Vec one(1.f), two(2.f);
     #pragma omp parallel num_threads(threads)
@@ -132,109 +135,118 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
             for (int64_t i = 0; i < P * V; ++i) { totals[i] += sums[i]; sums[i] = 0.f; }
             pending = 0;
         };
-        #pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-            const int64_t start = tile * V, m = std::min(V, n - start);
-            load_tile(r, t, state, stride, grad, theta, start, m);
-            forward_tile(r, t);
-            float* d_a = stash_a.data() + stashed * G * V;
-            std::copy(t.x, t.x + K * V, stash_x.data() + stashed * K * V);
-            // theta_t = F theta - I g, F = sigmoid(f_pre), I = sigmoid(i_pre).
-            const Vec F = sigmoid(t.f_pre), I = sigmoid(t.i_pre);
-            const Vec dt = load(d_theta + start, m);
-            const Vec d_f_pre = load(d_state + 2 * H * d_stride + start, m)
-                                + dt * t.theta * F * (one - F);
-            const Vec d_i_pre = load(d_state + (2 * H + 1) * d_stride + start, m)
-                                - dt * t.g * I * (one - I);
-            store(dt * F + d_f_pre * Vec(ms[0]) + d_i_pre * Vec(ms[1]), d_theta_in + start, m);
-            store(d_f_pre * Vec(ms[2]), d_state_in + 2 * H * d_in_stride + start, m);
-            store(d_i_pre * Vec(ms[3]), d_state_in + (2 * H + 1) * d_in_stride + start, m);
-            accumulate(small_sums, d_f_pre * t.theta);
-            accumulate(small_sums + V, d_i_pre * t.theta);
-            accumulate(small_sums + 2 * V, d_f_pre * t.f_prev);
-            accumulate(small_sums + 3 * V, d_i_pre * t.i_prev);
-            accumulate(small_sums + 4 * V, d_f_pre);
-            accumulate(small_sums + 5 * V, d_i_pre);
-            // The cell: h1 = o tanh(c), c = f c_prev + i (2 s_g - 1).
-            for (int64_t h = 0; h < H; ++h) {
-                const Vec h1 = Vec::loadu(t.h1 + h * V), tanh_c = Vec::loadu(t.tanh_c + h * V);
-                const Vec in_gate = Vec::loadu(t.gates + h * V);
-                const Vec forget_gate = Vec::loadu(t.gates + (H + h) * V);
-                const Vec out_gate = Vec::loadu(t.gates + (2 * H + h) * V);
-                const Vec sigmoid_g = Vec::loadu(t.gates + (3 * H + h) * V);
-                accumulate(meta_h_sums + h * V, d_f_pre * h1);
-                accumulate(meta_h_sums + (H + h) * V, d_i_pre * h1);
-                const Vec d_h1 = load(d_state + h * d_stride + start, m)
-                                 + Vec(meta_h[h]) * d_f_pre + Vec(meta_h[H + h]) * d_i_pre;
-                const Vec d_c = load(d_state + (H + h) * d_stride + start, m)
-                                + d_h1 * out_gate * (one - tanh_c * tanh_c);
-                const Vec cell_gate = sigmoid_g * two - one;
-                (d_c * cell_gate * in_gate * (one - in_gate)).store(d_a + h * V);
-                (d_c * Vec::loadu(t.c_prev + h * V) * forget_gate * (one - forget_gate))
-                    .store(d_a + (H + h) * V);
-                (d_h1 * tanh_c * out_gate * (one - out_gate)).store(d_a + (2 * H + h) * V);
-                (d_c * in_gate * two * sigmoid_g * (one - sigmoid_g)).store(d_a + (3 * H + h) * V);
-                store(d_c * forget_gate, d_state_in + (H + h) * d_in_stride + start, m);
-            }
-            for (int64_t j = 0; j < G; ++j)
-                accumulate(sums.data() + j * V, Vec::loadu(d_a + j * V));
-            // Layer 1's input gradient, weight^T d_a (h1 before, and the gradient features),
-            // two inputs at a time: eight independent accumulators, each d_a loaded once.
-            Vec d_log(0.f), d_sign(0.f);
-            auto d_input = [&](int64_t k, Vec d_x) {
-                if (k >= 2) store(d_x, d_state_in + (k - 2) * d_in_stride + start, m);
-                else if (k == 0) d_log = d_x;
-                else d_sign = d_x;
-            };
-            int64_t k = 0;
-            for (; k + 2 <= K; k += 2) {
-                Vec a[4], b[4];
-                for (int q = 0; q < 4; ++q) a[q] = b[q] = Vec(0.f);
-                for (int64_t j = 0; j < G; j += 4) {
-                    for (int q = 0; q < 4; ++q) {
-                        const Vec d = Vec::loadu(d_a + (j + q) * V);
-                        a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]), d, a[q]);
-                        b[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k + 1]), d, b[q]);
-                    }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t block = 0; block < blocks; ++block) {
+            const int64_t last = std::min(tiles, (block + 1) * block_tiles);
+            for (int64_t tile = block * block_tiles; tile < last; ++tile) {
+                const int64_t start = tile * V, m = std::min(V, n - start);
+                load_tile(r, t, state, stride, grad, theta, start, m);
+                forward_tile(r, t);
+                float* d_a = stash_a.data() + stashed * G * V;
+                std::copy(t.x, t.x + K * V, stash_x.data() + stashed * K * V);
+                // theta_t = F theta - I g, F = sigmoid(f_pre), I = sigmoid(i_pre).
+                const Vec F = sigmoid(t.f_pre), I = sigmoid(t.i_pre);
+                const Vec dt = load(d_theta + start, m);
+                const Vec d_f_pre = load(d_state + 2 * H * d_stride + start, m)
+                                    + dt * t.theta * F * (one - F);
+                const Vec d_i_pre = load(d_state + (2 * H + 1) * d_stride + start, m)
+                                    - dt * t.g * I * (one - I);
+                store(dt * F + d_f_pre * Vec(ms[0]) + d_i_pre * Vec(ms[1]), d_theta_in + start, m);
+                store(d_f_pre * Vec(ms[2]), d_state_in + 2 * H * d_in_stride + start, m);
+                store(d_i_pre * Vec(ms[3]), d_state_in + (2 * H + 1) * d_in_stride + start, m);
+                accumulate(small_sums, d_f_pre * t.theta);
+                accumulate(small_sums + V, d_i_pre * t.theta);
+                accumulate(small_sums + 2 * V, d_f_pre * t.f_prev);
+                accumulate(small_sums + 3 * V, d_i_pre * t.i_prev);
+                accumulate(small_sums + 4 * V, d_f_pre);
+                accumulate(small_sums + 5 * V, d_i_pre);
+                // The cell: h1 = o tanh(c), c = f c_prev + i (2 s_g - 1).
+                for (int64_t h = 0; h < H; ++h) {
+                    const Vec h1 = Vec::loadu(t.h1 + h * V), tanh_c = Vec::loadu(t.tanh_c + h * V);
+                    const Vec in_gate = Vec::loadu(t.gates + h * V);
+                    const Vec forget_gate = Vec::loadu(t.gates + (H + h) * V);
+                    const Vec out_gate = Vec::loadu(t.gates + (2 * H + h) * V);
+                    const Vec sigmoid_g = Vec::loadu(t.gates + (3 * H + h) * V);
+                    accumulate(meta_h_sums + h * V, d_f_pre * h1);
+                    accumulate(meta_h_sums + (H + h) * V, d_i_pre * h1);
+                    const Vec d_h1 = load(d_state + h * d_stride + start, m)
+                                     + Vec(meta_h[h]) * d_f_pre + Vec(meta_h[H + h]) * d_i_pre;
+                    const Vec d_c = load(d_state + (H + h) * d_stride + start, m)
+                                    + d_h1 * out_gate * (one - tanh_c * tanh_c);
+                    const Vec cell_gate = sigmoid_g * two - one;
+                    (d_c * cell_gate * in_gate * (one - in_gate)).store(d_a + h * V);
+                    (d_c * Vec::loadu(t.c_prev + h * V) * forget_gate * (one - forget_gate))
+                        .store(d_a + (H + h) * V);
+                    (d_h1 * tanh_c * out_gate * (one - out_gate)).store(d_a + (2 * H + h) * V);
+                    (d_c * in_gate * two * sigmoid_g * (one - sigmoid_g))
+                        .store(d_a + (3 * H + h) * V);
+                    store(d_c * forget_gate, d_state_in + (H + h) * d_in_stride + start, m);
                 }
-                d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
-                d_input(k + 1, (b[0] + b[1]) + (b[2] + b[3]));
+                for (int64_t j = 0; j < G; ++j)
+                    accumulate(sums.data() + j * V, Vec::loadu(d_a + j * V));
+                // Layer 1's input gradient, weight^T d_a (h1 before, and the gradient features),
+                // two inputs at a time: eight independent accumulators, each d_a loaded once.
+                Vec d_log(0.f), d_sign(0.f);
+                auto d_input = [&](int64_t k, Vec d_x) {
+                    if (k >= 2) store(d_x, d_state_in + (k - 2) * d_in_stride + start, m);
+                    else if (k == 0) d_log = d_x;
+                    else d_sign = d_x;
+                };
+                int64_t k = 0;
+                for (; k + 2 <= K; k += 2) {
+                    Vec a[4], b[4];
+                    for (int q = 0; q < 4; ++q) a[q] = b[q] = Vec(0.f);
+                    for (int64_t j = 0; j < G; j += 4) {
+                        for (int q = 0; q < 4; ++q) {
+                            const Vec d = Vec::loadu(d_a + (j + q) * V);
+                            a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]), d, a[q]);
+                            b[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k + 1]), d, b[q]);
+                        }
+                    }
+                    d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
+                    d_input(k + 1, (b[0] + b[1]) + (b[2] + b[3]));
+                }
+                if (k < K) {
+                    Vec a[4];
+                    for (int q = 0; q < 4; ++q) a[q] = Vec(0.f);
+                    for (int64_t j = 0; j < G; j += 4)
+                        for (int q = 0; q < 4; ++q)
+                            a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]),
+                                                  Vec::loadu(d_a + (j + q) * V), a[q]);
+                    d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
+                }
+                // Through the preprocessing: (log|g|/p)' = 1/(p g), sign' = 0 when large; else
+                // the features are (-1, e^p g), with derivatives (0, e^p).
+                const Vec safe = Vec::blendv(one, t.g, t.large);
+                const Vec d_features = Vec::blendv(d_sign * Vec(exp_p), d_log / (Vec(p) * safe),
+                                                   t.large);
+                store(d_features - dt * I, d_grad + start, m);
+                // Lanes past n hold zero gradients: they add nothing to the sums.
+                if (++stashed == kStash) {
+                    weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K, weight_sums);
+                    stashed = 0;
+                }
+                if (++pending == kFlush) flush();
             }
-            if (k < K) {
-                Vec a[4];
-                for (int q = 0; q < 4; ++q) a[q] = Vec(0.f);
-                for (int64_t j = 0; j < G; j += 4)
-                    for (int q = 0; q < 4; ++q)
-                        a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]),
-                                              Vec::loadu(d_a + (j + q) * V), a[q]);
-                d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
+            if (stashed) weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K,
+                                         weight_sums);
+            stashed = 0;
+            flush();
+            double* row = partials + block * P;
+            for (int64_t f = 0; f < P; ++f) {
+                double s = 0.0;
+                for (int64_t l = 0; l < V; ++l) {
+                    s += totals[f * V + l];
+                    totals[f * V + l] = 0.0;
+                }
+                row[f] = s;
             }
-            // Through the preprocessing: (log|g|/p)' = 1/(p g), sign' = 0 when large; else
-            // the features are (-1, e^p g), with derivatives (0, e^p).
-            const Vec safe = Vec::blendv(one, t.g, t.large);
-            const Vec d_features = Vec::blendv(d_sign * Vec(exp_p), d_log / (Vec(p) * safe),
-                                               t.large);
-            store(d_features - dt * I, d_grad + start, m);
-            // Lanes past n hold zero gradients: they add nothing to the sums.
-            if (++stashed == kStash) {
-                weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K, weight_sums);
-                stashed = 0;
-            }
-            if (++pending == kFlush) flush();
-        }
-        weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K, weight_sums);
-        flush();
-        double* part = partials + omp_get_thread_num() * P;
-        for (int64_t f = 0; f < P; ++f) {
-            double s = 0.0;
-            for (int64_t l = 0; l < V; ++l) s += totals[f * V + l];
-            part[f] = s;
         }
     }
 }
 """
 
-_ARGTYPES = (["const float*"] * 9 + ["float*"] * 3 + ["double*"] + ["const int64_t"] * 6
+_ARGTYPES = (["const float*"] * 9 + ["float*"] * 3 + ["double*"] + ["const int64_t"] * 7
              + ["const float"] * 3)
 
 
@@ -247,7 +259,7 @@ def _probe(kernel) -> None:
     kernel(zeros(4, 3), zeros(4), zeros(2, 1), zeros(6), zeros(4, rows), torch.ones(rows),
            zeros(rows), torch.ones(rows), zeros(4, rows), d_state_in, d_theta_in, d_grad,
            partial_sums(1, partial_width(hidden)), rows, hidden, rows, rows, rows, 1,
-           *rule_scalars(10.0))
+           block_rows(rows), *rule_scalars(10.0))
     if not (torch.equal(d_theta_in, torch.full((rows,), 0.5))
             and torch.equal(d_grad, torch.full((rows,), -0.5))):
         raise RuntimeError(f"the native rule backward kernel computed {d_theta_in.tolist()}, "
@@ -258,8 +270,25 @@ BACKWARD_KERNEL = NativeKernel("the native rule backward kernel", _ARGTYPES, _BA
                                _probe, "the tape takes the compiled or eager steps")
 
 
+# The backward's blocks of coordinates (see its kernel): at least this many rows, and at most
+# MAX_BLOCKS a call, so that their rows of sums stay small (64 x 1,886 doubles at H = 20).
+MIN_BLOCK_ROWS, MAX_BLOCKS = 1024, 64
+
+
+def block_rows(rows: int) -> int:
+    """Coordinates of one block of the backward kernel for ``rows`` rows: a multiple of 64
+    (whole vectors of any width), chosen by the size alone so that the sums do not depend on
+    the threads.
+
+    >>> block_rows(28_485), block_rows(262_144)
+    (1024, 4096)
+    """
+    per_block = -(-rows // MAX_BLOCKS)
+    return max(MIN_BLOCK_ROWS, -(-per_block // 64) * 64)
+
+
 def partial_width(hidden: int) -> int:
-    """Floats of the backward's per-thread sums: the gradients of the gate bias (4H), meta_h
+    """Floats of the backward's sums of one block: the gradients of the gate bias (4H), meta_h
     (2H), meta_small (6) and the gate weight (4H (2 + H))."""
     return 4 * hidden + 2 * hidden + 6 + 4 * hidden * (2 + hidden)
 
@@ -307,11 +336,12 @@ def step_rows_backward_native(kernel_constants: tuple, p: float, columns: Tensor
     d_param, d_columns = d_param.contiguous(), unit_rows(d_columns)
     d_state_in = feature_rows(2 * hidden + 2, rows)
     d_theta_in, d_grad = torch.empty_like(param), torch.empty_like(grad)
-    threads = kernel_threads(rows)
-    partials = partial_sums(threads, partial_width(hidden))
+    block = block_rows(rows)
+    partials = partial_sums(-(-rows // block), partial_width(hidden))  # a row a block
     BACKWARD_KERNEL()(*kernel_constants, columns, grad, param, d_param, d_columns, d_state_in,
                       d_theta_in, d_grad, partials, rows, hidden, columns.stride(0),
-                      d_columns.stride(0), d_state_in.stride(0), threads, *rule_scalars(p))
+                      d_columns.stride(0), d_state_in.stride(0), kernel_threads(rows), block,
+                      *rule_scalars(p))
     sums = partials.sum(0).float()
     d_bias, d_meta_h, d_small, d_weight = sums.split((gates, 2 * hidden, 6, gates * inputs))
     return (d_weight.view(gates, inputs).t(), d_bias, d_meta_h.view(2, hidden).t(),

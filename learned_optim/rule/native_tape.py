@@ -6,10 +6,12 @@ a tile's gates from the step's inputs with the shared tile forward
 (:data:`~learned_optim.rule.native.RULE_TILE_SOURCE`), then pulls the output gradients back
 through the meta-gates, the cell and the gate sigmoids in registers and L1, and through
 layer 1 by broadcast FMAs. What leaves a tile: the gradients of the state, theta and the
-gradient input. The rule's weight gradients are per-thread sums in the kernel (the gate
-weight's 16 tiles a block, so the gates' gradient, 320 bytes a coordinate, never goes to
-memory), in double, joined in a fixed order. The node saves only its inputs, like
-:mod:`learned_optim.rule.compiled`'s, and serves first and second order alike; a gradient *of*
+gradient input. The rule's weight gradients are sums in the kernel (the gate weight's 16
+tiles at a time, so the gates' gradient, 320 bytes a coordinate, never goes to memory), in
+double, one row per block of coordinates (:func:`block_rows`), added in block order: the
+blocks go to whichever thread is free, and the sums do not depend on the threads. The node
+saves only its inputs, like :mod:`learned_optim.rule.compiled`'s, and serves first and second
+order alike; a gradient *of*
 its backward (``create_graph=True`` through the update) takes the eager ``torch.func.vjp`` of
 ``update_rows``, which autograd records.
 

@@ -11,9 +11,8 @@ tiles at a time, so the gates' gradient, 320 bytes a coordinate, never goes to m
 double, one row per block of coordinates (:func:`block_rows`), added in block order: the
 blocks go to whichever thread is free, and the sums do not depend on the threads. The node
 saves only its inputs, like :mod:`learned_optim.rule.compiled`'s, and serves first and second
-order alike; a gradient *of*
-its backward (``create_graph=True`` through the update) takes the eager ``torch.func.vjp`` of
-``update_rows``, which autograd records.
+order alike; a gradient *of* its backward (``create_graph=True`` through the update) takes the
+eager ``torch.func.vjp`` of ``update_rows``, which autograd records.
 
 :func:`learned_optim.rule.policy.tape_path` gives it float32 steps on a CPU where the kernels
 build (else the compiled node, else the eager paths).

@@ -41,54 +41,51 @@ PARALLEL_MIN_ROWS = 4096
 RULE_TILE_SOURCE = VEC_PRELUDE + r"""
 static constexpr int64_t kMaxHidden = @MAX_HIDDEN@;
 
+// 1 / (1 + e^-x) without Sleef's exp (1 ulp, with special cases), which with the division
+// was most of the rule's time, on AVX-512 and AVX2: e^-x = 2^n e^r, with what both share
+// below; -x is clamped first so that no infinity reaches the reciprocal (NaN stays NaN: the
+// clamps return their second operand when it is NaN).
+// e^z's reduced part: n = round(z / ln 2) (into `n`), r = z - n ln 2 in two parts
+// (Cody-Waite), and e^r by Moshier's (Cephes') degree-6 polynomial; the caller scales by 2^n.
+static inline Vec exp_reduced(Vec z, Vec& n) {
+    n = (z * Vec(1.44269504088896341f)).round();
+    Vec r = at::vec::fmadd(n, Vec(-0.693359375f), z);
+    r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+    Vec e(1.9875691500e-4f);
+    e = at::vec::fmadd(e, r, Vec(1.3981999507e-3f));
+    e = at::vec::fmadd(e, r, Vec(8.3334519073e-3f));
+    e = at::vec::fmadd(e, r, Vec(4.1665795894e-2f));
+    e = at::vec::fmadd(e, r, Vec(1.6666665459e-1f));
+    e = at::vec::fmadd(e, r, Vec(5.0000001201e-1f));
+    return at::vec::fmadd(e, r * r, r + Vec(1.f));
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
-// 1 / (1 + e^-x) without Sleef's exp (1 ulp, with special cases) and without the division,
-// which are most of the rule's time: e^-x = 2^n e^r, r = -x - n ln 2 in two parts (Cody-Waite),
-// e^r by Moshier's (Cephes') degree-6 polynomial, 2^n by scalef, and the reciprocal from
-// rcp14 refined by one Newton step. Within 3 ulp of the exact sigmoid (1.4x faster). -x is
-// clamped to [-88, 87] first so that no infinity reaches the reciprocal (NaN stays NaN: the
-// clamps return their second operand when it is NaN).
+// -x clamped to [-88, 87], 2^n by scalef, the reciprocal from rcp14 refined by one Newton
+// step. Within 3 ulp of the exact sigmoid (1.4x faster).
 static inline Vec sigmoid(Vec xv) {
     __m512 z = _mm512_sub_ps(_mm512_setzero_ps(), __m512(xv));
     z = _mm512_max_ps(_mm512_set1_ps(-88.f), _mm512_min_ps(_mm512_set1_ps(87.f), z));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), z);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 e = _mm512_set1_ps(1.9875691500e-4f);
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.3981999507e-3f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(8.3334519073e-3f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(4.1665795894e-2f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.6666665459e-1f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(5.0000001201e-1f));
-    e = _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(e, n), _mm512_set1_ps(1.f));
+    Vec n;
+    const __m512 e = __m512(exp_reduced(Vec(z), n));
+    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(e, __m512(n)), _mm512_set1_ps(1.f));
     const __m512 y = _mm512_rcp14_ps(d);
     return Vec(_mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.f))));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
-// The same e^-x on AVX2, which has no scalef: -x is clamped to [-87, 87], so n is in
-// [-126, 126] and 2^n is built as a normal float's bits. The reciprocal is a division here:
-// rcp's 12 bits and a Newton step gave sigmoid(0) = 0.49999997 at the same speed. Within
-// 3.1 ulp of the float64 sigmoid from -100 to 100 (at::vec: 2.5), 1.9x faster in a loop over
-// 2.3M inputs (AMD EPYC, one thread).
+// AVX2 has no scalef: -x is clamped to [-87, 87], so n is in [-126, 126] and 2^n is built as
+// a normal float's bits. The reciprocal is a division here: rcp's 12 bits and a Newton step
+// gave sigmoid(0) = 0.49999997 at the same speed. Within 3.1 ulp of the float64 sigmoid from
+// -100 to 100 (at::vec: 2.5), 1.9x faster in a loop over 2.3M inputs (AMD EPYC, one thread).
 static inline Vec sigmoid(Vec xv) {
     __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), __m256(xv));
     z = _mm256_max_ps(_mm256_set1_ps(-87.f), _mm256_min_ps(_mm256_set1_ps(87.f), z));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 e = _mm256_set1_ps(1.9875691500e-4f);
-    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.3981999507e-3f));
-    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(8.3334519073e-3f));
-    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(4.1665795894e-2f));
-    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.6666665459e-1f));
-    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(5.0000001201e-1f));
-    e = _mm256_fmadd_ps(e, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    Vec n;
+    const __m256 e = __m256(exp_reduced(Vec(z), n));
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(__m256(n)),
+                                            _mm256_set1_epi32(127));
     const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
     const __m256 d = _mm256_fmadd_ps(e, two_n, _mm256_set1_ps(1.f));
     return Vec(_mm256_div_ps(_mm256_set1_ps(1.f), d));

@@ -6,10 +6,11 @@ a tile's gates from the step's inputs with the shared tile forward
 (:data:`~learned_optim.rule.native.RULE_TILE_SOURCE`), then pulls the output gradients back
 through the meta-gates, the cell and the gate sigmoids in registers and L1, and through
 layer 1 by broadcast FMAs. What leaves a tile: the gradients of the state, theta and the
-gradient input. The rule's weight gradients are sums in the kernel (the gate weight's 16
-tiles at a time, so the gates' gradient, 320 bytes a coordinate, never goes to memory), in
-double, one row per block of coordinates (:func:`block_rows`), added in block order: the
-blocks go to whichever thread is free, and the sums do not depend on the threads. The node
+gradient input. The rule's weight gradients are sums in the kernel (16 tiles at a time,
+each sum in a register through them, so the gates' gradient, 320 bytes a coordinate, never
+goes to memory), in double, one row per block of coordinates (:func:`block_rows`), added in
+block order: the blocks go to whichever thread is free, and the sums do not depend on the
+threads. The node
 saves only its inputs, like :mod:`learned_optim.rule.compiled`'s, and serves first and second
 order alike; a gradient *of* its backward (``create_graph=True`` through the update) takes the
 eager ``torch.func.vjp`` of ``update_rows``, which autograd records.
@@ -42,7 +43,10 @@ __all__ = ["BACKWARD_KERNEL", "block_rows", "native_tape_applies", "step_rows_ba
 
 _BACKWARD_SOURCE = RULE_TILE_SOURCE + r"""
 
-static constexpr int64_t kStash = 16;  // tiles per block of the weight gradient
+// Tiles stashed between two passes of the parameter gradients' sums. Each sum stays in a
+// register through a pass: added to memory tile by tile (the bias's 80 rows, meta_h's 40),
+// they made the whole backward 1.16x slower (2 threads, the AMD EPYC, 28,485 rows).
+static constexpr int64_t kStash = 16;
 
 // dw[(j K + k) V + l] += sum over `tiles` stashed tiles s of
 // d_a[(s G + j) V + l] x[(s K + k) V + l], for gates j .. j + 4 and inputs k .. k + KB: the
@@ -77,10 +81,24 @@ static inline void weight_block(const float* d_a, const float* x, int64_t tiles,
 // fit AVX-512's 32 registers at 4 and AVX2's 16 at 2 (at 4 they spilled: 10% slower).
 static constexpr int kInputBlock = V >= 16 ? 4 : 2;
 
-// The weight gradient's share of `tiles` stashed tiles (G is a multiple of 4).
-static inline void weight_gradient(const float* d_a, const float* x, int64_t tiles,
-                                   int64_t G, int64_t K, float* dw) {
+// db[j V + l] += sum over `tiles` stashed tiles s of d_a[(s G + j) V + l], gates j .. j + 4.
+static inline void bias_block(const float* d_a, int64_t tiles, int64_t G, int64_t j,
+                              float* db) {
+    Vec acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = Vec(0.f);
+    for (int64_t s = 0; s < tiles; ++s)
+        for (int q = 0; q < 4; ++q) acc[q] = acc[q] + Vec::loadu(d_a + (s * G + j + q) * V);
+    for (int q = 0; q < 4; ++q) {
+        float* d = db + (j + q) * V;
+        (Vec::loadu(d) + acc[q]).store(d);
+    }
+}
+
+// Layer 1's weight and bias gradients' share of `tiles` stashed tiles (G is a multiple of 4).
+static inline void gate_gradient(const float* d_a, const float* x, int64_t tiles, int64_t G,
+                                 int64_t K, float* dw, float* db) {
     for (int64_t j = 0; j < G; j += 4) {
+        bias_block(d_a, tiles, G, j, db);
         int64_t k = 0;
         for (; k + kInputBlock <= K; k += kInputBlock)
             weight_block<kInputBlock>(d_a, x, tiles, G, K, j, k, dw);
@@ -90,6 +108,95 @@ static inline void weight_gradient(const float* d_a, const float* x, int64_t til
             case 1: weight_block<1>(d_a, x, tiles, G, K, j, k, dw); break;
             default: break;
         }
+    }
+}
+
+// Rows a stashed tile keeps for the meta-gates' gradients: d_f_pre, d_i_pre, theta, f_prev,
+// i_prev, then h1 (H rows).
+static constexpr int64_t kMetaRows = 5;
+
+// The meta-gates' gradients' share of `tiles` stashed tiles `m` ([tiles, kMetaRows + H, V]):
+// meta_h's [2, H] and meta_small's six (theta's, the previous value's and the bias's weight
+// of f_pre and of i_pre).
+static inline void meta_gradient(const float* m, int64_t tiles, int64_t H, float* meta_h_sums,
+                                 float* small_sums) {
+    const int64_t R = kMetaRows + H;
+    Vec small[6];
+    for (int q = 0; q < 6; ++q) small[q] = Vec(0.f);
+    for (int64_t s = 0; s < tiles; ++s) {
+        const float* row = m + s * R * V;
+        const Vec d_f = Vec::loadu(row), d_i = Vec::loadu(row + V);
+        const Vec theta = Vec::loadu(row + 2 * V);
+        small[0] = at::vec::fmadd(d_f, theta, small[0]);
+        small[1] = at::vec::fmadd(d_i, theta, small[1]);
+        small[2] = at::vec::fmadd(d_f, Vec::loadu(row + 3 * V), small[2]);
+        small[3] = at::vec::fmadd(d_i, Vec::loadu(row + 4 * V), small[3]);
+        small[4] = small[4] + d_f;
+        small[5] = small[5] + d_i;
+    }
+    for (int q = 0; q < 6; ++q)
+        (Vec::loadu(small_sums + q * V) + small[q]).store(small_sums + q * V);
+    for (int64_t h = 0; h < H; h += 4) {
+        const int64_t count = std::min<int64_t>(4, H - h);
+        Vec f[4], i[4];
+        for (int q = 0; q < 4; ++q) f[q] = i[q] = Vec(0.f);
+        for (int64_t s = 0; s < tiles; ++s) {
+            const float* row = m + s * R * V;
+            const Vec d_f = Vec::loadu(row), d_i = Vec::loadu(row + V);
+            for (int q = 0; q < 4; ++q) {
+                if (q < count) {
+                    const Vec h1 = Vec::loadu(row + (kMetaRows + h + q) * V);
+                    f[q] = at::vec::fmadd(d_f, h1, f[q]);
+                    i[q] = at::vec::fmadd(d_i, h1, i[q]);
+                }
+            }
+        }
+        for (int q = 0; q < count; ++q) {
+            float* at_f = meta_h_sums + (h + q) * V;
+            float* at_i = meta_h_sums + (H + h + q) * V;
+            (Vec::loadu(at_f) + f[q]).store(at_f);
+            (Vec::loadu(at_i) + i[q]).store(at_i);
+        }
+    }
+}
+
+// Inputs whose gradient (weight^T d_a) one pass over a tile's d_a rows sums: as many
+// independent accumulators, each row loaded once and each weight broadcast once (pairs of
+// inputs over four interleaved sums took 1.1x as long in the whole backward on the EPYC).
+static constexpr int kInputGradientBlock = 11;
+
+// Layer 1's input gradient for inputs k .. k + KB of one tile; out(k, value) takes each.
+template <int KB, typename Out>
+static inline void input_gradient_block(const float* weight, const float* d_a, int64_t G,
+                                        int64_t K, int64_t k, Out&& out) {
+    Vec acc[KB];
+    for (int kk = 0; kk < KB; ++kk) acc[kk] = Vec(0.f);
+    for (int64_t j = 0; j < G; ++j) {
+        const Vec d = Vec::loadu(d_a + j * V);
+        const float* w = weight + j * K + k;
+        for (int kk = 0; kk < KB; ++kk) acc[kk] = at::vec::fmadd(Vec(w[kk]), d, acc[kk]);
+    }
+    for (int kk = 0; kk < KB; ++kk) out(k + kk, acc[kk]);
+}
+
+template <typename Out>
+static inline void input_gradient(const float* weight, const float* d_a, int64_t G, int64_t K,
+                                  Out&& out) {
+    int64_t k = 0;
+    for (; k + kInputGradientBlock <= K; k += kInputGradientBlock)
+        input_gradient_block<kInputGradientBlock>(weight, d_a, G, K, k, out);
+    switch (K - k) {
+        case 10: input_gradient_block<10>(weight, d_a, G, K, k, out); break;
+        case 9: input_gradient_block<9>(weight, d_a, G, K, k, out); break;
+        case 8: input_gradient_block<8>(weight, d_a, G, K, k, out); break;
+        case 7: input_gradient_block<7>(weight, d_a, G, K, k, out); break;
+        case 6: input_gradient_block<6>(weight, d_a, G, K, k, out); break;
+        case 5: input_gradient_block<5>(weight, d_a, G, K, k, out); break;
+        case 4: input_gradient_block<4>(weight, d_a, G, K, k, out); break;
+        case 3: input_gradient_block<3>(weight, d_a, G, K, k, out); break;
+        case 2: input_gradient_block<2>(weight, d_a, G, K, k, out); break;
+        case 1: input_gradient_block<1>(weight, d_a, G, K, k, out); break;
+        default: break;
     }
 }
 
@@ -119,9 +226,11 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
     #pragma omp parallel num_threads(threads)
     {
         Tile t;
-        // The gate pre-activations' gradient and layer 1's input of kStash tiles, for the
-        // weight gradient (never written out: 320 bytes a coordinate at H = 20).
+        // Of kStash tiles, for the parameter gradients' sums: the gate pre-activations'
+        // gradient and layer 1's input (never written out: 320 bytes a coordinate at H = 20),
+        // and the meta-gates' rows (meta_gradient).
         std::vector<float> stash_a(kStash * G * V), stash_x(kStash * K * V);
+        std::vector<float> stash_m(kStash * (kMetaRows + H) * V);
         int64_t stashed = 0;
         // Per lane: [bias | meta_h | meta_small | weight], summed in float over kFlush tiles
         // at most, then into double (28,485 rows on one thread would otherwise lose 1e-6).
@@ -131,7 +240,12 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
         float* meta_h_sums = sums.data() + G * V;
         float* small_sums = sums.data() + (G + 2 * H) * V;
         float* weight_sums = sums.data() + (G + 2 * H + 6) * V;
-        auto accumulate = [](float* at, Vec value) { (Vec::loadu(at) + value).store(at); };
+        auto sum_stash = [&]() {
+            gate_gradient(stash_a.data(), stash_x.data(), stashed, G, K, weight_sums,
+                          sums.data());
+            meta_gradient(stash_m.data(), stashed, H, meta_h_sums, small_sums);
+            stashed = 0;
+        };
         auto flush = [&]() {
             for (int64_t i = 0; i < P * V; ++i) { totals[i] += sums[i]; sums[i] = 0.f; }
             pending = 0;
@@ -155,21 +269,20 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
                 store(dt * F + d_f_pre * Vec(ms[0]) + d_i_pre * Vec(ms[1]), d_theta_in + start, m);
                 store(d_f_pre * Vec(ms[2]), d_state_in + 2 * H * d_in_stride + start, m);
                 store(d_i_pre * Vec(ms[3]), d_state_in + (2 * H + 1) * d_in_stride + start, m);
-                accumulate(small_sums, d_f_pre * t.theta);
-                accumulate(small_sums + V, d_i_pre * t.theta);
-                accumulate(small_sums + 2 * V, d_f_pre * t.f_prev);
-                accumulate(small_sums + 3 * V, d_i_pre * t.i_prev);
-                accumulate(small_sums + 4 * V, d_f_pre);
-                accumulate(small_sums + 5 * V, d_i_pre);
+                float* meta_rows = stash_m.data() + stashed * (kMetaRows + H) * V;
+                d_f_pre.store(meta_rows);
+                d_i_pre.store(meta_rows + V);
+                t.theta.store(meta_rows + 2 * V);
+                t.f_prev.store(meta_rows + 3 * V);
+                t.i_prev.store(meta_rows + 4 * V);
+                std::copy(t.h1, t.h1 + H * V, meta_rows + kMetaRows * V);
                 // The cell: h1 = o tanh(c), c = f c_prev + i (2 s_g - 1).
                 for (int64_t h = 0; h < H; ++h) {
-                    const Vec h1 = Vec::loadu(t.h1 + h * V), tanh_c = Vec::loadu(t.tanh_c + h * V);
+                    const Vec tanh_c = Vec::loadu(t.tanh_c + h * V);
                     const Vec in_gate = Vec::loadu(t.gates + h * V);
                     const Vec forget_gate = Vec::loadu(t.gates + (H + h) * V);
                     const Vec out_gate = Vec::loadu(t.gates + (2 * H + h) * V);
                     const Vec sigmoid_g = Vec::loadu(t.gates + (3 * H + h) * V);
-                    accumulate(meta_h_sums + h * V, d_f_pre * h1);
-                    accumulate(meta_h_sums + (H + h) * V, d_i_pre * h1);
                     const Vec d_h1 = load(d_state + h * d_stride + start, m)
                                      + Vec(meta_h[h]) * d_f_pre + Vec(meta_h[H + h]) * d_i_pre;
                     const Vec d_c = load(d_state + (H + h) * d_stride + start, m)
@@ -183,39 +296,13 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
                         .store(d_a + (3 * H + h) * V);
                     store(d_c * forget_gate, d_state_in + (H + h) * d_in_stride + start, m);
                 }
-                for (int64_t j = 0; j < G; ++j)
-                    accumulate(sums.data() + j * V, Vec::loadu(d_a + j * V));
-                // Layer 1's input gradient, weight^T d_a (h1 before, and the gradient features),
-                // two inputs at a time: eight independent accumulators, each d_a loaded once.
+                // Layer 1's input gradient: h1 before, and the gradient features.
                 Vec d_log(0.f), d_sign(0.f);
-                auto d_input = [&](int64_t k, Vec d_x) {
+                input_gradient(weight, d_a, G, K, [&](int64_t k, Vec d_x) {
                     if (k >= 2) store(d_x, d_state_in + (k - 2) * d_in_stride + start, m);
                     else if (k == 0) d_log = d_x;
                     else d_sign = d_x;
-                };
-                int64_t k = 0;
-                for (; k + 2 <= K; k += 2) {
-                    Vec a[4], b[4];
-                    for (int q = 0; q < 4; ++q) a[q] = b[q] = Vec(0.f);
-                    for (int64_t j = 0; j < G; j += 4) {
-                        for (int q = 0; q < 4; ++q) {
-                            const Vec d = Vec::loadu(d_a + (j + q) * V);
-                            a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]), d, a[q]);
-                            b[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k + 1]), d, b[q]);
-                        }
-                    }
-                    d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
-                    d_input(k + 1, (b[0] + b[1]) + (b[2] + b[3]));
-                }
-                if (k < K) {
-                    Vec a[4];
-                    for (int q = 0; q < 4; ++q) a[q] = Vec(0.f);
-                    for (int64_t j = 0; j < G; j += 4)
-                        for (int q = 0; q < 4; ++q)
-                            a[q] = at::vec::fmadd(Vec(weight[(j + q) * K + k]),
-                                                  Vec::loadu(d_a + (j + q) * V), a[q]);
-                    d_input(k, (a[0] + a[1]) + (a[2] + a[3]));
-                }
+                });
                 // Through the preprocessing: (log|g|/p)' = 1/(p g), sign' = 0 when large; else
                 // the features are (-1, e^p g), with derivatives (0, e^p).
                 const Vec safe = Vec::blendv(one, t.g, t.large);
@@ -223,15 +310,10 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
                                                    t.large);
                 store(d_features - dt * I, d_grad + start, m);
                 // Lanes past n hold zero gradients: they add nothing to the sums.
-                if (++stashed == kStash) {
-                    weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K, weight_sums);
-                    stashed = 0;
-                }
+                if (++stashed == kStash) sum_stash();
                 if (++pending == kFlush) flush();
             }
-            if (stashed) weight_gradient(stash_a.data(), stash_x.data(), stashed, G, K,
-                                         weight_sums);
-            stashed = 0;
+            if (stashed) sum_stash();
             flush();
             double* row = partials + block * P;
             for (int64_t f = 0; f < P; ++f) {

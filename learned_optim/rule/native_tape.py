@@ -10,10 +10,10 @@ gradient input. The rule's weight gradients are sums in the kernel (16 tiles at 
 each sum in a register through them, so the gates' gradient, 320 bytes a coordinate, never
 goes to memory), in double, one row per block of coordinates (:func:`block_rows`), added in
 block order: the blocks go to whichever thread is free, and the sums do not depend on the
-threads. The node
-saves only its inputs, like :mod:`learned_optim.rule.compiled`'s, and serves first and second
-order alike; a gradient *of* its backward (``create_graph=True`` through the update) takes the
-eager ``torch.func.vjp`` of ``update_rows``, which autograd records.
+threads. The node saves only its inputs, like :mod:`learned_optim.rule.compiled`'s, and
+serves first and second order alike; a gradient *of* its backward (``create_graph=True``
+through the update) takes the eager ``torch.func.vjp`` of ``update_rows``, which autograd
+records.
 
 :func:`learned_optim.rule.policy.tape_path` gives it float32 steps on a CPU where the kernels
 build (else the compiled node, else the eager paths).
@@ -233,9 +233,10 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
         std::vector<float> stash_m(kStash * (kMetaRows + H) * V);
         int64_t stashed = 0;
         // Per lane: [bias | meta_h | meta_small | weight], summed in float over kFlush tiles
-        // at most, then into double (28,485 rows on one thread would otherwise lose 1e-6).
+        // at most, then, lanes added, into double (28,485 rows on one thread would otherwise
+        // lose 1e-6). Double per lane too took 1.06x as long (three times the memory).
         std::vector<float> sums(P * V, 0.f);
-        std::vector<double> totals(P * V, 0.0);
+        std::vector<double> totals(P, 0.0);
         int64_t pending = 0;
         float* meta_h_sums = sums.data() + G * V;
         float* small_sums = sums.data() + (G + 2 * H) * V;
@@ -247,7 +248,14 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
             stashed = 0;
         };
         auto flush = [&]() {
-            for (int64_t i = 0; i < P * V; ++i) { totals[i] += sums[i]; sums[i] = 0.f; }
+            for (int64_t f = 0; f < P; ++f) {
+                double lanes = 0.0;
+                for (int64_t l = 0; l < V; ++l) {
+                    lanes += sums[f * V + l];
+                    sums[f * V + l] = 0.f;
+                }
+                totals[f] += lanes;
+            }
             pending = 0;
         };
         #pragma omp for schedule(dynamic, 1)
@@ -317,12 +325,8 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
             flush();
             double* row = partials + block * P;
             for (int64_t f = 0; f < P; ++f) {
-                double s = 0.0;
-                for (int64_t l = 0; l < V; ++l) {
-                    s += totals[f * V + l];
-                    totals[f * V + l] = 0.0;
-                }
-                row[f] = s;
+                row[f] = totals[f];
+                totals[f] = 0.0;
             }
         }
     }

@@ -1,9 +1,10 @@
 """``LSTMMetaOptimizer`` (a ``torch.optim`` drop-in) and its differentiable twin for ``higher``.
 
-Both are thin shells over :func:`learned_optim.rule.math.prepare_step` and
-:func:`learned_optim.rule.math.update_rows` (the twin through :mod:`learned_optim.rule.tape`,
-which chooses its autograd path); the twin is registered with ``higher`` on import, so
-``higher.innerloop_ctx(model, LSTMMetaOptimizer(...))`` works unchanged.
+Both are thin shells over :func:`learned_optim.rule.math.prepare_step` (its loss-free half
+kept while the rule does not change) and :func:`learned_optim.rule.math.update_rows` (the twin
+through :mod:`learned_optim.rule.tape`, which chooses its autograd path); the twin is
+registered with ``higher`` on import, so ``higher.innerloop_ctx(model, LSTMMetaOptimizer(...))``
+works unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from learned_optim.rule.math import (
     fold_loss,
     initial_state,
     prepare_rule,
-    prepare_step,
     row_scratch,
     update_rows,
 )
@@ -123,9 +123,15 @@ def _loss_tensor(loss: Any) -> Tensor:
 class _RuleCache:
     """The rule's loss-free step constants (:func:`prepare_rule`) per (dtype, device), and
     their layout for the native kernel, kept while the rule's weights stay the same tensors
-    with the same values (version counters): the drop-in ``step()`` then folds in each step's
-    loss alone (a few small tensor operations instead of about 40; at 55k parameters on 2
-    cores, 0.4 ms of a 7 ms step). Holding the weights keeps their ids from being reused.
+    with the same values (version counters), and grad mode and ``requires_grad`` stay as they
+    were: the drop-in ``step()`` then folds in each step's loss alone (a few small tensor
+    operations instead of about 40; at 55k parameters on 2 cores, 0.4 ms of a 7 ms step).
+    Holding the weights keeps their ids from being reused.
+
+    The ``higher`` twin keeps one too, so an episode's steps share one recorded
+    :func:`prepare_rule`: its operations (slices, ``cat``, transposes, a product by 2) save
+    no tensors, so a backward through them frees nothing and a later backward through the
+    same constants (truncated windows of one episode) still works.
     """
 
     def __init__(self) -> None:
@@ -136,7 +142,8 @@ class _RuleCache:
                   device: torch.device) -> StepConstants:
         """``prepare_step(weights, loss, dtype, device)``."""
         tensors = tuple(weights[:5])
-        key = (weights.p, tensors, tuple((t.data_ptr(), t._version) for t in tensors))
+        key = (weights.p, tensors, tuple((t.data_ptr(), t._version) for t in tensors),
+               torch.is_grad_enabled(), tuple(t.requires_grad for t in tensors))
         cached = self.rules.get((dtype, device))
         if cached is None or not _same_key(cached[0], key):
             cached = (key, prepare_rule(weights, dtype, device))
@@ -155,7 +162,7 @@ class _RuleCache:
 
 def _same_key(a: tuple, b: tuple) -> bool:
     """Whether two :class:`_RuleCache` keys name the same weight tensors and values."""
-    return (a[0] == b[0] and all(x is y for x, y in zip(a[1], b[1])) and a[2] == b[2])
+    return (a[0] == b[0] and all(x is y for x, y in zip(a[1], b[1])) and a[2:] == b[2:])
 
 
 class _Segment(NamedTuple):
@@ -827,6 +834,7 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
         # First order: one anchored trajectory per bucket (see learned_optim.rule.tape).
         self._chains: list[dict[tuple, _Chain]] = [{} for _ in self.param_groups]
         self._loss: Tensor | None = None
+        self._rule_cache = _RuleCache()  # the episode's prepare_rule, recorded once
         # RMS-scaled rules (gradient_scale): per-parameter moments and step counts, starting
         # from the drop-in optimizer's (copied by higher).
         self._moments = [{i: (self.state[g][i].get("grad_moments"),
@@ -968,7 +976,7 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
                 active = [i for i in indices if grads[i] is not None]
                 if not active:
                     continue
-                constants = prepare_step(weights, self._loss, key[1], key[0])
+                constants = self._rule_cache.constants(weights, self._loss, key[1], key[0])
                 sizes = [params[i].numel() for i in indices]
                 rows = dict(zip(indices, state.split(sizes)))
                 active_rows = (torch.cat([rows[i] for i in active])

@@ -317,3 +317,62 @@ def test_higher_keeps_the_protected_attributes_the_twin_reads():
         assert torch.equal(copied, opt.state[model[0].weight]["lstm_state"])
         diffopt._apply_override({"lr": [torch.tensor(0.25)]})
         assert [float(g["lr"]) for g in diffopt.param_groups] == [0.25, 0.25]
+
+
+def _twin_steps_with_a_rule_change(change_in_place: bool) -> list[torch.Tensor]:
+    """Two twin steps of a linear model in one inner loop; between them the rule's weights
+    change, in place or by handing the twin a new rule module with the changed values."""
+    torch.manual_seed(0)
+    rule = MetaLearnerLSTM()
+    model = nn.Linear(6, 3)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = LSTMMetaOptimizer(model.parameters(), rule)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for step in range(2):
+            if step == 1:
+                changed = rule if change_in_place else copy.deepcopy(rule)
+                with torch.no_grad():
+                    changed.weight_ih.mul_(50.0)
+                    changed.bias.add_(0.3)
+                diffopt.meta_learner = changed
+            diffopt.step(F.cross_entropy(fmodel(x), y))
+        return [p.detach().clone() for p in fmodel.parameters()]
+
+
+def test_the_twin_reads_a_rule_changed_in_place_between_steps():
+    # The twin records the rule's loss-free constants once an episode; a rule whose weights
+    # change in place meanwhile (an online meta-update) is read again.
+    in_place = _twin_steps_with_a_rule_change(change_in_place=True)
+    new_module = _twin_steps_with_a_rule_change(change_in_place=False)
+    assert all(torch.equal(a, b) for a, b in zip(in_place, new_module))
+
+
+def test_the_twins_shared_rule_constants_take_one_backward_per_step():
+    # An episode's steps share one recorded prepare_rule. Its operations save no tensors, so
+    # backward passes through two steps' constants, one after the other and without
+    # retain_graph, both work, and give the meta-gradients of constants built per step.
+    from learned_optim.rule.math import prepare_step
+
+    torch.manual_seed(0)
+    rule = MetaLearnerLSTM()
+    model = nn.Linear(4, 2)
+    with higher.innerloop_ctx(model, LSTMMetaOptimizer(model.parameters(), rule)) as (_, diffopt):
+        cache = diffopt._rule_cache
+    losses = (torch.tensor(0.7), torch.tensor(2.5))
+
+    def objective(constants):
+        return (constants.gate_bias.sin().sum() + constants.input_weight.square().sum()
+                + constants.meta_weight_h.sum() * constants.meta_bias.sum())
+
+    shared = []
+    for loss in losses:
+        rule.zero_grad()
+        objective(cache.constants(rule.weights(), loss, torch.float32,
+                                  torch.device("cpu"))).backward()
+        shared.append([p.grad.clone() for p in rule.parameters()])
+    assert len(cache.rules) == 1  # both steps read the same recorded constants
+    for loss, grads in zip(losses, shared):
+        rule.zero_grad()
+        objective(prepare_step(rule.weights(), loss, torch.float32)).backward()
+        for ours, theirs in zip(grads, (p.grad for p in rule.parameters())):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -169,8 +169,10 @@ def prepare_rule(weights: MetaWeights, dtype: torch.dtype,
         return tensor.to(dtype=dtype, device=device)
 
     def sigmoid_gates_first(rows: Tensor) -> Tensor:  # PyTorch's (i, f, g, o) -> (i, f, o, 2g)
-        return torch.cat((rows[: 2 * hidden], rows[3 * hidden :],
-                          2 * rows[2 * hidden : 3 * hidden]))
+        g = rows[2 * hidden : 3 * hidden]
+        # g + g, exactly 2 g: a product by 2 would save its scalar for the backward, and the
+        # twin's steps share these constants through backward passes that free what they read
+        return torch.cat((rows[: 2 * hidden], rows[3 * hidden :], g + g))
 
     weight_ih = cast(weights.weight_ih)
     input_weight = torch.cat((weight_ih[:, :2], cast(weights.weight_hh)), dim=1)

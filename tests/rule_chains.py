@@ -2,9 +2,12 @@
 
 Each runs a given step function (``update_rows``, ``update_rows_compiled``,
 ``update_rows_native``) the way meta-training does and returns what the tests compare.
+Also the rule change that the tests of the shells' constant caches make between two steps.
 """
 
 from __future__ import annotations
+
+import copy
 
 import higher
 import torch
@@ -13,6 +16,17 @@ from torch.nn import functional as F
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule.math import initial_state, prepare_step
+
+
+def changed_rule(rule: MetaLearnerLSTM, in_place: bool) -> MetaLearnerLSTM:
+    """``rule`` with its layer-1 input weights times 50 and its gate bias plus 0.3: changed in
+    place, or a new module with those values (a shell that keeps the rule's constants between
+    steps must give the same next step for both)."""
+    changed = rule if in_place else copy.deepcopy(rule)
+    with torch.no_grad():
+        changed.weight_ih.mul_(50.0)
+        changed.bias.add_(0.3)
+    return changed
 
 
 def random_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:

@@ -5,6 +5,7 @@ import copy
 import higher
 import pytest
 import torch
+from rule_chains import changed_rule  # tests/rule_chains.py
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -330,11 +331,7 @@ def _twin_steps_with_a_rule_change(change_in_place: bool) -> list[torch.Tensor]:
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
         for step in range(2):
             if step == 1:
-                changed = rule if change_in_place else copy.deepcopy(rule)
-                with torch.no_grad():
-                    changed.weight_ih.mul_(50.0)
-                    changed.bias.add_(0.3)
-                diffopt.meta_learner = changed
+                diffopt.meta_learner = changed_rule(rule, in_place=change_in_place)
             diffopt.step(F.cross_entropy(fmodel(x), y))
         return [p.detach().clone() for p in fmodel.parameters()]
 

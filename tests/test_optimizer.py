@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from rule_chains import changed_rule  # tests/rule_chains.py
 from torch import nn
 from torch.nn import functional as F
 
@@ -330,11 +331,7 @@ def _two_steps_with_a_rule_change(change_in_place: bool):
     x = torch.randn(4, 6)
     for step in range(2):
         if step == 1:
-            changed = rule if change_in_place else copy.deepcopy(rule)
-            with torch.no_grad():
-                changed.weight_ih.mul_(50.0)
-                changed.bias.add_(0.3)
-            opt.meta_learner = changed
+            opt.meta_learner = changed_rule(rule, in_place=change_in_place)
         opt.zero_grad()
         model(x).sum().backward()
         opt.step(loss=torch.tensor(1.0))

@@ -105,6 +105,20 @@ static void mean_patches(const float* x, double* mean_patch, int64_t n, int64_t 
 // slower, 2 threads, the AMD EPYC).
 static constexpr int kGroups = 4;
 
+// fn(groups, c) for the channels in steps of kGroups groups from c = 0, groups a
+// std::integral_constant of how many groups (the last step may take fewer).
+template <typename Fn>
+static inline void for_channel_groups(int64_t C, Fn&& fn) {
+    for (int64_t c = 0; c < C; c += kGroups * V) {
+        switch (std::min<int64_t>(kGroups, (C - c + V - 1) / V)) {
+            case 4: fn(std::integral_constant<int, 4>(), c); break;
+            case 3: fn(std::integral_constant<int, 3>(), c); break;
+            case 2: fn(std::integral_constant<int, 2>(), c); break;
+            default: fn(std::integral_constant<int, 1>(), c); break;
+        }
+    }
+}
+
 // Channels of group g of those starting at channel c (V, or fewer in the last).
 static inline int64_t group_count(int64_t C, int64_t c, int g) {
     return std::max<int64_t>(0, std::min<int64_t>(V, C - c - g * V));
@@ -232,18 +246,10 @@ extern "C" void kernel(const float* x, const float* wk, const float* bias,
         for (int64_t row = lo; row < hi; ++row) {
             const int64_t b = row / h, y = row % h;
             padded_rows(x, buf.data(), b, y, 3, h, w, ci);
-            for (int64_t c = 0; c < C; c += kGroups * V) {
-                switch (std::min<int64_t>(kGroups, (C - c + V - 1) / V)) {
-                    case 4: variance_row<4>(buf.data(), width, w, ci, K, wk, centre, C, c, part,
-                                            Cp); break;
-                    case 3: variance_row<3>(buf.data(), width, w, ci, K, wk, centre, C, c, part,
-                                            Cp); break;
-                    case 2: variance_row<2>(buf.data(), width, w, ci, K, wk, centre, C, c, part,
-                                            Cp); break;
-                    default: variance_row<1>(buf.data(), width, w, ci, K, wk, centre, C, c,
-                                             part, Cp); break;
-                }
-            }
+            for_channel_groups(C, [&](auto groups, int64_t c) {
+                variance_row<decltype(groups)::value>(buf.data(), width, w, ci, K, wk, centre,
+                                                      C, c, part, Cp);
+            });
         }
     }
     alignas(64) float scale[kMaxChannels] = {0.f}, shift[kMaxChannels] = {0.f};
@@ -271,18 +277,10 @@ extern "C" void kernel(const float* x, const float* wk, const float* bias,
             const int64_t b = row / oh, i = row % oh;
             padded_rows(x, buf.data(), b, 2 * i, 4, h, w, ci);
             float* o = out + row * ow * C;
-            for (int64_t c = 0; c < C; c += kGroups * V) {
-                switch (std::min<int64_t>(kGroups, (C - c + V - 1) / V)) {
-                    case 4: pooled_row<4>(buf.data(), width, ow, ci, K, wk, scale, shift, C, c,
-                                          o); break;
-                    case 3: pooled_row<3>(buf.data(), width, ow, ci, K, wk, scale, shift, C, c,
-                                          o); break;
-                    case 2: pooled_row<2>(buf.data(), width, ow, ci, K, wk, scale, shift, C, c,
-                                          o); break;
-                    default: pooled_row<1>(buf.data(), width, ow, ci, K, wk, scale, shift, C, c,
-                                           o); break;
-                }
-            }
+            for_channel_groups(C, [&](auto groups, int64_t c) {
+                pooled_row<decltype(groups)::value>(buf.data(), width, ow, ci, K, wk, scale,
+                                                    shift, C, c, o);
+            });
         }
     }
 }
@@ -435,14 +433,9 @@ extern "C" void kernel(const float* x, const float* wk, const float* center,
             const bool tail = i == oh;  // the odd last image row: in no window
             padded_rows(x, buf.data(), b, 2 * i, tail ? 3 : 4, h, w, ci);
             const Row r{buf.data(), width, w, ow, ci, K, tail, dz + (b * oh + i) * ow * C};
-            for (int64_t c = 0; c < C; c += kGroups * V) {
-                switch (std::min<int64_t>(kGroups, (C - c + V - 1) / V)) {
-                    case 4: backward_row<4>(r, wk, centre, scale, shift, C, c, part, Cp); break;
-                    case 3: backward_row<3>(r, wk, centre, scale, shift, C, c, part, Cp); break;
-                    case 2: backward_row<2>(r, wk, centre, scale, shift, C, c, part, Cp); break;
-                    default: backward_row<1>(r, wk, centre, scale, shift, C, c, part, Cp); break;
-                }
-            }
+            for_channel_groups(C, [&](auto groups, int64_t c) {
+                backward_row<decltype(groups)::value>(r, wk, centre, scale, shift, C, c, part, Cp);
+            });
         }
     }
     // BatchNorm's input gradient, dx = k1 dy - k2 - (conv - mean) k3, never formed: only its

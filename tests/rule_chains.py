@@ -29,6 +29,34 @@ def changed_rule(rule: MetaLearnerLSTM, in_place: bool) -> MetaLearnerLSTM:
     return changed
 
 
+def two_steps_with_a_rule_change(in_place: bool, twin: bool) -> list[torch.Tensor]:
+    """A linear model's parameters after two steps of the drop-in optimizer (or, ``twin``, of
+    its ``higher`` twin in one inner loop), the rule changed between them by
+    :func:`changed_rule`."""
+    torch.manual_seed(0)
+    rule = MetaLearnerLSTM()
+    with torch.no_grad():
+        rule.meta_bias.copy_(torch.tensor([5.0, -1.0]))  # steps large enough to tell apart
+    model = nn.Linear(6, 3)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt = LSTMMetaOptimizer(model.parameters(), rule)
+    if twin:
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for step in range(2):
+                if step == 1:
+                    diffopt.meta_learner = changed_rule(rule, in_place)
+                diffopt.step(F.cross_entropy(fmodel(x), y))
+            return [p.detach().clone() for p in fmodel.parameters()]
+    for step in range(2):
+        if step == 1:
+            opt.meta_learner = changed_rule(rule, in_place)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def random_rule(hidden: int = 20, seed: int = 0) -> MetaLearnerLSTM:
     """A rule whose weights are far from the paper's init (gates away from saturation)."""
     torch.manual_seed(seed)

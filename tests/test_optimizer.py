@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from rule_chains import changed_rule  # tests/rule_chains.py
+from rule_chains import two_steps_with_a_rule_change  # tests/rule_chains.py
 from torch import nn
 from torch.nn import functional as F
 
@@ -319,30 +319,13 @@ def test_cuda_step_matches_cpu_step():
     torch.testing.assert_close(model.weight, gpu_model.weight.cpu(), rtol=1e-5, atol=1e-6)
 
 
-def _two_steps_with_a_rule_change(change_in_place: bool):
-    """Two drop-in steps of a linear model; between them the rule's weights change, in place
-    or by handing the optimizer a new rule module with the changed values."""
-    torch.manual_seed(0)
-    rule = MetaLearnerLSTM()
-    with torch.no_grad():
-        rule.meta_bias.copy_(torch.tensor([5.0, -1.0]))
-    model = nn.Linear(6, 3)
-    opt = LSTMMetaOptimizer(model.parameters(), rule)
-    x = torch.randn(4, 6)
-    for step in range(2):
-        if step == 1:
-            opt.meta_learner = changed_rule(rule, in_place=change_in_place)
-        opt.zero_grad()
-        model(x).sum().backward()
-        opt.step(loss=torch.tensor(1.0))
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def test_a_rule_changed_in_place_between_steps_is_not_served_from_the_cache():
-    # The drop-in step keeps the rule's loss-free constants between steps; a rule whose
-    # weights change in place (an outer meta-training step, load_state_dict) is read again.
-    in_place = _two_steps_with_a_rule_change(change_in_place=True)
-    new_module = _two_steps_with_a_rule_change(change_in_place=False)
+@pytest.mark.parametrize("twin", [False, True], ids=["drop-in", "higher-twin"])
+def test_a_rule_changed_in_place_between_steps_is_not_served_from_the_cache(twin):
+    # Both shells keep the rule's loss-free constants between steps (the twin for an
+    # episode); a rule whose weights change in place (an outer meta-training step,
+    # load_state_dict, an online meta-update) is read again.
+    in_place = two_steps_with_a_rule_change(in_place=True, twin=twin)
+    new_module = two_steps_with_a_rule_change(in_place=False, twin=twin)
     assert all(torch.equal(a, b) for a, b in zip(in_place, new_module))
 
 

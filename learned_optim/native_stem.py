@@ -101,7 +101,7 @@ static void mean_patches(const float* x, double* mean_patch, int64_t n, int64_t 
 
 // Channel groups (of V channels) that the kernels convolve together: each input value is
 // broadcast once for all of them, and their sums are independent chains (a group alone waited
-// on the FMA's latency along its 9 ci taps: the forward 1.4-1.7x and the backward 1.0-1.2x
+// on the FMA's latency along its 9 ci taps: the forward 1.6-2.3x and the backward 1.1-1.3x
 // slower, 2 threads, the AMD EPYC).
 static constexpr int kGroups = 4;
 

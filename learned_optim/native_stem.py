@@ -150,7 +150,9 @@ static inline void conv_groups(const float* buf, int64_t width, int64_t r0, int6
         }
     }
 }
+"""
 
+_FORWARD = _COMMON + r"""
 // A padded input row's sums of e and e^2 (e = d - center) for G groups from channel c, added
 // to part[c ..] and part[Cp + c ..].
 template <int G>
@@ -209,9 +211,7 @@ static void pooled_row(const float* buf, int64_t width, int64_t ow, int64_t ci, 
             store(at::vec::maximum(v[g], Vec(0.f)), o + j * C + c + g * V, group_count(C, c, g));
     }
 }
-"""
 
-_FORWARD = _COMMON + r"""
 // x: [n, h, w, ci]; wk: [K = 9 ci, C]; bias: [C] (the convolution's, or zeros); gamma,
 // beta: [C]. out: [n, h/2, w/2, C]. Written for the backward: mean_patch [K] (doubles),
 // center [C] (its convolution, no bias), scale_shift [2, C] (v = scale d + shift, d the

@@ -129,8 +129,8 @@ class _RuleCache:
     Holding the weights keeps their ids from being reused.
 
     The ``higher`` twin keeps one too, so an episode's steps share one recorded
-    :func:`prepare_rule`: its operations (slices, ``cat``, transposes, a product by 2) save
-    no tensors, so a backward through them frees nothing and a later backward through the
+    :func:`prepare_rule`: its operations (slices, ``cat``, transposes, ``g + g``) save no
+    tensors, so a backward through them frees nothing and a later backward through the
     same constants (truncated windows of one episode) still works.
     """
 

@@ -92,6 +92,7 @@ from learned_optim.rule.compiled import update_rows_compiled  # noqa: E402
 from learned_optim.rule.math import initial_state, prepare_step  # noqa: E402
 from learned_optim.rule.native_tape import update_rows_native  # noqa: E402
 from learned_optim.rule.tape import RuleTrajectory, update_rows_differentiable  # noqa: E402
+from learned_optim.rule.triton_tape import triton_tape_applies, update_rows_triton  # noqa: E402
 from learned_optim.tasks import to_device  # noqa: E402
 from learned_optim.train import MetaTrainer  # noqa: E402
 
@@ -383,10 +384,10 @@ class Parts:
 
     def update_on_tape(self, backward: bool = True, recompute: bool = True,
                        chain: bool = True, compiled: bool = False,
-                       native: bool = False) -> None:
-        """(b) T steps of the first-order trajectory on the tape, as the differentiable
-        optimizer runs them, + backward; ``chain=False``: one node per step (bs);
-        ``compiled``: one compiled node per step (bc); ``native``: one native node (bn)."""
+                       native: bool = False, triton: bool = False) -> None:
+        """(b) T steps of the first-order trajectory on the tape, + backward;
+        ``chain=False``: one node per step (bs); ``compiled``: one compiled node per step (bc);
+        ``native``: one native node (bn); ``triton``: one Triton node (bt, CUDA)."""
         weights = self.rule.weights()
         params = list(self.init)
         state = initial_state(self.rows, self.rule.hidden_size, device=self.device)
@@ -398,8 +399,9 @@ class Parts:
             flat_grad = torch.cat([g.reshape(-1) for g in self.grads])
             if trajectory is not None:
                 new_param, state = trajectory.step(constants, flat_grad)
-            elif compiled or native:
-                node = update_rows_native if native else update_rows_compiled
+            elif compiled or native or triton:
+                node = (update_rows_native if native else update_rows_triton if triton
+                        else update_rows_compiled)
                 new_param, state = node(
                     constants, state, flat_grad, torch.cat([p.reshape(-1) for p in params]))
             else:
@@ -423,6 +425,10 @@ class Parts:
     def update_native(self) -> None:
         """(bn) as (bs), each step the node of hand-fused C++ kernels (either order)."""
         self.update_on_tape(chain=False, native=True)
+
+    def update_triton(self) -> None:
+        """(bt) as (bs), each step the node of Triton kernels (CUDA, either order)."""
+        self.update_on_tape(chain=False, triton=True)
 
     def update_recorded(self) -> None:
         """(b0) as (bs), every operation recorded by autograd (the straightforward tape)."""
@@ -703,6 +709,8 @@ def first_and_second_order(args, argv) -> int:
                 "(b1) of which forward only": parts.update_forward_only,
                 "(b') LSTMMetaOptimizer.step, in place": parts.step_in_place,
                 "(c) clip + Adam": parts.adam_step}
+    if triton_tape_applies(parts.grads[0], parts.rule.hidden_size):  # what the twin takes
+        part_fns["(bt) the same, one Triton node per step"] = parts.update_triton
 
     for _ in range(args.warmup):
         for trainer in trainers.values():

@@ -9,15 +9,23 @@ for a few minutes can measure it in one call::
     python benchmarks/step_gpu.py --device cpu --sizes 100k --quick --no-compile   # smoke run
 
 Columns: ``ours`` is the package's ``step(loss=...)`` as shipped (whatever path the policy
-takes on the device); ``compiled`` is one ``torch.compile``'d call of
-:func:`learned_optim.rule.math.update_rows` over all coordinates (inductor fuses the
-elementwise work around the two matrix products; on CUDA that is Triton), the candidate for a
-fused GPU step, run as an experiment beside it (its outputs replace the buffers, no copy back);
+takes on the device: on CUDA with Triton, one launch of the fused kernel of
+:mod:`learned_optim.rule.triton_step` a parameter); ``chunks`` is the same optimizer with the
+fused kernels switched off (the eager chunk path, what a GPU step ran before); ``compiled`` is
+one ``torch.compile``'d call of :func:`learned_optim.rule.math.update_rows` over all
+coordinates (inductor fuses the elementwise work around the two matrix products; on CUDA that
+is Triton), an alternative to the fused kernel, run beside it (its outputs replace the
+buffers, no copy back);
 ``floor`` is the traffic of one step, ``(2 x 42 + 3) x 4`` bytes a coordinate (read and write
 the state and the parameter, read the gradient), at the bandwidth of a ``copy_`` of 512 MiB
 measured in the same run; ``SGD`` is ``torch.optim.SGD(foreach=True)`` for scale. Times are
 medians of rounds in which the implementations take turns, each synchronised on the device.
-Before timing, ``compiled`` is checked against ``ours`` after one step from the same start.
+Before timing, ``compiled`` and ``chunks`` are checked against ``ours`` after one step from
+the same start. ``--triton-shapes 32x2,64x4,128x4`` also times the Triton kernel alone over one
+flat buffer of N coordinates at each launch shape (rows a program x warps), to choose
+``triton_step.BLOCK_ROWS`` and ``NUM_WARPS`` on the device::
+
+    python benchmarks/step_gpu.py --sizes 100M --triton-shapes 32x2,64x2,64x4,128x4,128x8
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from _shared import load_average  # sibling module: run as python benchmarks/ste
 from step import TRAFFIC_ELEMENTS, clone_model, human, interleaved_medians, mlp, parse_size
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim.rule import policy
 from learned_optim.rule.math import initial_state, prepare_step, update_rows
+from learned_optim.rule.native import native_constants
+from learned_optim.rule.triton_step import step_rows_triton, triton_step_usable
 
 TARGET_FLOOR_RATIO = 3.0
 COPY_FLOATS = 128 * 2**20  # 512 MiB of float32: far beyond any cache
@@ -68,7 +79,45 @@ class CompiledFlatStep:
         self.theta, self.state = self.step_rows(constants, self.state, self.grad, self.theta)
 
 
-def measure(target: int, device: torch.device, quick: bool, compile_step: bool) -> dict:
+def unfused(fn):
+    """``fn`` with the fused step kernels switched off for its duration (the chunk path)."""
+    def run():
+        policy.COMPILE_RULE = False
+        try:
+            return fn()
+        finally:
+            policy.COMPILE_RULE = True
+    return run
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+class TritonFlatStep:
+    """The Triton kernel alone over one flat buffer, at one launch shape."""
+
+    def __init__(self, params, meta: MetaLearnerLSTM, loss, block: int, warps: int) -> None:
+        params = list(params)
+        self.theta = torch.cat([p.detach().flatten() for p in params])
+        self.grad = torch.cat([p.grad.flatten() for p in params])
+        self.state = initial_state(self.theta.numel(), meta.hidden_size,
+                                   device=self.theta.device, feature_major=True)
+        self.constants = prepare_step(meta.weights(), loss, self.theta.dtype, self.theta.device)
+        self.constants = self.constants._replace(**{
+            name: getattr(self.constants, name).detach() for name in self.constants._fields
+            if name != "p"})
+        self.laid_out = native_constants(self.constants)
+        self.block, self.warps = block, warps
+
+    @torch.no_grad()
+    def step(self) -> None:
+        step_rows_triton(self.constants, self.state, self.grad, self.theta,
+                         kernel_constants=self.laid_out, block=self.block, num_warps=self.warps)
+
+
+def measure(target: int, device: torch.device, quick: bool, compile_step: bool,
+            triton_shapes: list[tuple[int, int]]) -> dict:
     base = mlp(target).to(device)  # Module.to moves the drawn .grad along
     n = sum(p.numel() for p in base.parameters())
     torch.manual_seed(0)
@@ -77,8 +126,19 @@ def measure(target: int, device: torch.device, quick: bool, compile_step: bool) 
     model = clone_model(base)
     opt = LSTMMetaOptimizer(model.parameters(), meta)
     sgd = torch.optim.SGD(clone_model(base).parameters(), lr=1e-2, foreach=True)
-    fns = {"ours": lambda: opt.step(loss=loss), "SGD": sgd.step}
+    chunked = LSTMMetaOptimizer(clone_model(base).parameters(), meta)
+    fns = {"ours": lambda: opt.step(loss=loss),
+           "chunks": unfused(lambda: chunked.step(loss=loss)), "SGD": sgd.step}
     result: dict = {"n": n}
+    # Both paths one step from the same start: how far apart they land.
+    first, second = clone_model(base), clone_model(base)
+    LSTMMetaOptimizer(first.parameters(), meta).step(loss=loss)
+    unfused(lambda: LSTMMetaOptimizer(second.parameters(), meta).step(loss=loss))()
+    result["chunks_disagreement"] = (flat_params(first) - flat_params(second)).abs().max().item()
+    if triton_shapes and triton_step_usable(device):
+        for block, warps in triton_shapes:
+            flat = TritonFlatStep(clone_model(base).parameters(), meta, loss, block, warps)
+            fns[f"triton {block}x{warps}"] = flat.step
     if compile_step:
         checked = clone_model(base)
         reference = LSTMMetaOptimizer(checked.parameters(), meta)
@@ -102,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the compiled candidate (no torch.compile)")
+    parser.add_argument("--triton-shapes", default="",
+                        help="also time the Triton kernel alone at these launch shapes, "
+                             "ROWSxWARPS comma-separated (e.g. 64x4,128x4)")
     args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.triton_shapes.split(",")
+              if shape.strip()]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("step_gpu.py: no CUDA device here (use --device cpu for a smoke run)",
@@ -113,19 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device, args.quick)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; traffic {TRAFFIC_ELEMENTS * 4} bytes "
           "a coordinate and step")
-    header = (f"{'N':>8} {'ours':>9} {'compiled':>9} {'SGD':>8} {'floor':>8} "
-              f"{'ours/floor':>11} {'compiled/floor':>15}")
+    header = (f"{'N':>8} {'ours':>9} {'chunks':>9} {'compiled':>9} {'SGD':>8} {'floor':>8} "
+              f"{'ours/floor':>11} {'chunks/ours':>12} {'compiled/floor':>15}")
     print(f"\n{header}\n{'-' * len(header)}")
     verdicts = []
     for target in (parse_size(s) for s in args.sizes.split(",") if s.strip()):
-        result = measure(target, device, args.quick, not args.no_compile)
+        result = measure(target, device, args.quick, not args.no_compile, shapes)
         n, t = result["n"], result["time"]
         floor = TRAFFIC_ELEMENTS * 4 * n / bandwidth
         compiled = t.get("compiled")
-        print(f"{human(n):>8} {t['ours'] * 1e3:9.2f} "
+        print(f"{human(n):>8} {t['ours'] * 1e3:9.2f} {t['chunks'] * 1e3:9.2f} "
               f"{compiled * 1e3 if compiled else float('nan'):9.2f} {t['SGD'] * 1e3:8.3f} "
-              f"{floor * 1e3:8.3f} {t['ours'] / floor:11.1f} "
+              f"{floor * 1e3:8.3f} {t['ours'] / floor:11.1f} {t['chunks'] / t['ours']:12.2f} "
               f"{compiled / floor if compiled else float('nan'):15.1f}")
+        print(f"{'':>8} chunks vs ours after one step: max |diff| "
+              f"{result['chunks_disagreement']:.1e}")
+        for column, seconds in t.items():
+            if column.startswith("triton "):
+                print(f"{'':>8} {column}: {seconds * 1e3:.2f} ms, {seconds / floor:.1f}x the "
+                      "floor")
         if "disagreement" in result:
             print(f"{'':>8} compiled vs ours after one step: max |diff| "
                   f"{result['disagreement']:.1e}")

@@ -37,6 +37,7 @@ from learned_optim.rule.math import (
 from learned_optim.rule.native import MAX_HIDDEN as NATIVE_MAX_HIDDEN
 from learned_optim.rule.native import native_constants, native_step_kernel, step_rows_native
 from learned_optim.rule.tape import RuleTrajectory, first_order_path, update_rows_differentiable
+from learned_optim.rule.triton_step import step_rows_triton, triton_step_usable
 
 __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_RULE",
            "default_rule", "GROUP_DEFAULTS"]
@@ -715,32 +716,39 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         flat_params = [p.view(-1) if p.is_contiguous() else p.reshape(-1).contiguous()
                        for p in params]
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
-        if self._runs_native(buffer):
-            self._update_native(flat_params, flat_grads, buffer, constants, lr, weight_decay)
+        fused = self._fused_step(buffer)
+        if fused is not None:
+            self._update_fused(fused, flat_params, flat_grads, buffer, constants, lr,
+                               weight_decay)
         else:
             self._update_chunks(flat_params, flat_grads, buffer, constants, lr, weight_decay)
         for param, flat, grad in zip(params, flat_params, grads):
             if grad is not None and not param.is_contiguous():
                 param.copy_(flat.view(param.shape))
 
-    def _runs_native(self, buffer: Tensor) -> bool:
-        """Whether this bucket's step takes the hand-fused kernel (built on first use)."""
-        return (policy.step_native(buffer.device, buffer.dtype)
-                and self.meta_learner.hidden_size <= NATIVE_MAX_HIDDEN
-                and native_step_kernel() is not None)
+    def _fused_step(self, buffer: Tensor) -> Callable | None:
+        """The kernel that steps this bucket in one call a parameter, if any: the CPU's
+        hand-fused one or the GPU's Triton one (each built on first use), else ``None``."""
+        if self.meta_learner.hidden_size > NATIVE_MAX_HIDDEN:
+            return None
+        if policy.step_native(buffer.device, buffer.dtype) and native_step_kernel() is not None:
+            return step_rows_native
+        if policy.step_triton(buffer.device, buffer.dtype) and triton_step_usable(
+                buffer.device):
+            return step_rows_triton
+        return None
 
-    def _update_native(self, flat_params, flat_grads, buffer: Tensor, constants, lr,
-                       weight_decay) -> None:
+    def _update_fused(self, step_rows: Callable, flat_params, flat_grads, buffer: Tensor,
+                      constants, lr, weight_decay) -> None:
         """One kernel call a parameter, in place: its state rows, gradient and values (the
-        kernel needs no temporaries, so no chunks)."""
+        kernels need no temporaries, so no chunks)."""
         laid_out = self._rule_cache.native_layout(constants)
         offset = 0
         for flat_param, flat_grad in zip(flat_params, flat_grads):
             rows = flat_param.numel()
             if flat_grad is not None and rows:
-                step_rows_native(constants, buffer[offset : offset + rows],
-                                 flat_grad.contiguous(), flat_param, float(lr),
-                                 float(weight_decay), kernel_constants=laid_out)
+                step_rows(constants, buffer[offset : offset + rows], flat_grad.contiguous(),
+                          flat_param, float(lr), float(weight_decay), kernel_constants=laid_out)
             offset += rows
 
     def _update_chunks(self, flat_params, flat_grads, buffer: Tensor, constants, lr,
@@ -943,14 +951,16 @@ class DifferentiableLSTMMetaOptimizer(DifferentiableOptimizer):
     def _initial_bucket_state(self, group_index: int, indices: list[int], like: Tensor) -> Tensor:
         """The state the drop-in optimizer had (copied by higher), or a new task's zeros.
 
-        Feature-major where the bucket's steps take one node a step (the native or compiled
-        node keeps its state so): a row-major start would be transposed by the first step.
+        Feature-major where the bucket's steps take one node a step (the native, Triton or
+        compiled node keeps its state so): a row-major start would be transposed by the first
+        step.
         """
         group = self.param_groups[group_index]
         hidden = self.meta_learner.hidden_size
         sizes = [group["params"][i].numel() for i in indices]
         copied = [self.state[group_index][i].get("lstm_state") for i in indices]
-        feature_major = policy.in_compiled_range(like.device, sum(sizes))
+        feature_major = policy.tape_path(like.device, sum(sizes), self.first_order) in (
+            "native", "triton")
         if all(c is None for c in copied):
             return initial_state(sum(sizes), hidden, dtype=like.dtype, device=like.device,
                                  feature_major=feature_major)

@@ -24,20 +24,21 @@ def test_smoke_run_on_the_cpu_prints_the_floor_ratio_and_a_verdict():
     out = done.stdout
     bandwidth = float(re.search(r"copy bandwidth ([\d.]+) GB/s", out).group(1))
     assert bandwidth > 0.1
-    rows = re.findall(r"^\s+([\d.]+k)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
-                      r"([\d.]+)$", out, flags=re.M)
+    rows = re.findall(r"^\s+([\d.]+k)" + r"\s+([\d.]+)" * 8 + "$", out, flags=re.M)
     assert [row[0] for row in rows] == ["20.0k", "199.7k"], out
-    for n, ours, compiled, sgd, floor, ours_ratio, _ in rows:
+    for n, ours, chunks, compiled, sgd, floor, ours_ratio, chunks_ratio, _ in rows:
         coordinates = float(n[:-1]) * 1e3
         # floor = 348 bytes a coordinate at the measured bandwidth (rounded as printed)
         assert float(floor) == pytest.approx(348 * coordinates / (bandwidth * 1e9) * 1e3,
                                              rel=0.05, abs=2e-3)
         assert float(ours_ratio) == pytest.approx(float(ours) / float(floor), rel=0.05, abs=0.1)
+        assert float(chunks_ratio) == pytest.approx(float(chunks) / float(ours), rel=0.05,
+                                                    abs=0.02)
         assert float(ours) > float(sgd) > 0 and float(compiled) > 0
-    # the compiled candidate computes the optimizer's step
+    # the compiled candidate and the chunk path compute the optimizer's step
     for diff in re.findall(r"max \|diff\| ([\d.e+-]+)", out):
         assert float(diff) < 1e-5
-    assert len(re.findall(r"max \|diff\|", out)) == 2
+    assert len(re.findall(r"(chunks|compiled) vs ours after one step: max \|diff\|", out)) == 4
     verdict = re.search(r"^(PASS|FAIL): step\(\) at N = 199.7k on CPU = ([\d.]+)x", out, re.M)
     assert verdict and (verdict.group(1) == "PASS") == (done.returncode == 0)
 

@@ -43,6 +43,7 @@ __all__ = [
     "tape_path",
     "step_compiles",
     "step_native",
+    "step_triton",
     "step_threads",
     "tape_step_threads",
     "threads_for_chunk_loop",
@@ -220,8 +221,9 @@ def _threads(threads: int | None) -> Iterator[None]:
 # first-order trajectory (replayed chunk by chunk), one node per step with the hand-written
 # backward (recomputed), every operation recorded by autograd, one node per step whose
 # forward and recomputing backward are compiled by torch.compile (learned_optim.rule.compiled),
-# and one node per step of hand-fused C++ kernels (learned_optim.rule.native_tape).
-TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled", "native")
+# one node per step of hand-fused C++ kernels (learned_optim.rule.native_tape), and on a CUDA
+# device one node per step of Triton kernels (learned_optim.rule.triton_tape).
+TAPE_PATHS = ("trajectory", "recomputed", "recorded", "compiled", "native", "triton")
 # Steps on a CPU take the native node, first order and second order alike, or the compiled
 # node where the native kernels do not build (LEARNED_OPTIM_COMPILE=0 turns both off).
 # Measured on the 2-core Xeon at 28,485 rows, T = 12 steps and the backward
@@ -260,14 +262,21 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     meta-step was 1.04x faster with it (docs/results/cpu_speed.md, session 19). It needs no
     ``torch.compile`` (20-40 s a fresh machine) and sums in double, deterministically.
 
+    On a CUDA device, float32 steps of up to ``COMPILED_MAX_ROWS`` rows take the Triton node
+    in either order (where Triton works; :mod:`learned_optim.rule.tape` checks): two launches
+    a step instead of the eager paths' dozens, which on an H200 left the GPU idle most of a
+    first-order meta-step (docs/results/meta_train_cuda.md). Not yet timed on a GPU.
+
     >>> gpu = torch.device("cuda")
-    >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 30_000, first_order=False)
-    ('trajectory', 'recomputed')
+    >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 10**7, first_order=False)
+    ('triton', 'recomputed')
     """
     if _on_cpu(device) and rows <= RECORDED_MAX_ROWS and torch.get_num_threads() == 1:
         return "recorded"
     if in_compiled_range(device, rows):
         return "native"
+    if COMPILE_RULE and device.type == "cuda" and rows <= COMPILED_MAX_ROWS:
+        return "triton"
     return "trajectory" if first_order else "recomputed"
 
 
@@ -311,6 +320,20 @@ def step_native(device: torch.device, dtype: torch.dtype) -> bool:
     False
     """
     return COMPILE_RULE and _on_cpu(device) and dtype == torch.float32
+
+
+def step_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the in-place ``step()`` runs the Triton kernel
+    (learned_optim.rule.triton_step.step_rows_triton), one launch a parameter: on a CUDA
+    device, float32, when on (where Triton imports and the kernel compiles there; else the
+    chunk paths). Not yet timed on a GPU against the chunk path (benchmarks/step_gpu.py).
+
+    >>> step_triton(torch.device("cpu"), torch.float32)
+    False
+    >>> step_triton(torch.device("cuda"), torch.float64)
+    False
+    """
+    return COMPILE_RULE and device.type == "cuda" and dtype == torch.float32
 
 
 def step_threads(device: torch.device, dtype: torch.dtype, rows: int,

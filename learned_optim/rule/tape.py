@@ -45,6 +45,7 @@ from learned_optim.rule.math import (
     update_rows_chunked,
 )
 from learned_optim.rule.native_tape import native_tape_applies, update_rows_native
+from learned_optim.rule.triton_tape import triton_tape_applies, update_rows_triton
 
 __all__ = ["RuleTrajectory", "compiled_applies", "first_order_path", "node_path", "on_tape",
            "trajectory_applies", "update_rows_differentiable", "update_rows_recomputed"]
@@ -81,8 +82,9 @@ def node_path(grad: Tensor, hidden: int, first_order: bool) -> str:
     """The policy's path for a step on ``grad``'s rows (:func:`learned_optim.rule.policy.tape_path`)
     where it can be taken: the native node where its kernels apply
     (:func:`~learned_optim.rule.native_tape.native_tape_applies`), else the compiled node where
-    it applies (:func:`compiled_applies`), else the trajectory (first order) or the recomputed
-    step.
+    it applies (:func:`compiled_applies`); the Triton node where it applies
+    (:func:`~learned_optim.rule.triton_tape.triton_tape_applies`); else the trajectory (first
+    order) or the recomputed step.
 
     >>> node_path(torch.ones(3), 20, first_order=True)
     'trajectory'
@@ -90,7 +92,8 @@ def node_path(grad: Tensor, hidden: int, first_order: bool) -> str:
     path = policy.tape_path(grad.device, grad.shape[0], first_order=first_order)
     if path == "native" and not native_tape_applies(grad, hidden):
         path = "compiled"
-    if path == "compiled" and not compiled_applies(grad):
+    if (path == "compiled" and not compiled_applies(grad)) or (
+            path == "triton" and not triton_tape_applies(grad, hidden)):
         path = "trajectory" if first_order else "recomputed"
     return path
 
@@ -98,7 +101,8 @@ def node_path(grad: Tensor, hidden: int, first_order: bool) -> str:
 def first_order_path(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> str | None:
     """The first-order path of a step on a tape whose gradient and loss are constants:
     ``"trajectory"`` (join a :class:`RuleTrajectory`), ``"native"``
-    (:func:`~learned_optim.rule.native_tape.update_rows_native`) or ``"compiled"``
+    (:func:`~learned_optim.rule.native_tape.update_rows_native`), ``"triton"``
+    (:func:`~learned_optim.rule.triton_tape.update_rows_triton`) or ``"compiled"``
     (:func:`~learned_optim.rule.compiled.update_rows_compiled`), as :func:`node_path` resolves
     the policy's choice for its size and the rule's ``hidden`` size; ``None`` off the tape or
     for a second-order step.
@@ -112,7 +116,7 @@ def first_order_path(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> str
             loss is not None and loss.requires_grad):
         return None
     path = node_path(grad, hidden, first_order=True)
-    return path if path in ("trajectory", "compiled", "native") else None
+    return path if path in ("trajectory", "compiled", "native", "triton") else None
 
 
 def trajectory_applies(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> bool:
@@ -140,7 +144,8 @@ def update_rows_differentiable(
     ``recompute=False`` records every operation instead; ``None`` (default) takes the
     policy's choice for the size (:func:`node_path`), which on a CPU may be the native node
     (:func:`~learned_optim.rule.native_tape.update_rows_native`) or the compiled one
-    (:func:`~learned_optim.rule.compiled.update_rows_compiled`). Same gradients, to rounding.
+    (:func:`~learned_optim.rule.compiled.update_rows_compiled`), on a CUDA device the Triton
+    one (:func:`~learned_optim.rule.triton_tape.update_rows_triton`). Same gradients, to rounding.
 
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step
@@ -155,6 +160,8 @@ def update_rows_differentiable(
         path = node_path(grad, hidden, first_order=False)
         if path == "native" and on_tape(constants, state, grad, param):
             return update_rows_native(constants, state, grad, param)
+        if path == "triton" and on_tape(constants, state, grad, param):
+            return update_rows_triton(constants, state, grad, param)
         if path == "compiled" and on_tape(constants, state, grad, param):
             return update_rows_compiled(constants, state, grad, param)
         recompute = path != "recorded"

@@ -1,0 +1,316 @@
+"""The in-place step as one Triton kernel on a CUDA device.
+
+Eager on a GPU, :func:`~learned_optim.rule.math.update_rows` is some twenty kernels a chunk:
+the layer-1 product writes the ``[4H, n]`` gates (320 bytes a coordinate at H = 20) and every
+elementwise pass reads and writes a slab of them again, so a step moves several times the
+state's own bytes and, on small parameters, waits on launches. Here one program takes
+``BLOCK`` coordinates through the whole rule in registers, as the CPU's kernel
+(:mod:`learned_optim.rule.native`) takes 16: it reads each coordinate's feature-major state,
+gradient and value once and writes the state and value once, 87 floats a coordinate, which is
+the traffic the issue's bandwidth floor counts.
+
+The layer-1 product is ``2 + H`` outer products into four ``[BLOCK, HP]`` accumulators (one
+a gate, ``HP`` the hidden size rounded up to a power of two), in the same order of inputs as
+the CPU's kernel; float32 FMAs, no TF32, so the result is the CPU's to float32 rounding (the
+meta-gates' sum over the hidden units is a tree here, a chain there). The g columns are doubled
+by :func:`~learned_optim.rule.math.prepare_rule`, so ``tanh`` is ``2 sigmoid(2x) - 1`` as in
+the other paths.
+
+Triton is optional: where it does not import (no GPU build of torch), :func:`triton_available`
+is false and ``step()`` takes its chunk path. With ``TRITON_INTERPRET=1`` set before Triton is
+imported, the same kernel runs in Triton's interpreter on CPU tensors, which is how the tests
+check it on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from learned_optim.rule.math import StepConstants
+from learned_optim.rule.native import native_constants, rule_scalars
+
+try:  # optional: installed beside CUDA builds of torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = tl = None
+
+__all__ = ["BLOCK_ROWS", "NUM_WARPS", "forward_rows", "hidden_lanes", "interpreting", "jit",
+           "step_rows_triton", "step_rows_triton_out", "triton_available", "triton_step_usable"]
+
+# Coordinates a program takes, and its warps. Four [BLOCK, 32] float32 accumulators (H = 20)
+# are 32 registers a thread at 64 rows and 4 warps; untuned until a GPU measures it
+# (benchmarks/step_gpu.py --triton-block).
+BLOCK_ROWS = 64
+NUM_WARPS = 4
+
+
+def triton_available() -> bool:
+    """Whether Triton imports here (it does beside CUDA builds of torch).
+
+    >>> isinstance(triton_available(), bool)
+    True
+    """
+    return triton is not None
+
+
+def jit(**options):
+    """``triton.jit`` where Triton imports (a plain function otherwise: never called)."""
+    return (lambda fn: triton.jit(fn, **options)) if triton is not None else (lambda fn: fn)
+
+
+@jit()
+def forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, stride, grad_ptr,
+                  theta_ptr, rows, in_rows, p, threshold, exp_p, H: tl.constexpr,
+                  HP: tl.constexpr, BLOCK: tl.constexpr):
+    """The rule's forward on ``BLOCK`` rows (``rows``, int64; ``in_rows`` their mask) of a
+    feature-major state ``stride`` floats a feature: every value the backward needs."""
+    units = tl.arange(0, HP)
+    in_units = units < H
+    slab = in_rows[:, None] & in_units[None, :]
+    K = H + 2
+    g = tl.load(grad_ptr + rows, mask=in_rows, other=0.0)
+    theta = tl.load(theta_ptr + rows, mask=in_rows, other=0.0)
+    # Preprocessed gradient: (log|g| / p, sign g) if |g| >= e^-p, else (-1, e^p g).
+    magnitude = tl.abs(g)
+    large = magnitude >= threshold
+    log_part = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / p, -1.0)
+    sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
+    sign_part = tl.where(large, sign, g * exp_p)
+    # Layer 1: gates (i, f, o, 2g) of [BLOCK, HP] as K outer products, the CPU kernel's order
+    # of inputs; weight row j holds gate j's K inputs.
+    zeros = tl.zeros([BLOCK, HP], dtype=tl.float32)
+    acc_i = zeros + tl.load(bias_ptr + units, mask=in_units, other=0.0)[None, :]
+    acc_f = zeros + tl.load(bias_ptr + H + units, mask=in_units, other=0.0)[None, :]
+    acc_o = zeros + tl.load(bias_ptr + 2 * H + units, mask=in_units, other=0.0)[None, :]
+    acc_g = zeros + tl.load(bias_ptr + 3 * H + units, mask=in_units, other=0.0)[None, :]
+    for k in tl.static_range(2 + H):
+        if k == 0:
+            x = log_part
+        elif k == 1:
+            x = sign_part
+        else:  # h1 of the previous step, feature k - 2
+            x = tl.load(state_ptr + (k - 2) * stride + rows, mask=in_rows, other=0.0)
+        x = x[:, None]
+        acc_i += x * tl.load(weight_ptr + units * K + k, mask=in_units, other=0.0)[None, :]
+        acc_f += x * tl.load(weight_ptr + (H + units) * K + k, mask=in_units, other=0.0)[None, :]
+        acc_o += x * tl.load(weight_ptr + (2 * H + units) * K + k, mask=in_units,
+                             other=0.0)[None, :]
+        acc_g += x * tl.load(weight_ptr + (3 * H + units) * K + k, mask=in_units,
+                             other=0.0)[None, :]
+    in_gate = tl.sigmoid(acc_i)
+    forget_gate = tl.sigmoid(acc_f)
+    out_gate = tl.sigmoid(acc_o)
+    g_sigmoid = tl.sigmoid(acc_g)
+    # The cell; tanh(x) = 2 sigmoid(2x) - 1.
+    c_prev = tl.load(state_ptr + (H + units)[None, :] * stride + rows[:, None], mask=slab,
+                     other=0.0)
+    c = forget_gate * c_prev + in_gate * (g_sigmoid * 2.0 - 1.0)
+    tanh_c = tl.sigmoid(c * 2.0) * 2.0 - 1.0
+    h1 = tl.where(slab, out_gate * tanh_c, 0.0)
+    # Layer 2: the meta-gates' pre-activations.
+    meta_f = tl.load(meta_h_ptr + units, mask=in_units, other=0.0)
+    meta_i = tl.load(meta_h_ptr + H + units, mask=in_units, other=0.0)
+    f_prev = tl.load(state_ptr + (2 * H) * stride + rows, mask=in_rows, other=0.0)
+    i_prev = tl.load(state_ptr + (2 * H + 1) * stride + rows, mask=in_rows, other=0.0)
+    f_pre = (tl.sum(h1 * meta_f[None, :], axis=1) + tl.load(meta_small_ptr + 4)
+             + theta * tl.load(meta_small_ptr + 0) + f_prev * tl.load(meta_small_ptr + 2))
+    i_pre = (tl.sum(h1 * meta_i[None, :], axis=1) + tl.load(meta_small_ptr + 5)
+             + theta * tl.load(meta_small_ptr + 1) + i_prev * tl.load(meta_small_ptr + 3))
+    return (g, theta, large, log_part, sign_part, in_gate, forget_gate, out_gate, g_sigmoid,
+            c_prev, c, tanh_c, h1, f_prev, i_prev, f_pre, i_pre)
+
+
+# Sizes that vary call by call: specialised (a value of 1, or divisibility by 16), each would
+# compile the kernel again.
+_NOT_SPECIALISED = ("n", "stride_in", "stride_out")
+
+
+@jit(do_not_specialize=_NOT_SPECIALISED)
+def _rule_step(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, state_out_ptr,
+               grad_ptr, theta_in_ptr, theta_out_ptr, n, stride_in, stride_out, p, threshold,
+               exp_p, lr, decay, H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
+    """One step on ``BLOCK`` rows; in place where the in and out pointers are the same (a
+    program reads all its rows before it writes them)."""
+    # Rows in int64: a feature's offset reaches 2H + 1 strides of n rows.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_rows = rows < n
+    units = tl.arange(0, HP)
+    slab = in_rows[:, None] & (units < H)[None, :]
+    stride_in = stride_in.to(tl.int64)
+    stride_out = stride_out.to(tl.int64)
+    (g, theta, _, _, _, _, _, _, _, _, c, _, h1, _, _, f_pre, i_pre) = forward_rows(
+        weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, stride_in, grad_ptr,
+        theta_in_ptr, rows, in_rows, p, threshold, exp_p, H, HP, BLOCK)
+    proposed = tl.sigmoid(f_pre) * theta - tl.sigmoid(i_pre) * g
+    # lr and decoupled decay as the CPU kernel applies them (torch.lerp's two forms).
+    if lr != 1.0:
+        if lr < 0.5:
+            proposed = theta + lr * (proposed - theta)
+        else:
+            proposed = proposed - (proposed - theta) * (1.0 - lr)
+    if decay != 0.0:
+        proposed = proposed - decay * theta
+    tl.store(state_out_ptr + units[None, :] * stride_out + rows[:, None], h1, mask=slab)
+    tl.store(state_out_ptr + (H + units)[None, :] * stride_out + rows[:, None], c, mask=slab)
+    tl.store(state_out_ptr + (2 * H) * stride_out + rows, f_pre, mask=in_rows)
+    tl.store(state_out_ptr + (2 * H + 1) * stride_out + rows, i_pre, mask=in_rows)
+    tl.store(theta_out_ptr + rows, proposed, mask=in_rows)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter, on CPU tensors: ``TRITON_INTERPRET=1``
+    when Triton was imported (how the tests check the kernel without a GPU).
+
+    >>> isinstance(interpreting(), bool)
+    True
+    """
+    return triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(state: Tensor, grad: Tensor, param: Tensor, rows: int, hidden: int) -> None:
+    """The kernel reads raw pointers: refuse what it would misread."""
+    device = "cpu" if interpreting() else "cuda"
+    for name, tensor in (("state", state), ("grad", grad), ("param", param)):
+        if tensor.dtype != torch.float32 or tensor.device.type != device:
+            raise ValueError(f"the Triton step kernel takes float32 {device} tensors"
+                             f"{' (TRITON_INTERPRET=1)' if interpreting() else ''}, got {name} "
+                             f"{tensor.dtype} on {tensor.device}")
+    if grad.shape != (rows,) or param.shape != (rows,) or not (grad.is_contiguous()
+                                                                and param.is_contiguous()):
+        raise ValueError(f"grad and param must be contiguous [{rows}] tensors, got "
+                         f"{tuple(grad.shape)} and {tuple(param.shape)}")
+    if state.shape != (rows, 2 * hidden + 2) or (rows > 1 and state.stride(0) != 1):
+        raise ValueError(f"state must be a feature-major [{rows}, {2 * hidden + 2}] view "
+                         "(unit row stride, as initial_state(..., feature_major=True) makes), "
+                         f"got shape {tuple(state.shape)}, strides {state.stride()}")
+
+
+def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor,
+                     lr: float = 1.0, weight_decay: float = 0.0, *,
+                     kernel_constants: tuple | None = None, block: int = BLOCK_ROWS,
+                     num_warps: int = NUM_WARPS) -> None:
+    """One step of the rule for ``n`` coordinates, in place, as one Triton kernel: the same
+    contract as :func:`learned_optim.rule.native.step_rows_native` (feature-major ``state``
+    ``[n, 2H + 2]``, contiguous ``grad`` and ``param`` ``[n]``, float32, ``lr`` and decoupled
+    ``weight_decay``), on a CUDA device.
+
+    ``kernel_constants``: :func:`learned_optim.rule.native.native_constants` of the same
+    constants (the same layout serves both kernels). ``block`` and ``num_warps``: the launch's
+    shape (``block`` a power of two). Under Triton's interpreter (:func:`interpreting`) the
+    tensors are CPU ones. The caller checks :func:`triton_available`.
+
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> from learned_optim.rule.math import initial_state, prepare_step, update_rows
+    >>> constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
+    >>> state = initial_state(3, 20, feature_major=True)
+    >>> grad, theta = torch.ones(3), torch.zeros(3)
+    >>> expected, _ = update_rows(constants, state, grad, theta)
+    >>> device = "cpu" if interpreting() else "cuda"
+    >>> if triton_available() and (interpreting() or torch.cuda.is_available()):
+    ...     state, grad, theta = state.to(device), grad.to(device), theta.to(device)
+    ...     step_rows_triton(constants._replace(**{name: getattr(constants, name).to(device)
+    ...                      for name in constants._fields if name != "p"}), state, grad, theta)
+    ...     torch.testing.assert_close(theta.cpu(), expected)
+    """
+    rows = grad.shape[0]
+    hidden = constants.meta_weight_h.shape[0]
+    _check(state, grad, param, rows, hidden)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16, got {block}")
+    if rows == 0:
+        return
+    if kernel_constants is None:
+        kernel_constants = native_constants(constants)
+    stride = state.stride(1)
+    _rule_step[(triton.cdiv(rows, block),)](
+        *kernel_constants, state, state, grad, param, param, rows, stride, stride,
+        *rule_scalars(constants.p), float(lr), float(lr) * float(weight_decay), H=hidden,
+        HP=hidden_lanes(hidden), BLOCK=block, num_warps=num_warps)
+
+
+def step_rows_triton_out(kernel_constants: tuple, p: float, columns: Tensor, grad: Tensor,
+                         param: Tensor) -> tuple[Tensor, Tensor]:
+    """One step out of place, for the tape: ``columns`` (``[2H + 2, n]``, each feature
+    contiguous), ``grad`` and ``param`` (contiguous ``[n]``) give new ``(theta_t,
+    [2H + 2, n] state)`` tensors; ``kernel_constants`` as for :func:`step_rows_triton`.
+    The caller has checked the inputs (:func:`learned_optim.rule.triton_tape.update_rows_triton`
+    lays them out)."""
+    hidden = kernel_constants[2].shape[1]
+    rows = grad.shape[0]
+    new_columns = torch.empty(2 * hidden + 2, rows, dtype=grad.dtype, device=grad.device)
+    new_param = torch.empty_like(param)
+    if rows:
+        _rule_step[(triton.cdiv(rows, BLOCK_ROWS),)](
+            *kernel_constants, columns, new_columns, grad, param, new_param, rows,
+            columns.stride(0), new_columns.stride(0), *rule_scalars(p), 1.0, 0.0, H=hidden,
+            HP=hidden_lanes(hidden), BLOCK=BLOCK_ROWS, num_warps=NUM_WARPS)
+    return new_param, new_columns
+
+
+def hidden_lanes(hidden: int) -> int:
+    """The kernels' hidden dimension: ``hidden`` rounded up to a power of two, at least 16
+    (``tl.dot``'s smallest).
+
+    >>> hidden_lanes(20), hidden_lanes(5), hidden_lanes(33)
+    (32, 16, 64)
+    """
+    return max(16, 1 << (hidden - 1).bit_length())
+
+
+_usable: dict[str, bool] = {}  # per device, once probed
+
+
+def triton_step_usable(device: torch.device) -> bool:
+    """Whether :func:`step_rows_triton` runs on ``device``: Triton imports, and the kernel
+    compiles there and steps a probe of three coordinates right. The first call per device
+    compiles it (seconds); a failure warns once and answers ``False``, and ``step()`` takes
+    its chunk path.
+
+    >>> triton_step_usable(torch.device("meta"))
+    False
+    """
+    device = torch.device(device)
+    wanted = "cpu" if interpreting() else "cuda"
+    if not triton_available() or device.type != wanted:
+        return False
+    key = str(device)
+    if key not in _usable:
+        try:
+            _probe(device)
+            _usable[key] = True
+        except Exception as error:  # noqa: BLE001 - any failure means: take the chunk path
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            warnings.warn(f"learned_optim: the Triton step kernel failed on {device} "
+                          f"({type(error).__name__}: {first_line}); step() takes the chunk "
+                          "path (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
+                          RuntimeWarning, stacklevel=2)
+            _usable[key] = False
+    return _usable[key]
+
+
+def _probe(device: torch.device) -> None:
+    """A step of three coordinates with hidden size 1 and zero weights: every gate is 1/2,
+    so theta_t = theta / 2 - g / 2 and the cell c = (c_prev + 0) / 2."""
+    hidden = 1
+    state = torch.zeros(2 * hidden + 2, 3, device=device)
+    state[hidden] = 4.0
+    state = state.t()
+    grad = torch.tensor([1.0, -2.0, 0.5], device=device)
+    theta = torch.tensor([3.0, 1.0, -1.0], device=device)
+    zeros = torch.zeros
+    constants = StepConstants(zeros(2 + hidden, 4 * hidden, device=device),
+                              zeros(4 * hidden, device=device), zeros(hidden, 2, device=device),
+                              zeros(2, device=device), zeros(2, device=device),
+                              zeros(2, device=device), p=10.0)
+    step_rows_triton(constants, state, grad, theta)
+    expected = torch.tensor([1.0, 1.5, -0.75])
+    if not torch.allclose(theta.cpu(), expected) or not torch.allclose(
+            state[:, hidden].cpu(), torch.full((3,), 2.0)):
+        raise RuntimeError(f"the probe stepped theta to {theta.tolist()} (expected "
+                           f"{expected.tolist()}) and c to {state[:, hidden].tolist()} "
+                           "(expected 2.0 each)")

@@ -1,0 +1,122 @@
+"""The GPU's fused kernels (learned_optim.rule.triton_step, learned_optim.rule.triton_tape),
+checked without a GPU: the same kernels in Triton's interpreter, in a subprocess with
+``TRITON_INTERPRET=1`` (tests/triton_interpreted.py), against ``update_rows``, float64
+autograd, the optimizer's chunk path and the twin's CPU tape paths."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+from learned_optim.rule import policy
+from learned_optim.rule.math import initial_state, prepare_step
+from learned_optim.rule.triton_step import step_rows_triton, triton_step_usable
+from learned_optim.rule.triton_tape import triton_tape_applies
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed (pip install triton)")
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    script = Path(__file__).with_name("triton_interpreted.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@needs_triton
+def test_the_triton_step_is_update_rows_to_float32_rounding(interpreted):
+    cases = {name: case for name, case in interpreted.items() if name.startswith("H=")}
+    assert len(cases) == 6
+    for name, case in cases.items():
+        assert case["theta"] < 1e-6, name  # relative beyond 1
+        assert case["state"] < 2e-6, name
+        assert case["nan_where_expected"], name
+        assert case["outside_rows_unchanged"], name
+
+
+@needs_triton
+def test_the_optimizer_steps_through_the_triton_kernel_as_through_its_chunks(interpreted):
+    case = interpreted["optimizer"]
+    # 4 parameters (156 coordinates) a step, 3 steps, every one through the kernel
+    assert case["kernel_calls"] == 12 and case["rows_stepped"] == 3 * 156
+    assert case["largest_difference"] < 1e-6
+
+
+@needs_triton
+def test_the_triton_backward_is_float64_autograd_to_float32_rounding(interpreted):
+    cases = {name: case for name, case in interpreted.items() if name.startswith("backward")}
+    assert len(cases) == 4  # one with 3 programs looping over 10 blocks of rows
+    for name, case in cases.items():
+        assert len(case) == 9, name  # the six step constants, state, grad, param
+        for gradient, difference in case.items():
+            assert difference < 1e-6, (name, gradient)
+
+
+@needs_triton
+@pytest.mark.parametrize("first_order", [True, False])
+def test_the_twins_meta_gradient_through_the_triton_node_is_its_cpu_paths(interpreted,
+                                                                          first_order):
+    case = interpreted[f"twin first_order={first_order}"]
+    assert case["triton_steps"] == 4 and case["all_nonzero"]
+    assert case["relative_difference"] < 1e-5
+
+
+def test_the_triton_step_refuses_what_it_would_misread():
+    constants = prepare_step(MetaLearnerLSTM().weights(), torch.tensor(1.0), torch.float32)
+    state = initial_state(8, 20, feature_major=True)
+    grad, theta = torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="float32 cuda tensors, got state torch.float32 on cpu"):
+        step_rows_triton(constants, state, grad, theta)
+    if not torch.cuda.is_available():
+        return
+    state, grad, theta = state.cuda(), grad.cuda(), theta.cuda()
+    with pytest.raises(ValueError, match="got grad torch.float64 on cuda"):
+        step_rows_triton(constants, state, grad.double(), theta)
+    with pytest.raises(ValueError, match="feature-major"):
+        step_rows_triton(constants, initial_state(8, 20, device="cuda"), grad, theta)
+    with pytest.raises(ValueError, match="contiguous"):
+        step_rows_triton(constants, state[::2], grad[::2], theta[::2])
+    with pytest.raises(ValueError, match="power of two"):
+        step_rows_triton(constants, state, grad, theta, block=24)
+
+
+def test_the_triton_kernels_are_taken_only_on_a_cuda_device_in_float32():
+    assert not policy.step_triton(torch.device("cpu"), torch.float32)
+    assert not policy.step_triton(torch.device("cuda"), torch.float64)
+    assert not triton_step_usable(torch.device("meta"))
+    assert not triton_tape_applies(torch.ones(3), 20)  # a CPU tensor, not interpreting
+    assert not triton_tape_applies(torch.ones(3, device="meta"), 20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and Triton")
+def test_cuda_step_takes_the_triton_kernel_and_matches_the_cpu_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
+    gpu_model = copy.deepcopy(model).cuda()
+    meta = MetaLearnerLSTM()
+    x, y = torch.randn(64, 40), torch.randn(64, 5)
+    for net, data in ((model, (x, y)), (gpu_model, (x.cuda(), y.cuda()))):
+        opt = LSTMMetaOptimizer(net.parameters(), meta)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(data[0]), data[1])
+            loss.backward()
+            opt.step(loss=loss)
+    buffer = next(iter(opt._bucket_cache.values())).buffer
+    assert buffer.is_cuda and opt._fused_step(buffer) is step_rows_triton
+    for a, b in zip(model.parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)

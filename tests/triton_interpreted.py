@@ -1,0 +1,203 @@
+"""The Triton kernels (the step's and the tape's) in Triton's interpreter, on CPU tensors: run by
+``tests/test_triton_step.py`` in a subprocess whose environment sets ``TRITON_INTERPRET=1``
+(Triton reads it when imported, so the test process itself cannot switch).
+
+Prints one JSON object: for each case, the largest differences from the reference paths.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def kernel_cases() -> dict:
+    """``step_rows_triton`` against ``update_rows`` (+ ``apply_group_options``), in place on a
+    slice of a wider feature-major buffer, for several hidden sizes, lengths, launch shapes
+    and group options; gradients spanning zero, the preprocessing's threshold, huge values
+    and NaN."""
+    from learned_optim import MetaLearnerLSTM
+    from learned_optim.rule.math import (
+        apply_group_options,
+        initial_state,
+        prepare_step,
+        update_rows,
+    )
+    from learned_optim.rule.triton_step import step_rows_triton
+
+    results = {}
+    for hidden, rows, block, lr, decay in ((20, 1, 64, 1.0, 0.0), (20, 200, 64, 1.0, 0.0),
+                                           (20, 200, 16, 0.3, 0.01), (20, 77, 128, 0.7, 0.0),
+                                           (5, 50, 32, 1.0, 0.1), (33, 40, 16, 1.0, 0.0)):
+        torch.manual_seed(hidden * 1000 + rows)
+        meta = MetaLearnerLSTM(hidden_size=hidden)
+        with torch.no_grad():
+            for weight in meta.parameters():
+                weight.normal_(0.0, 0.5)
+        constants = prepare_step(meta.weights(), torch.tensor(1.7), torch.float32)
+        constants = constants._replace(**{name: getattr(constants, name).detach()
+                                          for name in constants._fields if name != "p"})
+        buffer = initial_state(rows + 7, hidden, feature_major=True)
+        buffer.normal_()
+        state = buffer[3 : 3 + rows]
+        grad = torch.randn(rows) * torch.logspace(-7, 2, rows)
+        grad[0] = 0.0
+        if rows > 3:
+            grad[1], grad[2] = float("nan"), 1e30
+        theta = torch.randn(rows)
+        expected_theta, expected_state = update_rows(constants, state.clone(), grad, theta)
+        expected_theta = apply_group_options(theta, expected_theta, lr, decay)
+        before = buffer.clone()
+        step_rows_triton(constants, state, grad, theta, lr, decay, block=block)
+        finite = ~torch.isnan(expected_theta)
+        outside = torch.cat((buffer[:3], buffer[3 + rows :]))
+        results[f"H={hidden} n={rows} block={block} lr={lr} decay={decay}"] = {
+            # relative beyond 1: the 1e30 gradient's update is about 1e30
+            "theta": float(((theta - expected_theta).abs()
+                            / (1 + expected_theta.abs()))[finite].max()),
+            "state": float((state - expected_state)[finite].abs().max()),
+            "nan_where_expected": bool(torch.equal(torch.isnan(theta), ~finite)),
+            "outside_rows_unchanged": bool(torch.equal(
+                outside, torch.cat((before[:3], before[3 + rows :])))),
+        }
+    return results
+
+
+def optimizer_case() -> dict:
+    """``LSTMMetaOptimizer.step()`` through the Triton kernel (the policy patched to take it
+    on the CPU) against the same optimizer on its chunk path: three steps of a small MLP with
+    two param groups (one with ``lr`` and ``weight_decay``)."""
+    from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+    from learned_optim import optimizer as optimizer_module
+    from learned_optim.rule import policy
+
+    calls = []
+    kernel = optimizer_module.step_rows_triton
+
+    def counted(*args, **kwargs):
+        calls.append(args[2].numel())
+        return kernel(*args, **kwargs)
+
+    optimizer_module.step_rows_triton = counted
+
+    def run(triton: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Tanh(),
+                                    torch.nn.Linear(9, 3))
+        meta = MetaLearnerLSTM()
+        inputs, targets = torch.randn(32, 13), torch.randn(32, 3)
+        opt = LSTMMetaOptimizer([{"params": model[0].parameters()},
+                                 {"params": model[2].parameters(), "lr": 0.5,
+                                  "weight_decay": 0.01}], meta)
+        policy.step_native = lambda device, dtype: False
+        policy.step_triton = lambda device, dtype: triton
+        for _ in range(3):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(inputs), targets)
+            loss.backward()
+            opt.step(loss=loss)
+        return [p.detach().clone() for p in model.parameters()]
+
+    chunks, fused = run(False), run(True)
+    moved = max(float((a - b).abs().max()) for a, b in zip(chunks, fused))
+    return {"optimizer": {"largest_difference": moved, "kernel_calls": len(calls),
+                          "rows_stepped": sum(calls)}}
+
+
+def backward_cases() -> dict:
+    """``step_rows_backward_triton`` against float64 autograd through ``update_rows``: the
+    largest difference of each gradient relative to (1 + its largest value). One case with
+    the programs capped at 3, so that each loops over several blocks."""
+    from learned_optim import MetaLearnerLSTM
+    from learned_optim.rule import triton_tape
+    from learned_optim.rule.math import prepare_step, update_rows
+    from learned_optim.rule.native import native_constants
+
+    results = {}
+    for hidden, rows, programs in ((20, 300, None), (20, 300, 3), (5, 40, None), (20, 1, None)):
+        torch.manual_seed(hidden + rows)
+        meta = MetaLearnerLSTM(hidden_size=hidden)
+        with torch.no_grad():
+            for weight in meta.parameters():
+                weight.normal_(0.0, 0.5)
+        constants = prepare_step(meta.weights(), torch.tensor(1.7), torch.float32)
+        constants = constants._replace(**{name: getattr(constants, name).detach()
+                                          for name in constants._fields if name != "p"})
+        columns = torch.randn(2 * hidden + 2, rows)
+        grad = torch.randn(rows) * torch.logspace(-6, 1, rows)
+        grad[0] = 0.0
+        theta = torch.randn(rows)
+        d_theta, d_columns = torch.randn(rows), torch.randn(2 * hidden + 2, rows)
+        if programs is not None:
+            triton_tape.MAX_PROGRAMS = programs
+        ours = triton_tape.step_rows_backward_triton(native_constants(constants), constants.p,
+                                                     columns, grad, theta, d_theta, d_columns)
+        triton_tape.MAX_PROGRAMS = 512
+        leaves = [t.double().requires_grad_() for t in constants[:-1]]
+        inputs = [t.double().requires_grad_() for t in (columns, grad, theta)]
+        outputs = update_rows(constants._make((*leaves, constants.p)), *inputs,
+                              feature_major=True)
+        expected = torch.autograd.grad(outputs, [*leaves, *inputs],
+                                       (d_theta.double(), d_columns.double()))
+        names = [*constants._fields[:-1], "state", "grad", "param"]
+        results[f"backward H={hidden} n={rows} programs={programs}"] = {
+            name: float((mine.double() - reference).abs().max() / (1 + reference.abs().max()))
+            for name, mine, reference in zip(names, ours, expected)}
+    return results
+
+
+def twin_case() -> dict:
+    """Meta-gradients (rule, then init) of 4 steps of the ``higher`` twin on a small MLP, with
+    the policy sending the tape's steps to the Triton node, against its CPU paths (the
+    trajectory in first order, the recomputed step in second), both orders."""
+    import higher
+    import torch.nn.functional as F
+
+    from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+    from learned_optim.rule import policy, tape
+
+    original_path, original_node = policy.tape_path, tape.update_rows_triton
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return original_node(*args)
+
+    tape.update_rows_triton = counted
+
+    def meta_gradients(first_order: bool, triton: bool) -> list[torch.Tensor]:
+        policy.tape_path = ((lambda device, rows, first_order: "triton") if triton
+                            else original_path)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(13, 20), torch.nn.Tanh(),
+                                    torch.nn.Linear(20, 3))
+        rule = MetaLearnerLSTM()
+        x, y = torch.randn(24, 13), torch.randint(0, 3, (24,))
+        opt = LSTMMetaOptimizer(model.parameters(), rule, first_order=first_order)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(4):
+                diffopt.step(F.cross_entropy(fmodel(x[:16]), y[:16]))
+            F.cross_entropy(fmodel(x[16:]), y[16:]).backward()
+        return [p.grad.clone() for p in (*rule.parameters(), *model.parameters())]
+
+    results = {}
+    for first_order in (True, False):
+        before = len(calls)
+        ours = meta_gradients(first_order, triton=True)
+        steps = len(calls) - before
+        reference = meta_gradients(first_order, triton=False)
+        results[f"twin first_order={first_order}"] = {
+            "triton_steps": steps,
+            "relative_difference": max(float((a - b).abs().max() / (1e-6 + b.abs().max()))
+                                       for a, b in zip(ours, reference)),
+            "all_nonzero": all(bool(b.abs().max() > 0) for b in reference),
+        }
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps({**kernel_cases(), **optimizer_case(), **backward_cases(),
+                      **twin_case()}))
+    sys.exit(0)

@@ -121,11 +121,11 @@ def saved_row_tensor_sizes(step, rule, rows: int, steps: int = 3) -> list[int]:
     return sorted(t.numel() for t in saved if t.numel() >= rows)
 
 
-def twin_meta_gradients(rule, first_order: bool) -> list[torch.Tensor]:
+def twin_meta_gradients(rule, first_order: bool, width: int = 100) -> list[torch.Tensor]:
     """Meta-gradients (rule, then initial weights) after 4 steps of the higher twin on an MLP
-    of 4,403 coordinates (inside the policy's one-node range)."""
+    40-``width``-3 (4,403 coordinates at the default, inside the policy's one-node range)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 100), nn.Tanh(), nn.Linear(100, 3))
+    model = nn.Sequential(nn.Linear(40, width), nn.Tanh(), nn.Linear(width, 3))
     x, y = torch.randn(24, 40), torch.randint(0, 3, (24,))
     rule.zero_grad()
     opt = LSTMMetaOptimizer(model.parameters(), rule, first_order=first_order)

@@ -13,16 +13,29 @@ import sys
 import torch
 
 
+def random_constants(hidden: int, seed: int):
+    """A step's constants (detached) from a rule of ``hidden`` units with N(0, 0.5) weights."""
+    from learned_optim import MetaLearnerLSTM
+    from learned_optim.rule.math import prepare_step
+
+    torch.manual_seed(seed)
+    meta = MetaLearnerLSTM(hidden_size=hidden)
+    with torch.no_grad():
+        for weight in meta.parameters():
+            weight.normal_(0.0, 0.5)
+    constants = prepare_step(meta.weights(), torch.tensor(1.7), torch.float32)
+    return constants._replace(**{name: getattr(constants, name).detach()
+                                 for name in constants._fields if name != "p"})
+
+
 def kernel_cases() -> dict:
     """``step_rows_triton`` against ``update_rows`` (+ ``apply_group_options``), in place on a
     slice of a wider feature-major buffer, for several hidden sizes, lengths, launch shapes
     and group options; gradients spanning zero, the preprocessing's threshold, huge values
     and NaN."""
-    from learned_optim import MetaLearnerLSTM
     from learned_optim.rule.math import (
         apply_group_options,
         initial_state,
-        prepare_step,
         update_rows,
     )
     from learned_optim.rule.triton_step import step_rows_triton
@@ -31,14 +44,7 @@ def kernel_cases() -> dict:
     for hidden, rows, block, lr, decay in ((20, 1, 64, 1.0, 0.0), (20, 200, 64, 1.0, 0.0),
                                            (20, 200, 16, 0.3, 0.01), (20, 77, 128, 0.7, 0.0),
                                            (5, 50, 32, 1.0, 0.1), (33, 40, 16, 1.0, 0.0)):
-        torch.manual_seed(hidden * 1000 + rows)
-        meta = MetaLearnerLSTM(hidden_size=hidden)
-        with torch.no_grad():
-            for weight in meta.parameters():
-                weight.normal_(0.0, 0.5)
-        constants = prepare_step(meta.weights(), torch.tensor(1.7), torch.float32)
-        constants = constants._replace(**{name: getattr(constants, name).detach()
-                                          for name in constants._fields if name != "p"})
+        constants = random_constants(hidden, seed=hidden * 1000 + rows)
         buffer = initial_state(rows + 7, hidden, feature_major=True)
         buffer.normal_()
         state = buffer[3 : 3 + rows]
@@ -110,21 +116,13 @@ def backward_cases() -> dict:
     """``step_rows_backward_triton`` against float64 autograd through ``update_rows``: the
     largest difference of each gradient relative to (1 + its largest value). One case with
     the programs capped at 3, so that each loops over several blocks."""
-    from learned_optim import MetaLearnerLSTM
     from learned_optim.rule import triton_tape
-    from learned_optim.rule.math import prepare_step, update_rows
+    from learned_optim.rule.math import update_rows
     from learned_optim.rule.native import native_constants
 
     results = {}
     for hidden, rows, programs in ((20, 300, None), (20, 300, 3), (5, 40, None), (20, 1, None)):
-        torch.manual_seed(hidden + rows)
-        meta = MetaLearnerLSTM(hidden_size=hidden)
-        with torch.no_grad():
-            for weight in meta.parameters():
-                weight.normal_(0.0, 0.5)
-        constants = prepare_step(meta.weights(), torch.tensor(1.7), torch.float32)
-        constants = constants._replace(**{name: getattr(constants, name).detach()
-                                          for name in constants._fields if name != "p"})
+        constants = random_constants(hidden, seed=hidden + rows)
         columns = torch.randn(2 * hidden + 2, rows)
         grad = torch.randn(rows) * torch.logspace(-6, 1, rows)
         grad[0] = 0.0
@@ -149,13 +147,12 @@ def backward_cases() -> dict:
 
 
 def twin_case() -> dict:
-    """Meta-gradients (rule, then init) of 4 steps of the ``higher`` twin on a small MLP, with
+    """Meta-gradients (rule, then init) of 4 steps of the ``higher`` twin on an MLP 40-8-3, with
     the policy sending the tape's steps to the Triton node, against its CPU paths (the
     trajectory in first order, the recomputed step in second), both orders."""
-    import higher
-    import torch.nn.functional as F
+    from rule_chains import twin_meta_gradients  # tests/, this script's folder
 
-    from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
+    from learned_optim import MetaLearnerLSTM
     from learned_optim.rule import policy, tape
 
     original_path, original_node = policy.tape_path, tape.update_rows_triton
@@ -170,17 +167,8 @@ def twin_case() -> dict:
     def meta_gradients(first_order: bool, triton: bool) -> list[torch.Tensor]:
         policy.tape_path = ((lambda device, rows, first_order: "triton") if triton
                             else original_path)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(13, 20), torch.nn.Tanh(),
-                                    torch.nn.Linear(20, 3))
-        rule = MetaLearnerLSTM()
-        x, y = torch.randn(24, 13), torch.randint(0, 3, (24,))
-        opt = LSTMMetaOptimizer(model.parameters(), rule, first_order=first_order)
-        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
-            for _ in range(4):
-                diffopt.step(F.cross_entropy(fmodel(x[:16]), y[:16]))
-            F.cross_entropy(fmodel(x[16:]), y[16:]).backward()
-        return [p.grad.clone() for p in (*rule.parameters(), *model.parameters())]
+        torch.manual_seed(1)  # the same rule for both paths
+        return twin_meta_gradients(MetaLearnerLSTM(), first_order, width=8)
 
     results = {}
     for first_order in (True, False):

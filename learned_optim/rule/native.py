@@ -274,15 +274,16 @@ def rule_scalars(p: float) -> tuple[float, float, float]:
     return p, math.exp(-p), math.exp(p)
 
 
-def check_layout(state: Tensor, grad: Tensor, param: Tensor, rows: int, hidden: int) -> None:
-    """The kernels read raw pointers: refuse what they would misread."""
+def check_layout(state: Tensor, grad: Tensor, param: Tensor, rows: int, hidden: int, *,
+                 device: str = "cpu", kernel: str = "the native step kernel") -> None:
+    """The kernels read raw pointers: refuse what they would misread (``kernel`` on ``device``,
+    its device type, names the one checked for)."""
     if hidden > MAX_HIDDEN:
-        raise ValueError(f"the native step kernel takes hidden sizes up to {MAX_HIDDEN}, got "
-                         f"{hidden}")
+        raise ValueError(f"{kernel} takes hidden sizes up to {MAX_HIDDEN}, got {hidden}")
     for name, tensor in (("state", state), ("grad", grad), ("param", param)):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-            raise ValueError(f"the native step kernel takes float32 CPU tensors, got {name} "
-                             f"{tensor.dtype} on {tensor.device}")
+        if tensor.dtype != torch.float32 or tensor.device.type != device:
+            raise ValueError(f"{kernel} takes float32 {'CPU' if device == 'cpu' else device} "
+                             f"tensors, got {name} {tensor.dtype} on {tensor.device}")
     if grad.shape != (rows,) or param.shape != (rows,) or not (grad.is_contiguous()
                                                                 and param.is_contiguous()):
         raise ValueError(f"grad and param must be contiguous [{rows}] tensors, got "

@@ -38,8 +38,9 @@ from learned_optim.rule.native import (
 )
 from learned_optim.rule.native_build import NativeKernel, partial_sums
 
-__all__ = ["BACKWARD_KERNEL", "block_rows", "native_tape_applies", "step_rows_backward_native",
-           "unit_rows", "update_rows_native"]
+__all__ = ["BACKWARD_KERNEL", "block_rows", "native_tape_applies", "node_backward",
+           "node_forward", "partial_width", "step_rows_backward_native", "unit_rows",
+           "update_rows_native"]
 
 _BACKWARD_SOURCE = RULE_TILE_SOURCE + r"""
 
@@ -438,30 +439,43 @@ def step_rows_backward_native(kernel_constants: tuple, p: float, columns: Tensor
             d_small[0:2], d_small[2:4], d_small[4:6], d_state_in, d_grad, d_theta_in)
 
 
+def node_forward(ctx, step_out, p: float, columns: Tensor, grad: Tensor, param: Tensor,
+                 constant_tensors) -> tuple[Tensor, Tensor]:
+    """The forward of a tape node made of a pair of kernels (this module's, or the Triton ones
+    of :mod:`learned_optim.rule.triton_tape`): saves the inputs alone and runs ``step_out``
+    (``step_rows_native_out``'s signature) out of place."""
+    ctx.p = p
+    ctx.save_for_backward(*constant_tensors, columns, grad, param)
+    # the constants as the kernels read them, kept for the backward (a few kB)
+    ctx.laid_out = native_constants(StepConstants(*(t.detach() for t in constant_tensors),
+                                                  p=p))
+    return step_out(ctx.laid_out, p, columns.detach(), grad.detach(), param.detach())
+
+
+def node_backward(ctx, step_backward, d_param: Tensor, d_columns: Tensor) -> tuple:
+    """The backward of such a node: ``step_backward`` (``step_rows_backward_native``'s
+    signature), or the eager vjp where the gradient itself is recorded."""
+    inputs = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
+        grads = feature_major_step_vjp(ctx.p, d_param, d_columns, *inputs)
+    else:
+        columns, grad, param = (t.detach() for t in inputs[-3:])
+        grads = step_backward(ctx.laid_out, ctx.p, columns, grad, param, d_param, d_columns)
+    *constant_grads, d_columns_in, d_grad, d_param_in = grads
+    return (None, d_columns_in, d_grad, d_param_in, *constant_grads)
+
+
 class _NativeStep(torch.autograd.Function):
     """One step as one node: native forward, native recomputing backward."""
 
     @staticmethod
     def forward(ctx, p: float, columns, grad, param, *constant_tensors):
-        ctx.p = p
-        ctx.save_for_backward(*constant_tensors, columns, grad, param)
-        # the constants as the kernels read them, kept for the backward (a few kB)
-        ctx.laid_out = native_constants(StepConstants(*(t.detach() for t in constant_tensors),
-                                                      p=p))
-        return step_rows_native_out(ctx.laid_out, p, columns.detach(), grad.detach(),
-                                    param.detach())
+        return node_forward(ctx, step_rows_native_out, p, columns, grad, param,
+                            constant_tensors)
 
     @staticmethod
     def backward(ctx, d_param, d_columns):
-        inputs = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
-            grads = feature_major_step_vjp(ctx.p, d_param, d_columns, *inputs)
-        else:
-            columns, grad, param = (t.detach() for t in inputs[-3:])
-            grads = step_rows_backward_native(ctx.laid_out, ctx.p, columns, grad, param,
-                                              d_param, d_columns)
-        *constant_grads, d_columns_in, d_grad, d_param_in = grads
-        return (None, d_columns_in, d_grad, d_param_in, *constant_grads)
+        return node_backward(ctx, step_rows_backward_native, d_param, d_columns)
 
 
 def update_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rule.math import StepConstants
-from learned_optim.rule.native import native_constants, rule_scalars
+from learned_optim.rule.native import check_layout, native_constants, rule_scalars
 
 try:  # optional: installed beside CUDA builds of torch
     import triton
@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = None
 
 __all__ = ["BLOCK_ROWS", "NUM_WARPS", "forward_rows", "hidden_lanes", "interpreting", "jit",
-           "step_rows_triton", "step_rows_triton_out", "triton_available", "triton_step_usable"]
+           "probed", "step_rows_triton", "step_rows_triton_out", "triton_available",
+           "triton_step_usable"]
 
 # Coordinates a program takes, and its warps. Four [BLOCK, 32] float32 accumulators (H = 20)
 # are 32 registers a thread at 64 rows and 4 warps; untuned until a GPU measures it
@@ -172,24 +173,6 @@ def interpreting() -> bool:
     return triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check(state: Tensor, grad: Tensor, param: Tensor, rows: int, hidden: int) -> None:
-    """The kernel reads raw pointers: refuse what it would misread."""
-    device = "cpu" if interpreting() else "cuda"
-    for name, tensor in (("state", state), ("grad", grad), ("param", param)):
-        if tensor.dtype != torch.float32 or tensor.device.type != device:
-            raise ValueError(f"the Triton step kernel takes float32 {device} tensors"
-                             f"{' (TRITON_INTERPRET=1)' if interpreting() else ''}, got {name} "
-                             f"{tensor.dtype} on {tensor.device}")
-    if grad.shape != (rows,) or param.shape != (rows,) or not (grad.is_contiguous()
-                                                                and param.is_contiguous()):
-        raise ValueError(f"grad and param must be contiguous [{rows}] tensors, got "
-                         f"{tuple(grad.shape)} and {tuple(param.shape)}")
-    if state.shape != (rows, 2 * hidden + 2) or (rows > 1 and state.stride(0) != 1):
-        raise ValueError(f"state must be a feature-major [{rows}, {2 * hidden + 2}] view "
-                         "(unit row stride, as initial_state(..., feature_major=True) makes), "
-                         f"got shape {tuple(state.shape)}, strides {state.stride()}")
-
-
 def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor,
                      lr: float = 1.0, weight_decay: float = 0.0, *,
                      kernel_constants: tuple | None = None, block: int = BLOCK_ROWS,
@@ -219,7 +202,9 @@ def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, para
     """
     rows = grad.shape[0]
     hidden = constants.meta_weight_h.shape[0]
-    _check(state, grad, param, rows, hidden)
+    kernel = "the Triton step kernel" + (" (TRITON_INTERPRET=1)" if interpreting() else "")
+    check_layout(state, grad, param, rows, hidden, device="cpu" if interpreting() else "cuda",
+                 kernel=kernel)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two of at least 16, got {block}")
     if rows == 0:
@@ -278,19 +263,24 @@ def triton_step_usable(device: torch.device) -> bool:
     wanted = "cpu" if interpreting() else "cuda"
     if not triton_available() or device.type != wanted:
         return False
+    return probed(_usable, device, _probe, "the Triton step kernel", "step() takes the chunk path")
+
+
+def probed(results: dict, device: torch.device, probe, name: str, fallback: str) -> bool:
+    """``probe(device)`` once per device, its outcome kept in ``results``: ``False`` (after
+    one warning that names the kernel, the error and ``fallback``) where it raises."""
     key = str(device)
-    if key not in _usable:
+    if key not in results:
         try:
-            _probe(device)
-            _usable[key] = True
-        except Exception as error:  # noqa: BLE001 - any failure means: take the chunk path
+            probe(device)
+            results[key] = True
+        except Exception as error:  # noqa: BLE001 - any failure means: take the other path
             first_line = str(error).splitlines()[0] if str(error) else ""
-            warnings.warn(f"learned_optim: the Triton step kernel failed on {device} "
-                          f"({type(error).__name__}: {first_line}); step() takes the chunk "
-                          "path (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
-                          RuntimeWarning, stacklevel=2)
-            _usable[key] = False
-    return _usable[key]
+            warnings.warn(f"learned_optim: {name} failed on {device} ({type(error).__name__}: "
+                          f"{first_line}); {fallback} (set LEARNED_OPTIM_COMPILE=0 to skip "
+                          "the attempt)", RuntimeWarning, stacklevel=3)
+            results[key] = False
+    return results[key]
 
 
 def _probe(device: torch.device) -> None:

@@ -23,19 +23,18 @@ Triton works (:func:`triton_tape_applies`; else the trajectory and the recompute
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 from torch import Tensor
 
-from learned_optim.rule.compiled import feature_major_step_vjp
 from learned_optim.rule.math import StepConstants
-from learned_optim.rule.native import MAX_HIDDEN, native_constants, rule_scalars
-from learned_optim.rule.native_tape import partial_width, unit_rows
+from learned_optim.rule.native import MAX_HIDDEN, rule_scalars
+from learned_optim.rule.native_tape import node_backward, node_forward, partial_width, unit_rows
 from learned_optim.rule.triton_step import (
     forward_rows,
     hidden_lanes,
     jit,
+    probed,
     step_rows_triton_out,
     triton_available,
     triton_step_usable,
@@ -242,24 +241,12 @@ class _TritonStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p: float, columns, grad, param, *constant_tensors):
-        ctx.p = p
-        ctx.save_for_backward(*constant_tensors, columns, grad, param)
-        ctx.laid_out = native_constants(StepConstants(*(t.detach() for t in constant_tensors),
-                                                      p=p))
-        return step_rows_triton_out(ctx.laid_out, p, columns.detach(), grad.detach(),
-                                    param.detach())
+        return node_forward(ctx, step_rows_triton_out, p, columns, grad, param,
+                            constant_tensors)
 
     @staticmethod
     def backward(ctx, d_param, d_columns):
-        inputs = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the eager vjp, which autograd records
-            grads = feature_major_step_vjp(ctx.p, d_param, d_columns, *inputs)
-        else:
-            columns, grad, param = (t.detach() for t in inputs[-3:])
-            grads = step_rows_backward_triton(ctx.laid_out, ctx.p, columns, grad, param,
-                                              d_param, d_columns)
-        *constant_grads, d_columns_in, d_grad, d_param_in = grads
-        return (None, d_columns_in, d_grad, d_param_in, *constant_grads)
+        return node_backward(ctx, step_rows_backward_triton, d_param, d_columns)
 
 
 def triton_tape_applies(grad: Tensor, hidden: int) -> bool:
@@ -281,19 +268,8 @@ _usable: dict[str, bool] = {}  # per device, once probed
 def _backward_usable(device: torch.device) -> bool:
     """Whether the backward kernel compiles on ``device`` and gets a probe right (warns once
     if not)."""
-    key = str(device)
-    if key not in _usable:
-        try:
-            _probe(device)
-            _usable[key] = True
-        except Exception as error:  # noqa: BLE001 - any failure means: take the eager paths
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            warnings.warn(f"learned_optim: the Triton backward kernel failed on {device} "
-                          f"({type(error).__name__}: {first_line}); the tape takes the eager "
-                          "steps (set LEARNED_OPTIM_COMPILE=0 to skip the attempt)",
-                          RuntimeWarning, stacklevel=3)
-            _usable[key] = False
-    return _usable[key]
+    return probed(_usable, device, _probe, "the Triton backward kernel",
+                  "the tape takes the eager steps")
 
 
 def _probe(device: torch.device) -> None:

@@ -709,7 +709,7 @@ def first_and_second_order(args, argv) -> int:
                 "(b1) of which forward only": parts.update_forward_only,
                 "(b') LSTMMetaOptimizer.step, in place": parts.step_in_place,
                 "(c) clip + Adam": parts.adam_step}
-    if triton_tape_applies(parts.grads[0], parts.rule.hidden_size):  # what the twin takes
+    if triton_tape_applies(parts.grads[0], parts.rule.hidden_size):  # second order's, on CUDA
         part_fns["(bt) the same, one Triton node per step"] = parts.update_triton
 
     for _ in range(args.warmup):

@@ -67,10 +67,21 @@ def test_the_triton_backward_is_float64_autograd_to_float32_rounding(interpreted
 
 @needs_triton
 @pytest.mark.parametrize("first_order", [True, False])
-def test_the_twins_meta_gradient_through_the_triton_node_is_its_cpu_paths(interpreted,
-                                                                          first_order):
+def test_the_twins_meta_gradient_through_the_triton_kernels_is_its_cpu_paths(interpreted,
+                                                                             first_order):
     case = interpreted[f"twin first_order={first_order}"]
-    assert case["triton_steps"] == 4 and case["all_nonzero"]
+    # first order: the trajectory, 4 steps forward and one replay; second: 4 nodes
+    expected = ({"node": 0, "trajectory_step": 4, "replay": 1} if first_order
+                else {"node": 4, "trajectory_step": 0, "replay": 0})
+    assert {name: case[name] for name in expected} == expected
+    assert case["all_nonzero"]
+    assert case["relative_difference"] < 1e-5
+
+
+@needs_triton
+def test_a_trajectory_replayed_by_the_triton_kernels_in_chunks_is_the_eager_one(interpreted):
+    case = interpreted["trajectory"]
+    assert case["gradients"] == 7 and case["all_nonzero"]  # anchor state and theta, 5 weights
     assert case["relative_difference"] < 1e-5
 
 

@@ -147,45 +147,95 @@ def backward_cases() -> dict:
 
 
 def twin_case() -> dict:
-    """Meta-gradients (rule, then init) of 4 steps of the ``higher`` twin on an MLP 40-8-3, with
-    the policy sending the tape's steps to the Triton node, against its CPU paths (the
-    trajectory in first order, the recomputed step in second), both orders."""
+    """Meta-gradients (rule, then init) of 4 steps of the ``higher`` twin on an MLP 40-8-3
+    through the Triton kernels as a CUDA device takes them (second order: one node a step;
+    first order: the trajectory, whose forward, replay and backward are the kernels), against
+    the CPU's paths (the eager trajectory, the recomputed step), both orders. Counts the
+    Triton calls: steps forward, replays and nodes."""
     from rule_chains import twin_meta_gradients  # tests/, this script's folder
 
     from learned_optim import MetaLearnerLSTM
     from learned_optim.rule import policy, tape
 
-    original_path, original_node = policy.tape_path, tape.update_rows_triton
-    calls = []
+    original_path, original_applies = policy.tape_path, tape.triton_tape_applies
+    calls = {"node": 0, "trajectory_step": 0, "replay": 0}
 
-    def counted(*args):
-        calls.append(1)
-        return original_node(*args)
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
 
-    tape.update_rows_triton = counted
+    tape.update_rows_triton = counted("node", tape.update_rows_triton)
+    tape.trajectory_step_triton = counted("trajectory_step", tape.trajectory_step_triton)
+    tape.replay_triton = counted("replay", tape.replay_triton)
 
     def meta_gradients(first_order: bool, triton: bool) -> list[torch.Tensor]:
-        policy.tape_path = ((lambda device, rows, first_order: "triton") if triton
-                            else original_path)
+        if triton:  # what a CUDA device's policy answers
+            policy.tape_path = lambda device, rows, first_order: (
+                "trajectory" if first_order else "triton")
+            tape.triton_tape_applies = original_applies
+        else:
+            policy.tape_path = original_path
+            tape.triton_tape_applies = lambda grad, hidden: False
         torch.manual_seed(1)  # the same rule for both paths
         return twin_meta_gradients(MetaLearnerLSTM(), first_order, width=8)
 
     results = {}
     for first_order in (True, False):
-        before = len(calls)
+        before = dict(calls)
         ours = meta_gradients(first_order, triton=True)
-        steps = len(calls) - before
+        counts = {name: calls[name] - before[name] for name in calls}
         reference = meta_gradients(first_order, triton=False)
         results[f"twin first_order={first_order}"] = {
-            "triton_steps": steps,
+            **counts,
             "relative_difference": max(float((a - b).abs().max() / (1e-6 + b.abs().max()))
                                        for a, b in zip(ours, reference)),
             "all_nonzero": all(bool(b.abs().max() > 0) for b in reference),
         }
+    policy.tape_path, tape.triton_tape_applies = original_path, original_applies
     return results
+
+
+def trajectory_case() -> dict:
+    """A first-order ``RuleTrajectory`` of 5 steps on 700 rows through the Triton kernels,
+    replayed in 3 chunks of rows (the replay budget set low), against the eager one: the
+    gradients of the anchor and of every step's constants."""
+    from learned_optim import MetaLearnerLSTM
+    from learned_optim.rule import policy, tape
+    from learned_optim.rule.math import prepare_step
+
+    def gradients(triton: bool) -> list[torch.Tensor]:
+        tape.triton_tape_applies = (lambda grad, hidden: True) if triton else (
+            lambda grad, hidden: False)
+        torch.manual_seed(2)
+        rule = MetaLearnerLSTM()
+        rows = 700
+        state = (torch.randn(rows, 42) * 0.5).requires_grad_()
+        theta = torch.randn(rows, requires_grad=True)
+        chain = tape.RuleTrajectory(state, theta)
+        for step in range(5):
+            grad = torch.randn(rows) * 10.0 ** -(step % 4)
+            constants = prepare_step(rule.weights(), torch.tensor(1.0 + step), torch.float32)
+            param, new_state = chain.step(constants, grad)
+        ((param ** 2).sum() + new_state.sum()).backward()
+        return [state.grad, theta.grad, *(p.grad for p in rule.parameters())]
+
+    applies = tape.triton_tape_applies
+    budget, floor = policy.REPLAY_CHUNK_BYTES, policy.MIN_REPLAY_CHUNK_ROWS
+    policy.REPLAY_CHUNK_BYTES, policy.MIN_REPLAY_CHUNK_ROWS = 5 * 172 * 256, 16  # 256 rows
+    ours = gradients(True)
+    policy.REPLAY_CHUNK_BYTES, policy.MIN_REPLAY_CHUNK_ROWS = budget, floor
+    reference = gradients(False)
+    tape.triton_tape_applies = applies
+    return {"trajectory": {
+        "relative_difference": max(float((a - b).abs().max() / (1e-6 + b.abs().max()))
+                                   for a, b in zip(ours, reference)),
+        "gradients": len(reference),
+        "all_nonzero": all(bool(b.abs().max() > 0) for b in reference)}}
 
 
 if __name__ == "__main__":
     print(json.dumps({**kernel_cases(), **optimizer_case(), **backward_cases(),
-                      **twin_case()}))
+                      **twin_case(), **trajectory_case()}))
     sys.exit(0)

@@ -262,20 +262,22 @@ def tape_path(device: torch.device, rows: int, first_order: bool) -> str:
     meta-step was 1.04x faster with it (docs/results/cpu_speed.md, session 19). It needs no
     ``torch.compile`` (20-40 s a fresh machine) and sums in double, deterministically.
 
-    On a CUDA device, float32 steps of up to ``COMPILED_MAX_ROWS`` rows take the Triton node
-    in either order (where Triton works; :mod:`learned_optim.rule.tape` checks): two launches
-    a step instead of the eager paths' dozens, which on an H200 left the GPU idle most of a
-    first-order meta-step (docs/results/meta_train_cuda.md). Not yet timed on a GPU.
+    On a CUDA device, second-order float32 steps of up to ``COMPILED_MAX_ROWS`` rows take the
+    Triton node (where Triton works; :mod:`learned_optim.rule.tape` checks): two launches a
+    step instead of the eager paths' dozens, which on an H200 left the GPU idle most of a
+    meta-step (docs/results/meta_train_cuda.md). First order keeps the trajectory, which there
+    runs the same Triton kernels (forward, replay and backward) and saves 4 bytes a
+    coordinate and step where a node saves 176. Not yet timed on a GPU.
 
     >>> gpu = torch.device("cuda")
-    >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 10**7, first_order=False)
-    ('triton', 'recomputed')
+    >>> tape_path(gpu, 30_000, first_order=True), tape_path(gpu, 30_000, first_order=False)
+    ('trajectory', 'triton')
     """
     if _on_cpu(device) and rows <= RECORDED_MAX_ROWS and torch.get_num_threads() == 1:
         return "recorded"
     if in_compiled_range(device, rows):
         return "native"
-    if COMPILE_RULE and device.type == "cuda" and rows <= COMPILED_MAX_ROWS:
+    if not first_order and COMPILE_RULE and device.type == "cuda" and rows <= COMPILED_MAX_ROWS:
         return "triton"
     return "trajectory" if first_order else "recomputed"
 

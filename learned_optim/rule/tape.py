@@ -45,7 +45,12 @@ from learned_optim.rule.math import (
     update_rows_chunked,
 )
 from learned_optim.rule.native_tape import native_tape_applies, update_rows_native
-from learned_optim.rule.triton_tape import triton_tape_applies, update_rows_triton
+from learned_optim.rule.triton_tape import (
+    replay_triton,
+    trajectory_step_triton,
+    triton_tape_applies,
+    update_rows_triton,
+)
 
 __all__ = ["RuleTrajectory", "compiled_applies", "first_order_path", "node_path", "on_tape",
            "trajectory_applies", "update_rows_differentiable", "update_rows_recomputed"]
@@ -339,6 +344,10 @@ class _TrajectoryStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(anchor_state, anchor_param, *grads, *flat)
         constants = StepConstants(*flat[-6:], p=p)
+        # the Triton kernels on a CUDA device (the forward and the replay), where they work
+        ctx.triton = triton_tape_applies(grads[-1], constants.meta_weight_h.shape[0])
+        if ctx.triton:
+            return trajectory_step_triton(constants, state, grads[-1], param)
         return update_rows_chunked(constants, state, grads[-1], param)
 
     @staticmethod
@@ -354,6 +363,10 @@ class _TrajectoryStep(torch.autograd.Function):
             d_anchor, d_constants = _recorded_replay(
                 ctx.p, anchor_state, anchor_param, grads, flat, d_param_out, d_state_out,
                 need_anchor, need_constants)
+        elif ctx.triton:
+            d_anchor, d_constants = _triton_replay(ctx.p, anchor_state, anchor_param, grads,
+                                                   flat, d_param_out, d_state_out, need_anchor,
+                                                   need_constants)
         else:
             with policy.threads_for_chunk_loop(anchor_param.device, anchor_param.shape[0]):
                 d_anchor, d_constants = _chunked_replay(
@@ -383,6 +396,19 @@ def _recorded_replay(p, anchor_state, anchor_param, grads, flat, d_param_out, d_
                                          create_graph=True, allow_unused=True))
     result = [next(found) if need else None for need in needs]
     return result[:2], result[2:]
+
+
+def _triton_replay(p, anchor_state, anchor_param, grads, flat, d_param_out, d_state_out,
+                   need_anchor, need_constants):
+    """:func:`_chunked_replay`'s gradients from the Triton kernels
+    (:func:`~learned_optim.rule.triton_tape.replay_triton`), ``None`` where not needed."""
+    d_state, d_param, per_step = replay_triton(_step_constants(flat, p), anchor_state,
+                                               anchor_param, list(grads), d_param_out,
+                                               d_state_out)
+    d_constants = [grad if need else None
+                   for grad, need in zip((g for step in per_step for g in step), need_constants)]
+    return ([d_state if need_anchor[0] else None, d_param if need_anchor[1] else None],
+            d_constants)
 
 
 def _chunked_replay(p, anchor_state, anchor_param, grads, flat, d_param_out, d_state_out,

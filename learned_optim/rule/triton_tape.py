@@ -27,8 +27,9 @@ import functools
 import torch
 from torch import Tensor
 
+from learned_optim.rule import policy
 from learned_optim.rule.math import StepConstants
-from learned_optim.rule.native import MAX_HIDDEN, rule_scalars
+from learned_optim.rule.native import MAX_HIDDEN, native_constants, rule_scalars
 from learned_optim.rule.native_tape import node_backward, node_forward, partial_width, unit_rows
 from learned_optim.rule.triton_step import (
     forward_rows,
@@ -45,8 +46,9 @@ try:  # optional, as in learned_optim.rule.triton_step: the kernels' language
 except ImportError:  # pragma: no cover - depends on the environment
     tl = None
 
-__all__ = ["BACKWARD_BLOCK_ROWS", "MAX_PROGRAMS", "backward_programs",
-           "step_rows_backward_triton", "triton_tape_applies", "update_rows_triton"]
+__all__ = ["BACKWARD_BLOCK_ROWS", "MAX_PROGRAMS", "backward_programs", "replay_triton",
+           "step_rows_backward_triton", "trajectory_step_triton", "triton_tape_applies",
+           "update_rows_triton"]
 
 # Rows a program of the backward takes at once, and at most this many programs a call (each
 # then loops over its share of blocks): the partial sums stay a few MB whatever the size.
@@ -299,3 +301,60 @@ def update_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, pa
     new_param, new_columns = _TritonStep.apply(constants.p, columns, grad.contiguous(),
                                                param.contiguous(), *constants[:-1])
     return new_param, new_columns.t()
+
+
+def trajectory_step_triton(constants: StepConstants, state: Tensor, grad: Tensor,
+                           param: Tensor) -> tuple[Tensor, Tensor]:
+    """A first-order trajectory's step without autograd (its node records the tape): the step
+    kernel out of place; ``(theta_t, state_t)``, ``state_t`` a ``[n, 2H + 2]`` transposed view
+    of a feature-major tensor."""
+    laid_out = native_constants(constants._replace(**{
+        name: getattr(constants, name).detach() for name in constants._fields if name != "p"}))
+    new_param, new_columns = step_rows_triton_out(laid_out, constants.p, unit_rows(state.t()),
+                                                  grad.contiguous(), param.contiguous())
+    return new_param, new_columns.t()
+
+
+def replay_triton(constants: list[StepConstants], anchor_state: Tensor, anchor_param: Tensor,
+                  grads: list[Tensor], d_param_out: Tensor | None, d_state_out: Tensor | None
+                  ) -> tuple[Tensor, Tensor, list[tuple[Tensor, ...]]]:
+    """A first-order trajectory's backward with the Triton kernels: the steps from the anchor
+    replayed chunk by chunk of rows (states kept per step, as many rows at once as the
+    device's replay budget holds), then pulled back step by step. Returns the gradients of
+    the anchor's state (``[n, 2H + 2]``) and parameter, and per step those of its six
+    constants."""
+    rows, width = anchor_state.shape
+    steps = len(constants)
+    laid_out = [native_constants(c._replace(**{name: getattr(c, name).detach()
+                                               for name in c._fields if name != "p"}))
+                for c in constants]
+    p = constants[0].p
+    chunk = policy.replay_chunk_rows(anchor_param.device, rows, steps, 4 * (width + 1))
+    d_anchor_state = torch.empty(width, rows, dtype=anchor_param.dtype,
+                                 device=anchor_param.device)
+    d_anchor_param = torch.empty_like(anchor_param)
+    d_constants: list[list[Tensor] | None] = [None] * steps
+    for start in range(0, rows, chunk):
+        piece = slice(start, min(start + chunk, rows))
+        n = piece.stop - start
+        columns = [anchor_state[piece].t().contiguous()]
+        params = [anchor_param[piece].contiguous()]
+        for t in range(steps):
+            new_param, new_columns = step_rows_triton_out(laid_out[t], p, columns[t],
+                                                          grads[t][piece], params[t])
+            columns.append(new_columns)
+            params.append(new_param)
+        d_param = (torch.zeros(n, dtype=anchor_param.dtype, device=anchor_param.device)
+                   if d_param_out is None else d_param_out[piece])
+        d_state = (torch.zeros_like(columns[0]) if d_state_out is None
+                   else d_state_out[piece].t())
+        for t in reversed(range(steps)):
+            *constant_grads, d_state, _, d_param = step_rows_backward_triton(
+                laid_out[t], p, columns[t], grads[t][piece], params[t], d_param, d_state)
+            if d_constants[t] is None:
+                d_constants[t] = constant_grads
+            else:
+                d_constants[t] = [a + b for a, b in zip(d_constants[t], constant_grads)]
+        d_anchor_state[:, piece] = d_state
+        d_anchor_param[piece] = d_param
+    return d_anchor_state.t(), d_anchor_param, [tuple(c) for c in d_constants]

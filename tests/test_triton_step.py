@@ -9,8 +9,10 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,45 @@ def test_cuda_step_takes_the_triton_kernel_and_matches_the_cpu_step():
     assert buffer.is_cuda and opt._fused_step(buffer) is step_rows_triton
     for a, b in zip(model.parameters(), gpu_model.parameters()):
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _compiled_for_h100(kernel, floats: tuple[str, ...], constants: dict, warps: int) -> str:
+    """``kernel`` compiled ahead of time for sm_90 (no GPU needed: Triton's bundled ptxas),
+    and its resource usage as ``cuobjdump -res-usage`` prints it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constants),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        return subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+
+
+@needs_triton
+def test_the_kernels_compile_for_an_h100_without_spilling_registers():
+    from learned_optim.rule import triton_step, triton_tape
+
+    step = _compiled_for_h100(
+        triton_step._rule_step, ("p", "threshold", "exp_p", "lr", "decay"),
+        {"H": 20, "HP": 32, "BLOCK": triton_step.BLOCK_ROWS}, triton_step.NUM_WARPS)
+    backward = _compiled_for_h100(
+        triton_tape._rule_step_backward, ("p", "threshold", "exp_p"),
+        {"H": 20, "HP": 32, "KP": 32, "BLOCK": triton_tape.BACKWARD_BLOCK_ROWS,
+         "PARTIAL": 1886}, triton_tape.BACKWARD_WARPS)
+    for name, usage in (("step", step), ("backward", backward)):
+        registers = int(re.search(r"REG:(\d+)", usage).group(1))
+        spilled = int(re.search(r"STACK:(\d+)", usage).group(1))
+        assert spilled == 0 and registers < 255, (name, usage)

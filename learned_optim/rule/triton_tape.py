@@ -5,18 +5,22 @@ Eager on a GPU, a step on the tape is some twenty kernels forward and twice as m
 H200, 8 ms of it GPU work: the rest waiting on launches). Here, as on the CPU
 (:mod:`learned_optim.rule.native_tape`), a step is one node: the forward is the step kernel of
 :mod:`learned_optim.rule.triton_step` out of place, and the backward one more kernel that
-recomputes a block's gates with the same forward (:func:`~learned_optim.rule.triton_step.
-forward_rows`), pulls the output gradients back through the meta-gates, the cell and the gate
-sigmoids in registers, and takes layer 1's input and weight gradients as ``tl.dot`` products
-(float32, no TF32). The rule's weight gradients are summed in each program over a fixed share
-of the rows, one row of partial sums a program, added in float64 in program order afterwards:
-the number of programs depends on the size alone, so the sums are deterministic. The node
-saves only its inputs and serves first and second order alike; a gradient *of* its backward
+recomputes a block's gates, pulls the output gradients back through the meta-gates, the cell
+and the gate sigmoids in registers, and takes layer 1's products (the recomputed gates, the
+input and the weight gradients) as ``tl.dot`` products, float32, no TF32: the recomputed gates
+are the step kernel's to float32 rounding (its products are outer products in the CPU kernel's
+order; as ``tl.dot`` here the backward compiles in seconds, where the unrolled outer products
+took 70 s and spilled registers). The rule's weight gradients are summed in each program over
+a fixed share of the rows, one row of partial sums a program, added in float64 in program
+order afterwards: the number of programs depends on the size alone, so the sums are
+deterministic. The node saves only its inputs; a gradient *of* its backward
 (``create_graph=True`` through the update) takes the eager ``torch.func.vjp`` of
 ``update_rows``, which autograd records.
 
-:func:`learned_optim.rule.policy.tape_path` gives it float32 steps on a CUDA device where
-Triton works (:func:`triton_tape_applies`; else the trajectory and the recomputed step). With
+:func:`learned_optim.rule.policy.tape_path` gives the node second-order float32 steps on a
+CUDA device where Triton works (:func:`triton_tape_applies`; else the recomputed step); first
+order's trajectory (:class:`learned_optim.rule.tape.RuleTrajectory`) runs its steps and its
+replay on the same kernels there (:func:`trajectory_step_triton`, :func:`replay_triton`). With
 ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in Triton's interpreter (the tests).
 """
 
@@ -32,7 +36,6 @@ from learned_optim.rule.math import StepConstants
 from learned_optim.rule.native import MAX_HIDDEN, native_constants, rule_scalars
 from learned_optim.rule.native_tape import node_backward, node_forward, partial_width, unit_rows
 from learned_optim.rule.triton_step import (
-    forward_rows,
     hidden_lanes,
     jit,
     probed,
@@ -46,13 +49,17 @@ try:  # optional, as in learned_optim.rule.triton_step: the kernels' language
 except ImportError:  # pragma: no cover - depends on the environment
     tl = None
 
-__all__ = ["BACKWARD_BLOCK_ROWS", "MAX_PROGRAMS", "backward_programs", "replay_triton",
-           "step_rows_backward_triton", "trajectory_step_triton", "triton_tape_applies",
-           "update_rows_triton"]
+__all__ = ["BACKWARD_BLOCK_ROWS", "BACKWARD_WARPS", "MAX_PROGRAMS", "backward_programs",
+           "replay_triton", "step_rows_backward_triton", "trajectory_step_triton",
+           "triton_tape_applies", "update_rows_triton"]
 
-# Rows a program of the backward takes at once, and at most this many programs a call (each
-# then loops over its share of blocks): the partial sums stay a few MB whatever the size.
-BACKWARD_BLOCK_ROWS = 32
+# Rows a program of the backward takes at once, its warps, and at most this many programs a
+# call (each then loops over its share of blocks): the partial sums stay a few MB whatever
+# the size. Compiled for an H100 (sm_90) here without a GPU (triton.compile to a cubin): 16
+# rows on 8 warps took 155 registers a thread and spilled nothing; 32 rows on 4 or 8 warps
+# and 16 on 4 spilled (255 registers). Untimed on a card.
+BACKWARD_BLOCK_ROWS = 16
+BACKWARD_WARPS = 8
 MAX_PROGRAMS = 512
 
 
@@ -73,19 +80,25 @@ def _rule_step_backward(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_
     inputs = tl.arange(0, KP)
     in_inputs = inputs < K
     is_h = (inputs >= 2) & in_inputs
-    # Layer 1's weight, a [HP, KP] tile a gate: W_q[j, k] = weight[(q H + j) K + k].
-    tile = units[:, None] * K + inputs[None, :]
-    tile_mask = in_units[:, None] & in_inputs[None, :]
-    w_i = tl.load(weight_ptr + tile, mask=tile_mask, other=0.0)
-    w_f = tl.load(weight_ptr + H * K + tile, mask=tile_mask, other=0.0)
-    w_o = tl.load(weight_ptr + 2 * H * K + tile, mask=tile_mask, other=0.0)
-    w_g = tl.load(weight_ptr + 3 * H * K + tile, mask=tile_mask, other=0.0)
+    # Layer 1's weight as [KP, HP] tiles, a gate each: wt_q[k, j] = weight[(q H + j) K + k].
+    tile = inputs[:, None] + units[None, :] * K
+    tile_mask = in_inputs[:, None] & in_units[None, :]
+    wt_i = tl.load(weight_ptr + tile, mask=tile_mask, other=0.0)
+    wt_f = tl.load(weight_ptr + H * K + tile, mask=tile_mask, other=0.0)
+    wt_o = tl.load(weight_ptr + 2 * H * K + tile, mask=tile_mask, other=0.0)
+    wt_g = tl.load(weight_ptr + 3 * H * K + tile, mask=tile_mask, other=0.0)
+    b_i = tl.load(bias_ptr + units, mask=in_units, other=0.0)
+    b_f = tl.load(bias_ptr + H + units, mask=in_units, other=0.0)
+    b_o = tl.load(bias_ptr + 2 * H + units, mask=in_units, other=0.0)
+    b_g = tl.load(bias_ptr + 3 * H + units, mask=in_units, other=0.0)
     meta_f = tl.load(meta_h_ptr + units, mask=in_units, other=0.0)
     meta_i = tl.load(meta_h_ptr + H + units, mask=in_units, other=0.0)
     m_theta_f = tl.load(meta_small_ptr + 0)
     m_theta_i = tl.load(meta_small_ptr + 1)
     m_prev_f = tl.load(meta_small_ptr + 2)
     m_prev_i = tl.load(meta_small_ptr + 3)
+    m_bias_f = tl.load(meta_small_ptr + 4)
+    m_bias_i = tl.load(meta_small_ptr + 5)
     # This program's sums: the weight's as [KP, HP] (input, gate unit), the rest per unit or
     # per row, reduced at the end.
     d_w_i = tl.zeros([KP, HP], dtype=tl.float32)
@@ -108,10 +121,35 @@ def _rule_step_backward(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_
         rows = (start + tl.arange(0, BLOCK)).to(tl.int64)  # n < 2^31 rows on the tape
         in_rows = rows < n
         slab = in_rows[:, None] & in_units[None, :]
-        (g, theta, large, log_part, sign_part, in_gate, forget_gate, out_gate, g_sigmoid,
-         c_prev, c, tanh_c, h1, f_prev, i_prev, f_pre, i_pre) = forward_rows(
-            weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, stride, grad_ptr,
-            theta_ptr, rows, in_rows, p, threshold, exp_p, H, HP, BLOCK)
+        # The forward again, layer 1 as products of the input x = [log part, sign part, h1
+        # before] ([BLOCK, KP]) with the weight tiles: the same values as the step kernel's
+        # outer products, to float32 rounding.
+        g = tl.load(grad_ptr + rows, mask=in_rows, other=0.0)
+        theta = tl.load(theta_ptr + rows, mask=in_rows, other=0.0)
+        magnitude = tl.abs(g)
+        large = magnitude >= threshold
+        log_part = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / p, -1.0)
+        sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
+        sign_part = tl.where(large, sign, g * exp_p)
+        h_before = tl.load(state_ptr + (inputs - 2)[None, :] * stride + rows[:, None],
+                           mask=in_rows[:, None] & is_h[None, :], other=0.0)
+        x = tl.where(inputs[None, :] == 0, log_part[:, None],
+                     tl.where(inputs[None, :] == 1, sign_part[:, None], h_before))
+        in_gate = tl.sigmoid(tl.dot(x, wt_i, input_precision="ieee") + b_i[None, :])
+        forget_gate = tl.sigmoid(tl.dot(x, wt_f, input_precision="ieee") + b_f[None, :])
+        out_gate = tl.sigmoid(tl.dot(x, wt_o, input_precision="ieee") + b_o[None, :])
+        g_sigmoid = tl.sigmoid(tl.dot(x, wt_g, input_precision="ieee") + b_g[None, :])
+        c_prev = tl.load(state_ptr + (H + units)[None, :] * stride + rows[:, None], mask=slab,
+                         other=0.0)
+        c = forget_gate * c_prev + in_gate * (g_sigmoid * 2.0 - 1.0)
+        tanh_c = tl.sigmoid(c * 2.0) * 2.0 - 1.0
+        h1 = tl.where(slab, out_gate * tanh_c, 0.0)
+        f_prev = tl.load(state_ptr + (2 * H) * stride + rows, mask=in_rows, other=0.0)
+        i_prev = tl.load(state_ptr + (2 * H + 1) * stride + rows, mask=in_rows, other=0.0)
+        f_pre = (tl.sum(h1 * meta_f[None, :], axis=1) + m_bias_f + theta * m_theta_f
+                 + f_prev * m_prev_f)
+        i_pre = (tl.sum(h1 * meta_i[None, :], axis=1) + m_bias_i + theta * m_theta_i
+                 + i_prev * m_prev_i)
         # The output gradients (zeros past the end, so those rows add nothing).
         d_theta = tl.load(d_theta_ptr + rows, mask=in_rows, other=0.0)
         d_h = tl.load(d_state_ptr + units[None, :] * d_stride + rows[:, None], mask=slab,
@@ -146,20 +184,16 @@ def _rule_step_backward(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_
         d_b_f += tl.sum(d_a_f, axis=0)
         d_b_o += tl.sum(d_a_o, axis=0)
         d_b_g += tl.sum(d_a_g, axis=0)
-        # Layer 1's input x = [log part, sign part, h1 before], [BLOCK, KP].
-        h_before = tl.load(state_ptr + (inputs - 2)[None, :] * stride + rows[:, None],
-                           mask=in_rows[:, None] & is_h[None, :], other=0.0)
-        x = tl.where(inputs[None, :] == 0, log_part[:, None],
-                     tl.where(inputs[None, :] == 1, sign_part[:, None], h_before))
+        # Layer 1's weight and input gradients.
         x_t = tl.trans(x)
         d_w_i += tl.dot(x_t, d_a_i, input_precision="ieee")
         d_w_f += tl.dot(x_t, d_a_f, input_precision="ieee")
         d_w_o += tl.dot(x_t, d_a_o, input_precision="ieee")
         d_w_g += tl.dot(x_t, d_a_g, input_precision="ieee")
-        d_x = (tl.dot(d_a_i, w_i, input_precision="ieee")
-               + tl.dot(d_a_f, w_f, input_precision="ieee")
-               + tl.dot(d_a_o, w_o, input_precision="ieee")
-               + tl.dot(d_a_g, w_g, input_precision="ieee"))
+        d_x = (tl.dot(d_a_i, tl.trans(wt_i), input_precision="ieee")
+               + tl.dot(d_a_f, tl.trans(wt_f), input_precision="ieee")
+               + tl.dot(d_a_o, tl.trans(wt_o), input_precision="ieee")
+               + tl.dot(d_a_g, tl.trans(wt_g), input_precision="ieee"))
         d_log = tl.sum(tl.where(inputs[None, :] == 0, d_x, 0.0), axis=1)
         d_sign = tl.sum(tl.where(inputs[None, :] == 1, d_x, 0.0), axis=1)
         # Through the preprocessing: (log|g| / p)' = 1 / (p g) and sign' = 0 where |g| >= e^-p,
@@ -205,7 +239,7 @@ def backward_programs(rows: int) -> int:
     the sums do not depend on the device).
 
     >>> backward_programs(100), backward_programs(28_485)
-    (4, 512)
+    (7, 512)
     """
     return max(1, min(MAX_PROGRAMS, -(-rows // BACKWARD_BLOCK_ROWS)))
 
@@ -231,7 +265,8 @@ def step_rows_backward_triton(kernel_constants: tuple, p: float, columns: Tensor
         *kernel_constants, columns, grad, param, d_param, d_columns, d_state_in, d_theta_in,
         d_grad, partials, rows, columns.stride(0), d_columns.stride(0), d_state_in.stride(0),
         *rule_scalars(p), H=hidden, HP=hidden_lanes(hidden),
-        KP=hidden_lanes(inputs), BLOCK=BACKWARD_BLOCK_ROWS, PARTIAL=width, num_warps=4)
+        KP=hidden_lanes(inputs), BLOCK=BACKWARD_BLOCK_ROWS, PARTIAL=width,
+        num_warps=BACKWARD_WARPS)
     sums = partials.sum(0, dtype=torch.float64).float()
     d_bias, d_meta_h, d_small, d_weight = sums.split((gates, 2 * hidden, 6, gates * inputs))
     return (d_weight.view(gates, inputs).t(), d_bias, d_meta_h.view(2, hidden).t(),

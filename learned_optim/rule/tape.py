@@ -105,12 +105,11 @@ def node_path(grad: Tensor, hidden: int, first_order: bool) -> str:
 
 def first_order_path(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> str | None:
     """The first-order path of a step on a tape whose gradient and loss are constants:
-    ``"trajectory"`` (join a :class:`RuleTrajectory`), ``"native"``
-    (:func:`~learned_optim.rule.native_tape.update_rows_native`), ``"triton"``
-    (:func:`~learned_optim.rule.triton_tape.update_rows_triton`) or ``"compiled"``
-    (:func:`~learned_optim.rule.compiled.update_rows_compiled`), as :func:`node_path` resolves
-    the policy's choice for its size and the rule's ``hidden`` size; ``None`` off the tape or
-    for a second-order step.
+    ``"trajectory"`` (join a :class:`RuleTrajectory`; on a CUDA device its kernels are
+    Triton's), ``"native"`` (:func:`~learned_optim.rule.native_tape.update_rows_native`) or
+    ``"compiled"`` (:func:`~learned_optim.rule.compiled.update_rows_compiled`), as
+    :func:`node_path` resolves the policy's choice for its size and the rule's ``hidden``
+    size; ``None`` off the tape or for a second-order step.
 
     >>> first_order_path(torch.ones(3), torch.tensor(1.0))
     'trajectory'
@@ -121,7 +120,7 @@ def first_order_path(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> str
             loss is not None and loss.requires_grad):
         return None
     path = node_path(grad, hidden, first_order=True)
-    return path if path in ("trajectory", "compiled", "native", "triton") else None
+    return path if path in ("trajectory", "compiled", "native") else None
 
 
 def trajectory_applies(grad: Tensor, loss: Tensor | None, hidden: int = 20) -> bool:
@@ -150,7 +149,8 @@ def update_rows_differentiable(
     policy's choice for the size (:func:`node_path`), which on a CPU may be the native node
     (:func:`~learned_optim.rule.native_tape.update_rows_native`) or the compiled one
     (:func:`~learned_optim.rule.compiled.update_rows_compiled`), on a CUDA device the Triton
-    one (:func:`~learned_optim.rule.triton_tape.update_rows_triton`). Same gradients, to rounding.
+    one (:func:`~learned_optim.rule.triton_tape.update_rows_triton`). Same gradients, to
+    rounding.
 
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step

@@ -39,7 +39,7 @@ try:  # optional: installed beside CUDA builds of torch
 except Exception:  # noqa: BLE001 - missing, or broken beside this torch: the eager paths serve
     triton = tl = None
 
-__all__ = ["BLOCK_ROWS", "NUM_WARPS", "forward_rows", "hidden_lanes", "interpreting", "jit",
+__all__ = ["BLOCK_ROWS", "NUM_WARPS", "hidden_lanes", "interpreting", "jit",
            "probed", "step_rows_triton", "step_rows_triton_out", "triton_available",
            "triton_step_usable"]
 
@@ -65,11 +65,11 @@ def jit(**options):
 
 
 @jit()
-def forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, stride, grad_ptr,
+def _forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, stride, grad_ptr,
                   theta_ptr, rows, in_rows, p, threshold, exp_p, H: tl.constexpr,
                   HP: tl.constexpr, BLOCK: tl.constexpr):
     """The rule's forward on ``BLOCK`` rows (``rows``, int64; ``in_rows`` their mask) of a
-    feature-major state ``stride`` floats a feature: every value the backward needs."""
+    feature-major state ``stride`` floats a feature: ``(g, theta, c, h1, f_pre, i_pre)``."""
     units = tl.arange(0, HP)
     in_units = units < H
     slab = in_rows[:, None] & in_units[None, :]
@@ -122,8 +122,7 @@ def forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, st
              + theta * tl.load(meta_small_ptr + 0) + f_prev * tl.load(meta_small_ptr + 2))
     i_pre = (tl.sum(h1 * meta_i[None, :], axis=1) + tl.load(meta_small_ptr + 5)
              + theta * tl.load(meta_small_ptr + 1) + i_prev * tl.load(meta_small_ptr + 3))
-    return (g, theta, large, log_part, sign_part, in_gate, forget_gate, out_gate, g_sigmoid,
-            c_prev, c, tanh_c, h1, f_prev, i_prev, f_pre, i_pre)
+    return g, theta, c, h1, f_pre, i_pre
 
 
 # Sizes that vary call by call: specialised (a value of 1, or divisibility by 16), each would
@@ -144,7 +143,7 @@ def _rule_step(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, s
     slab = in_rows[:, None] & (units < H)[None, :]
     stride_in = stride_in.to(tl.int64)
     stride_out = stride_out.to(tl.int64)
-    (g, theta, _, _, _, _, _, _, _, _, c, _, h1, _, _, f_pre, i_pre) = forward_rows(
+    g, theta, c, h1, f_pre, i_pre = _forward_rows(
         weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, stride_in, grad_ptr,
         theta_in_ptr, rows, in_rows, p, threshold, exp_p, H, HP, BLOCK)
     proposed = tl.sigmoid(f_pre) * theta - tl.sigmoid(i_pre) * g

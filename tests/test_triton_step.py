@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,26 @@ def test_the_kernels_compile_for_an_h100_without_spilling_registers():
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         spilled = int(re.search(r"STACK:(\d+)", usage).group(1))
         assert spilled == 0 and registers < 255, (name, usage)
+
+
+def test_a_kernel_that_fails_its_probe_is_reported_once_and_not_taken():
+    from learned_optim.rule.triton_step import probed
+
+    calls = []
+
+    def failing(device):
+        calls.append(device)
+        raise RuntimeError("ptxas fatal: unsupported target\nmore detail")
+
+    results: dict = {}
+    with pytest.warns(RuntimeWarning, match=r"the Triton step kernel failed on cuda:0 "
+                      r"\(RuntimeError: ptxas fatal: unsupported target\); step\(\) takes the "
+                      r"chunk path"):
+        assert not probed(results, torch.device("cuda:0"), failing, "the Triton step kernel",
+                          "step() takes the chunk path")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second ask neither probes nor warns again
+        assert not probed(results, torch.device("cuda:0"), failing, "the Triton step kernel",
+                          "step() takes the chunk path")
+    assert calls == [torch.device("cuda:0")]
+    assert probed(results, torch.device("cuda:1"), lambda device: None, "k", "f")

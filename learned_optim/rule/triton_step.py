@@ -283,9 +283,10 @@ def probed(results: dict, device: torch.device, probe, name: str, fallback: str)
 
 
 def _probe(device: torch.device) -> None:
-    """A step of three coordinates with hidden size 1 and zero weights: every gate is 1/2,
-    so theta_t = theta / 2 - g / 2 and the cell c = (c_prev + 0) / 2."""
-    hidden = 1
+    """A step of three coordinates at the paper's hidden size (the kernel the common rules
+    compile) with zero weights: every gate is 1/2, so theta_t = theta / 2 - g / 2 and the
+    cell c = (c_prev + 0) / 2."""
+    hidden = 20
     state = torch.zeros(2 * hidden + 2, 3, device=device)
     state[hidden] = 4.0
     state = state.t()

@@ -310,9 +310,10 @@ def _backward_usable(device: torch.device) -> bool:
 
 
 def _probe(device: torch.device) -> None:
-    """The backward of a step of three coordinates at hidden size 1 and zero weights: both
-    meta-gates are 1/2, so d theta_t / d theta = 1/2 and d theta_t / d g = -1/2."""
-    rows, hidden = 3, 1
+    """The backward of a step of three coordinates at the paper's hidden size and zero
+    weights: both meta-gates are 1/2, so d theta_t / d theta = 1/2 and d theta_t / d g =
+    -1/2."""
+    rows, hidden = 3, 20
     zeros = functools.partial(torch.zeros, device=device)
     laid_out = (zeros(4 * hidden, 2 + hidden), zeros(4 * hidden), zeros(2, hidden), zeros(6))
     *constant_grads, _, d_grad, d_theta = step_rows_backward_triton(

@@ -1,7 +1,8 @@
 """The GPU's fused kernels (learned_optim.rule.triton_step, learned_optim.rule.triton_tape),
 checked without a GPU: the same kernels in Triton's interpreter, in a subprocess with
 ``TRITON_INTERPRET=1`` (tests/triton_interpreted.py), against ``update_rows``, float64
-autograd, the optimizer's chunk path and the twin's CPU tape paths."""
+autograd, the optimizer's chunk path and the twin's CPU tape paths; compiled ahead of time
+for an H100 (their registers); their refusals and their fallback where a probe fails."""
 
 from __future__ import annotations
 

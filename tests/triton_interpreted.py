@@ -150,14 +150,16 @@ def twin_case() -> dict:
     """Meta-gradients (rule, then init) of 4 steps of the ``higher`` twin on an MLP 40-8-3
     through the Triton kernels as a CUDA device takes them (second order: one node a step;
     first order: the trajectory, whose forward, replay and backward are the kernels), against
-    the CPU's paths (the eager trajectory, the recomputed step), both orders. Counts the
-    Triton calls: steps forward, replays and nodes."""
+    the CPU's paths (the eager trajectory, the recomputed step: the CPU's policy, which takes
+    no Triton kernel with the interpreter on), both orders. Counts the Triton calls: steps
+    forward, replays and nodes."""
     from rule_chains import twin_meta_gradients  # tests/, this script's folder
 
     from learned_optim import MetaLearnerLSTM
     from learned_optim.rule import policy, tape
 
     original_path, original_applies = policy.tape_path, tape.triton_tape_applies
+    original_trajectory = policy.trajectory_triton
     calls = {"node": 0, "trajectory_step": 0, "replay": 0}
 
     def counted(name, fn):
@@ -174,10 +176,12 @@ def twin_case() -> dict:
         if triton:  # what a CUDA device's policy answers
             policy.tape_path = lambda device, rows, first_order: (
                 "trajectory" if first_order else "triton")
+            policy.trajectory_triton = lambda device: True
             tape.triton_tape_applies = original_applies
-        else:
+        else:  # the CPU's own policy: no Triton, though the interpreter is on
             policy.tape_path = original_path
-            tape.triton_tape_applies = lambda grad, hidden: False
+            policy.trajectory_triton = original_trajectory
+            tape.triton_tape_applies = original_applies
         torch.manual_seed(1)  # the same rule for both paths
         return twin_meta_gradients(MetaLearnerLSTM(), first_order, width=8)
 
@@ -186,7 +190,9 @@ def twin_case() -> dict:
         before = dict(calls)
         ours = meta_gradients(first_order, triton=True)
         counts = {name: calls[name] - before[name] for name in calls}
+        before = dict(calls)
         reference = meta_gradients(first_order, triton=False)
+        counts["reference_triton_calls"] = sum(calls[name] - before[name] for name in calls)
         results[f"twin first_order={first_order}"] = {
             **counts,
             "relative_difference": max(float((a - b).abs().max() / (1e-6 + b.abs().max()))
@@ -194,6 +200,7 @@ def twin_case() -> dict:
             "all_nonzero": all(bool(b.abs().max() > 0) for b in reference),
         }
     policy.tape_path, tape.triton_tape_applies = original_path, original_applies
+    policy.trajectory_triton = original_trajectory
     return results
 
 
@@ -206,8 +213,7 @@ def trajectory_case() -> dict:
     from learned_optim.rule.math import prepare_step
 
     def gradients(triton: bool) -> list[torch.Tensor]:
-        tape.triton_tape_applies = (lambda grad, hidden: True) if triton else (
-            lambda grad, hidden: False)
+        policy.trajectory_triton = lambda device: triton  # as on a CUDA device, or not
         torch.manual_seed(2)
         rule = MetaLearnerLSTM()
         rows = 700
@@ -221,13 +227,13 @@ def trajectory_case() -> dict:
         ((param ** 2).sum() + new_state.sum()).backward()
         return [state.grad, theta.grad, *(p.grad for p in rule.parameters())]
 
-    applies = tape.triton_tape_applies
+    gate = policy.trajectory_triton
     budget, floor = policy.REPLAY_CHUNK_BYTES, policy.MIN_REPLAY_CHUNK_ROWS
     policy.REPLAY_CHUNK_BYTES, policy.MIN_REPLAY_CHUNK_ROWS = 5 * 172 * 256, 16  # 256 rows
     ours = gradients(True)
     policy.REPLAY_CHUNK_BYTES, policy.MIN_REPLAY_CHUNK_ROWS = budget, floor
     reference = gradients(False)
-    tape.triton_tape_applies = applies
+    policy.trajectory_triton = gate
     return {"trajectory": {
         "relative_difference": max(float((a - b).abs().max() / (1e-6 + b.abs().max()))
                                    for a, b in zip(ours, reference)),

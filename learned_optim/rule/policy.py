@@ -44,6 +44,7 @@ __all__ = [
     "step_compiles",
     "step_native",
     "step_triton",
+    "trajectory_triton",
     "step_threads",
     "tape_step_threads",
     "threads_for_chunk_loop",
@@ -336,6 +337,18 @@ def step_triton(device: torch.device, dtype: torch.dtype) -> bool:
     False
     """
     return COMPILE_RULE and device.type == "cuda" and dtype == torch.float32
+
+
+def trajectory_triton(device: torch.device) -> bool:
+    """Whether a first-order trajectory's steps and replay run the Triton kernels
+    (learned_optim.rule.triton_tape) on ``device``: on a CUDA device, when on (where Triton
+    works; :mod:`learned_optim.rule.tape` checks). Not on a CPU, even where Triton's
+    interpreter is switched on (``TRITON_INTERPRET=1``, for someone's own kernels).
+
+    >>> trajectory_triton(torch.device("cpu"))
+    False
+    """
+    return COMPILE_RULE and device.type == "cuda"
 
 
 def step_threads(device: torch.device, dtype: torch.dtype, rows: int,

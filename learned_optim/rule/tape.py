@@ -345,7 +345,8 @@ class _TrajectoryStep(torch.autograd.Function):
         ctx.save_for_backward(anchor_state, anchor_param, *grads, *flat)
         constants = StepConstants(*flat[-6:], p=p)
         # the Triton kernels on a CUDA device (the forward and the replay), where they work
-        ctx.triton = triton_tape_applies(grads[-1], constants.meta_weight_h.shape[0])
+        ctx.triton = policy.trajectory_triton(param.device) and triton_tape_applies(
+            grads[-1], constants.meta_weight_h.shape[0])
         if ctx.triton:
             return trajectory_step_triton(constants, state, grads[-1], param)
         return update_rows_chunked(constants, state, grads[-1], param)

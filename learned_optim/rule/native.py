@@ -261,12 +261,14 @@ def native_step_kernel():
 
 
 def native_constants(constants: StepConstants) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A step's constants as the kernels read them (contiguous), for
+    """A step's constants as the kernels read them (contiguous, detached: the kernels read
+    raw pointers, and the tape nodes record the constants themselves), for
     :func:`step_rows_native`'s ``kernel_constants``: one layout for all of a step's calls."""
-    meta_small = torch.cat((constants.meta_weight_theta, constants.meta_weight_prev,
-                            constants.meta_bias))
-    return (constants.input_weight.t().contiguous(), constants.gate_bias.contiguous(),
-            constants.meta_weight_h.t().contiguous(), meta_small.contiguous())
+    c = constants._replace(**{name: getattr(constants, name).detach()
+                              for name in constants._fields if name != "p"})
+    meta_small = torch.cat((c.meta_weight_theta, c.meta_weight_prev, c.meta_bias))
+    return (c.input_weight.t().contiguous(), c.gate_bias.contiguous(),
+            c.meta_weight_h.t().contiguous(), meta_small.contiguous())
 
 
 def rule_scalars(p: float) -> tuple[float, float, float]:

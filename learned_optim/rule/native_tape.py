@@ -447,8 +447,7 @@ def node_forward(ctx, step_out, p: float, columns: Tensor, grad: Tensor, param: 
     ctx.p = p
     ctx.save_for_backward(*constant_tensors, columns, grad, param)
     # the constants as the kernels read them, kept for the backward (a few kB)
-    ctx.laid_out = native_constants(StepConstants(*(t.detach() for t in constant_tensors),
-                                                  p=p))
+    ctx.laid_out = native_constants(StepConstants(*constant_tensors, p=p))
     return step_out(ctx.laid_out, p, columns.detach(), grad.detach(), param.detach())
 
 

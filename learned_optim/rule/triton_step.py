@@ -39,9 +39,9 @@ try:  # optional: installed beside CUDA builds of torch
 except Exception:  # noqa: BLE001 - missing, or broken beside this torch: the eager paths serve
     triton = tl = None
 
-__all__ = ["BLOCK_ROWS", "NUM_WARPS", "hidden_lanes", "interpreting", "jit",
-           "probed", "step_rows_triton", "step_rows_triton_out", "triton_available",
-           "triton_step_usable"]
+__all__ = ["BLOCK_ROWS", "NUM_WARPS", "cell_and_meta_gates", "hidden_lanes", "interpreting",
+           "jit", "load_meta_weights", "preprocess_gradient", "probed", "step_rows_triton",
+           "step_rows_triton_out", "triton_available", "triton_step_usable"]
 
 # Coordinates a program takes, and its warps. Four [BLOCK, 32] float32 accumulators (H = 20)
 # are 32 registers a thread at 64 rows and 4 warps; untuned until a GPU measures it
@@ -65,6 +65,45 @@ def jit(**options):
 
 
 @jit()
+def preprocess_gradient(g, p, threshold, exp_p):
+    """Andrychowicz et al.'s two features of the gradient ``g``: ``(large, log part, sign
+    part)``, ``(log|g| / p, sign g)`` where ``large`` (``|g| >= e^-p``), else ``(-1, e^p g)``."""
+    magnitude = tl.abs(g)
+    large = magnitude >= threshold
+    log_part = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / p, -1.0)
+    sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
+    return large, log_part, tl.where(large, sign, g * exp_p)
+
+
+@jit()
+def load_meta_weights(meta_h_ptr, meta_small_ptr, H: tl.constexpr, HP: tl.constexpr):
+    """Layer 2's weights: the h1 rows of (f_pre, i_pre), ``[HP]`` each (zeros past ``H``),
+    then the theta, previous pre-activation and bias weights of each."""
+    units = tl.arange(0, HP)
+    in_units = units < H
+    return (tl.load(meta_h_ptr + units, mask=in_units, other=0.0),
+            tl.load(meta_h_ptr + H + units, mask=in_units, other=0.0),
+            tl.load(meta_small_ptr + 0), tl.load(meta_small_ptr + 1),
+            tl.load(meta_small_ptr + 2), tl.load(meta_small_ptr + 3),
+            tl.load(meta_small_ptr + 4), tl.load(meta_small_ptr + 5))
+
+
+@jit()
+def cell_and_meta_gates(in_gate, forget_gate, out_gate, g_sigmoid, c_prev, slab, theta, f_prev,
+                        i_prev, meta_f, meta_i, m_theta_f, m_theta_i, m_prev_f, m_prev_i,
+                        m_bias_f, m_bias_i):
+    """From layer 1's gate sigmoids (the g gate's of the doubled pre-activation): the cell,
+    ``tanh(c) = 2 sigmoid(2c) - 1``, h1 (zeros outside ``slab``) and layer 2's
+    pre-activations: ``(c, tanh_c, h1, f_pre, i_pre)``."""
+    c = forget_gate * c_prev + in_gate * (g_sigmoid * 2.0 - 1.0)
+    tanh_c = tl.sigmoid(c * 2.0) * 2.0 - 1.0
+    h1 = tl.where(slab, out_gate * tanh_c, 0.0)
+    f_pre = tl.sum(h1 * meta_f[None, :], axis=1) + m_bias_f + theta * m_theta_f + f_prev * m_prev_f
+    i_pre = tl.sum(h1 * meta_i[None, :], axis=1) + m_bias_i + theta * m_theta_i + i_prev * m_prev_i
+    return c, tanh_c, h1, f_pre, i_pre
+
+
+@jit()
 def _forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, stride, grad_ptr,
                   theta_ptr, rows, in_rows, p, threshold, exp_p, H: tl.constexpr,
                   HP: tl.constexpr, BLOCK: tl.constexpr):
@@ -76,12 +115,7 @@ def _forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, s
     K = H + 2
     g = tl.load(grad_ptr + rows, mask=in_rows, other=0.0)
     theta = tl.load(theta_ptr + rows, mask=in_rows, other=0.0)
-    # Preprocessed gradient: (log|g| / p, sign g) if |g| >= e^-p, else (-1, e^p g).
-    magnitude = tl.abs(g)
-    large = magnitude >= threshold
-    log_part = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / p, -1.0)
-    sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
-    sign_part = tl.where(large, sign, g * exp_p)
+    _, log_part, sign_part = preprocess_gradient(g, p, threshold, exp_p)
     # Layer 1: gates (i, f, o, 2g) of [BLOCK, HP] as K outer products, the CPU kernel's order
     # of inputs; weight row j holds gate j's K inputs.
     zeros = tl.zeros([BLOCK, HP], dtype=tl.float32)
@@ -103,25 +137,13 @@ def _forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, s
                              other=0.0)[None, :]
         acc_g += x * tl.load(weight_ptr + (3 * H + units) * K + k, mask=in_units,
                              other=0.0)[None, :]
-    in_gate = tl.sigmoid(acc_i)
-    forget_gate = tl.sigmoid(acc_f)
-    out_gate = tl.sigmoid(acc_o)
-    g_sigmoid = tl.sigmoid(acc_g)
-    # The cell; tanh(x) = 2 sigmoid(2x) - 1.
     c_prev = tl.load(state_ptr + (H + units)[None, :] * stride + rows[:, None], mask=slab,
                      other=0.0)
-    c = forget_gate * c_prev + in_gate * (g_sigmoid * 2.0 - 1.0)
-    tanh_c = tl.sigmoid(c * 2.0) * 2.0 - 1.0
-    h1 = tl.where(slab, out_gate * tanh_c, 0.0)
-    # Layer 2: the meta-gates' pre-activations.
-    meta_f = tl.load(meta_h_ptr + units, mask=in_units, other=0.0)
-    meta_i = tl.load(meta_h_ptr + H + units, mask=in_units, other=0.0)
     f_prev = tl.load(state_ptr + (2 * H) * stride + rows, mask=in_rows, other=0.0)
     i_prev = tl.load(state_ptr + (2 * H + 1) * stride + rows, mask=in_rows, other=0.0)
-    f_pre = (tl.sum(h1 * meta_f[None, :], axis=1) + tl.load(meta_small_ptr + 4)
-             + theta * tl.load(meta_small_ptr + 0) + f_prev * tl.load(meta_small_ptr + 2))
-    i_pre = (tl.sum(h1 * meta_i[None, :], axis=1) + tl.load(meta_small_ptr + 5)
-             + theta * tl.load(meta_small_ptr + 1) + i_prev * tl.load(meta_small_ptr + 3))
+    c, _, h1, f_pre, i_pre = cell_and_meta_gates(
+        tl.sigmoid(acc_i), tl.sigmoid(acc_f), tl.sigmoid(acc_o), tl.sigmoid(acc_g), c_prev,
+        slab, theta, f_prev, i_prev, *load_meta_weights(meta_h_ptr, meta_small_ptr, H, HP))
     return g, theta, c, h1, f_pre, i_pre
 
 

@@ -36,8 +36,11 @@ from learned_optim.rule.math import StepConstants
 from learned_optim.rule.native import MAX_HIDDEN, native_constants, rule_scalars
 from learned_optim.rule.native_tape import node_backward, node_forward, partial_width, unit_rows
 from learned_optim.rule.triton_step import (
+    cell_and_meta_gates,
     hidden_lanes,
     jit,
+    load_meta_weights,
+    preprocess_gradient,
     probed,
     step_rows_triton_out,
     triton_available,
@@ -91,14 +94,8 @@ def _rule_step_backward(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_
     b_f = tl.load(bias_ptr + H + units, mask=in_units, other=0.0)
     b_o = tl.load(bias_ptr + 2 * H + units, mask=in_units, other=0.0)
     b_g = tl.load(bias_ptr + 3 * H + units, mask=in_units, other=0.0)
-    meta_f = tl.load(meta_h_ptr + units, mask=in_units, other=0.0)
-    meta_i = tl.load(meta_h_ptr + H + units, mask=in_units, other=0.0)
-    m_theta_f = tl.load(meta_small_ptr + 0)
-    m_theta_i = tl.load(meta_small_ptr + 1)
-    m_prev_f = tl.load(meta_small_ptr + 2)
-    m_prev_i = tl.load(meta_small_ptr + 3)
-    m_bias_f = tl.load(meta_small_ptr + 4)
-    m_bias_i = tl.load(meta_small_ptr + 5)
+    meta = load_meta_weights(meta_h_ptr, meta_small_ptr, H, HP)
+    meta_f, meta_i, m_theta_f, m_theta_i, m_prev_f, m_prev_i = meta[:6]
     # This program's sums: the weight's as [KP, HP] (input, gate unit), the rest per unit or
     # per row, reduced at the end.
     d_w_i = tl.zeros([KP, HP], dtype=tl.float32)
@@ -126,11 +123,7 @@ def _rule_step_backward(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_
         # outer products, to float32 rounding.
         g = tl.load(grad_ptr + rows, mask=in_rows, other=0.0)
         theta = tl.load(theta_ptr + rows, mask=in_rows, other=0.0)
-        magnitude = tl.abs(g)
-        large = magnitude >= threshold
-        log_part = tl.where(large, tl.log(tl.maximum(magnitude, threshold)) / p, -1.0)
-        sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
-        sign_part = tl.where(large, sign, g * exp_p)
+        large, log_part, sign_part = preprocess_gradient(g, p, threshold, exp_p)
         h_before = tl.load(state_ptr + (inputs - 2)[None, :] * stride + rows[:, None],
                            mask=in_rows[:, None] & is_h[None, :], other=0.0)
         x = tl.where(inputs[None, :] == 0, log_part[:, None],
@@ -141,15 +134,11 @@ def _rule_step_backward(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_
         g_sigmoid = tl.sigmoid(tl.dot(x, wt_g, input_precision="ieee") + b_g[None, :])
         c_prev = tl.load(state_ptr + (H + units)[None, :] * stride + rows[:, None], mask=slab,
                          other=0.0)
-        c = forget_gate * c_prev + in_gate * (g_sigmoid * 2.0 - 1.0)
-        tanh_c = tl.sigmoid(c * 2.0) * 2.0 - 1.0
-        h1 = tl.where(slab, out_gate * tanh_c, 0.0)
         f_prev = tl.load(state_ptr + (2 * H) * stride + rows, mask=in_rows, other=0.0)
         i_prev = tl.load(state_ptr + (2 * H + 1) * stride + rows, mask=in_rows, other=0.0)
-        f_pre = (tl.sum(h1 * meta_f[None, :], axis=1) + m_bias_f + theta * m_theta_f
-                 + f_prev * m_prev_f)
-        i_pre = (tl.sum(h1 * meta_i[None, :], axis=1) + m_bias_i + theta * m_theta_i
-                 + i_prev * m_prev_i)
+        c, tanh_c, h1, f_pre, i_pre = cell_and_meta_gates(
+            in_gate, forget_gate, out_gate, g_sigmoid, c_prev, slab, theta, f_prev, i_prev,
+            *meta)
         # The output gradients (zeros past the end, so those rows add nothing).
         d_theta = tl.load(d_theta_ptr + rows, mask=in_rows, other=0.0)
         d_h = tl.load(d_state_ptr + units[None, :] * d_stride + rows[:, None], mask=slab,
@@ -344,10 +333,9 @@ def trajectory_step_triton(constants: StepConstants, state: Tensor, grad: Tensor
     """A first-order trajectory's step without autograd (its node records the tape): the step
     kernel out of place; ``(theta_t, state_t)``, ``state_t`` a ``[n, 2H + 2]`` transposed view
     of a feature-major tensor."""
-    laid_out = native_constants(constants._replace(**{
-        name: getattr(constants, name).detach() for name in constants._fields if name != "p"}))
-    new_param, new_columns = step_rows_triton_out(laid_out, constants.p, unit_rows(state.t()),
-                                                  grad.contiguous(), param.contiguous())
+    new_param, new_columns = step_rows_triton_out(native_constants(constants), constants.p,
+                                                  unit_rows(state.t()), grad.contiguous(),
+                                                  param.contiguous())
     return new_param, new_columns.t()
 
 
@@ -361,9 +349,7 @@ def replay_triton(constants: list[StepConstants], anchor_state: Tensor, anchor_p
     constants."""
     rows, width = anchor_state.shape
     steps = len(constants)
-    laid_out = [native_constants(c._replace(**{name: getattr(c, name).detach()
-                                               for name in c._fields if name != "p"}))
-                for c in constants]
+    laid_out = [native_constants(c) for c in constants]
     p = constants[0].p
     chunk = policy.replay_chunk_rows(anchor_param.device, rows, steps, 4 * (width + 1))
     d_anchor_state = torch.empty(width, rows, dtype=anchor_param.dtype,

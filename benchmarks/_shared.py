@@ -17,6 +17,20 @@ def load_average() -> str:
         return "load average n/a"
 
 
+def without_compiled_rule(fn):
+    """``fn`` run with the policy's compiled and fused rule kernels off
+    (``LEARNED_OPTIM_COMPILE=0``): the package's eager paths, in the same process."""
+    from learned_optim.rule import policy
+
+    def run():
+        saved, policy.COMPILE_RULE = policy.COMPILE_RULE, False
+        try:
+            return fn()
+        finally:
+            policy.COMPILE_RULE = saved
+    return run
+
+
 @contextlib.contextmanager
 def quiet_stderr():
     """Silence the profiler's C++ chatter on file descriptor 2."""

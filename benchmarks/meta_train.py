@@ -80,6 +80,7 @@ from _shared import (  # noqa: E402 (sibling module)
     busy_process,
     load_average,
     quiet_stderr,
+    without_compiled_rule,
 )
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -479,18 +480,6 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
-
-
-def without_compiled_rule(fn):
-    """``fn`` run with the policy's compiled node off (``LEARNED_OPTIM_COMPILE=0``): the
-    package's eager paths, for the same episode, in the same process."""
-    def run():
-        saved, policy.COMPILE_RULE = policy.COMPILE_RULE, False
-        try:
-            return fn()
-        finally:
-            policy.COMPILE_RULE = saved
-    return run
 
 
 def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:

@@ -34,11 +34,13 @@ import argparse
 import sys
 
 import torch
-from _shared import load_average  # sibling module: run as python benchmarks/step_gpu.py
+from _shared import (  # sibling module: run as python benchmarks/step_gpu.py
+    load_average,
+    without_compiled_rule,
+)
 from step import TRAFFIC_ELEMENTS, clone_model, human, interleaved_medians, mlp, parse_size
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
-from learned_optim.rule import policy
 from learned_optim.rule.math import initial_state, prepare_step, update_rows
 from learned_optim.rule.native import native_constants
 from learned_optim.rule.triton_step import step_rows_triton, triton_step_usable
@@ -79,17 +81,6 @@ class CompiledFlatStep:
         self.theta, self.state = self.step_rows(constants, self.state, self.grad, self.theta)
 
 
-def unfused(fn):
-    """``fn`` with the fused step kernels switched off for its duration (the chunk path)."""
-    def run():
-        policy.COMPILE_RULE = False
-        try:
-            return fn()
-        finally:
-            policy.COMPILE_RULE = True
-    return run
-
-
 def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -104,9 +95,6 @@ class TritonFlatStep:
         self.state = initial_state(self.theta.numel(), meta.hidden_size,
                                    device=self.theta.device, feature_major=True)
         self.constants = prepare_step(meta.weights(), loss, self.theta.dtype, self.theta.device)
-        self.constants = self.constants._replace(**{
-            name: getattr(self.constants, name).detach() for name in self.constants._fields
-            if name != "p"})
         self.laid_out = native_constants(self.constants)
         self.block, self.warps = block, warps
 
@@ -128,12 +116,12 @@ def measure(target: int, device: torch.device, quick: bool, compile_step: bool,
     sgd = torch.optim.SGD(clone_model(base).parameters(), lr=1e-2, foreach=True)
     chunked = LSTMMetaOptimizer(clone_model(base).parameters(), meta)
     fns = {"ours": lambda: opt.step(loss=loss),
-           "chunks": unfused(lambda: chunked.step(loss=loss)), "SGD": sgd.step}
+           "chunks": without_compiled_rule(lambda: chunked.step(loss=loss)), "SGD": sgd.step}
     result: dict = {"n": n}
     # Both paths one step from the same start: how far apart they land.
     first, second = clone_model(base), clone_model(base)
     LSTMMetaOptimizer(first.parameters(), meta).step(loss=loss)
-    unfused(lambda: LSTMMetaOptimizer(second.parameters(), meta).step(loss=loss))()
+    without_compiled_rule(lambda: LSTMMetaOptimizer(second.parameters(), meta).step(loss=loss))()
     result["chunks_disagreement"] = (flat_params(first) - flat_params(second)).abs().max().item()
     if triton_shapes and triton_step_usable(device):
         for block, warps in triton_shapes:

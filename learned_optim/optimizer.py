@@ -25,11 +25,13 @@ from learned_optim.rule import policy
 from learned_optim.rule.compiled import step_rows_compiled
 from learned_optim.rule.math import (
     MetaWeights,
+    Normalisation,
     RuleConstants,
     StepConstants,
     apply_group_options,
     fold_loss,
     initial_state,
+    normalisation,
     prepare_rule,
     row_scratch,
     update_rows,
@@ -664,13 +666,38 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                         group_index, [params[i] for i in indices], device, dtype),
                         (_plain_number(lr), _plain_number(weight_decay))))
         for params, indices, grads, buffer, options in work:
-            grads = self._rule_gradients(params, grads)
+            fused = self._fused_step(buffer)
+            normalisations = {}
+            if fused is not None and self.meta_learner.gradient_scale is not None:
+                normalisations = self._normalisations(params, grads)  # done in the kernel
+            else:
+                grads = self._rule_gradients(params, grads)
             options = self._with_step_decay(options, [self.state[params[i]] for i in grads])
             self._update_bucket([params[i] for i in indices], [grads.get(i) for i in indices],
                                 buffer, self._rule_cache.constants(weights, loss, buffer.dtype,
                                                                    buffer.device),
-                                options)
+                                options, fused, [normalisations.get(i) for i in indices])
         return closure_loss
+
+    def _normalisations(self, params: list[Tensor], grads: dict[int, Tensor]
+                        ) -> dict[int, Normalisation]:
+        """:meth:`_rule_gradients` for the fused kernels, which normalise each gradient as
+        they read it: each parameter's step counted, and its moments (contiguous, made at
+        its first step) for the kernel to update in place."""
+        rule = self.meta_learner
+        normalisations = {}
+        for i, grad in grads.items():
+            state = self.state[params[i]]
+            state["rule_step"] = state.get("rule_step", 0) + 1
+            moments = state.get("grad_moments")
+            if moments is None:
+                moments = torch.zeros((2, *grad.shape), dtype=grad.dtype, device=grad.device)
+            elif not moments.is_contiguous():  # (e.g. as a loaded state dict left it)
+                moments = moments.contiguous()
+            state["grad_moments"] = moments
+            normalisations[i] = normalisation(moments, state["rule_step"], rule.momentum,
+                                              rule.rms_decay, rule.gradient_scale)
+        return normalisations
 
     def _rule_gradients(self, params: list[Tensor], grads: dict[int, Tensor]
                         ) -> dict[int, Tensor]:
@@ -708,18 +735,20 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
 
     def _update_bucket(
         self, params: list[Tensor], grads: list[Tensor | None], buffer: Tensor, constants,
-        options: tuple[Any, Any] = (1.0, 0.0),
+        options: tuple[Any, Any], fused: Callable | None,
+        normalisations: list[Normalisation | None],
     ) -> None:
+        """Step one bucket: through ``fused`` (:meth:`_fused_step`'s kernel, which applies
+        ``normalisations``, one or ``None`` a parameter) if there is one, else by chunks."""
         lr, weight_decay = options
         # Flat views in the parameters' own memory; non-contiguous ones work on a contiguous
         # copy (reshape alone may return a strided view, e.g. of a 1-D slice with a step).
         flat_params = [p.view(-1) if p.is_contiguous() else p.reshape(-1).contiguous()
                        for p in params]
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
-        fused = self._fused_step(buffer)
         if fused is not None:
             self._update_fused(fused, flat_params, flat_grads, buffer, constants, lr,
-                               weight_decay)
+                               weight_decay, normalisations)
         else:
             self._update_chunks(flat_params, flat_grads, buffer, constants, lr, weight_decay)
         for param, flat, grad in zip(params, flat_params, grads):
@@ -739,16 +768,18 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         return None
 
     def _update_fused(self, step_rows: Callable, flat_params, flat_grads, buffer: Tensor,
-                      constants, lr, weight_decay) -> None:
-        """One kernel call a parameter, in place: its state rows, gradient and values (the
-        kernels need no temporaries, so no chunks)."""
+                      constants, lr, weight_decay, normalisations) -> None:
+        """One kernel call a parameter, in place: its state rows, gradient, values and, for a
+        rule with ``gradient_scale``, gradient moments (the kernels need no temporaries, so
+        no chunks)."""
         laid_out = self._rule_cache.native_layout(constants)
         offset = 0
-        for flat_param, flat_grad in zip(flat_params, flat_grads):
+        for flat_param, flat_grad, normalised in zip(flat_params, flat_grads, normalisations):
             rows = flat_param.numel()
             if flat_grad is not None and rows:
                 step_rows(constants, buffer[offset : offset + rows], flat_grad.contiguous(),
-                          flat_param, float(lr), float(weight_decay), kernel_constants=laid_out)
+                          flat_param, float(lr), float(weight_decay), kernel_constants=laid_out,
+                          normalisation=normalised)
             offset += rows
 
     def _update_chunks(self, flat_params, flat_grads, buffer: Tensor, constants, lr,

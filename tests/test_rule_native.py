@@ -21,7 +21,14 @@ from torch import nn
 import learned_optim.optimizer as optimizer_module
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import compiled, native, policy
-from learned_optim.rule.math import apply_group_options, prepare_step, update_rows
+from learned_optim.rule.math import (
+    apply_group_options,
+    normalisation,
+    prepare_step,
+    scale_gradient,
+    update_rows,
+)
+from learned_optim.truncated import general_rule
 
 pytestmark = pytest.mark.skipif(native.native_step_kernel() is None,
                                 reason="no C++ toolchain for torch.compile on this machine")
@@ -131,6 +138,96 @@ def test_the_optimizer_with_the_kernel_matches_its_chunk_paths(monkeypatch):
         # the state's scale (about 2), not element by element (3.5e-5 of it measured).
         ours, theirs = ours["lstm_state"], theirs["lstm_state"]
         assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 17, 1000, 5003])
+@pytest.mark.parametrize("momentum, rms_decay", [(0.9, 0.99), (0.2, 0.999), (0.0, 0.4)])
+def test_the_kernel_normalises_the_gradient_as_scale_gradient(rows, momentum, rms_decay):
+    # (momentum, rms_decay) of 0.2 and 0.4 take torch.lerp's other form (weight >= 1/2).
+    constants = prepare_step(random_rule().weights(), None, torch.float32)
+    state, _, theta = _inputs(rows, 20)
+    expected_state, expected_theta = state.clone().t().contiguous().t(), theta.clone()
+    moments, expected_moments = torch.zeros(2, rows), None
+    for step in range(1, 4):
+        _, grad, _ = _inputs(rows, 20, seed=step + 1)
+        scaled, expected_moments = scale_gradient(grad, expected_moments, step, momentum,
+                                                  rms_decay, 0.1)
+        native.step_rows_native(constants, expected_state, scaled, expected_theta)
+        native.step_rows_native(constants, state, grad, theta,
+                                normalisation=normalisation(moments, step, momentum, rms_decay,
+                                                            0.1))
+    # The moments to the bit (the same FMA as ATen's lerp); the gradient to torch.sqrt's
+    # rounding (MKL's, not the exactly rounded one of the kernel), which 3 steps of the rule
+    # leave at 1.2e-7 absolute here.
+    assert torch.equal(moments, expected_moments)
+    torch.testing.assert_close(theta, expected_theta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kernel_refuses_moments_it_would_misread():
+    constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
+    state, grad, theta = _inputs(10, 20)
+    for moments, message in ((torch.zeros(2, 9), r"contiguous float32 \[2, 10\] tensor on cpu, "
+                              r"got torch.float32 \(2, 9\)"),
+                             (torch.zeros(2, 10, dtype=torch.float64), "got torch.float64"),
+                             (torch.zeros(10, 2).t(), "not contiguous")):
+        with pytest.raises(ValueError, match=message):
+            native.step_rows_native(constants, state, grad, theta,
+                                    normalisation=normalisation(moments, 1, 0.9, 0.99, 0.1))
+    assert torch.equal(theta, _inputs(10, 20)[2])  # refused before anything was written
+
+
+def _general_run(native_on: bool, monkeypatch):
+    """Four plain steps of the default optimizer (the ``general`` rule's architecture: it
+    normalises the gradient) on a small conv net, one group with lr and weight decay."""
+    if not native_on:
+        monkeypatch.setattr(policy, "step_native", lambda device, dtype: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 26 * 26, 4))
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 4, (16,))
+    torch.manual_seed(1)
+    opt = LSTMMetaOptimizer([{"params": model[0].parameters(), "lr": 0.6, "weight_decay": 1e-3},
+                             {"params": model[3].parameters()}], general_rule())
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    monkeypatch.undo()
+    return model, opt
+
+
+def test_the_kernel_normalises_inside_the_optimizer_as_its_chunk_paths(monkeypatch):
+    fused_model, fused_opt = _general_run(True, monkeypatch)
+    moments = [fused_opt.state[p]["grad_moments"] for p in fused_model.parameters()]
+    chunked_model, chunked_opt = _general_run(False, monkeypatch)
+    for ours, theirs in zip(fused_model.parameters(), chunked_model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for param, chunked_param, kept in zip(fused_model.parameters(), chunked_model.parameters(),
+                                          moments):
+        ours, theirs = fused_opt.state[param], chunked_opt.state[chunked_param]
+        assert ours["rule_step"] == theirs["rule_step"] == 4
+        assert ours["grad_moments"] is kept  # updated in place: one tensor a parameter
+        assert ours["grad_moments"].shape == (2, *param.shape)
+        torch.testing.assert_close(ours["grad_moments"], theirs["grad_moments"], rtol=1e-5,
+                                   atol=1e-9)
+    # A state dict's moments, however laid out when loaded, continue the same run.
+    state = fused_opt.state_dict()
+    for entry in state["state"].values():
+        entry["grad_moments"] = entry["grad_moments"].transpose(0, -1).contiguous().transpose(
+            0, -1)
+    assert not state["state"][0]["grad_moments"].is_contiguous()
+    resumed = LSTMMetaOptimizer([{"params": chunked_model[0].parameters()},
+                                 {"params": chunked_model[3].parameters()}],
+                                fused_opt.meta_learner)
+    resumed.load_state_dict(state)
+    with torch.no_grad():
+        for ours, theirs in zip(chunked_model.parameters(), fused_model.parameters()):
+            ours.copy_(theirs)
+            ours.grad, theirs.grad = torch.ones_like(ours), torch.ones_like(theirs)
+    fused_opt.step()
+    resumed.step()
+    for ours, theirs in zip(chunked_model.parameters(), fused_model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_the_kernel_refuses_what_it_would_misread():

@@ -53,10 +53,14 @@ def test_the_triton_step_is_update_rows_to_float32_rounding(interpreted):
 
 @needs_triton
 def test_the_optimizer_steps_through_the_triton_kernel_as_through_its_chunks(interpreted):
-    case = interpreted["optimizer"]
-    # 4 parameters (156 coordinates) a step, 3 steps, every one through the kernel
-    assert case["kernel_calls"] == 12 and case["rows_stepped"] == 3 * 156
-    assert case["largest_difference"] < 1e-6
+    for name in ("optimizer", "optimizer_general"):
+        case = interpreted[name]
+        # 4 parameters (156 coordinates) a step, 3 steps, every one through the kernel
+        assert case["kernel_calls"] == 12 and case["rows_stepped"] == 3 * 156, name
+        assert case["largest_difference"] < 1e-6, name
+    # the general rule's gradient moments, updated in the kernel
+    assert interpreted["optimizer_general"]["moments_relative_difference"] < 1e-6
+    assert interpreted["optimizer"]["moments_relative_difference"] is None
 
 
 @needs_triton
@@ -167,14 +171,18 @@ def _compiled_for_h100(kernel, floats: tuple[str, ...], constants: dict, warps: 
 def test_the_kernels_compile_for_an_h100_without_spilling_registers():
     from learned_optim.rule import triton_step, triton_tape
 
-    step = _compiled_for_h100(
-        triton_step._rule_step, ("p", "threshold", "exp_p", "lr", "decay"),
-        {"H": 20, "HP": 32, "BLOCK": triton_step.BLOCK_ROWS}, triton_step.NUM_WARPS)
+    step_floats = ("p", "threshold", "exp_p", "lr", "decay", "mean_weight", "square_weight",
+                   "mean_scale", "square_debias")
+    steps = {normalise: _compiled_for_h100(
+        triton_step._rule_step, step_floats, {"H": 20, "HP": 32, "BLOCK": triton_step.BLOCK_ROWS,
+                                              "NORMALISE": normalise}, triton_step.NUM_WARPS)
+        for normalise in (False, True)}
     backward = _compiled_for_h100(
         triton_tape._rule_step_backward, ("p", "threshold", "exp_p"),
         {"H": 20, "HP": 32, "KP": 32, "BLOCK": triton_tape.BACKWARD_BLOCK_ROWS,
          "PARTIAL": 1886}, triton_tape.BACKWARD_WARPS)
-    for name, usage in (("step", step), ("backward", backward)):
+    for name, usage in (("step", steps[False]), ("normalising step", steps[True]),
+                        ("backward", backward)):
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         spilled = int(re.search(r"STACK:(\d+)", usage).group(1))
         assert spilled == 0 and registers < 255, (name, usage)

@@ -74,10 +74,12 @@ def kernel_cases() -> dict:
 def optimizer_case() -> dict:
     """``LSTMMetaOptimizer.step()`` through the Triton kernel (the policy patched to take it
     on the CPU) against the same optimizer on its chunk path: three steps of a small MLP with
-    two param groups (one with ``lr`` and ``weight_decay``)."""
+    two param groups (one with ``lr`` and ``weight_decay``), for the paper's rule and for the
+    ``general`` rule's architecture (which normalises the gradient, in the kernel)."""
     from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
     from learned_optim import optimizer as optimizer_module
     from learned_optim.rule import policy
+    from learned_optim.truncated import general_rule
 
     calls = []
     kernel = optimizer_module.step_rows_triton
@@ -88,11 +90,10 @@ def optimizer_case() -> dict:
 
     optimizer_module.step_rows_triton = counted
 
-    def run(triton: bool) -> list[torch.Tensor]:
+    def run(triton: bool, meta) -> tuple[list[torch.Tensor], list]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Tanh(),
                                     torch.nn.Linear(9, 3))
-        meta = MetaLearnerLSTM()
         inputs, targets = torch.randn(32, 13), torch.randn(32, 3)
         opt = LSTMMetaOptimizer([{"params": model[0].parameters()},
                                  {"params": model[2].parameters(), "lr": 0.5,
@@ -104,12 +105,23 @@ def optimizer_case() -> dict:
             loss = torch.nn.functional.mse_loss(model(inputs), targets)
             loss.backward()
             opt.step(loss=loss)
-        return [p.detach().clone() for p in model.parameters()]
+        return ([p.detach().clone() for p in model.parameters()],
+                [opt.state[p].get("grad_moments") for p in model.parameters()])
 
-    chunks, fused = run(False), run(True)
-    moved = max(float((a - b).abs().max()) for a, b in zip(chunks, fused))
-    return {"optimizer": {"largest_difference": moved, "kernel_calls": len(calls),
-                          "rows_stepped": sum(calls)}}
+    results = {}
+    for name, make_rule in (("optimizer", MetaLearnerLSTM), ("optimizer_general", general_rule)):
+        calls.clear()
+        torch.manual_seed(1)
+        rule = make_rule()
+        (chunks, chunk_moments), (fused, moments) = run(False, rule), run(True, rule)
+        results[name] = {
+            "largest_difference": max(float((a - b).abs().max()) for a, b in zip(chunks, fused)),
+            "kernel_calls": len(calls), "rows_stepped": sum(calls),
+            "moments_relative_difference": None if moments[0] is None else max(
+                float((a - b).abs().amax(dim=tuple(range(1, a.dim())))
+                      .div(b.abs().amax(dim=tuple(range(1, b.dim())))).max())
+                for a, b in zip(moments, chunk_moments))}  # of each moment's largest
+    return results
 
 
 def backward_cases() -> dict:

@@ -46,12 +46,14 @@ from learned_optim.rule import policy
 
 __all__ = [
     "MetaWeights",
+    "Normalisation",
     "RuleConstants",
     "StepConstants",
     "ConstantGrads",
     "apply_group_options",
     "fold_loss",
     "initial_state",
+    "normalisation",
     "prepare_rule",
     "prepare_step",
     "preprocess",
@@ -450,11 +452,36 @@ def scale_gradient(
     """
     if moments is None:
         moments = torch.zeros((2, *grad.shape), dtype=grad.dtype, device=grad.device)
-    mean = torch.lerp(moments[0], grad, 1.0 - momentum)
-    square = torch.lerp(moments[1], grad * grad, 1.0 - rms_decay)
-    rms = (square / (1.0 - rms_decay**step)).sqrt()
-    scaled = mean * (scale / (1.0 - momentum**step)) / (rms + 1e-12)
+    n = normalisation(moments, step, momentum, rms_decay, scale)
+    mean = torch.lerp(moments[0], grad, n.mean_weight)
+    square = torch.lerp(moments[1], grad * grad, n.square_weight)
+    rms = (square / n.square_debias).sqrt()
+    scaled = mean * n.mean_scale / (rms + 1e-12)
     return scaled, torch.stack((mean, square))
+
+
+class Normalisation(NamedTuple):
+    """One parameter's :func:`scale_gradient` at one step, for the fused step kernels, which
+    update ``moments`` (``[2, *shape]``: m, then v) in place: the lerp weights of m and v, m's
+    factor ``scale / (1 - momentum^t)`` and v's bias correction ``1 - rms_decay^t``."""
+
+    moments: Tensor
+    mean_weight: float
+    square_weight: float
+    mean_scale: float
+    square_debias: float
+
+
+def normalisation(moments: Tensor, step: int, momentum: float, rms_decay: float,
+                  scale: float) -> Normalisation:
+    """:func:`scale_gradient`'s numbers at ``step`` (from 1), computed once for its eager form
+    and the fused kernels alike.
+
+    >>> normalisation(torch.zeros(2, 3), 1, 0.9, 0.99, 0.1)[1:]
+    (0.09999999999999998, 0.010000000000000009, 1.0000000000000002, 0.010000000000000009)
+    """
+    return Normalisation(moments, 1.0 - momentum, 1.0 - rms_decay,
+                         scale / (1.0 - momentum**step), 1.0 - rms_decay**step)
 
 
 class ConstantGrads:

@@ -27,12 +27,13 @@ import math
 import torch
 from torch import Tensor
 
-from learned_optim.rule.math import StepConstants
+from learned_optim.rule.math import Normalisation, StepConstants
 from learned_optim.rule.native_build import VEC_PRELUDE, NativeKernel
 
 __all__ = ["MAX_HIDDEN", "PARALLEL_MIN_ROWS", "RULE_TILE_SOURCE", "STEP_KERNEL", "check_layout",
            "feature_rows", "kernel_threads", "native_constants",
-           "native_step_kernel", "rule_scalars", "step_rows_native", "step_rows_native_out"]
+           "native_step_kernel", "normalisation_args", "rule_scalars", "step_rows_native",
+           "step_rows_native_out"]
 
 MAX_HIDDEN = 64  # the kernels' per-thread tile buffers are sized for this hidden size
 # Below this many rows one thread: waking a second costs more than it saves.
@@ -186,6 +187,13 @@ static inline void forward_tile(const Rule& r, Tile& t) {
 """.replace("@MAX_HIDDEN@", str(MAX_HIDDEN))
 
 _STEP_SOURCE = RULE_TILE_SOURCE + r"""
+// torch.lerp(start, end, w) as ATen's vectorised CPU kernel computes it (one FMA, the form
+// chosen by |w| < 1/2), so that the normalised gradient is the eager one's to the bit.
+static inline Vec lerp(Vec start, Vec end, float w) {
+    return std::abs(w) < 0.5f ? at::vec::fmadd(Vec(w), end - start, start)
+                              : at::vec::fmadd(Vec(w - 1.f), end - start, end);
+}
+
 // One step of the rule for n coordinates: the feature-major state [h1 | c1 | f_pre | i_pre] x n
 // (features `stride_in` floats apart) and theta_in become state_out (`stride_out`) and
 // theta_out = sigmoid(f_pre) theta - sigmoid(i_pre) g, then lr and decoupled decay. In place
@@ -196,7 +204,9 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
                        const int64_t n, const int64_t hidden, const int64_t stride_in,
                        const int64_t stride_out, const int64_t threads, const float p,
                        const float threshold, const float exp_p, const float lr,
-                       const float decay)
+                       const float decay, float* moments, const int64_t normalise,
+                       const float mean_weight, const float square_weight,
+                       const float mean_scale, const float square_debias)
 {
     const Rule r{weight, bias, meta_h, meta_small, hidden, p, threshold, exp_p};
     const int64_t H = hidden, tiles = (n + V - 1) / V;
@@ -211,6 +221,16 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
         for (int64_t tile = 0; tile < tiles; ++tile) {
             const int64_t start = tile * V, m = std::min(V, n - start);
             load_tile(r, t, state_in, stride_in, grad, theta_in, start, m);
+            if (normalise) {  // the rule reads the normalised gradient (scale_gradient's)
+                float* mean_at = moments + start;
+                float* square_at = moments + n + start;
+                const Vec mean = lerp(load(mean_at, m), t.g, mean_weight);
+                const Vec square = lerp(load(square_at, m), t.g * t.g, square_weight);
+                const Vec rms = (square / Vec(square_debias)).sqrt();
+                t.g = mean * Vec(mean_scale) / (rms + Vec(1e-12f));
+                store(mean, mean_at, m);
+                store(square, square_at, m);
+            }
             forward_tile(r, t);
             Vec proposed = sigmoid(t.f_pre) * t.theta - sigmoid(t.i_pre) * t.g;
             if (lr != 1.f) {  // torch.lerp(theta, proposed, lr)
@@ -232,7 +252,37 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
 
 _ARGTYPES = (["const float*"] * 4 + ["const float*", "float*", "const float*", "const float*",
                                      "float*"]
-             + ["const int64_t"] * 5 + ["const float"] * 5)
+             + ["const int64_t"] * 5 + ["const float"] * 5 + ["float*", "const int64_t"]
+             + ["const float"] * 4)
+
+
+def normalisation_args(normalisation: Normalisation | None, rows: int, device: str = "cpu",
+                       kernel: str = "the native step kernel") -> tuple:
+    """The step kernels' last six arguments: ``normalisation``'s moments (refused unless
+    ``[2, *shape]`` of ``rows`` coordinates, contiguous float32 on ``device``: the kernels
+    write them through a raw pointer), a flag and its four numbers; without one, an empty
+    tensor the kernels never touch, 0 and neutral numbers.
+
+    >>> from learned_optim.rule.math import normalisation
+    >>> normalisation_args(normalisation(torch.zeros(2, 3), 1, 0.9, 0.99, 0.1), 3)[1:3]
+    (1, 0.09999999999999998)
+    >>> normalisation_args(None, 3)[1:]
+    (0, 0.0, 0.0, 1.0, 1.0)
+    """
+    if normalisation is None:
+        return (_NO_MOMENTS, 0, 0.0, 0.0, 1.0, 1.0)
+    moments = normalisation.moments
+    if (moments.dtype != torch.float32 or moments.device.type != device
+            or moments.numel() != 2 * rows or moments.shape[:1] != (2,)
+            or not moments.is_contiguous()):
+        raise ValueError(f"{kernel} takes the gradient's moments as a contiguous float32 "
+                         f"[2, {rows}] tensor on {device}, got {moments.dtype} "
+                         f"{tuple(moments.shape)} on {moments.device}"
+                         + ("" if moments.is_contiguous() else ", not contiguous"))
+    return (moments, 1, *normalisation[1:])
+
+
+_NO_MOMENTS = torch.empty(0)
 
 
 def _probe(kernel) -> None:
@@ -240,7 +290,8 @@ def _probe(kernel) -> None:
     state, grad, theta = torch.zeros(4, 3), torch.ones(3), torch.zeros(3)  # hidden size 1
     weight, bias = torch.zeros(4, 3), torch.zeros(4)
     kernel(weight, bias, torch.zeros(2, 1), torch.zeros(6), state, state, grad, theta, theta,
-           3, 1, 3, 3, 1, 10.0, math.exp(-10.0), math.exp(10.0), 1.0, 0.0)
+           3, 1, 3, 3, 1, 10.0, math.exp(-10.0), math.exp(10.0), 1.0, 0.0,
+           *normalisation_args(None, 3))
     if not torch.equal(theta, torch.full((3,), -0.5)):  # sigmoid(0) * 0 - sigmoid(0) * 1
         raise RuntimeError(f"the native step kernel computed {theta.tolist()} on its probe")
 
@@ -317,7 +368,8 @@ def kernel_threads(rows: int) -> int:
 
 def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor,
                      lr: float = 1.0, weight_decay: float = 0.0,
-                     kernel_constants: tuple | None = None) -> None:
+                     kernel_constants: tuple | None = None,
+                     normalisation: Normalisation | None = None) -> None:
     """One step of the rule for ``n`` coordinates, in place: ``state`` (``[n, 2H + 2]``,
     feature-major: a transposed view whose rows are one float apart, as
     ``initial_state(n, H, feature_major=True)`` or a row slice of it) becomes the next state
@@ -326,7 +378,10 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
     the CPU, hidden size at most :data:`MAX_HIDDEN`; the caller checks
     :func:`native_step_kernel` is not ``None``.
     ``kernel_constants`` (:func:`native_constants` of the same constants) saves laying them
-    out again for each call of one step.
+    out again for each call of one step. ``normalisation``: the rule reads and applies
+    :func:`~learned_optim.rule.math.scale_gradient`'s gradient instead of ``grad``, computed
+    here from ``grad`` and its moments, which are updated in place (the rules with
+    ``gradient_scale``; without one, ``grad`` as it is).
 
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step, update_rows
@@ -346,7 +401,8 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
     stride = state.stride(1)
     native_step_kernel()(*kernel_constants, state, state, grad, param, param, rows, hidden,
                          stride, stride, kernel_threads(rows), *rule_scalars(constants.p),
-                         float(lr), float(lr) * float(weight_decay))
+                         float(lr), float(lr) * float(weight_decay),
+                         *normalisation_args(normalisation, rows))
 
 
 def step_rows_native_out(kernel_constants: tuple, p: float, columns: Tensor, grad: Tensor,
@@ -375,5 +431,5 @@ def step_rows_native_out(kernel_constants: tuple, p: float, columns: Tensor, gra
     new_param = torch.empty_like(param)
     native_step_kernel()(*kernel_constants, columns, new_columns, grad, param, new_param, rows,
                          hidden, columns.stride(0), new_columns.stride(0), kernel_threads(rows),
-                         *rule_scalars(p), 1.0, 0.0)
+                         *rule_scalars(p), 1.0, 0.0, *normalisation_args(None, rows))
     return new_param, new_columns

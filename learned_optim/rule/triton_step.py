@@ -30,8 +30,13 @@ import warnings
 import torch
 from torch import Tensor
 
-from learned_optim.rule.math import StepConstants
-from learned_optim.rule.native import check_layout, native_constants, rule_scalars
+from learned_optim.rule.math import Normalisation, StepConstants
+from learned_optim.rule.native import (
+    check_layout,
+    native_constants,
+    normalisation_args,
+    rule_scalars,
+)
 
 try:  # optional: installed beside CUDA builds of torch
     import triton
@@ -104,17 +109,16 @@ def cell_and_meta_gates(in_gate, forget_gate, out_gate, g_sigmoid, c_prev, slab,
 
 
 @jit()
-def _forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, stride, grad_ptr,
-                  theta_ptr, rows, in_rows, p, threshold, exp_p, H: tl.constexpr,
-                  HP: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, stride, g, theta,
+                  rows, in_rows, p, threshold, exp_p, H: tl.constexpr, HP: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """The rule's forward on ``BLOCK`` rows (``rows``, int64; ``in_rows`` their mask) of a
-    feature-major state ``stride`` floats a feature: ``(g, theta, c, h1, f_pre, i_pre)``."""
+    feature-major state ``stride`` floats a feature, their gradient ``g`` and values
+    ``theta``: ``(c, h1, f_pre, i_pre)``."""
     units = tl.arange(0, HP)
     in_units = units < H
     slab = in_rows[:, None] & in_units[None, :]
     K = H + 2
-    g = tl.load(grad_ptr + rows, mask=in_rows, other=0.0)
-    theta = tl.load(theta_ptr + rows, mask=in_rows, other=0.0)
     _, log_part, sign_part = preprocess_gradient(g, p, threshold, exp_p)
     # Layer 1: gates (i, f, o, 2g) of [BLOCK, HP] as K outer products, the CPU kernel's order
     # of inputs; weight row j holds gate j's K inputs.
@@ -144,7 +148,29 @@ def _forward_rows(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, s
     c, _, h1, f_pre, i_pre = cell_and_meta_gates(
         tl.sigmoid(acc_i), tl.sigmoid(acc_f), tl.sigmoid(acc_o), tl.sigmoid(acc_g), c_prev,
         slab, theta, f_prev, i_prev, *load_meta_weights(meta_h_ptr, meta_small_ptr, H, HP))
-    return g, theta, c, h1, f_pre, i_pre
+    return c, h1, f_pre, i_pre
+
+
+@jit()
+def _lerp(start, end, w):
+    """``torch.lerp(start, end, w)`` as ATen computes it: one FMA, its form chosen by
+    ``|w| < 1/2``."""
+    small = (w < 0.5) & (w > -0.5)
+    return tl.fma(end - start, tl.where(small, w, w - 1.0), tl.where(small, start, end))
+
+
+@jit()
+def _normalised_gradient(g, moments_ptr, n, rows, in_rows, mean_weight, square_weight,
+                         mean_scale, square_debias):
+    """:func:`~learned_optim.rule.math.scale_gradient` of ``g`` at these rows, its moments
+    (``[2, n]``: m, then v) updated in place."""
+    mean = _lerp(tl.load(moments_ptr + rows, mask=in_rows, other=0.0), g, mean_weight)
+    square = _lerp(tl.load(moments_ptr + n + rows, mask=in_rows, other=0.0), g * g,
+                   square_weight)
+    tl.store(moments_ptr + rows, mean, mask=in_rows)
+    tl.store(moments_ptr + n + rows, square, mask=in_rows)
+    rms = tl.sqrt_rn(tl.div_rn(square, square_debias))
+    return tl.div_rn(mean * mean_scale, rms + 1e-12)
 
 
 # Sizes that vary call by call: specialised (a value of 1, or divisibility by 16), each would
@@ -155,9 +181,13 @@ _NOT_SPECIALISED = ("n", "stride_in", "stride_out")
 @jit(do_not_specialize=_NOT_SPECIALISED)
 def _rule_step(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, state_out_ptr,
                grad_ptr, theta_in_ptr, theta_out_ptr, n, stride_in, stride_out, p, threshold,
-               exp_p, lr, decay, H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
+               exp_p, lr, decay, moments_ptr, mean_weight, square_weight, mean_scale,
+               square_debias, H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr,
+               NORMALISE: tl.constexpr):
     """One step on ``BLOCK`` rows; in place where the in and out pointers are the same (a
-    program reads all its rows before it writes them)."""
+    program reads all its rows before it writes them). ``NORMALISE``: the rule reads
+    ``scale_gradient``'s gradient, its moments at ``moments_ptr`` (see
+    :func:`learned_optim.rule.native.normalisation_args`)."""
     # Rows in int64: a feature's offset reaches 2H + 1 strides of n rows.
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_rows = rows < n
@@ -165,9 +195,14 @@ def _rule_step(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, s
     slab = in_rows[:, None] & (units < H)[None, :]
     stride_in = stride_in.to(tl.int64)
     stride_out = stride_out.to(tl.int64)
-    g, theta, c, h1, f_pre, i_pre = _forward_rows(
-        weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, stride_in, grad_ptr,
-        theta_in_ptr, rows, in_rows, p, threshold, exp_p, H, HP, BLOCK)
+    g = tl.load(grad_ptr + rows, mask=in_rows, other=0.0)
+    theta = tl.load(theta_in_ptr + rows, mask=in_rows, other=0.0)
+    if NORMALISE:
+        g = _normalised_gradient(g, moments_ptr, n.to(tl.int64), rows, in_rows, mean_weight,
+                                 square_weight, mean_scale, square_debias)
+    c, h1, f_pre, i_pre = _forward_rows(
+        weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, stride_in, g, theta,
+        rows, in_rows, p, threshold, exp_p, H, HP, BLOCK)
     proposed = tl.sigmoid(f_pre) * theta - tl.sigmoid(i_pre) * g
     # lr and decoupled decay as the CPU kernel applies them (torch.lerp's two forms).
     if lr != 1.0:
@@ -196,12 +231,14 @@ def interpreting() -> bool:
 
 def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, param: Tensor,
                      lr: float = 1.0, weight_decay: float = 0.0, *,
-                     kernel_constants: tuple | None = None, block: int = BLOCK_ROWS,
+                     kernel_constants: tuple | None = None,
+                     normalisation: Normalisation | None = None, block: int = BLOCK_ROWS,
                      num_warps: int = NUM_WARPS) -> None:
     """One step of the rule for ``n`` coordinates, in place, as one Triton kernel: the same
     contract as :func:`learned_optim.rule.native.step_rows_native` (feature-major ``state``
     ``[n, 2H + 2]``, contiguous ``grad`` and ``param`` ``[n]``, float32, ``lr`` and decoupled
-    ``weight_decay``), on a CUDA device.
+    ``weight_decay``, and ``normalisation``, the gradient normalisation with its moments
+    updated in place), on a CUDA device.
 
     ``kernel_constants``: :func:`learned_optim.rule.native.native_constants` of the same
     constants (the same layout serves both kernels). ``block`` and ``num_warps``: the launch's
@@ -228,6 +265,8 @@ def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, para
                  kernel=kernel)
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two of at least 16, got {block}")
+    moments, normalise, *numbers = normalisation_args(
+        normalisation, rows, device="cpu" if interpreting() else "cuda", kernel=kernel)
     if rows == 0:
         return
     if kernel_constants is None:
@@ -235,8 +274,9 @@ def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, para
     stride = state.stride(1)
     _rule_step[(triton.cdiv(rows, block),)](
         *kernel_constants, state, state, grad, param, param, rows, stride, stride,
-        *rule_scalars(constants.p), float(lr), float(lr) * float(weight_decay), H=hidden,
-        HP=hidden_lanes(hidden), BLOCK=block, num_warps=num_warps)
+        *rule_scalars(constants.p), float(lr), float(lr) * float(weight_decay),
+        grad if not normalise else moments, *numbers, H=hidden, HP=hidden_lanes(hidden),
+        BLOCK=block, NORMALISE=bool(normalise), num_warps=num_warps)
 
 
 def step_rows_triton_out(kernel_constants: tuple, p: float, columns: Tensor, grad: Tensor,
@@ -253,8 +293,9 @@ def step_rows_triton_out(kernel_constants: tuple, p: float, columns: Tensor, gra
     if rows:
         _rule_step[(triton.cdiv(rows, BLOCK_ROWS),)](
             *kernel_constants, columns, new_columns, grad, param, new_param, rows,
-            columns.stride(0), new_columns.stride(0), *rule_scalars(p), 1.0, 0.0, H=hidden,
-            HP=hidden_lanes(hidden), BLOCK=BLOCK_ROWS, num_warps=NUM_WARPS)
+            columns.stride(0), new_columns.stride(0), *rule_scalars(p), 1.0, 0.0, grad,
+            *normalisation_args(None, rows)[2:], H=hidden, HP=hidden_lanes(hidden),
+            BLOCK=BLOCK_ROWS, NORMALISE=False, num_warps=NUM_WARPS)
     return new_param, new_columns
 
 

@@ -37,9 +37,9 @@ from learned_optim.rule.math import (
     update_rows,
 )
 from learned_optim.rule.native import MAX_HIDDEN as NATIVE_MAX_HIDDEN
-from learned_optim.rule.native import native_constants, native_step_kernel, step_rows_native
+from learned_optim.rule.native import native_constants, native_step_kernel, step_bucket_native
 from learned_optim.rule.tape import RuleTrajectory, first_order_path, update_rows_differentiable
-from learned_optim.rule.triton_step import step_rows_triton, triton_step_usable
+from learned_optim.rule.triton_step import step_bucket_triton, triton_step_usable
 
 __all__ = ["LSTMMetaOptimizer", "DifferentiableLSTMMetaOptimizer", "DEFAULT_RULE",
            "default_rule", "GROUP_DEFAULTS"]
@@ -746,9 +746,11 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         flat_params = [p.view(-1) if p.is_contiguous() else p.reshape(-1).contiguous()
                        for p in params]
         flat_grads = [None if g is None else g.reshape(-1) for g in grads]
-        if fused is not None:
-            self._update_fused(fused, flat_params, flat_grads, buffer, constants, lr,
-                               weight_decay, normalisations)
+        if fused is not None:  # one call for the bucket, in place (no temporaries, no chunks)
+            fused(constants, buffer, [None if g is None else g.contiguous() for g in flat_grads],
+                  flat_params, float(lr), float(weight_decay),
+                  kernel_constants=self._rule_cache.native_layout(constants),
+                  normalisations=normalisations)
         else:
             self._update_chunks(flat_params, flat_grads, buffer, constants, lr, weight_decay)
         for param, flat, grad in zip(params, flat_params, grads):
@@ -756,31 +758,17 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 param.copy_(flat.view(param.shape))
 
     def _fused_step(self, buffer: Tensor) -> Callable | None:
-        """The kernel that steps this bucket in one call a parameter, if any: the CPU's
-        hand-fused one or the GPU's Triton one (each built on first use), else ``None``."""
+        """The kernel that steps this bucket, if any: the CPU's hand-fused one (one call for
+        the bucket) or the GPU's Triton one (one launch a parameter), each built on first
+        use; else ``None``."""
         if self.meta_learner.hidden_size > NATIVE_MAX_HIDDEN:
             return None
         if policy.step_native(buffer.device, buffer.dtype) and native_step_kernel() is not None:
-            return step_rows_native
+            return step_bucket_native
         if policy.step_triton(buffer.device, buffer.dtype) and triton_step_usable(
                 buffer.device):
-            return step_rows_triton
+            return step_bucket_triton
         return None
-
-    def _update_fused(self, step_rows: Callable, flat_params, flat_grads, buffer: Tensor,
-                      constants, lr, weight_decay, normalisations) -> None:
-        """One kernel call a parameter, in place: its state rows, gradient, values and, for a
-        rule with ``gradient_scale``, gradient moments (the kernels need no temporaries, so
-        no chunks)."""
-        laid_out = self._rule_cache.native_layout(constants)
-        offset = 0
-        for flat_param, flat_grad, normalised in zip(flat_params, flat_grads, normalisations):
-            rows = flat_param.numel()
-            if flat_grad is not None and rows:
-                step_rows(constants, buffer[offset : offset + rows], flat_grad.contiguous(),
-                          flat_param, float(lr), float(weight_decay), kernel_constants=laid_out,
-                          normalisation=normalised)
-            offset += rows
 
     def _update_chunks(self, flat_params, flat_grads, buffer: Tensor, constants, lr,
                        weight_decay) -> None:

@@ -85,21 +85,73 @@ def test_lr_and_weight_decay_as_apply_group_options(lr, weight_decay):
     torch.testing.assert_close(theta, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_step_of_several_parameters_runs_one_call_each_in_place(monkeypatch):
+def test_a_step_of_several_parameters_runs_one_call_a_bucket_in_place(monkeypatch):
     calls = []
 
-    def counted(constants, state, grad, param, *args, **kwargs):
-        calls.append((state.data_ptr(), param.data_ptr(), grad.shape[0]))
-        return native.step_rows_native(constants, state, grad, param, *args, **kwargs)
+    def counted(constants, buffer, grads, params, *args, **kwargs):
+        calls.append((buffer.data_ptr(), [p.data_ptr() for p in params],
+                      [g.shape[0] for g in grads]))
+        return native.step_bucket_native(constants, buffer, grads, params, *args, **kwargs)
 
-    monkeypatch.setattr(optimizer_module, "step_rows_native", counted)
+    monkeypatch.setattr(optimizer_module, "step_bucket_native", counted)
     model = nn.Linear(30, 5)
     opt = LSTMMetaOptimizer(model.parameters(), random_rule())
     F.mse_loss(model(torch.randn(8, 30)), torch.randn(8, 5)).backward()
     opt.step(loss=torch.tensor(1.0))
     states = [opt.state[p]["lstm_state"] for p in model.parameters()]
-    assert calls == [(s.data_ptr(), p.data_ptr(), p.numel())
-                     for s, p in zip(states, model.parameters())]
+    assert calls == [(states[0].data_ptr(), [p.data_ptr() for p in model.parameters()],
+                      [p.numel() for p in model.parameters()])]
+
+
+@pytest.mark.parametrize("normalised", [False, True])
+def test_a_bucket_in_one_call_is_its_parameters_one_call_each(normalised):
+    # Sizes that end inside a vector tile, one of them empty and one without a gradient: the
+    # threads share tiles across parameters, and each tile is one parameter's, so the result
+    # is the per-parameter calls' to the bit.
+    hidden, sizes = 20, [1, 37, 0, 5003, 16, 250]
+    constants = prepare_step(random_rule().weights(), torch.tensor(0.37), torch.float32)
+    buffer, _, _ = _inputs(sum(sizes), hidden)
+    params = [torch.randn(n) for n in sizes]
+    grads = [_inputs(n, hidden, seed=n)[1] for n in sizes]
+    grads[3] = None
+    moments = [torch.rand(2, n) for n in sizes]
+    start = [p.clone() for p in params]
+    expected_buffer = buffer.clone().t().contiguous().t()
+    expected_params, expected_moments = [p.clone() for p in params], [m.clone() for m in moments]
+    offset = 0
+    for n, grad, param, moment, step in zip(sizes, grads, expected_params, expected_moments,
+                                            range(1, 7)):
+        if grad is not None and n:
+            native.step_rows_native(constants, expected_buffer[offset : offset + n], grad,
+                                    param, 0.6, 1e-3, normalisation=normalisation(
+                                        moment, step, 0.9, 0.99, 0.1) if normalised else None)
+        offset += n
+    native.step_bucket_native(constants, buffer, grads, params, 0.6, 1e-3, normalisations=[
+        normalisation(m, step, 0.9, 0.99, 0.1) for m, step in zip(moments, range(1, 7))]
+        if normalised else None)
+    assert torch.equal(buffer, expected_buffer)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected_params))
+    assert all(torch.equal(a, b) for a, b in zip(moments, expected_moments))
+    assert not torch.equal(params[1], start[1]) and torch.equal(params[3], start[3])
+
+
+def test_a_bucket_call_refuses_what_it_would_misread():
+    constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
+    buffer = torch.zeros(42, 12).t()
+    params, grads = [torch.zeros(5), torch.zeros(7)], [torch.ones(5), torch.ones(7)]
+    with pytest.raises(ValueError, match=r"feature-major float32 CPU \[11, 42\] view for "
+                                         r"parameters of \[5, 6\] rows"):
+        native.step_bucket_native(constants, buffer, grads, [params[0], torch.zeros(6)])
+    with pytest.raises(ValueError, match="grad 1 is torch.float64"):
+        native.step_bucket_native(constants, buffer, [grads[0], grads[1].double()], params)
+    with pytest.raises(ValueError, match="param 0 is .* not contiguous"):
+        native.step_bucket_native(constants, buffer, grads, [torch.zeros(10)[::2], params[1]])
+    with pytest.raises(ValueError, match="for every parameter stepped or for none"):
+        native.step_bucket_native(constants, buffer, grads, params, normalisations=[
+            normalisation(torch.zeros(2, 5), 1, 0.9, 0.99, 0.1), None])
+    with pytest.raises(ValueError, match="got 1 gradients for 2 parameters"):
+        native.step_bucket_native(constants, buffer, grads[:1], params)
+    assert all(not p.any() for p in params) and not buffer.any()  # nothing written
 
 
 def _drop_in_run(native_on: bool, monkeypatch):

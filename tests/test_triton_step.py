@@ -23,8 +23,13 @@ import torch
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import policy
 from learned_optim.rule.math import initial_state, prepare_step
-from learned_optim.rule.triton_step import step_rows_triton, triton_step_usable
+from learned_optim.rule.triton_step import (
+    step_bucket_triton,
+    step_rows_triton,
+    triton_step_usable,
+)
 from learned_optim.rule.triton_tape import triton_tape_applies
+from learned_optim.truncated import general_rule
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (pip install triton)")
@@ -55,12 +60,22 @@ def test_the_triton_step_is_update_rows_to_float32_rounding(interpreted):
 def test_the_optimizer_steps_through_the_triton_kernel_as_through_its_chunks(interpreted):
     for name in ("optimizer", "optimizer_general"):
         case = interpreted[name]
-        # 4 parameters (156 coordinates) a step, 3 steps, every one through the kernel
-        assert case["kernel_calls"] == 12 and case["rows_stepped"] == 3 * 156, name
+        # 4 parameters (156 coordinates) a step in 2 groups, 3 steps: a launch a group
+        assert case["kernel_calls"] == 6 and case["rows_stepped"] == 3 * 156, name
         assert case["largest_difference"] < 1e-6, name
     # the general rule's gradient moments, updated in the kernel
     assert interpreted["optimizer_general"]["moments_relative_difference"] < 1e-6
     assert interpreted["optimizer"]["moments_relative_difference"] is None
+
+
+@needs_triton
+def test_a_bucket_in_one_triton_launch_is_the_cpu_kernels_bucket(interpreted):
+    cases = {name: case for name, case in interpreted.items() if name.startswith("bucket")}
+    assert len(cases) == 3
+    for name, case in cases.items():
+        assert case["theta"] < 1e-6 and case["state"] < 1e-5, name  # float32 rounding
+        assert case["moments"] == 0.0, name  # the same FMAs
+        assert case["untouched_without_gradient"] and case["moved"], name
 
 
 @needs_triton
@@ -100,6 +115,8 @@ def test_the_triton_step_refuses_what_it_would_misread():
     grad, theta = torch.ones(8), torch.zeros(8)
     with pytest.raises(ValueError, match="float32 cuda tensors, got state torch.float32 on cpu"):
         step_rows_triton(constants, state, grad, theta)
+    with pytest.raises(ValueError, match=r"feature-major float32 cuda \[8, 42\] view .* on cpu"):
+        step_bucket_triton(constants, state, [grad], [theta])
     if not torch.cuda.is_available():
         return
     state, grad, theta = state.cuda(), grad.cuda(), theta.cuda()
@@ -123,11 +140,12 @@ def test_the_triton_kernels_are_taken_only_on_a_cuda_device_in_float32():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                     reason="needs CUDA and Triton")
-def test_cuda_step_takes_the_triton_kernel_and_matches_the_cpu_step():
+@pytest.mark.parametrize("make_rule", [MetaLearnerLSTM, general_rule])
+def test_cuda_step_takes_the_triton_kernel_and_matches_the_cpu_step(make_rule):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
     gpu_model = copy.deepcopy(model).cuda()
-    meta = MetaLearnerLSTM()
+    meta = make_rule()
     x, y = torch.randn(64, 40), torch.randn(64, 5)
     for net, data in ((model, (x, y)), (gpu_model, (x.cuda(), y.cuda()))):
         opt = LSTMMetaOptimizer(net.parameters(), meta)
@@ -137,7 +155,7 @@ def test_cuda_step_takes_the_triton_kernel_and_matches_the_cpu_step():
             loss.backward()
             opt.step(loss=loss)
     buffer = next(iter(opt._bucket_cache.values())).buffer
-    assert buffer.is_cuda and opt._fused_step(buffer) is step_rows_triton
+    assert buffer.is_cuda and opt._fused_step(buffer) is step_bucket_triton
     for a, b in zip(model.parameters(), gpu_model.parameters()):
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
 
@@ -154,7 +172,7 @@ def _compiled_for_h100(kernel, floats: tuple[str, ...], constants: dict, warps: 
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
+            signature[name] = "*i64" if name == "table_ptr" else "*fp32"
         else:
             signature[name] = "fp32" if name in floats else "i32"
     compiled = triton.compile(ASTSource(kernel, signature, constants),
@@ -177,12 +195,16 @@ def test_the_kernels_compile_for_an_h100_without_spilling_registers():
         triton_step._rule_step, step_floats, {"H": 20, "HP": 32, "BLOCK": triton_step.BLOCK_ROWS,
                                               "NORMALISE": normalise}, triton_step.NUM_WARPS)
         for normalise in (False, True)}
+    bucket = _compiled_for_h100(
+        triton_step._rule_step_bucket, step_floats, {"H": 20, "HP": 32, "NORMALISE": True,
+                                                     "BLOCK": triton_step.BLOCK_ROWS},
+        triton_step.NUM_WARPS)
     backward = _compiled_for_h100(
         triton_tape._rule_step_backward, ("p", "threshold", "exp_p"),
         {"H": 20, "HP": 32, "KP": 32, "BLOCK": triton_tape.BACKWARD_BLOCK_ROWS,
          "PARTIAL": 1886}, triton_tape.BACKWARD_WARPS)
     for name, usage in (("step", steps[False]), ("normalising step", steps[True]),
-                        ("backward", backward)):
+                        ("bucket step", bucket), ("backward", backward)):
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         spilled = int(re.search(r"STACK:(\d+)", usage).group(1))
         assert spilled == 0 and registers < 255, (name, usage)

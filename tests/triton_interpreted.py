@@ -82,13 +82,13 @@ def optimizer_case() -> dict:
     from learned_optim.truncated import general_rule
 
     calls = []
-    kernel = optimizer_module.step_rows_triton
+    kernel = optimizer_module.step_bucket_triton
 
     def counted(*args, **kwargs):
-        calls.append(args[2].numel())
+        calls.append(sum(g.numel() for g in args[2]))
         return kernel(*args, **kwargs)
 
-    optimizer_module.step_rows_triton = counted
+    optimizer_module.step_bucket_triton = counted
 
     def run(triton: bool, meta) -> tuple[list[torch.Tensor], list]:
         torch.manual_seed(0)
@@ -121,6 +121,50 @@ def optimizer_case() -> dict:
                 float((a - b).abs().amax(dim=tuple(range(1, a.dim())))
                       .div(b.abs().amax(dim=tuple(range(1, b.dim())))).max())
                 for a, b in zip(moments, chunk_moments))}  # of each moment's largest
+    return results
+
+
+def bucket_cases() -> dict:
+    """``step_bucket_triton`` (one launch for several tensors) against the CPU's
+    ``step_bucket_native``: sizes that end inside a block, an empty tensor, one without a
+    gradient, lr and decay, with and without the gradient's normalisation."""
+    from learned_optim.rule import native
+    from learned_optim.rule.math import initial_state, normalisation
+    from learned_optim.rule.triton_step import step_bucket_triton
+
+    constants = random_constants(20, seed=7)
+    results = {}
+    for normalise, block in ((False, 16), (True, 16), (True, 64)):
+        torch.manual_seed(block)
+        sizes = [1, 37, 0, 300, 16, 70]
+        buffer = initial_state(sum(sizes), 20, feature_major=True)
+        buffer.normal_()
+        expected_buffer = buffer.clone().t().contiguous().t()
+        params = [torch.randn(n) for n in sizes]
+        start = [p.clone() for p in params]
+        expected_params = [p.clone() for p in params]
+        grads = [torch.randn(n) * torch.logspace(-7, 1, n) for n in sizes]
+        grads[3] = None
+        moments = [torch.rand(2, n) for n in sizes]
+        expected_moments = [m.clone() for m in moments]
+
+        expected_normalisations, normalisations = (
+            [normalisation(m, step, 0.9, 0.99, 0.1) for m, step in zip(tensors, range(1, 7))]
+            if normalise else None for tensors in (expected_moments, moments))
+        native.step_bucket_native(constants, expected_buffer, grads, expected_params, 0.6,
+                                  1e-3, normalisations=expected_normalisations)
+        step_bucket_triton(constants, buffer, grads, params, 0.6, 1e-3,
+                           normalisations=normalisations, block=block)
+        results[f"bucket normalise={normalise} block={block}"] = {
+            "theta": max(float((a - b).abs().max()) for a, b in zip(params, expected_params)
+                         if a.numel()),
+            "state": float((buffer - expected_buffer).abs().max()),
+            "moments": max(float((a - b).abs().max()) for a, b in zip(moments, expected_moments)
+                           if a.numel()),
+            "untouched_without_gradient": bool(torch.equal(params[3], start[3])),
+            "moved": all(not torch.equal(a, b) for a, b, g in zip(params, start, grads)
+                         if g is not None and a.numel()),
+        }
     return results
 
 
@@ -254,6 +298,6 @@ def trajectory_case() -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps({**kernel_cases(), **optimizer_case(), **backward_cases(),
+    print(json.dumps({**kernel_cases(), **optimizer_case(), **bucket_cases(), **backward_cases(),
                       **twin_case(), **trajectory_case()}))
     sys.exit(0)

@@ -31,9 +31,9 @@ from learned_optim.rule.math import Normalisation, StepConstants
 from learned_optim.rule.native_build import VEC_PRELUDE, NativeKernel
 
 __all__ = ["MAX_HIDDEN", "PARALLEL_MIN_ROWS", "RULE_TILE_SOURCE", "STEP_KERNEL", "check_layout",
-           "feature_rows", "kernel_threads", "native_constants",
-           "native_step_kernel", "normalisation_args", "rule_scalars", "step_rows_native",
-           "step_rows_native_out"]
+           "bucket_table", "check_bucket", "feature_rows", "kernel_threads", "native_constants",
+           "native_step_kernel", "normalisation_args", "rule_scalars", "step_bucket_native",
+           "step_rows_native", "step_rows_native_out"]
 
 MAX_HIDDEN = 64  # the kernels' per-thread tile buffers are sized for this hidden size
 # Below this many rows one thread: waking a second costs more than it saves.
@@ -194,22 +194,31 @@ static inline Vec lerp(Vec start, Vec end, float w) {
                               : at::vec::fmadd(Vec(w - 1.f), end - start, end);
 }
 
-// One step of the rule for n coordinates: the feature-major state [h1 | c1 | f_pre | i_pre] x n
-// (features `stride_in` floats apart) and theta_in become state_out (`stride_out`) and
-// theta_out = sigmoid(f_pre) theta - sigmoid(i_pre) g, then lr and decoupled decay. In place
-// when the pointers are the same: a tile reads all its inputs before it writes.
+// One step of the rule for each of `tensors` parameters, one entry of `table` each: rows n,
+// then the addresses of its feature-major state [h1 | c1 | f_pre | i_pre] x n in and out
+// (features `stride_in` and `stride_out` floats apart), its gradient, theta in and out, and
+// its gradient moments [m | v] x n (read when `normalise`, with its four numbers in
+// `numbers`: the lerp weights of m and v, m's scale and v's bias correction). theta becomes
+// sigmoid(f_pre) theta - sigmoid(i_pre) g, then lr and decoupled decay. In place where the
+// addresses are the same: a tile reads all its inputs before it writes.
+static constexpr int64_t kEntry = 7;
+
 extern "C" void kernel(const float* weight, const float* bias, const float* meta_h,
-                       const float* meta_small, const float* state_in, float* state_out,
-                       const float* grad, const float* theta_in, float* theta_out,
-                       const int64_t n, const int64_t hidden, const int64_t stride_in,
+                       const float* meta_small, const int64_t* table, const float* numbers,
+                       const int64_t tensors, const int64_t hidden, const int64_t stride_in,
                        const int64_t stride_out, const int64_t threads, const float p,
                        const float threshold, const float exp_p, const float lr,
-                       const float decay, float* moments, const int64_t normalise,
-                       const float mean_weight, const float square_weight,
-                       const float mean_scale, const float square_debias)
+                       const float decay, const int64_t normalise)
 {
     const Rule r{weight, bias, meta_h, meta_small, hidden, p, threshold, exp_p};
-    const int64_t H = hidden, tiles = (n + V - 1) / V;
+    const int64_t H = hidden;
+    // The parameters' tiles numbered one after another: one loop shares them all between the
+    // threads, however small each parameter (a model of many small tensors used one thread
+    // a call, and paid a call each).
+    std::vector<int64_t> first_tile(tensors + 1, 0);
+    for (int64_t j = 0; j < tensors; ++j)
+        first_tile[j + 1] = first_tile[j] + (table[j * kEntry] + V - 1) / V;
+    const int64_t tiles = first_tile[tensors];
     #pragma omp parallel num_threads(threads)
     {
         Tile t;
@@ -219,15 +228,25 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
         // Tiles write disjoint rows and sum nothing: the result is the same whoever takes them.
         #pragma omp for schedule(dynamic, 64)
         for (int64_t tile = 0; tile < tiles; ++tile) {
-            const int64_t start = tile * V, m = std::min(V, n - start);
+            const int64_t j = std::upper_bound(first_tile.begin(), first_tile.end(), tile)
+                              - first_tile.begin() - 1;
+            const int64_t* entry = table + j * kEntry;
+            const int64_t n = entry[0], start = (tile - first_tile[j]) * V;
+            const int64_t m = std::min(V, n - start);
+            const float* state_in = reinterpret_cast<const float*>(entry[1]);
+            float* state_out = reinterpret_cast<float*>(entry[2]);
+            const float* grad = reinterpret_cast<const float*>(entry[3]);
+            const float* theta_in = reinterpret_cast<const float*>(entry[4]);
+            float* theta_out = reinterpret_cast<float*>(entry[5]);
             load_tile(r, t, state_in, stride_in, grad, theta_in, start, m);
             if (normalise) {  // the rule reads the normalised gradient (scale_gradient's)
-                float* mean_at = moments + start;
-                float* square_at = moments + n + start;
-                const Vec mean = lerp(load(mean_at, m), t.g, mean_weight);
-                const Vec square = lerp(load(square_at, m), t.g * t.g, square_weight);
-                const Vec rms = (square / Vec(square_debias)).sqrt();
-                t.g = mean * Vec(mean_scale) / (rms + Vec(1e-12f));
+                const float* w = numbers + 4 * j;
+                float* mean_at = reinterpret_cast<float*>(entry[6]) + start;
+                float* square_at = mean_at + n;
+                const Vec mean = lerp(load(mean_at, m), t.g, w[0]);
+                const Vec square = lerp(load(square_at, m), t.g * t.g, w[1]);
+                const Vec rms = (square / Vec(w[3])).sqrt();
+                t.g = mean * Vec(w[2]) / (rms + Vec(1e-12f));
                 store(mean, mean_at, m);
                 store(square, square_at, m);
             }
@@ -250,10 +269,11 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
 }
 """
 
-_ARGTYPES = (["const float*"] * 4 + ["const float*", "float*", "const float*", "const float*",
-                                     "float*"]
-             + ["const int64_t"] * 5 + ["const float"] * 5 + ["float*", "const int64_t"]
-             + ["const float"] * 4)
+_ARGTYPES = (["const float*"] * 4 + ["const int64_t*", "const float*"] + ["const int64_t"] * 5
+             + ["const float"] * 5 + ["const int64_t"])
+# One entry of the kernel's table: rows, then the addresses of state in and out, gradient,
+# theta in and out, and the gradient's moments.
+_ENTRY = 7
 
 
 def normalisation_args(normalisation: Normalisation | None, rows: int, device: str = "cpu",
@@ -286,14 +306,17 @@ _NO_MOMENTS = torch.empty(0)
 
 
 def _probe(kernel) -> None:
-    """Run the kernel once on a few rows (raises if the build is unusable)."""
-    state, grad, theta = torch.zeros(4, 3), torch.ones(3), torch.zeros(3)  # hidden size 1
-    weight, bias = torch.zeros(4, 3), torch.zeros(4)
-    kernel(weight, bias, torch.zeros(2, 1), torch.zeros(6), state, state, grad, theta, theta,
-           3, 1, 3, 3, 1, 10.0, math.exp(-10.0), math.exp(10.0), 1.0, 0.0,
-           *normalisation_args(None, 3))
-    if not torch.equal(theta, torch.full((3,), -0.5)):  # sigmoid(0) * 0 - sigmoid(0) * 1
-        raise RuntimeError(f"the native step kernel computed {theta.tolist()} on its probe")
+    """Run the kernel once on two parameters of a few rows (raises if the build is unusable)."""
+    state, grad = torch.zeros(4, 5), torch.ones(5)  # hidden size 1
+    thetas = torch.zeros(3), torch.zeros(2)
+    table = torch.tensor([[rows, state.data_ptr() + 4 * first, state.data_ptr() + 4 * first,
+                           grad.data_ptr(), theta.data_ptr(), theta.data_ptr(), 0]
+                          for first, rows, theta in ((0, 3, thetas[0]), (3, 2, thetas[1]))])
+    kernel(torch.zeros(4, 3), torch.zeros(4), torch.zeros(2, 1), torch.zeros(6), table,
+           torch.zeros(2, 4), 2, 1, 5, 5, 1, 10.0, math.exp(-10.0), math.exp(10.0), 1.0, 0.0, 0)
+    if not torch.equal(torch.cat(thetas), torch.full((5,), -0.5)):  # sigmoid(0) (0 - 1)
+        raise RuntimeError(f"the native step kernel computed {torch.cat(thetas).tolist()} on "
+                           "its probe")
 
 
 STEP_KERNEL = NativeKernel("the native step kernel", _ARGTYPES, _STEP_SOURCE, _probe,
@@ -381,7 +404,8 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
     out again for each call of one step. ``normalisation``: the rule reads and applies
     :func:`~learned_optim.rule.math.scale_gradient`'s gradient instead of ``grad``, computed
     here from ``grad`` and its moments, which are updated in place (the rules with
-    ``gradient_scale``; without one, ``grad`` as it is).
+    ``gradient_scale``; without one, ``grad`` as it is). :func:`step_bucket_native` steps
+    several parameters in one call.
 
     >>> from learned_optim import MetaLearnerLSTM
     >>> from learned_optim.rule.math import initial_state, prepare_step, update_rows
@@ -394,15 +418,101 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
     ...     torch.testing.assert_close(theta, expected)
     """
     rows = grad.shape[0]
+    check_layout(state, grad, param, rows, constants.meta_weight_h.shape[0])
+    step_bucket_native(constants, state, [grad], [param], lr, weight_decay,
+                       kernel_constants=kernel_constants, normalisations=[normalisation])
+
+
+def step_bucket_native(constants: StepConstants, buffer: Tensor, grads: list[Tensor | None],
+                       params: list[Tensor], lr: float = 1.0, weight_decay: float = 0.0, *,
+                       kernel_constants: tuple | None = None,
+                       normalisations: list[Normalisation | None] | None = None) -> None:
+    """:func:`step_rows_native` for several parameters in one kernel call: ``params`` (each
+    ``[n_j]``, contiguous) whose state rows lie one after another in ``buffer`` (feature-major
+    ``[sum n_j, 2H + 2]``, as the optimizer keeps a bucket's), their ``grads`` (a parameter
+    whose gradient is ``None`` is not stepped) and, for a rule with ``gradient_scale``, their
+    ``normalisations``. The threads share all the parameters' coordinates: a model of many
+    small tensors pays one call, not one each, and uses every thread.
+
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> from learned_optim.rule.math import initial_state, prepare_step, update_rows
+    >>> constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
+    >>> buffer = initial_state(5, 20, feature_major=True)
+    >>> params, grads = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.ones(2)]
+    >>> expected, _ = update_rows(constants, buffer, torch.ones(5), torch.cat(params))
+    >>> if native_step_kernel() is not None:
+    ...     step_bucket_native(constants, buffer, grads, params)
+    ...     torch.testing.assert_close(torch.cat(params), expected)
+    """
     hidden = constants.meta_weight_h.shape[0]
-    check_layout(state, grad, param, rows, hidden)
+    rows = check_bucket(buffer, grads, params, hidden)
+    table, numbers, normalise = bucket_table(buffer, grads, params, rows, normalisations)
+    if not table:
+        return
     if kernel_constants is None:
         kernel_constants = native_constants(constants)
-    stride = state.stride(1)
-    native_step_kernel()(*kernel_constants, state, state, grad, param, param, rows, hidden,
-                         stride, stride, kernel_threads(rows), *rule_scalars(constants.p),
-                         float(lr), float(lr) * float(weight_decay),
-                         *normalisation_args(normalisation, rows))
+    stride = buffer.stride(1)
+    in_place = [(n, state, state, grad, theta, theta, moments)
+                for n, state, grad, theta, moments in table]
+    native_step_kernel()(*kernel_constants, torch.tensor(in_place), torch.tensor(numbers),
+                         len(table), hidden, stride, stride,
+                         kernel_threads(sum(entry[0] for entry in table)),
+                         *rule_scalars(constants.p), float(lr),
+                         float(lr) * float(weight_decay), int(normalise))
+
+
+def check_bucket(buffer: Tensor, grads: list[Tensor | None], params: list[Tensor], hidden: int,
+                 *, device: str = "cpu", kernel: str = "the native step kernel") -> list[int]:
+    """:func:`check_layout` for a bucket (``kernel`` on ``device`` names the one checked
+    for): the state buffer once, then each parameter and gradient. Returns the parameters'
+    lengths."""
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"{kernel} takes hidden sizes up to {MAX_HIDDEN}, got {hidden}")
+    rows = [param.shape[0] if param.dim() == 1 else -1 for param in params]
+    total = sum(rows)
+    where = "CPU" if device == "cpu" else device
+    if (buffer.dtype != torch.float32 or buffer.device.type != device
+            or buffer.shape != (total, 2 * hidden + 2) or (total > 1 and buffer.stride(0) != 1)):
+        raise ValueError(f"the state buffer must be a feature-major float32 {where} "
+                         f"[{total}, {2 * hidden + 2}] view for parameters of {rows} rows, got "
+                         f"{buffer.dtype} of shape {tuple(buffer.shape)}, strides "
+                         f"{buffer.stride()} on {buffer.device}")
+    for index, (grad, param, n) in enumerate(zip(grads, params, rows)):
+        for name, tensor in (("param", param), ("grad", grad)):
+            if tensor is not None and (tensor.dtype != torch.float32
+                                       or tensor.device.type != device
+                                       or tensor.shape != (n,) or not tensor.is_contiguous()):
+                raise ValueError(f"{kernel} takes contiguous 1-D float32 {where} tensors: "
+                                 f"{name} {index} is {tensor.dtype} of shape "
+                                 f"{tuple(tensor.shape)} on {tensor.device}"
+                                 + ("" if tensor.is_contiguous() else ", not contiguous"))
+    return rows
+
+
+def bucket_table(buffer: Tensor, grads: list[Tensor | None], params: list[Tensor],
+                 rows: list[int], normalisations: list[Normalisation | None] | None,
+                 device: str = "cpu", kernel: str = "the native step kernel"
+                 ) -> tuple[list[tuple[int, ...]], list[list[float]], bool]:
+    """The step kernels' description of a bucket: for each parameter stepped (a gradient,
+    at least one row) its rows and the addresses of its state rows in ``buffer``, gradient,
+    values and moments; the four numbers of its normalisation; and whether they normalise."""
+    normalisations = normalisations or [None] * len(params)
+    normalise = any(n is not None for n in normalisations)
+    table, numbers, offset = [], [], 0
+    address = buffer.data_ptr()
+    for grad, param, normalised, n in zip(grads, params, normalisations, rows):
+        if grad is not None and n:
+            if normalise != (normalised is not None):
+                raise ValueError("normalisations must be given for every parameter stepped "
+                                 "or for none")
+            moments, _, *weights = normalisation_args(normalised, n, device, kernel)
+            table.append((n, address + 4 * offset, grad.data_ptr(), param.data_ptr(),
+                          moments.data_ptr() if normalise else 0))
+            numbers.append(weights)
+        offset += n
+    return table, numbers, normalise
 
 
 def step_rows_native_out(kernel_constants: tuple, p: float, columns: Tensor, grad: Tensor,
@@ -429,7 +539,13 @@ def step_rows_native_out(kernel_constants: tuple, p: float, columns: Tensor, gra
     check_layout(columns.t(), grad, param, rows, hidden)
     new_columns = feature_rows(columns.shape[0], rows)
     new_param = torch.empty_like(param)
-    native_step_kernel()(*kernel_constants, columns, new_columns, grad, param, new_param, rows,
-                         hidden, columns.stride(0), new_columns.stride(0), kernel_threads(rows),
-                         *rule_scalars(p), 1.0, 0.0, *normalisation_args(None, rows))
+    if rows:
+        table = torch.tensor([(rows, columns.data_ptr(), new_columns.data_ptr(),
+                               grad.data_ptr(), param.data_ptr(), new_param.data_ptr(), 0)])
+        native_step_kernel()(*kernel_constants, table, _NO_NUMBERS, 1, hidden,
+                             columns.stride(0), new_columns.stride(0), kernel_threads(rows),
+                             *rule_scalars(p), 1.0, 0.0, 0)
     return new_param, new_columns
+
+
+_NO_NUMBERS = torch.zeros(1, 4)

@@ -30,8 +30,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from learned_optim.rule.math import Normalisation, StepConstants
+from learned_optim.rule.math import Normalisation, StepConstants, normalisation
 from learned_optim.rule.native import (
+    bucket_table,
+    check_bucket,
     check_layout,
     native_constants,
     normalisation_args,
@@ -45,8 +47,8 @@ except Exception:  # noqa: BLE001 - missing, or broken beside this torch: the ea
     triton = tl = None
 
 __all__ = ["BLOCK_ROWS", "NUM_WARPS", "cell_and_meta_gates", "hidden_lanes", "interpreting",
-           "jit", "load_meta_weights", "preprocess_gradient", "probed", "step_rows_triton",
-           "step_rows_triton_out", "triton_available", "triton_step_usable"]
+           "jit", "load_meta_weights", "preprocess_gradient", "probed", "step_bucket_triton",
+           "step_rows_triton", "step_rows_triton_out", "triton_available", "triton_step_usable"]
 
 # Coordinates a program takes, and its warps. Four [BLOCK, 32] float32 accumulators (H = 20)
 # are 32 registers a thread at 64 rows and 4 warps; untuned until a GPU measures it
@@ -178,18 +180,18 @@ def _normalised_gradient(g, moments_ptr, n, rows, in_rows, mean_weight, square_w
 _NOT_SPECIALISED = ("n", "stride_in", "stride_out")
 
 
-@jit(do_not_specialize=_NOT_SPECIALISED)
-def _rule_step(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, state_out_ptr,
-               grad_ptr, theta_in_ptr, theta_out_ptr, n, stride_in, stride_out, p, threshold,
-               exp_p, lr, decay, moments_ptr, mean_weight, square_weight, mean_scale,
-               square_debias, H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr,
-               NORMALISE: tl.constexpr):
-    """One step on ``BLOCK`` rows; in place where the in and out pointers are the same (a
-    program reads all its rows before it writes them). ``NORMALISE``: the rule reads
-    ``scale_gradient``'s gradient, its moments at ``moments_ptr`` (see
+@jit()
+def _step_block(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, state_out_ptr,
+                grad_ptr, theta_in_ptr, theta_out_ptr, block, n, stride_in, stride_out, p,
+                threshold, exp_p, lr, decay, moments_ptr, mean_weight, square_weight,
+                mean_scale, square_debias, H: tl.constexpr, HP: tl.constexpr,
+                BLOCK: tl.constexpr, NORMALISE: tl.constexpr):
+    """One step on rows ``block * BLOCK ..`` of ``n``; in place where the in and out pointers
+    are the same (a program reads all its rows before it writes them). ``NORMALISE``: the
+    rule reads ``scale_gradient``'s gradient, its moments at ``moments_ptr`` (see
     :func:`learned_optim.rule.native.normalisation_args`)."""
     # Rows in int64: a feature's offset reaches 2H + 1 strides of n rows.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_rows = rows < n
     units = tl.arange(0, HP)
     slab = in_rows[:, None] & (units < H)[None, :]
@@ -217,6 +219,54 @@ def _rule_step(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, s
     tl.store(state_out_ptr + (2 * H) * stride_out + rows, f_pre, mask=in_rows)
     tl.store(state_out_ptr + (2 * H + 1) * stride_out + rows, i_pre, mask=in_rows)
     tl.store(theta_out_ptr + rows, proposed, mask=in_rows)
+
+
+# Sizes that vary call by call: specialised (a value of 1, or divisibility by 16), each would
+# compile the kernel again.
+_NOT_SPECIALISED = ("n", "stride_in", "stride_out")
+
+
+@jit(do_not_specialize=_NOT_SPECIALISED)
+def _rule_step(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, state_out_ptr,
+               grad_ptr, theta_in_ptr, theta_out_ptr, n, stride_in, stride_out, p, threshold,
+               exp_p, lr, decay, moments_ptr, mean_weight, square_weight, mean_scale,
+               square_debias, H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr,
+               NORMALISE: tl.constexpr):
+    """One step of one tensor, ``BLOCK`` rows a program (:func:`_step_block`)."""
+    _step_block(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_in_ptr, state_out_ptr,
+                grad_ptr, theta_in_ptr, theta_out_ptr, tl.program_id(0), n, stride_in,
+                stride_out, p, threshold, exp_p, lr, decay, moments_ptr, mean_weight,
+                square_weight, mean_scale, square_debias, H, HP, BLOCK, NORMALISE)
+
+
+@jit(do_not_specialize=("tensors", "stride"))
+def _rule_step_bucket(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, table_ptr, numbers_ptr,
+                      tensors, stride, p, threshold, exp_p, lr, decay, H: tl.constexpr,
+                      HP: tl.constexpr, BLOCK: tl.constexpr, NORMALISE: tl.constexpr):
+    """One step, in place, of every tensor of a bucket (the state rows of each in one
+    feature-major buffer ``stride`` floats a feature): ``BLOCK`` rows of one tensor a
+    program, found by bisecting the entries' first blocks. ``table`` holds six int64 an
+    entry: rows, the addresses of its state rows, gradient, values and moments, and its
+    first block; ``numbers`` its normalisation's four."""
+    program = tl.program_id(0)
+    low = program * 0
+    high = low + tensors  # entry `low` starts at or before this program, `high` after it
+    while high - low > 1:
+        middle = (low + high) // 2
+        if tl.load(table_ptr + middle * 6 + 5) <= program:
+            low = middle
+        else:
+            high = middle
+    entry = table_ptr + low.to(tl.int64) * 6
+    state_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
+    theta_ptr = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
+    numbers = numbers_ptr + low.to(tl.int64) * 4
+    _step_block(weight_ptr, bias_ptr, meta_h_ptr, meta_small_ptr, state_ptr, state_ptr,
+                tl.load(entry + 2).to(tl.pointer_type(tl.float32)), theta_ptr, theta_ptr,
+                program - tl.load(entry + 5), tl.load(entry), stride, stride, p, threshold,
+                exp_p, lr, decay, tl.load(entry + 4).to(tl.pointer_type(tl.float32)),
+                tl.load(numbers), tl.load(numbers + 1), tl.load(numbers + 2),
+                tl.load(numbers + 3), H, HP, BLOCK, NORMALISE)
 
 
 def interpreting() -> bool:
@@ -279,6 +329,63 @@ def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, para
         BLOCK=block, NORMALISE=bool(normalise), num_warps=num_warps)
 
 
+def step_bucket_triton(constants: StepConstants, buffer: Tensor, grads: list[Tensor | None],
+                       params: list[Tensor], lr: float = 1.0, weight_decay: float = 0.0, *,
+                       kernel_constants: tuple | None = None,
+                       normalisations: list[Normalisation | None] | None = None,
+                       block: int = BLOCK_ROWS, num_warps: int = NUM_WARPS) -> None:
+    """:func:`step_rows_triton` for a bucket of parameters whose state rows lie one after
+    another in ``buffer``, as one launch (the contract of
+    :func:`learned_optim.rule.native.step_bucket_native`): a model of many small tensors
+    waits on one launch, not one each. The bucket's description (addresses, lengths, its
+    normalisations' numbers) goes to the device as two small tensors.
+
+    >>> from learned_optim import MetaLearnerLSTM
+    >>> from learned_optim.rule.math import initial_state, prepare_step, update_rows
+    >>> constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
+    >>> device = "cpu" if interpreting() else "cuda"
+    >>> if triton_available() and (interpreting() or torch.cuda.is_available()):
+    ...     buffer = initial_state(5, 20, feature_major=True).to(device)
+    ...     params = [torch.zeros(3, device=device), torch.ones(2, device=device)]
+    ...     expected, _ = update_rows(constants, buffer.cpu(), torch.ones(5),
+    ...                               torch.cat(params).cpu())
+    ...     step_bucket_triton(constants._replace(**{name: getattr(constants, name).to(device)
+    ...                        for name in constants._fields if name != "p"}), buffer,
+    ...                        [torch.ones(3, device=device), torch.ones(2, device=device)],
+    ...                        params)
+    ...     torch.testing.assert_close(torch.cat(params).cpu(), expected)
+    """
+    hidden = constants.meta_weight_h.shape[0]
+    kernel = "the Triton step kernel" + (" (TRITON_INTERPRET=1)" if interpreting() else "")
+    device = "cpu" if interpreting() else "cuda"
+    rows = check_bucket(buffer, grads, params, hidden, device=device, kernel=kernel)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16, got {block}")
+    table, numbers, normalise = bucket_table(buffer, grads, params, rows, normalisations,
+                                             device, kernel)
+    if not table:
+        return
+    if kernel_constants is None:
+        kernel_constants = native_constants(constants)
+    blocks = 0
+    for index, entry in enumerate(table):
+        table[index] = (*entry, blocks)
+        blocks += triton.cdiv(entry[0], block)
+    _rule_step_bucket[(blocks,)](
+        *kernel_constants, _on_device(torch.tensor(table), buffer.device),
+        _on_device(torch.tensor(numbers), buffer.device), len(table), buffer.stride(1),
+        *rule_scalars(constants.p), float(lr), float(lr) * float(weight_decay), H=hidden,
+        HP=hidden_lanes(hidden), BLOCK=block, NORMALISE=normalise, num_warps=num_warps)
+
+
+def _on_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` copied to ``device`` without making the CPU wait for the GPU: from pinned
+    memory, asynchronously (a plain copy from pageable memory synchronises the stream)."""
+    if device.type != "cuda":
+        return host  # the interpreter's tensors stay on the CPU
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def step_rows_triton_out(kernel_constants: tuple, p: float, columns: Tensor, grad: Tensor,
                          param: Tensor) -> tuple[Tensor, Tensor]:
     """One step out of place, for the tape: ``columns`` (``[2H + 2, n]``, each feature
@@ -313,8 +420,9 @@ _usable: dict[str, bool] = {}  # per device, once probed
 
 
 def triton_step_usable(device: torch.device) -> bool:
-    """Whether :func:`step_rows_triton` runs on ``device``: Triton imports, and the kernel
-    compiles there and steps a probe of three coordinates right. The first call per device
+    """Whether :func:`step_bucket_triton` runs on ``device``: Triton imports, and the kernel
+    compiles there and steps a probe of two small parameters right (with and without the
+    gradient's normalisation). The first call per device
     compiles it (seconds); a failure warns once and answers ``False``, and ``step()`` takes
     its chunk path.
 
@@ -346,24 +454,29 @@ def probed(results: dict, device: torch.device, probe, name: str, fallback: str)
 
 
 def _probe(device: torch.device) -> None:
-    """A step of three coordinates at the paper's hidden size (the kernel the common rules
-    compile) with zero weights: every gate is 1/2, so theta_t = theta / 2 - g / 2 and the
-    cell c = (c_prev + 0) / 2."""
+    """A step of two parameters (two and one coordinates) in one bucket launch, as
+    ``step()`` takes them, at the paper's hidden size (the kernel the common rules compile)
+    with zero weights: every gate is 1/2, so theta_t = theta / 2 - g / 2 and the cell
+    c = (c_prev + 0) / 2. Then the same with the gradient normalised (the ``general``
+    rule's kernel) from zero moments: at step 1 that gradient is ``0.1 sign(g)``."""
     hidden = 20
-    state = torch.zeros(2 * hidden + 2, 3, device=device)
-    state[hidden] = 4.0
-    state = state.t()
-    grad = torch.tensor([1.0, -2.0, 0.5], device=device)
-    theta = torch.tensor([3.0, 1.0, -1.0], device=device)
     zeros = torch.zeros
     constants = StepConstants(zeros(2 + hidden, 4 * hidden, device=device),
                               zeros(4 * hidden, device=device), zeros(hidden, 2, device=device),
                               zeros(2, device=device), zeros(2, device=device),
                               zeros(2, device=device), p=10.0)
-    step_rows_triton(constants, state, grad, theta)
-    expected = torch.tensor([1.0, 1.5, -0.75])
-    if not torch.allclose(theta.cpu(), expected) or not torch.allclose(
-            state[:, hidden].cpu(), torch.full((3,), 2.0)):
-        raise RuntimeError(f"the probe stepped theta to {theta.tolist()} (expected "
-                           f"{expected.tolist()}) and c to {state[:, hidden].tolist()} "
-                           "(expected 2.0 each)")
+    grad = torch.tensor([1.0, -2.0, 0.5], device=device)
+    for normalise, expected in ((False, [1.0, 1.5, -0.75]), (True, [1.45, 0.55, -0.55])):
+        state = zeros(2 * hidden + 2, 3, device=device)
+        state[hidden] = 4.0
+        state = state.t()
+        theta = torch.tensor([3.0, 1.0, -1.0], device=device)
+        moments = [zeros(2, 2, device=device), zeros(2, 1, device=device)]
+        step_bucket_triton(constants, state, [grad[:2], grad[2:]], [theta[:2], theta[2:]],
+                           normalisations=[normalisation(m, 1, 0.9, 0.99, 0.1) for m in moments]
+                           if normalise else None)
+        if not torch.allclose(theta.cpu(), torch.tensor(expected)) or not torch.allclose(
+                state[:, hidden].cpu(), torch.full((3,), 2.0)):
+            raise RuntimeError(f"the probe stepped theta to {theta.tolist()} (expected "
+                               f"{expected}) and c to {state[:, hidden].tolist()} (expected "
+                               f"2.0 each){' normalising the gradient' if normalise else ''}")

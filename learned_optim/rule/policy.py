@@ -311,7 +311,7 @@ def step_compiles(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
 
 def step_native(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the in-place ``step()`` runs the hand-fused kernel
-    (learned_optim.rule.native.step_rows_native), one call a parameter: on a CPU, float32,
+    (learned_optim.rule.native.step_bucket_native), one call a bucket: on a CPU, float32,
     when on. Measured on the 2-core Xeon, 2 threads, against the chunk paths in one run
     (benchmarks/step_native.py, load average 1.2-1.5): 7.8 against 14.0 ms at 55,050
     coordinates and 132 against 244 ms at 1M, before the state buffers became feature-major;
@@ -327,7 +327,7 @@ def step_native(device: torch.device, dtype: torch.dtype) -> bool:
 
 def step_triton(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the in-place ``step()`` runs the Triton kernel
-    (learned_optim.rule.triton_step.step_rows_triton), one launch a parameter: on a CUDA
+    (learned_optim.rule.triton_step.step_bucket_triton), one launch a bucket: on a CUDA
     device, float32, when on (where Triton imports and the kernel compiles there; else the
     chunk paths). Not yet timed on a GPU against the chunk path (benchmarks/step_gpu.py).
 

@@ -511,6 +511,11 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
                 bucket = [params[i] for i in indices]
                 if any("lstm_state" in self.state.get(p, {}) for p in bucket):
                     self._bucket_state(group_index, bucket, device, dtype)
+        # And the gradient moments, which the fused kernels update in place (contiguous).
+        for entry in self.state.values():
+            if isinstance(entry, dict) and isinstance(entry.get("grad_moments"), Tensor):
+                entry["grad_moments"] = entry["grad_moments"].clone(
+                    memory_format=torch.contiguous_format)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -537,7 +542,8 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
         return _rule_from_saved(identity)
 
     def _check_loaded_state(self, state_dict: dict, meta_learner: MetaLearnerLSTM) -> None:
-        """Each ``lstm_state`` fits its parameter and the rule's hidden size."""
+        """Each ``lstm_state`` fits its parameter and the rule's hidden size, and each
+        ``grad_moments`` its parameter."""
         width = meta_learner.state_width
         groups = state_dict.get("param_groups", [])
         ids = [pid for group in groups for pid in group.get("params", [])]
@@ -547,6 +553,13 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             param = by_id.get(pid)
             if param is None or not isinstance(entry, dict):
                 continue  # a non-parameter entry: kept as is, as torch.optim does
+            moments = entry.get("grad_moments")
+            if moments is not None and (not isinstance(moments, Tensor)
+                                        or tuple(moments.shape) != (2, *param.shape)):
+                raise ValueError(
+                    f"optimizer state of parameter {pid} has grad_moments of shape "
+                    f"{tuple(getattr(moments, 'shape', ()))}, expected {(2, *param.shape)} "
+                    f"for a parameter of shape {tuple(param.shape)}")
             lstm_state = entry.get("lstm_state")
             if lstm_state is None:
                 continue

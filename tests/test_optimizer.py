@@ -174,6 +174,34 @@ def test_load_state_dict_refuses_state_of_the_wrong_shape():
     other = LSTMMetaOptimizer(nn.Linear(4, 2).parameters(), MetaLearnerLSTM(hidden_size=8))
     with pytest.raises(ValueError, match=r"parameter 0 has shape \(8, 42\), expected \(8, 18\)"):
         other.load_state_dict(opt.state_dict(), rule="keep")
+    # The default rule's gradient moments must fit their parameter too.
+    saved = opt.state_dict()
+    saved["state"][1]["grad_moments"] = torch.zeros(2, 3)
+    fresh = LSTMMetaOptimizer(nn.Linear(4, 2).parameters())
+    with pytest.raises(ValueError, match=r"parameter 1 has grad_moments of shape \(2, 3\), "
+                                         r"expected \(2, 2\) for a parameter of shape \(2,\)"):
+        fresh.load_state_dict(saved, rule="keep")
+
+
+def test_loaded_state_is_not_changed_by_later_steps():
+    # The fused kernels update the rule's state and the gradient moments in place: what was
+    # loaded is copied first, so the dict given (and the optimizer that saved it) stay as
+    # they were.
+    model = nn.Linear(4, 2)
+    opt = LSTMMetaOptimizer(model.parameters())  # the general rule: moments kept
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    before = {key: value.clone() for key, value in saved["state"][0].items()
+              if isinstance(value, torch.Tensor)}
+    assert set(before) == {"lstm_state", "grad_moments"}
+    other = LSTMMetaOptimizer(model.parameters())
+    other.load_state_dict(saved, rule="keep")
+    for _ in range(2):
+        other.step()
+    for key, value in before.items():
+        assert torch.equal(saved["state"][0][key], value), key
+    assert not torch.equal(other.state[model.weight]["grad_moments"], before["grad_moments"])
 
 
 def test_reset_state_starts_a_new_task():

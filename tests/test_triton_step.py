@@ -24,6 +24,7 @@ from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
 from learned_optim.rule import policy
 from learned_optim.rule.math import initial_state, prepare_step
 from learned_optim.rule.triton_step import (
+    FP_FUSION,
     step_bucket_triton,
     step_rows_triton,
     triton_step_usable,
@@ -176,7 +177,8 @@ def _compiled_for_h100(kernel, floats: tuple[str, ...], constants: dict, warps: 
         else:
             signature[name] = "fp32" if name in floats else "i32"
     compiled = triton.compile(ASTSource(kernel, signature, constants),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "enable_fp_fusion": FP_FUSION})
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"

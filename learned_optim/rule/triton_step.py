@@ -46,15 +46,20 @@ try:  # optional: installed beside CUDA builds of torch
 except Exception:  # noqa: BLE001 - missing, or broken beside this torch: the eager paths serve
     triton = tl = None
 
-__all__ = ["BLOCK_ROWS", "NUM_WARPS", "cell_and_meta_gates", "hidden_lanes", "interpreting",
-           "jit", "load_meta_weights", "preprocess_gradient", "probed", "step_bucket_triton",
-           "step_rows_triton", "step_rows_triton_out", "triton_available", "triton_step_usable"]
+__all__ = ["BLOCK_ROWS", "FP_FUSION", "NUM_WARPS", "cell_and_meta_gates", "hidden_lanes",
+           "interpreting", "jit", "load_meta_weights", "preprocess_gradient", "probed",
+           "step_bucket_triton", "step_rows_triton", "step_rows_triton_out", "triton_available",
+           "triton_step_usable"]
 
 # Coordinates a program takes, and its warps. Four [BLOCK, 32] float32 accumulators (H = 20)
 # are 32 registers a thread at 64 rows and 4 warps; untuned until a GPU measures it
 # (benchmarks/step_gpu.py --triton-block).
 BLOCK_ROWS = 64
 NUM_WARPS = 4
+# Products and sums contract to FMAs, as in the CPU kernels (at::vec::fmadd): Triton's default
+# up to 3.9, which 3.10 turns off; asked for explicitly so that the rounding does not change
+# with Triton's version.
+FP_FUSION = True
 
 
 def triton_available() -> bool:
@@ -326,7 +331,8 @@ def step_rows_triton(constants: StepConstants, state: Tensor, grad: Tensor, para
         *kernel_constants, state, state, grad, param, param, rows, stride, stride,
         *rule_scalars(constants.p), float(lr), float(lr) * float(weight_decay),
         grad if not normalise else moments, *numbers, H=hidden, HP=hidden_lanes(hidden),
-        BLOCK=block, NORMALISE=bool(normalise), num_warps=num_warps)
+        BLOCK=block, NORMALISE=bool(normalise), num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION)
 
 
 def step_bucket_triton(constants: StepConstants, buffer: Tensor, grads: list[Tensor | None],
@@ -375,7 +381,8 @@ def step_bucket_triton(constants: StepConstants, buffer: Tensor, grads: list[Ten
         *kernel_constants, _on_device(torch.tensor(table), buffer.device),
         _on_device(torch.tensor(numbers), buffer.device), len(table), buffer.stride(1),
         *rule_scalars(constants.p), float(lr), float(lr) * float(weight_decay), H=hidden,
-        HP=hidden_lanes(hidden), BLOCK=block, NORMALISE=normalise, num_warps=num_warps)
+        HP=hidden_lanes(hidden), BLOCK=block, NORMALISE=normalise, num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION)
 
 
 def _on_device(host: Tensor, device: torch.device) -> Tensor:
@@ -402,7 +409,8 @@ def step_rows_triton_out(kernel_constants: tuple, p: float, columns: Tensor, gra
             *kernel_constants, columns, new_columns, grad, param, new_param, rows,
             columns.stride(0), new_columns.stride(0), *rule_scalars(p), 1.0, 0.0, grad,
             *normalisation_args(None, rows)[2:], H=hidden, HP=hidden_lanes(hidden),
-            BLOCK=BLOCK_ROWS, NORMALISE=False, num_warps=NUM_WARPS)
+            BLOCK=BLOCK_ROWS, NORMALISE=False, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
     return new_param, new_columns
 
 

@@ -36,6 +36,7 @@ from learned_optim.rule.math import StepConstants
 from learned_optim.rule.native import MAX_HIDDEN, native_constants, rule_scalars
 from learned_optim.rule.native_tape import node_backward, node_forward, partial_width, unit_rows
 from learned_optim.rule.triton_step import (
+    FP_FUSION,
     cell_and_meta_gates,
     hidden_lanes,
     jit,
@@ -255,7 +256,7 @@ def step_rows_backward_triton(kernel_constants: tuple, p: float, columns: Tensor
         d_grad, partials, rows, columns.stride(0), d_columns.stride(0), d_state_in.stride(0),
         *rule_scalars(p), H=hidden, HP=hidden_lanes(hidden),
         KP=hidden_lanes(inputs), BLOCK=BACKWARD_BLOCK_ROWS, PARTIAL=width,
-        num_warps=BACKWARD_WARPS)
+        num_warps=BACKWARD_WARPS, enable_fp_fusion=FP_FUSION)
     sums = partials.sum(0, dtype=torch.float64).float()
     d_bias, d_meta_h, d_small, d_weight = sums.split((gates, 2 * hidden, 6, gates * inputs))
     return (d_weight.view(gates, inputs).t(), d_bias, d_meta_h.view(2, hidden).t(),

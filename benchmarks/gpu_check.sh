@@ -9,7 +9,9 @@
 #   bash benchmarks/gpu_check.sh
 # It writes its reports under $OUT (or ./gpu-check where $OUT is unset): the GPU's name, the
 # CUDA and Triton tests of the drop-in step, the drop-in step at 10M and 100M parameters against
-# its state's copy time with the Triton kernel's launch shapes (step_gpu.py), and the
+# its state's copy time with the Triton kernel's launch shapes, and the default optimizer on a
+# model of 256 tensors in one launch against one launch a tensor and fused Adam (step_gpu.py),
+# and the
 # 5-way 1-shot T = 12 meta-step, first and second order (meta_train.py; target: first order
 # >= 3x faster than the 77 ms of docs/results/meta_train_cuda.md on an H200).
 set -uo pipefail

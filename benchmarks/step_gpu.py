@@ -26,6 +26,11 @@ flat buffer of N coordinates at each launch shape (rows a program x warps), to c
 ``triton_step.BLOCK_ROWS`` and ``NUM_WARPS`` on the device::
 
     python benchmarks/step_gpu.py --sizes 100M --triton-shapes 32x2,64x2,64x4,128x4,128x8
+
+Below the table: the default optimizer (``LSTMMetaOptimizer(params)``, the shipped ``general``
+rule, plain ``step()``) on a model of 256 tensors (64 blocks of ``Linear(256, 256)`` and
+``LayerNorm(256)``), against Adam (``fused=True`` on CUDA), SGD and, where the Triton kernel
+runs, the same kernel launched once a tensor instead of once for the bucket.
 """
 
 from __future__ import annotations
@@ -39,13 +44,15 @@ from _shared import (  # sibling module: run as python benchmarks/step_gpu.py
     without_compiled_rule,
 )
 from step import TRAFFIC_ELEMENTS, clone_model, human, interleaved_medians, mlp, parse_size
+from torch import nn
 
 from learned_optim import LSTMMetaOptimizer, MetaLearnerLSTM
-from learned_optim.rule.math import initial_state, prepare_step, update_rows
+from learned_optim.rule.math import initial_state, normalisation, prepare_step, update_rows
 from learned_optim.rule.native import native_constants
 from learned_optim.rule.triton_step import step_rows_triton, triton_step_usable
 
 TARGET_FLOOR_RATIO = 3.0
+MANY_BLOCKS = 64  # blocks of the many-tensor model: 256 tensors, 4.2M parameters
 COPY_FLOATS = 128 * 2**20  # 512 MiB of float32: far beyond any cache
 
 
@@ -102,6 +109,63 @@ class TritonFlatStep:
     def step(self) -> None:
         step_rows_triton(self.constants, self.state, self.grad, self.theta,
                          kernel_constants=self.laid_out, block=self.block, num_warps=self.warps)
+
+
+class PerTensorSteps:
+    """The default rule's step with one Triton launch a tensor (``step_rows_triton`` in a
+    loop, the gradient normalised in the kernel): what ``step()``'s single launch a bucket
+    replaces."""
+
+    def __init__(self, params, meta: MetaLearnerLSTM) -> None:
+        self.params, self.meta, self.count = list(params), meta, 0
+        device = self.params[0].device
+        self.state = initial_state(sum(p.numel() for p in self.params), meta.hidden_size,
+                                   device=device, feature_major=True)
+        self.moments = [torch.zeros(2, p.numel(), device=device) for p in self.params]
+        self.constants = prepare_step(meta.weights(), None, torch.float32, device)
+        self.laid_out = native_constants(self.constants)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.count += 1
+        offset, meta = 0, self.meta
+        for param, moments in zip(self.params, self.moments):
+            n = param.numel()
+            step_rows_triton(self.constants, self.state[offset : offset + n],
+                             param.grad.view(-1), param.view(-1),
+                             kernel_constants=self.laid_out,
+                             normalisation=normalisation(moments, self.count, meta.momentum,
+                                                         meta.rms_decay, meta.gradient_scale))
+            offset += n
+
+
+def many_tensor_model(device: torch.device) -> nn.Module:
+    """:data:`MANY_BLOCKS` blocks of ``Linear(256, 256)`` and ``LayerNorm(256)`` with drawn
+    gradients: a model whose parameters come in many pieces."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(MANY_BLOCKS)
+                            for layer in (nn.Linear(256, 256), nn.LayerNorm(256))]).to(device)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * 1e-3
+    return model
+
+
+def measure_many_tensors(device: torch.device, quick: bool) -> dict:
+    """The default optimizer's ``step()`` (one launch a bucket) on :func:`many_tensor_model`
+    against one launch a tensor, Adam (fused on CUDA) and SGD (foreach), interleaved."""
+    base = many_tensor_model(device)
+    opt = LSTMMetaOptimizer(clone_model(base).parameters())  # the shipped general rule
+    adam = torch.optim.Adam(clone_model(base).parameters(), fused=device.type == "cuda")
+    sgd = torch.optim.SGD(clone_model(base).parameters(), lr=1e-2, foreach=True)
+    fns = {"ours": opt.step, "Adam": adam.step, "SGD": sgd.step}
+    if triton_step_usable(device):
+        fns["a launch a tensor"] = PerTensorSteps(clone_model(base).parameters(),
+                                                  opt.meta_learner).step
+    warmup, repeats, budget = (1, 3, 1.0) if quick else (3, 30, 5.0)
+    return {"n": sum(p.numel() for p in base.parameters()),
+            "tensors": len(list(base.parameters())),
+            "time": interleaved_medians(fns, warmup, repeats, budget,
+                                        lambda: synchronise(device))}
 
 
 def measure(target: int, device: torch.device, quick: bool, compile_step: bool,
@@ -190,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['disagreement']:.1e}")
         verdicts.append((n, t["ours"] / floor))
     print("(times in ms, medians of interleaved rounds)")
+    many = measure_many_tensors(device, args.quick)
+    t = many["time"]
+    per_tensor = t.get("a launch a tensor")
+    print(f"\nthe default optimizer's step() on {MANY_BLOCKS} blocks of Linear(256, 256) + "
+          f"LayerNorm ({human(many['n'])} parameters in {many['tensors']} tensors): "
+          f"{t['ours'] * 1e3:.2f} ms, {t['ours'] / t['Adam']:.1f}x Adam's "
+          f"({t['Adam'] * 1e3:.2f} ms{', fused' if device.type == 'cuda' else ''}), "
+          f"{t['ours'] / t['SGD']:.1f}x SGD's ({t['SGD'] * 1e3:.2f} ms)"
+          + ("" if per_tensor is None else
+             f"; one launch a tensor {per_tensor * 1e3:.2f} ms ({per_tensor / t['ours']:.2f}x)"))
     n, ratio = verdicts[-1]
     passed = ratio <= TARGET_FLOOR_RATIO
     print(f"\n{'PASS' if passed else 'FAIL'}: step() at N = {human(n)} on {name} = {ratio:.1f}x "

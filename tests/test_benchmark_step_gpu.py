@@ -39,6 +39,12 @@ def test_smoke_run_on_the_cpu_prints_the_floor_ratio_and_a_verdict():
     for diff in re.findall(r"max \|diff\| ([\d.e+-]+)", out):
         assert float(diff) < 1e-5
     assert len(re.findall(r"(chunks|compiled) vs ours after one step: max \|diff\|", out)) == 4
+    # the default optimizer on the many-tensor model, against Adam and SGD
+    many = re.search(r"on 64 blocks of Linear\(256, 256\) \+ LayerNorm \(4.24M parameters in "
+                     r"256 tensors\): ([\d.]+) ms, ([\d.]+)x Adam's \(([\d.]+) ms\)", out)
+    assert many, out
+    assert float(many.group(2)) == pytest.approx(float(many.group(1)) / float(many.group(3)),
+                                                 rel=0.05, abs=0.1)
     verdict = re.search(r"^(PASS|FAIL): step\(\) at N = 199.7k on CPU = ([\d.]+)x", out, re.M)
     assert verdict and (verdict.group(1) == "PASS") == (done.returncode == 0)
 

@@ -141,7 +141,8 @@ def test_a_bucket_call_refuses_what_it_would_misread():
     params, grads = [torch.zeros(5), torch.zeros(7)], [torch.ones(5), torch.ones(7)]
     with pytest.raises(ValueError, match=r"feature-major float32 CPU \[11, 42\] view for "
                                          r"parameters of \[5, 6\] rows"):
-        native.step_bucket_native(constants, buffer, grads, [params[0], torch.zeros(6)])
+        native.step_bucket_native(constants, buffer, [grads[0], torch.ones(6)],
+                                  [params[0], torch.zeros(6)])
     with pytest.raises(ValueError, match="grad 1 is torch.float64"):
         native.step_bucket_native(constants, buffer, [grads[0], grads[1].double()], params)
     with pytest.raises(ValueError, match="param 0 is .* not contiguous"):

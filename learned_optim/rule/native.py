@@ -271,9 +271,6 @@ extern "C" void kernel(const float* weight, const float* bias, const float* meta
 
 _ARGTYPES = (["const float*"] * 4 + ["const int64_t*", "const float*"] + ["const int64_t"] * 5
              + ["const float"] * 5 + ["const int64_t"])
-# One entry of the kernel's table: rows, then the addresses of state in and out, gradient,
-# theta in and out, and the gradient's moments.
-_ENTRY = 7
 
 
 def normalisation_args(normalisation: Normalisation | None, rows: int, device: str = "cpu",
@@ -464,21 +461,14 @@ def step_bucket_native(constants: StepConstants, buffer: Tensor, grads: list[Ten
 def check_bucket(buffer: Tensor, grads: list[Tensor | None], params: list[Tensor], hidden: int,
                  *, device: str = "cpu", kernel: str = "the native step kernel") -> list[int]:
     """:func:`check_layout` for a bucket (``kernel`` on ``device`` names the one checked
-    for): the state buffer once, then each parameter and gradient. Returns the parameters'
+    for): each parameter and gradient, then the state buffer once. Returns the parameters'
     lengths."""
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
     if hidden > MAX_HIDDEN:
         raise ValueError(f"{kernel} takes hidden sizes up to {MAX_HIDDEN}, got {hidden}")
     rows = [param.shape[0] if param.dim() == 1 else -1 for param in params]
-    total = sum(rows)
     where = "CPU" if device == "cpu" else device
-    if (buffer.dtype != torch.float32 or buffer.device.type != device
-            or buffer.shape != (total, 2 * hidden + 2) or (total > 1 and buffer.stride(0) != 1)):
-        raise ValueError(f"the state buffer must be a feature-major float32 {where} "
-                         f"[{total}, {2 * hidden + 2}] view for parameters of {rows} rows, got "
-                         f"{buffer.dtype} of shape {tuple(buffer.shape)}, strides "
-                         f"{buffer.stride()} on {buffer.device}")
     for index, (grad, param, n) in enumerate(zip(grads, params, rows)):
         for name, tensor in (("param", param), ("grad", grad)):
             if tensor is not None and (tensor.dtype != torch.float32
@@ -488,6 +478,13 @@ def check_bucket(buffer: Tensor, grads: list[Tensor | None], params: list[Tensor
                                  f"{name} {index} is {tensor.dtype} of shape "
                                  f"{tuple(tensor.shape)} on {tensor.device}"
                                  + ("" if tensor.is_contiguous() else ", not contiguous"))
+    total = sum(rows)
+    if (buffer.dtype != torch.float32 or buffer.device.type != device
+            or buffer.shape != (total, 2 * hidden + 2) or (total > 1 and buffer.stride(0) != 1)):
+        raise ValueError(f"the state buffer must be a feature-major float32 {where} "
+                         f"[{total}, {2 * hidden + 2}] view for parameters of {rows} rows, got "
+                         f"{buffer.dtype} of shape {tuple(buffer.shape)}, strides "
+                         f"{buffer.stride()} on {buffer.device}")
     return rows
 
 

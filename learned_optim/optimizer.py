@@ -772,7 +772,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
 
     def _fused_step(self, buffer: Tensor) -> Callable | None:
         """The kernel that steps this bucket, if any: the CPU's hand-fused one (one call for
-        the bucket) or the GPU's Triton one (one launch a parameter), each built on first
+        the bucket) or the GPU's Triton one (one launch for the bucket), each built on first
         use; else ``None``."""
         if self.meta_learner.hidden_size > NATIVE_MAX_HIDDEN:
             return None

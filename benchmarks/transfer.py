@@ -88,7 +88,17 @@ def episode_scores(spec, sampler, indices, kind, ways, filters, shots, steps, in
 
 def run_cell(args, rule, fresh, dataset, kind, shots, baselines: dict | None = None) -> dict:
     """All methods on one cell; ``baselines`` (a stored cell of the same setting and another
-    rule) keeps its tuning and the rows that do not depend on the rule."""
+    rule) keeps its tuning and the rows that do not depend on the rule: only if they ran on
+    ``--episodes`` test episodes, else the rule would be scored on other episodes than they
+    were (refused)."""
+    if baselines is not None:
+        counts = sorted({r["episodes"] for n, r in baselines["results"].items()
+                         if n != "learned rule"})
+        if counts != [args.episodes]:
+            raise SystemExit(f"--reuse-baselines: the stored baselines of this cell ran on "
+                             f"{', '.join(map(str, counts))} test episodes, not --episodes "
+                             f"{args.episodes}; rerun with --episodes {counts[-1]} so that "
+                             "every method is scored on the same episodes")
     ways, steps = args.ways, args.steps
     test = EpisodeSampler(dataset, ways, shots, args.queries, seed=TEST_SEED)
     tune_sampler = EpisodeSampler(dataset, ways, shots, args.queries, seed=TUNE_SEED)

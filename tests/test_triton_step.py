@@ -163,6 +163,43 @@ def test_cuda_step_takes_the_triton_kernel_and_matches_the_cpu_step(make_rule):
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and Triton")
+def test_cuda_bucket_of_many_tensors_matches_the_cpu_bucket():
+    # One launch for 40 tensors of assorted sizes (one empty, one without a gradient), with
+    # the gradient's normalisation, against the CPU's kernel on the same inputs.
+    from learned_optim.rule import native
+    from learned_optim.rule.math import normalisation
+
+    torch.manual_seed(0)
+    sizes = [int(n) for n in torch.randint(1, 3000, (40,))]
+    sizes[5] = 0
+    constants = prepare_step(MetaLearnerLSTM().weights(), None, torch.float32)
+    cuda_constants = constants._replace(**{name: getattr(constants, name).cuda()
+                                           for name in constants._fields if name != "p"})
+    buffer = initial_state(sum(sizes), 20, feature_major=True)
+    buffer.normal_()
+    params = [torch.randn(n) for n in sizes]
+    grads = [torch.randn(n) * 1e-3 for n in sizes]
+    grads[7] = None
+    moments = [torch.rand(2, n) for n in sizes]
+    cuda_buffer = buffer.t().contiguous().cuda().t()
+    cuda_params = [p.cuda() for p in params]
+    cuda_moments = [m.cuda() for m in moments]
+    for step in (1, 2):
+        native.step_bucket_native(constants, buffer, grads, params, 0.5, 1e-3, normalisations=[
+            normalisation(m, step, 0.9, 0.99, 0.1) for m in moments])
+        step_bucket_triton(cuda_constants, cuda_buffer,
+                           [None if g is None else g.cuda() for g in grads], cuda_params, 0.5,
+                           1e-3, normalisations=[normalisation(m, step, 0.9, 0.99, 0.1)
+                                                 for m in cuda_moments])
+    for ours, theirs in zip(cuda_params, params):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(cuda_moments, moments):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(cuda_buffer.cpu(), buffer, rtol=1e-4, atol=1e-5)
+
+
 def _compiled_for_h100(kernel, floats: tuple[str, ...], constants: dict, warps: int) -> str:
     """``kernel`` compiled ahead of time for sm_90 (no GPU needed: Triton's bundled ptxas),
     and its resource usage as ``cuobjdump -res-usage`` prints it."""

@@ -705,7 +705,7 @@ class LSTMMetaOptimizer(torch.optim.Optimizer):
             moments = state.get("grad_moments")
             if moments is None:
                 moments = torch.zeros((2, *grad.shape), dtype=grad.dtype, device=grad.device)
-            elif not moments.is_contiguous():  # (e.g. as a loaded state dict left it)
+            elif not moments.is_contiguous():  # (set by hand: load_state_dict copies them)
                 moments = moments.contiguous()
             state["grad_moments"] = moments
             normalisations[i] = normalisation(moments, state["rule_step"], rule.momentum,

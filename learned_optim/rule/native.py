@@ -416,8 +416,8 @@ def step_rows_native(constants: StepConstants, state: Tensor, grad: Tensor, para
     """
     rows = grad.shape[0]
     check_layout(state, grad, param, rows, constants.meta_weight_h.shape[0])
-    step_bucket_native(constants, state, [grad], [param], lr, weight_decay,
-                       kernel_constants=kernel_constants, normalisations=[normalisation])
+    _step_checked(constants, state, [grad], [param], [rows], lr, weight_decay, kernel_constants,
+                  [normalisation])
 
 
 def step_bucket_native(constants: StepConstants, buffer: Tensor, grads: list[Tensor | None],
@@ -441,8 +441,17 @@ def step_bucket_native(constants: StepConstants, buffer: Tensor, grads: list[Ten
     ...     step_bucket_native(constants, buffer, grads, params)
     ...     torch.testing.assert_close(torch.cat(params), expected)
     """
+    rows = check_bucket(buffer, grads, params, constants.meta_weight_h.shape[0])
+    _step_checked(constants, buffer, grads, params, rows, lr, weight_decay, kernel_constants,
+                  normalisations)
+
+
+def _step_checked(constants: StepConstants, buffer: Tensor, grads: list[Tensor | None],
+                  params: list[Tensor], rows: list[int], lr: float, weight_decay: float,
+                  kernel_constants: tuple | None,
+                  normalisations: list[Normalisation | None] | None) -> None:
+    """The kernel call of :func:`step_bucket_native` on inputs its caller has checked."""
     hidden = constants.meta_weight_h.shape[0]
-    rows = check_bucket(buffer, grads, params, hidden)
     table, numbers, normalise = bucket_table(buffer, grads, params, rows, normalisations)
     if not table:
         return

@@ -319,33 +319,38 @@ def iteration_comparison(quick: bool) -> dict:
     base = nn.Sequential(*layers[:-1])
     inputs = torch.rand(ITERATION_BATCH, ITERATION_LAYERS[0])
     targets = torch.randint(0, ITERATION_LAYERS[-1], (ITERATION_BATCH,))
-    loss_fn = nn.CrossEntropyLoss()
     meta = MetaLearnerLSTM()
-
-    def iteration(model, step):
-        def run():
-            for param in model.parameters():
-                param.grad = None
-            loss = loss_fn(model(inputs), targets)
-            loss.backward()
-            step(loss.detach())
-        return run
-
     sgd_model, rule_model, naive_model, default_model = (copy.deepcopy(base) for _ in range(4))
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=1e-2)
     rule = LSTMMetaOptimizer(rule_model.parameters(), meta)
     default = LSTMMetaOptimizer(default_model.parameters())  # the shipped general rule
-    fns = {"SGD": iteration(sgd_model, lambda loss: sgd.step()),
-           "rule": iteration(rule_model, lambda loss: rule.step(loss=loss)),
-           "default rule": iteration(default_model, lambda loss: default.step())}
+    fns = {"SGD": training_iteration(sgd_model, inputs, targets, lambda loss: sgd.step()),
+           "rule": training_iteration(rule_model, inputs, targets,
+                                      lambda loss: rule.step(loss=loss)),
+           "default rule": training_iteration(default_model, inputs, targets,
+                                              lambda loss: default.step())}
     fns["rule"]()  # allocates the rule's state
     fns["default rule"]()
     naive_model(inputs).sum().backward()
     naive = Straightforward(naive_model.parameters(), meta)
-    fns["straightforward"] = iteration(naive_model, naive.step)
+    fns["straightforward"] = training_iteration(naive_model, inputs, targets, naive.step)
     times = interleaved_medians(fns, 3, 10 if quick else 50, 2.0 if quick else 8.0)
     return {"n": sum(p.numel() for p in base.parameters()), "time": times,
             "many_tensors": many_tensor_iteration(quick)}
+
+
+def training_iteration(model: nn.Module, inputs, targets, step):
+    """One training iteration as a callable: gradients cleared (``None``), forward,
+    cross-entropy, backward, then ``step(loss)`` with the loss detached."""
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run():
+        for param in model.parameters():
+            param.grad = None
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        step(loss.detach())
+    return run
 
 
 def many_tensor_iteration(quick: bool) -> dict:
@@ -359,22 +364,13 @@ def many_tensor_iteration(quick: bool) -> dict:
               for layer in (nn.Linear(48, 48), nn.LayerNorm(48), nn.ReLU())]
     base = nn.Sequential(*blocks, nn.Linear(48, 10))
     inputs, targets = torch.randn(ITERATION_BATCH, 48), torch.randint(0, 10, (ITERATION_BATCH,))
-    loss_fn = nn.CrossEntropyLoss()
     models = {name: copy.deepcopy(base) for name in ("SGD", "Adam", "default rule")}
     optimizers = {"SGD": torch.optim.SGD(models["SGD"].parameters(), lr=1e-2),
                   "Adam": torch.optim.Adam(models["Adam"].parameters()),
                   "default rule": LSTMMetaOptimizer(models["default rule"].parameters())}
-
-    def iteration(name):
-        model, optimizer = models[name], optimizers[name]
-
-        def run():
-            optimizer.zero_grad()
-            loss_fn(model(inputs), targets).backward()
-            optimizer.step()
-        return run
-
-    fns = {name: iteration(name) for name in models}
+    fns = {name: training_iteration(models[name], inputs, targets,
+                                    lambda loss, optimizer=optimizer: optimizer.step())
+           for name, optimizer in optimizers.items()}
     times = interleaved_medians(fns, 3, 10 if quick else 50, 2.0 if quick else 8.0)
     return {"n": sum(p.numel() for p in base.parameters()),
             "tensors": len(list(base.parameters())), "time": times}

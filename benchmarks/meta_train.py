@@ -300,6 +300,8 @@ class ReferenceTrainer:
         # The straightforward layout: NCHW, where the package's learner runs channels-last on
         # a CPU (learned_optim.learners.conv_memory_format).
         self.learner.channels_last = False
+        # ...and plain modules, none of ConvFeatures' fused kernels (same parameter names).
+        self.learner.features = nn.Sequential(*self.learner.features)
         self.rule = StraightforwardRule(trainer.rule)
         self.meta_params = list(self.rule.parameters()) + list(self.learner.parameters())
         self.adam = torch.optim.Adam(self.meta_params, lr=trainer.config.meta_lr)

@@ -1,0 +1,248 @@
+"""BatchNorm's fused double backward (NCHW, CPU) computes PyTorch's, and takes over only where
+it may.
+
+The forward and the first backward are PyTorch's own, so they must equal the module's to the
+bit; the double backward is checked against PyTorch's at float64 (a float32 error no larger
+than PyTorch's float32 one), for every combination of upstream gradients, on shapes that fill
+no vector and on one and two threads; then inside a real second-order meta-gradient. And the
+NCHW learner's other shortcut: its ReLU after the max-pooling, the same numbers to the bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import higher
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from learned_optim import native_batchnorm, native_block
+from learned_optim.data import EpisodeSampler, omniglot
+from learned_optim.learners import ConvFeatures, ConvLearner
+from learned_optim.native_batchnorm import batchnorm_train, double_backward_fusable
+
+ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+
+pytestmark = pytest.mark.skipif(
+    not double_backward_fusable(torch.zeros(2, 2, 2, 2, requires_grad=True), nn.BatchNorm2d(2)),
+    reason="the BatchNorm double-backward kernel did not build here")
+
+SHAPES = [(100, 32, 28, 28), (5, 32, 7, 7), (3, 20, 5, 6), (2, 17, 1, 1), (6, 3, 9, 4)]
+
+
+def batch(shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 0.5).to(dtype)
+
+
+def module(channels: int, dtype=torch.float32, **options) -> nn.BatchNorm2d:
+    batchnorm = nn.BatchNorm2d(channels, **options).to(dtype)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        batchnorm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+        batchnorm.bias.copy_(torch.randn(channels, generator=generator))
+    return batchnorm
+
+
+def second_order(x, batchnorm, fused: bool, upstream: str):
+    """The gradients of ``<a, dx> + <u, dweight> + <v, dbias>`` with respect to the output
+    gradient, the input and the weight, for the upstream gradients ``upstream`` names."""
+    x = x.detach().requires_grad_()
+    out = batchnorm_train(x, batchnorm) if fused else batchnorm(x)
+    g = batch(out.shape, out.dtype, seed=2).requires_grad_()
+    grads = torch.autograd.grad(out, (x, batchnorm.weight, batchnorm.bias), g,
+                                create_graph=True)
+    total = sum((grad * batch(grad.shape, grad.dtype, seed=3 + i)).sum()
+                for i, grad in enumerate(grads) if "axv"[i] in upstream)
+    return torch.autograd.grad(total, (g, x, batchnorm.weight), allow_unused=True)
+
+
+def error(actual, truth) -> float:
+    """The largest difference relative to the tensor's largest value (BatchNorm's input
+    gradients are sums of thousands of terms that cancel: no tighter elementwise bound)."""
+    if truth is None:
+        return 0.0 if actual is None or not actual.any() else float("inf")
+    return float((actual.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"track_running_stats": False}],
+                         ids=["momentum", "cumulative", "no-running"])
+def test_outputs_first_gradients_and_running_statistics_are_the_modules_to_the_bit(
+        shape, options):
+    x = batch(shape).requires_grad_()
+    fused_module, eager_module = module(shape[1], **options), module(shape[1], **options)
+    for _ in range(2):  # the second batch moves the running statistics on from the first
+        fused, eager = batchnorm_train(x, fused_module), eager_module(x)
+        assert torch.equal(fused, eager)
+        g = batch(shape, seed=2)
+        for ours, theirs in zip(
+                torch.autograd.grad(fused, (x, fused_module.weight, fused_module.bias), g),
+                torch.autograd.grad(eager, (x, eager_module.weight, eager_module.bias), g)):
+            assert torch.equal(ours, theirs)
+        for ours, theirs in zip(fused_module.buffers(), eager_module.buffers()):
+            assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("upstream", ["axv", "a", "x", "v", "ax"])
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_the_double_backward_is_pytorchs_to_float32_rounding(shape, upstream, thread_count,
+                                                              threads):
+    # upstream: which of the input, weight and bias gradients ("a", "x", "v") the loss reads
+    threads(thread_count)
+    truth = second_order(batch(shape, torch.float64), module(shape[1], torch.float64),
+                         fused=False, upstream=upstream)
+    fused = second_order(batch(shape), module(shape[1]), fused=True, upstream=upstream)
+    eager = second_order(batch(shape), module(shape[1]), fused=False, upstream=upstream)
+    for name, ours, theirs, exact in zip(("output gradient", "input", "weight"), fused, eager,
+                                         truth):
+        assert error(ours, exact) <= max(4 * error(theirs, exact), 2e-6), name
+    if "a" in upstream:  # the input gradient's gradient reaches all three
+        assert all(grad is not None and grad.abs().max() > 0 for grad in truth)
+
+
+def test_a_third_derivative_is_refused_with_the_way_out():
+    x = batch((3, 4, 5, 5)).requires_grad_()
+    batchnorm = module(4)
+    (dx,) = torch.autograd.grad(batchnorm_train(x, batchnorm).pow(3).sum(), x,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative.*LEARNED_OPTIM_COMPILE=0"):
+        torch.autograd.grad(dx.pow(2).sum(), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.pow(2).sum(), x)  # a second derivative is fine
+    assert torch.isfinite(ddx).all() and ddx.abs().max() > 0
+
+
+def test_only_batch_statistics_on_nchw_float32_cpu_activations_that_need_gradients():
+    x = torch.zeros(2, 4, 6, 6, requires_grad=True)
+    batchnorm = nn.BatchNorm2d(4)
+    assert double_backward_fusable(x, batchnorm)
+    assert double_backward_fusable(x.detach(), batchnorm)  # its weight needs a gradient
+    assert not double_backward_fusable(x.contiguous(memory_format=torch.channels_last),
+                                       batchnorm)  # the fused conv blocks' layout
+    assert not double_backward_fusable(x.double(), batchnorm.double())
+    assert not double_backward_fusable(x, nn.BatchNorm2d(4).eval())  # running statistics
+    assert double_backward_fusable(x, nn.BatchNorm2d(4, track_running_stats=False).eval())
+    assert not double_backward_fusable(x, nn.BatchNorm2d(4, affine=False))
+    assert not double_backward_fusable(x, nn.BatchNorm2d(3))
+    assert not double_backward_fusable(torch.zeros(1, 4, 1, 1), batchnorm)  # one value
+    frozen = nn.BatchNorm2d(4).requires_grad_(False)
+    assert not double_backward_fusable(x.detach(), frozen)  # nothing to differentiate
+    with torch.no_grad():
+        assert not double_backward_fusable(x, batchnorm)
+
+
+def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeypatch):
+    learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
+    calls = []
+    kernel = native_batchnorm._kernel()
+    monkeypatch.setattr(native_batchnorm._kernel, "kernel",
+                        lambda *args: calls.append(1) or kernel(*args))
+    inputs = batch((6, 1, 8, 8))
+
+    def gradient_of_gradient(params=None):
+        params = params or dict(learner.named_parameters())
+        out = torch.func.functional_call(learner, params, (inputs,))
+        grads = torch.autograd.grad(out.square().sum(), list(params.values()),
+                                    create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), list(params.values()))
+
+    gradient_of_gradient()
+    assert len(calls) == 2  # one a block
+    monkeypatch.setattr(native_block, "FUSED_BLOCKS", False)  # LEARNED_OPTIM_COMPILE=0
+    gradient_of_gradient()
+    assert len(calls) == 2
+    monkeypatch.setattr(native_block, "FUSED_BLOCKS", True)
+    seen = []
+    handle = learner.features[1].register_forward_hook(lambda *args: seen.append(1))
+    gradient_of_gradient()
+    assert len(calls) == 3 and seen == [1]  # the hooked BatchNorm ran as its module
+    handle.remove()
+    params = {name: p.detach() for name, p in learner.named_parameters()}
+    buffers = dict(learner.named_buffers())  # inputs, so that they may be updated
+    torch.func.grad(lambda p, b: torch.func.functional_call(learner, {**p, **b},
+                                                            (inputs,)).sum())(params, buffers)
+    assert len(calls) == 3
+
+
+@pytest.fixture(scope="module")
+def support_set() -> tuple[torch.Tensor, torch.Tensor]:
+    """A real 5-way 5-shot Omniglot support set (25 images, 28 x 28)."""
+    sampler = EpisodeSampler(omniglot(ROOT, "val", "lake"), ways=5, shots=5, queries=1, seed=4)
+    episode = sampler.episode(0)
+    return episode.support_inputs, episode.support_targets
+
+
+def test_a_second_order_meta_gradient_on_real_images_is_the_modules_to_rounding(
+        support_set, monkeypatch):
+    # Two second-order SGD steps of the paper's learner (NCHW, as second-order meta-training
+    # runs it) on a real support set: the fused double backward against PyTorch's.
+    inputs, targets = support_set
+
+    def meta_gradient():
+        torch.manual_seed(1)
+        learner = ConvLearner(1, ways=5, filters=8, image_size=28, channels_last=False)
+        opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+        with higher.innerloop_ctx(learner, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(F.cross_entropy(fmodel(inputs), targets))
+            F.cross_entropy(fmodel(inputs), targets).backward()
+        return torch.cat([p.grad.flatten() for p in learner.parameters()])
+
+    calls = []
+    kernel = native_batchnorm._kernel()
+    monkeypatch.setattr(native_batchnorm._kernel, "kernel",
+                        lambda *args: calls.append(1) or kernel(*args))
+    fused = meta_gradient()
+    assert len(calls) == 8  # 4 blocks x 2 steps
+    monkeypatch.setattr(native_block, "FUSED_BLOCKS", False)
+    eager = meta_gradient()
+    relative = float((fused - eager).norm() / eager.norm())
+    assert relative < 1e-5, relative
+
+
+def test_a_failed_build_warns_once_and_the_learner_runs_its_modules(no_cpp_compiler):
+    no_cpp_compiler(native_batchnorm._kernel)
+    learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
+    inputs = batch((6, 1, 8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            grads = torch.autograd.grad(learner(inputs).square().sum(),
+                                        list(learner.parameters()), create_graph=True)
+            sum(g.square().sum() for g in grads).backward()
+    messages = [str(w.message) for w in caught if "double-backward" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler found" in messages[0], messages
+    assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_after_max_pooling_gives_the_modules_numbers_to_the_bit(dtype, monkeypatch):
+    # ConvFeatures pools before the ReLU where both run as modules; whole numbers make ties
+    # inside windows, and negative windows, common. The BatchNorm kernel is switched off so
+    # that only the order differs.
+    monkeypatch.setattr(native_block, "FUSED_BLOCKS", False)
+    modules = [nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+               nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
+               nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.Flatten()]
+    torch.manual_seed(0)
+    features = ConvFeatures(*modules).to(dtype)
+    x = (torch.randn(6, 2, 9, 9, dtype=dtype) * 2).round().requires_grad_()
+    relu_forward, relu_calls = nn.ReLU.forward, []
+    monkeypatch.setattr(nn.ReLU, "forward",
+                        lambda self, x: relu_calls.append(1) or relu_forward(self, x))
+    results = []
+    for model, calls in ((features, 0), (nn.Sequential(*modules), 2)):
+        relu_calls.clear()
+        out = model(x)
+        assert len(relu_calls) == calls
+        grads = torch.autograd.grad(out.pow(2).sum(), [x, *features.parameters()],
+                                    create_graph=True)
+        results.append([out, *grads, *torch.autograd.grad(
+            sum(g.pow(2).sum() for g in grads), [x, *features.parameters()])])
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()

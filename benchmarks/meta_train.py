@@ -344,6 +344,9 @@ class Parts:
                                    config.bn_momentum).to(device)
         self.learner.train()
         self.params = list(self.learner.parameters())
+        # Second order runs its learner NCHW, as MetaTrainer does (conv_memory_format)
+        self.learner_nchw = copy.deepcopy(self.learner)
+        self.learner_nchw.channels_last = False
         self.rows = sum(p.numel() for p in self.params)
         self.rule = MetaLearnerLSTM(hidden_size=config.hidden_size).to(device)
         self.opt = LSTMMetaOptimizer(self.params, MetaLearnerLSTM(config.hidden_size).to(device))
@@ -374,15 +377,16 @@ class Parts:
         """(a2) as (a), functionally, through T plain-SGD steps with ``create_graph=True`` and
         the query backward through the whole chain: the learner's share of a second-order step.
         """
-        names = [n for n, _ in self.learner.named_parameters()]
+        learner = self.learner_nchw
+        names = [n for n, _ in learner.named_parameters()]
         params = [p.detach().clone().requires_grad_() for p in self.params]
         x, y = self.support
         for _ in range(self.steps):
-            out = torch.func.functional_call(self.learner, dict(zip(names, params)), (x,))
+            out = torch.func.functional_call(learner, dict(zip(names, params)), (x,))
             grads = torch.autograd.grad(F.cross_entropy(out, y), params, create_graph=True)
             params = [p - 0.01 * g for p, g in zip(params, grads)]
         xq, yq = self.query
-        out = torch.func.functional_call(self.learner, dict(zip(names, params)), (xq,))
+        out = torch.func.functional_call(learner, dict(zip(names, params)), (xq,))
         F.cross_entropy(out, yq).backward()
 
     def update_on_tape(self, backward: bool = True, recompute: bool = True,

@@ -91,3 +91,19 @@ def test_paper_preprocessing_matches_the_package():
     x = torch.tensor([1.0, -0.5, 0.0, 1e-6, -3e-5, 4.6e-5, 20.0], dtype=torch.float64)
     torch.testing.assert_close(meta_train.paper_preprocess(x), preprocess(x, 10.0),
                                rtol=0, atol=1e-15)
+
+
+def test_the_parts_report_differentiates_the_learner_twice_as_second_order_runs_it(
+        shared_data, tmp_path):
+    # The first/second-order report's (a2) times the learner's share of a second-order step
+    # with its saved tensors counted (a saved-tensor hook), on the NCHW learner second-order
+    # meta-training runs: the channels-last fused blocks' double backward goes through
+    # torch.func, which refuses such hooks (the report failed there).
+    import argparse
+
+    args = argparse.Namespace(data_root=str(shared_data / "omniglot"), ways=5, shots=1,
+                              steps=2, filters=4, meta_batch=1, device="cpu")
+    parts = meta_train.Parts(meta_train.make_trainer(args, True, tmp_path), steps=2)
+    assert not parts.learner_nchw.channels_last
+    saved_bytes, _ = meta_train.saved_tensor_bytes(parts.learner_passes_second_order)
+    assert saved_bytes > 0

@@ -272,14 +272,23 @@ def test_non_finite_loss_raises_and_leaves_parameters_untouched():
     assert torch.equal(model.weight, before)
 
 
-def test_non_finite_gradient_raises_before_any_parameter_moves():
-    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
-    opt = LSTMMetaOptimizer(model.parameters())
+@pytest.mark.parametrize("native", [True, False], ids=["one-kernel-call", "torch-operators"])
+def test_non_finite_gradient_raises_before_any_parameter_moves(native, monkeypatch):
+    if not native:
+        monkeypatch.setenv("LEARNED_OPTIM_COMPILE", "0")
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1), nn.Linear(1, 2))
+    opt = LSTMMetaOptimizer([{"params": model[:2].parameters()},
+                             {"params": model[2].parameters()}])
     loss = model(torch.ones(1, 3)).sum()
     loss.backward()
     model[1].bias.grad[0] = float("inf")
+    model[2].weight.grad[1] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(FloatingPointError, match=r"parameter 3 of param group 0 \(shape \(1,\)\)"):
+        opt.step(loss=loss)
+    model[1].bias.grad[0] = 0.0
+    # the first group is fine now, and still nothing moves
+    with pytest.raises(FloatingPointError, match=r"parameter 0 of param group 1 \(shape \(2, 1"):
         opt.step(loss=loss)
     for param, old in zip(model.parameters(), before):
         assert torch.equal(param, old)

@@ -85,7 +85,9 @@ extern "C" void kernel(const float* x, const float* g, const float* a, const flo
 {
     const int64_t stride = C * HW;
     const double M = (double)(N * HW);
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    // Channels go to threads as they free up: a static share would wait out a time slice
+    // for a thread whose core another process holds.
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t c = 0; c < C; ++c) {
         const int64_t base = c * HW;
         double sums[5] = {0.0, 0.0, 0.0, 0.0, 0.0};

@@ -10,8 +10,9 @@ from learned_optim.native_finite import first_nonfinite, nonfinite_applies
 pytestmark = pytest.mark.skipif(not nonfinite_applies([torch.zeros(1)]),
                                 reason="the non-finite test kernel did not build here")
 
-# Lengths that fill no vector, one value, several chunks of the kernel's (16,384 values).
-SIZES = [1, 7, 16, 33, 16384, 50_001]
+# Lengths that fill no vector, one value, several chunks of the kernel's (16,384 values), and
+# enough values in all for the threads to share them (2^20).
+SIZES = [1, 7, 16, 33, 16384, 50_001, 1_100_000]
 
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])

@@ -123,15 +123,6 @@ def _hooked(modules: list[nn.Module]) -> bool:
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
-def _relu_then_max_pool(modules: list[nn.Module]) -> bool:
-    """Whether ``modules`` are an unhooked ReLU and max-pooling, which commute (the ReLU is
-    monotone): pooled first, the values and every gradient (the first window maximum wins
-    either way, and a negative winner passes no gradient) are the same to the bit."""
-    return (len(modules) == 2 and isinstance(modules[0], nn.ReLU)
-            and isinstance(modules[1], nn.MaxPool2d) and not modules[1].return_indices
-            and not _hooked(modules))
-
-
 class ConvFeatures(nn.Sequential):
     """A ``Sequential`` whose ``conv -> BatchNorm -> ReLU -> max-pool 2`` blocks run as
     hand-fused kernels where they may, and module by module otherwise.
@@ -142,10 +133,8 @@ class ConvFeatures(nn.Sequential):
     modules after its convolution as one (:func:`learned_optim.native_block.fusable`). On
     NCHW activations (second-order meta-training runs its learner so) a BatchNorm with batch
     statistics runs PyTorch's forward and backward with its double backward as one kernel
-    (:func:`learned_optim.native_batchnorm.double_backward_fusable`). Where a ``ReLU`` and a
-    ``MaxPool2d`` still run as modules, the pooling runs first, the ReLU on a quarter of the
-    values (the same numbers to the bit). Same modules, same parameter names, the same
-    outputs to float32 rounding. A block with a forward hook on any
+    (:func:`learned_optim.native_batchnorm.double_backward_fusable`). Same modules, same
+    parameter names, the same outputs to float32 rounding. A block with a forward hook on any
     of its modules runs module by module, so the hook sees what it expects.
 
     >>> import torch
@@ -166,10 +155,6 @@ class ConvFeatures(nn.Sequential):
             if whole and stem_fusable(x, module, *block):
                 x = conv_batchnorm_relu_maxpool(x, module, block[0])
                 index += 4
-                continue
-            if _relu_then_max_pool(modules[index: index + 2]):
-                x = torch.relu(modules[index + 1](x))  # pooled first: a quarter of the values
-                index += 2
                 continue
             if (isinstance(module, nn.BatchNorm2d) and not _hooked([module])
                     and double_backward_fusable(x, module)):

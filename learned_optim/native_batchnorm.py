@@ -148,7 +148,7 @@ _kernel = NativeKernel(
 
 class _BatchNormTrain(torch.autograd.Function):
     """BatchNorm with batch statistics: PyTorch's forward and backward, the backward itself
-    one node (:class:`_BatchNormTrainBackward`) whose backward is the kernel."""
+    one node (:class:`_BatchNormTrainGradient`) whose backward is the kernel."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_mean, running_var,
@@ -162,12 +162,16 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: Tensor):
         x, weight, mean, invstd = ctx.saved_tensors
-        d_x, d_weight, d_bias = _BatchNormTrainBackward.apply(d_out, x, weight, mean, invstd,
-                                                              ctx.eps)
-        return d_x, d_weight, d_bias, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: a node whose backward is the kernel
+            grads = _BatchNormTrainGradient.apply(d_out, x, weight, mean, invstd, ctx.eps)
+        else:
+            grads = torch.ops.aten.native_batch_norm_backward(
+                d_out.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
+                list(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None)
 
 
-class _BatchNormTrainBackward(torch.autograd.Function):
+class _BatchNormTrainGradient(torch.autograd.Function):
     """BatchNorm's backward as a differentiable function of the output gradient, the input
     and the weight (the batch statistics are recomputed from the input analytically)."""
 

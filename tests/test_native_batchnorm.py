@@ -4,8 +4,7 @@ it may.
 The forward and the first backward are PyTorch's own, so they must equal the module's to the
 bit; the double backward is checked against PyTorch's at float64 (a float32 error no larger
 than PyTorch's float32 one), for every combination of upstream gradients, on shapes that fill
-no vector and on one and two threads; then inside a real second-order meta-gradient. And the
-NCHW learner's other shortcut: its ReLU after the max-pooling, the same numbers to the bit.
+no vector and on one and two threads; then inside a real second-order meta-gradient.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from torch.nn import functional as F
 
 from learned_optim import native_batchnorm, native_block
 from learned_optim.data import EpisodeSampler, omniglot
-from learned_optim.learners import ConvFeatures, ConvLearner
+from learned_optim.learners import ConvLearner
 from learned_optim.native_batchnorm import batchnorm_train, double_backward_fusable
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -218,31 +217,3 @@ def test_a_failed_build_warns_once_and_the_learner_runs_its_modules(no_cpp_compi
     assert len(messages) == 1 and "no C++ compiler found" in messages[0], messages
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_relu_after_max_pooling_gives_the_modules_numbers_to_the_bit(dtype, monkeypatch):
-    # ConvFeatures pools before the ReLU where both run as modules; whole numbers make ties
-    # inside windows, and negative windows, common. The BatchNorm kernel is switched off so
-    # that only the order differs.
-    monkeypatch.setattr(native_block, "FUSED_BLOCKS", False)
-    modules = [nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-               nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
-               nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.Flatten()]
-    torch.manual_seed(0)
-    features = ConvFeatures(*modules).to(dtype)
-    x = (torch.randn(6, 2, 9, 9, dtype=dtype) * 2).round().requires_grad_()
-    relu_forward, relu_calls = nn.ReLU.forward, []
-    monkeypatch.setattr(nn.ReLU, "forward",
-                        lambda self, x: relu_calls.append(1) or relu_forward(self, x))
-    results = []
-    for model, calls in ((features, 0), (nn.Sequential(*modules), 2)):
-        relu_calls.clear()
-        out = model(x)
-        assert len(relu_calls) == calls
-        grads = torch.autograd.grad(out.pow(2).sum(), [x, *features.parameters()],
-                                    create_graph=True)
-        results.append([out, *grads, *torch.autograd.grad(
-            sum(g.pow(2).sum() for g in grads), [x, *features.parameters()])])
-    for ours, theirs in zip(*results):
-        assert torch.equal(ours, theirs)
-    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()

@@ -206,7 +206,8 @@ class _BatchNormTrainGradient(torch.autograd.Function):
                   weight.contiguous(),
                   zeros if grad_dweight is None else grad_dweight.contiguous(),
                   zeros if grad_dbias is None else grad_dbias.contiguous(),
-                  d_g, d_x, d_weight, n, channels, x[0, 0].numel(), int(grad_dx is not None),
+                  d_g, d_x, d_weight, n, channels, x.shape[2] * x.shape[3],
+                  int(grad_dx is not None),
                   kernel_threads(x.numel()))
         return d_g, d_x, d_weight, None, None, None
 
@@ -231,8 +232,8 @@ def double_backward_fusable(x: Tensor, batchnorm: nn.Module) -> bool:
             and batchnorm.weight.dtype == torch.float32
             and batchnorm.bias.dtype == torch.float32
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.shape[1] == batchnorm.num_features and x[0, 0].numel() > 0
-            and x.shape[0] * x[0, 0].numel() > 1 and x.is_contiguous()
+            and x.shape[1] == batchnorm.num_features and x.shape[2] * x.shape[3] > 0
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1 and x.is_contiguous()
             and torch.is_grad_enabled()
             and (x.requires_grad or batchnorm.weight.requires_grad
                  or batchnorm.bias.requires_grad)

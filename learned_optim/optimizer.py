@@ -222,27 +222,28 @@ def _check_finite_grads(grads: dict[int, Tensor], group_index: int, params: list
     grads = {i: g for i, g in grads.items() if g.numel()}  # (min, max) of nothing is undefined
     if not grads or next(iter(grads.values())).device.type == "meta":
         return
-    tensors = list(grads.values())
+    index = _first_nonfinite(grads)
+    if index is not None:
+        raise FloatingPointError(
+            f"the gradient of parameter {index} of param group {group_index} "
+            f"(shape {tuple(params[index].shape)}) contains NaN or Inf: parameters were "
+            "left untouched"
+        )
+
+
+def _first_nonfinite(grads: dict[int, Tensor]) -> int | None:
+    """The key of the first of ``grads`` (non-empty tensors) that holds NaN or Inf."""
+    keys, tensors = list(grads), list(grads.values())
     if nonfinite_applies(tensors):  # one kernel call for them all (CPU float32)
         bad = first_nonfinite(tensors)
-        if bad is None:
-            return
-        bad_indices = [list(grads)[bad]]
-    else:
-        # Each gradient's (min, max): NaN propagates into both and an infinity shows in one.
-        # One vectorised pass: at 55k parameters on the CPU about 10x faster than an inf-norm.
-        extremes = torch.stack([extreme for g in tensors
-                                for extreme in torch.aminmax(g.reshape(-1))])
-        if bool(torch.isfinite(extremes).all()):
-            return
-        bad_indices = [index for index, pair in zip(grads, extremes.view(-1, 2))
-                       if not bool(torch.isfinite(pair).all())]
-    index = bad_indices[0]
-    raise FloatingPointError(
-        f"the gradient of parameter {index} of param group {group_index} "
-        f"(shape {tuple(params[index].shape)}) contains NaN or Inf: parameters were "
-        "left untouched"
-    )
+        return None if bad is None else keys[bad]
+    # Each gradient's (min, max): NaN propagates into both and an infinity shows in one. One
+    # vectorised pass: at 55k parameters on the CPU about 10x faster than an inf-norm.
+    extremes = torch.stack([extreme for g in tensors for extreme in torch.aminmax(g.reshape(-1))])
+    if bool(torch.isfinite(extremes).all()):
+        return None
+    return next(key for key, pair in zip(keys, extremes.view(-1, 2))
+                if not bool(torch.isfinite(pair).all()))
 
 
 class _BucketCache(NamedTuple):

@@ -128,6 +128,7 @@ def test_only_batch_statistics_on_nchw_float32_cpu_activations_that_need_gradien
     assert not double_backward_fusable(x, nn.BatchNorm2d(4, affine=False))
     assert not double_backward_fusable(x, nn.BatchNorm2d(3))
     assert not double_backward_fusable(torch.zeros(1, 4, 1, 1), batchnorm)  # one value
+    assert not double_backward_fusable(torch.zeros(0, 4, 6, 6), batchnorm)  # no images
     frozen = nn.BatchNorm2d(4).requires_grad_(False)
     assert not double_backward_fusable(x.detach(), frozen)  # nothing to differentiate
     with torch.no_grad():

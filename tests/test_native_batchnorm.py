@@ -2,9 +2,10 @@
 it may.
 
 The forward and the first backward are PyTorch's own, so they must equal the module's to the
-bit; the double backward is checked against PyTorch's at float64 (a float32 error no larger
-than PyTorch's float32 one), for every combination of upstream gradients, on shapes that fill
-no vector and on one and two threads; then inside a real second-order meta-gradient.
+bit; the double backward is checked against PyTorch's at float64 (a float32 error within 1.5x
+of PyTorch's own float32 error, or 2e-6 of the largest value), for every combination of
+upstream gradients, on shapes that fill no vector and on one and two threads; then inside a
+real second-order meta-gradient.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def second_order(x, batchnorm, fused: bool, upstream: str):
     grads = torch.autograd.grad(out, (x, batchnorm.weight, batchnorm.bias), g,
                                 create_graph=True)
     total = sum((grad * batch(grad.shape, grad.dtype, seed=3 + i)).sum()
-                for i, grad in enumerate(grads) if "axv"[i] in upstream)
+                for i, grad in enumerate(grads) if "auv"[i] in upstream)
     return torch.autograd.grad(total, (g, x, batchnorm.weight), allow_unused=True)
 
 
@@ -74,7 +75,7 @@ def test_outputs_first_gradients_and_running_statistics_are_the_modules_to_the_b
         shape, options):
     x = batch(shape).requires_grad_()
     fused_module, eager_module = module(shape[1], **options), module(shape[1], **options)
-    for _ in range(2):  # the second batch moves the running statistics on from the first
+    for _ in range(2):  # a second call moves the running statistics on from the first
         fused, eager = batchnorm_train(x, fused_module), eager_module(x)
         assert torch.equal(fused, eager)
         g = batch(shape, seed=2)
@@ -87,11 +88,11 @@ def test_outputs_first_gradients_and_running_statistics_are_the_modules_to_the_b
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("upstream", ["axv", "a", "x", "v", "ax"])
+@pytest.mark.parametrize("upstream", ["auv", "a", "u", "v", "au"])
 @pytest.mark.parametrize("thread_count", [1, 2])
 def test_the_double_backward_is_pytorchs_to_float32_rounding(shape, upstream, thread_count,
                                                               threads):
-    # upstream: which of the input, weight and bias gradients ("a", "x", "v") the loss reads
+    # upstream: which of the input, weight and bias gradients ("a", "u", "v") the loss reads
     threads(thread_count)
     truth = second_order(batch(shape, torch.float64), module(shape[1], torch.float64),
                          fused=False, upstream=upstream)
@@ -99,7 +100,7 @@ def test_the_double_backward_is_pytorchs_to_float32_rounding(shape, upstream, th
     eager = second_order(batch(shape), module(shape[1]), fused=False, upstream=upstream)
     for name, ours, theirs, exact in zip(("output gradient", "input", "weight"), fused, eager,
                                          truth):
-        assert error(ours, exact) <= max(4 * error(theirs, exact), 2e-6), name
+        assert error(ours, exact) <= max(1.5 * error(theirs, exact), 2e-6), name  # <= 1.39x
     if "a" in upstream:  # the input gradient's gradient reaches all three
         assert all(grad is not None and grad.abs().max() > 0 for grad in truth)
 

@@ -146,6 +146,14 @@ _kernel = NativeKernel(
     "BatchNorm's double backward runs PyTorch's operators")
 
 
+def _first_backward(d_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
+                    eps: float, wanted: list[bool]) -> tuple:
+    """PyTorch's BatchNorm backward with batch statistics (the eager module's, to the bit):
+    the gradients of the input, weight and bias that ``wanted`` asks for, else ``None``."""
+    return torch.ops.aten.native_batch_norm_backward(d_out, x, weight, None, None, mean, invstd,
+                                                     True, eps, wanted)
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """BatchNorm with batch statistics: PyTorch's forward and backward, the backward itself
     one node (:class:`_BatchNormTrainGradient`) whose backward is the kernel."""
@@ -165,9 +173,8 @@ class _BatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a node whose backward is the kernel
             grads = _BatchNormTrainGradient.apply(d_out, x, weight, mean, invstd, ctx.eps)
         else:
-            grads = torch.ops.aten.native_batch_norm_backward(
-                d_out.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
-                list(ctx.needs_input_grad[:3]))
+            grads = _first_backward(d_out.contiguous(), x, weight, mean, invstd, ctx.eps,
+                                    list(ctx.needs_input_grad[:3]))
         return (*grads, None, None, None, None)
 
 
@@ -179,8 +186,7 @@ class _BatchNormTrainGradient(torch.autograd.Function):
     def forward(ctx, d_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
                 eps: float):
         d_out = d_out.contiguous()
-        grads = torch.ops.aten.native_batch_norm_backward(
-            d_out, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+        grads = _first_backward(d_out, x, weight, mean, invstd, eps, [True, True, True])
         ctx.set_materialize_grads(False)
         ctx.eps = eps
         ctx.save_for_backward(d_out, x, weight, mean, invstd)

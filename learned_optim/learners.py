@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from learned_optim.native_batchnorm import batchnorm_train, double_backward_fusable
 from learned_optim.native_block import batchnorm_relu_maxpool, fusable
+from learned_optim.native_pool import relu_maxpool, relu_maxpool_fusable
 from learned_optim.native_stem import conv_batchnorm_relu_maxpool, stem_fusable
 
 __all__ = [
@@ -133,7 +134,9 @@ class ConvFeatures(nn.Sequential):
     modules after its convolution as one (:func:`learned_optim.native_block.fusable`). On
     NCHW activations (second-order meta-training runs its learner so) a BatchNorm with batch
     statistics runs PyTorch's forward and backward with its double backward as one kernel
-    (:func:`learned_optim.native_batchnorm.double_backward_fusable`). Same modules, same
+    (:func:`learned_optim.native_batchnorm.double_backward_fusable`), and a ReLU and 2 x 2
+    max-pooling run as one kernel each way, at every order of derivative
+    (:func:`learned_optim.native_pool.relu_maxpool_fusable`). Same modules, same
     parameter names, the same outputs to float32 rounding. A block with a forward hook on any
     of its modules runs module by module, so the hook sees what it expects.
 
@@ -149,6 +152,12 @@ class ConvFeatures(nn.Sequential):
         x, index = inputs, 0
         while index < len(modules):
             module, block = modules[index], modules[index + 1: index + 4]
+            if (isinstance(module, nn.ReLU) and index + 1 < len(modules)
+                    and not _hooked(modules[index: index + 2])
+                    and relu_maxpool_fusable(x, module, modules[index + 1])):
+                x = relu_maxpool(x)  # NCHW: one kernel each way, at every order
+                index += 2
+                continue
             # a conv starting a whole, unhooked block: only there are the fusions worth asking
             whole = (isinstance(module, nn.Conv2d) and len(block) == 3
                      and not _hooked(modules[index: index + 4]))

@@ -43,8 +43,8 @@ from learned_optim.rule.native_build import (
 )
 
 __all__ = ["FUSED_BLOCKS", "KERNEL_PRELUDE", "MAX_CHANNELS", "NO_RUNNING", "batchnorm_relu_maxpool",
-           "eager_block", "fusable", "kernel_threads", "modules_fusable", "padded_channels",
-           "poolable_shape", "running_update"]
+           "eager_block", "fusable", "is_2x2_pool", "kernel_threads", "modules_fusable",
+           "padded_channels", "poolable_shape", "running_update"]
 
 # Read at call time, so a test or a user may switch the fused path off.
 FUSED_BLOCKS = native_allowed()
@@ -387,7 +387,14 @@ class _BatchNormReLUPool(torch.autograd.Function):
         return dx, d_params[0], d_params[1], None, None
 
 
-def _is_2x2_pool(pool: nn.Module) -> bool:
+def is_2x2_pool(pool: nn.Module) -> bool:
+    """Whether ``pool`` is a 2 x 2 ``MaxPool2d`` of stride 2, no padding or dilation, floor mode,
+    returning no indices: the pooling the kernels compute.
+
+    >>> is_2x2_pool(nn.MaxPool2d(2)), is_2x2_pool(nn.MaxPool2d(2, ceil_mode=True))
+    (True, False)
+    """
+
     def pair(value) -> tuple:
         return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -408,7 +415,7 @@ def modules_fusable(batchnorm: nn.Module, relu: nn.Module, pool: nn.Module) -> b
     False
     """
     return (FUSED_BLOCKS and isinstance(batchnorm, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
-            and _is_2x2_pool(pool) and batchnorm.weight is not None
+            and is_2x2_pool(pool) and batchnorm.weight is not None
             and batchnorm.bias is not None
             and (batchnorm.training or batchnorm.running_mean is None)
             and batchnorm.weight.dtype == torch.float32 and batchnorm.bias.dtype == torch.float32

@@ -11,7 +11,8 @@ straightforward layout, module by module), channels-last module by module
 (``native_block.FUSED_BLOCKS`` off), channels-last as the package runs it (the first
 block through ``learned_optim.native_stem``, the later ones through
 ``learned_optim.native_block``), and NCHW as the package runs it (second-order meta-training:
-BatchNorm's double backward through ``learned_optim.native_batchnorm``). Run from the
+BatchNorm's double backward through ``learned_optim.native_batchnorm``, ReLU and pooling
+through ``learned_optim.native_pool``). Run from the
 repository root::
 
     python benchmarks/learner_layout.py --threads 1 --markdown docs/results/learner_layout.md

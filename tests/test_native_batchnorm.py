@@ -10,21 +10,13 @@ real second-order meta-gradient.
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
-import higher
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from learned_optim import native_batchnorm, native_block
-from learned_optim.data import EpisodeSampler, omniglot
 from learned_optim.learners import ConvLearner
 from learned_optim.native_batchnorm import batchnorm_train, double_backward_fusable
-
-ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 pytestmark = pytest.mark.skipif(
     not double_backward_fusable(torch.zeros(2, 2, 2, 2, requires_grad=True), nn.BatchNorm2d(2)),
@@ -136,63 +128,34 @@ def test_only_batch_statistics_on_nchw_float32_cpu_activations_that_need_gradien
         assert not double_backward_fusable(x, batchnorm)
 
 
-def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeypatch):
+def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeypatch,
+                                                                          learner_passes):
     learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
     calls = []
     kernel = native_batchnorm._kernel()
     monkeypatch.setattr(native_batchnorm._kernel, "kernel",
                         lambda *args: calls.append(1) or kernel(*args))
-    inputs = batch((6, 1, 8, 8))
-
-    def gradient_of_gradient(params=None):
-        params = params or dict(learner.named_parameters())
-        out = torch.func.functional_call(learner, params, (inputs,))
-        grads = torch.autograd.grad(out.square().sum(), list(params.values()),
-                                    create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in grads), list(params.values()))
-
-    gradient_of_gradient()
+    passes = learner_passes(learner, batch((6, 1, 8, 8)))
+    passes.gradient_of_gradient()
     assert len(calls) == 2  # one a block
     monkeypatch.setattr(native_block, "FUSED_BLOCKS", False)  # LEARNED_OPTIM_COMPILE=0
-    gradient_of_gradient()
+    passes.gradient_of_gradient()
     assert len(calls) == 2
     monkeypatch.setattr(native_block, "FUSED_BLOCKS", True)
     seen = []
     handle = learner.features[1].register_forward_hook(lambda *args: seen.append(1))
-    gradient_of_gradient()
+    passes.gradient_of_gradient()
     assert len(calls) == 3 and seen == [1]  # the hooked BatchNorm ran as its module
     handle.remove()
-    params = {name: p.detach() for name, p in learner.named_parameters()}
-    buffers = dict(learner.named_buffers())  # inputs, so that they may be updated
-    torch.func.grad(lambda p, b: torch.func.functional_call(learner, {**p, **b},
-                                                            (inputs,)).sum())(params, buffers)
+    passes.under_torch_func()
     assert len(calls) == 3
 
 
-@pytest.fixture(scope="module")
-def support_set() -> tuple[torch.Tensor, torch.Tensor]:
-    """A real 5-way 5-shot Omniglot support set (25 images, 28 x 28)."""
-    sampler = EpisodeSampler(omniglot(ROOT, "val", "lake"), ways=5, shots=5, queries=1, seed=4)
-    episode = sampler.episode(0)
-    return episode.support_inputs, episode.support_targets
-
-
 def test_a_second_order_meta_gradient_on_real_images_is_the_modules_to_rounding(
-        support_set, monkeypatch):
-    # Two second-order SGD steps of the paper's learner (NCHW, as second-order meta-training
-    # runs it) on a real support set: the fused double backward against PyTorch's.
-    inputs, targets = support_set
-
-    def meta_gradient():
-        torch.manual_seed(1)
-        learner = ConvLearner(1, ways=5, filters=8, image_size=28, channels_last=False)
-        opt = torch.optim.SGD(learner.parameters(), lr=0.1)
-        with higher.innerloop_ctx(learner, opt, copy_initial_weights=False) as (fmodel, diffopt):
-            for _ in range(2):
-                diffopt.step(F.cross_entropy(fmodel(inputs), targets))
-            F.cross_entropy(fmodel(inputs), targets).backward()
-        return torch.cat([p.grad.flatten() for p in learner.parameters()])
-
+        second_order_meta_gradient, monkeypatch):
+    # Two second-order SGD steps on a real support set: the fused double backward against
+    # PyTorch's.
+    meta_gradient = second_order_meta_gradient
     calls = []
     kernel = native_batchnorm._kernel()
     monkeypatch.setattr(native_batchnorm._kernel, "kernel",
@@ -205,17 +168,12 @@ def test_a_second_order_meta_gradient_on_real_images_is_the_modules_to_rounding(
     assert relative < 1e-5, relative
 
 
-def test_a_failed_build_warns_once_and_the_learner_runs_its_modules(no_cpp_compiler):
+def test_a_failed_build_warns_once_and_the_learner_runs_its_modules(no_cpp_compiler,
+                                                                     learner_passes):
     no_cpp_compiler(native_batchnorm._kernel)
     learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
-    inputs = batch((6, 1, 8, 8))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            grads = torch.autograd.grad(learner(inputs).square().sum(),
-                                        list(learner.parameters()), create_graph=True)
-            sum(g.square().sum() for g in grads).backward()
-    messages = [str(w.message) for w in caught if "double-backward" in str(w.message)]
+    messages = learner_passes(learner, batch((6, 1, 8, 8))).warnings_of_two_passes(
+        "double-backward")
     assert len(messages) == 1 and "no C++ compiler found" in messages[0], messages
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
 

@@ -10,21 +10,14 @@ meta-gradient.
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
-import higher
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from learned_optim import learners, native_block, native_pool
-from learned_optim.data import EpisodeSampler, omniglot
 from learned_optim.learners import ConvLearner
 from learned_optim.native_pool import relu_maxpool, relu_maxpool_fusable
-
-ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 
 RELU, POOL = nn.ReLU(), nn.MaxPool2d(2)
 
@@ -75,14 +68,10 @@ def assert_bit_equal(ours, theirs):
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("thread_count", [1, 2])
 def test_outputs_and_gradients_of_every_order_are_the_modules_to_the_bit(shape, ties,
-                                                                          thread_count):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(thread_count)
-    try:
-        x = activation(shape, ties=ties)
-        ours, theirs = derivatives(x, fused=True), derivatives(x, fused=False)
-    finally:
-        torch.set_num_threads(threads)
+                                                                          thread_count, threads):
+    threads(thread_count)
+    x = activation(shape, ties=ties)
+    ours, theirs = derivatives(x, fused=True), derivatives(x, fused=False)
     assert_bit_equal(ours, theirs)
     dx = ours[1]
     assert dx.abs().max() > 0 and (dx == 0).float().mean() >= 0.75  # a winner a window at most
@@ -133,62 +122,32 @@ def counted_calls(monkeypatch) -> list:
     return calls
 
 
-def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeypatch):
+def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeypatch,
+                                                                          learner_passes):
     learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
     calls = counted_calls(monkeypatch)
-    inputs = activation((6, 1, 8, 8)).nan_to_num(0.0, 1.0, -1.0)
-
-    def gradient_of_gradient(params=None):
-        params = params or dict(learner.named_parameters())
-        out = torch.func.functional_call(learner, params, (inputs,))
-        grads = torch.autograd.grad(out.square().sum(), list(params.values()),
-                                    create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in grads), list(params.values()))
-
-    gradient_of_gradient()
+    passes = learner_passes(learner, activation((6, 1, 8, 8)).nan_to_num(0.0, 1.0, -1.0))
+    passes.gradient_of_gradient()
     # per block: forward, the backward's route, and the double backward's gather and route
     assert sorted(calls) == [0, 0, 1, 1, 1, 1, 2, 2], calls
     monkeypatch.setattr(native_block, "FUSED_BLOCKS", False)  # LEARNED_OPTIM_COMPILE=0
-    gradient_of_gradient()
+    passes.gradient_of_gradient()
     assert len(calls) == 8
     monkeypatch.setattr(native_block, "FUSED_BLOCKS", True)
     seen = []
     handle = learner.features[2].register_forward_hook(lambda *args: seen.append(1))
-    gradient_of_gradient()
+    passes.gradient_of_gradient()
     assert calls.count(0) == 3 and seen == [1]  # the hooked ReLU ran as its module
     handle.remove()
-    params = {name: p.detach() for name, p in learner.named_parameters()}
-    buffers = dict(learner.named_buffers())
-    torch.func.grad(lambda p, b: torch.func.functional_call(learner, {**p, **b},
-                                                            (inputs,)).sum())(params, buffers)
+    passes.under_torch_func()
     assert calls.count(0) == 3
 
 
-@pytest.fixture(scope="module")
-def support_set() -> tuple[torch.Tensor, torch.Tensor]:
-    """A real 5-way 5-shot Omniglot support set (25 images, 28 x 28)."""
-    sampler = EpisodeSampler(omniglot(ROOT, "val", "lake"), ways=5, shots=5, queries=1, seed=4)
-    episode = sampler.episode(0)
-    return episode.support_inputs, episode.support_targets
-
-
 def test_a_second_order_meta_gradient_on_real_images_is_the_modules_to_the_bit(
-        support_set, monkeypatch):
-    # Two second-order SGD steps of the paper's learner (NCHW, as second-order meta-training
-    # runs it) on a real support set, the kernel against the ReLU and pooling modules (the
-    # BatchNorm kernel in both).
-    inputs, targets = support_set
-
-    def meta_gradient():
-        torch.manual_seed(1)
-        learner = ConvLearner(1, ways=5, filters=8, image_size=28, channels_last=False)
-        opt = torch.optim.SGD(learner.parameters(), lr=0.1)
-        with higher.innerloop_ctx(learner, opt, copy_initial_weights=False) as (fmodel, diffopt):
-            for _ in range(2):
-                diffopt.step(F.cross_entropy(fmodel(inputs), targets))
-            F.cross_entropy(fmodel(inputs), targets).backward()
-        return torch.cat([p.grad.flatten() for p in learner.parameters()])
-
+        second_order_meta_gradient, monkeypatch):
+    # Two second-order SGD steps on a real support set, the kernel against the ReLU and
+    # pooling modules (the BatchNorm kernel in both).
+    meta_gradient = second_order_meta_gradient
     calls = counted_calls(monkeypatch)
     fused = meta_gradient()
     assert calls.count(0) == 12  # 4 blocks x 3 passes
@@ -198,16 +157,11 @@ def test_a_second_order_meta_gradient_on_real_images_is_the_modules_to_the_bit(
     assert torch.equal(fused, eager)
 
 
-def test_a_failed_build_warns_once_and_the_learner_runs_its_modules(no_cpp_compiler):
+def test_a_failed_build_warns_once_and_the_learner_runs_its_modules(no_cpp_compiler,
+                                                                     learner_passes):
     no_cpp_compiler(native_pool._kernel)
     learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
     inputs = activation((6, 1, 8, 8)).nan_to_num(0.0, 1.0, -1.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            grads = torch.autograd.grad(learner(inputs).square().sum(),
-                                        list(learner.parameters()), create_graph=True)
-            sum(g.square().sum() for g in grads).backward()
-    messages = [str(w.message) for w in caught if "ReLU-pooling" in str(w.message)]
+    messages = learner_passes(learner, inputs).warnings_of_two_passes("ReLU-pooling")
     assert len(messages) == 1 and "no C++ compiler found" in messages[0], messages
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters())

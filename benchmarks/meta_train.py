@@ -493,12 +493,18 @@ def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
     setting = argparse.Namespace(**{**vars(args), "ways": ways, "shots": shots})
     fo = make_trainer(setting, True, run_root / f"{ways}w{shots}s")
     eager = make_trainer(setting, True, run_root / f"{ways}w{shots}s-eager")
+    # threads="auto": one thread for a meta-step that starts while other processes hold cores
+    fo_auto = make_trainer(setting, True, run_root / f"{ways}w{shots}s-auto", adaptive=True)
     steps = {"package, first order": fo.meta_step,
+             "package, first order, threads auto": fo_auto.meta_step,
              "package, first order, not compiled": without_compiled_rule(eager.meta_step),
              "reference, first order": ReferenceTrainer(fo, first_order=True).meta_step}
     if not args.first_order_only:
         so = make_trainer(setting, False, run_root / f"{ways}w{shots}s")
         steps["package, second order"] = so.meta_step
+        so_auto = make_trainer(setting, False, run_root / f"{ways}w{shots}s-auto",
+                               adaptive=True)
+        steps["package, second order, threads auto"] = so_auto.meta_step
         so_eager = make_trainer(setting, False, run_root / f"{ways}w{shots}s-eager")
         steps["package, second order, not compiled"] = without_compiled_rule(so_eager.meta_step)
         steps["reference, second order"] = ReferenceTrainer(so, first_order=False).meta_step
@@ -539,10 +545,16 @@ def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
         verdicts[order] = ratio >= targets[order]
         print(f"{verdict(verdicts[order])}: {ways}-way {shots}-shot {order}, package = "
               f"{ratio:.2f}x as fast as the reference (target >= {targets[order]:g}x)")
+    auto = {order: median[f"package, {order}"] / median[f"package, {order}, threads auto"]
+            for order in ratios}
+    print("threads auto (one thread while other processes hold cores): "
+          + ", ".join(f"{order} {speedup:.2f}x as fast as torch's threads"
+                      for order, speedup in auto.items()))
     print(f"fastest rule path at {parts.rows:,} coordinates: {fastest_rule} "
           f"({median[fastest_rule] * 1e3:.1f} ms for T = {args.steps} steps + backward)")
     return {"ways": ways, "shots": shots, "coordinates": parts.rows, "median_s": median,
             "all_s": times, "speedups": ratios, "verdicts": verdicts,
+            "threads_auto_speedups": auto,
             "fastest_rule_path": fastest_rule, "load_average_end": os.getloadavg()}
 
 
@@ -587,8 +599,9 @@ def compare_with_reference(args, argv) -> int:
 # --- main ---------------------------------------------------------------------------------------
 
 
-def make_trainer(args, first_order: bool, run_root: Path) -> MetaTrainer:
-    """A :class:`MetaTrainer` on Omniglot with the benchmark's episode shape (no validation)."""
+def make_trainer(args, first_order: bool, run_root: Path, adaptive: bool = False) -> MetaTrainer:
+    """A :class:`MetaTrainer` on Omniglot with the benchmark's episode shape (no validation);
+    ``adaptive``: its meta-steps choose their threads (``threads="auto"``)."""
     config = MetaTrainConfig(
         task="omniglot", data_root=args.data_root, ways=args.ways, shots=args.shots,
         inner_steps=args.steps,
@@ -597,7 +610,7 @@ def make_trainer(args, first_order: bool, run_root: Path) -> MetaTrainer:
         device=args.device,
         run_dir=str(run_root / ("first" if first_order else "second")),
     )
-    return MetaTrainer(config, progress=False)
+    return MetaTrainer(config, progress=False, adaptive_threads=adaptive)
 
 
 def profile_step(trainer: MetaTrainer, rows: int = 14) -> str:

@@ -129,24 +129,43 @@ def _add_meta_train(commands) -> None:
     parser.add_argument("--baselines", default="sgd,adam",
                         help="baselines evaluated beside the result (comma list, '' for none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_threads(parser)
+    _add_threads(parser, adaptive=True)
 
 
-def _add_threads(parser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: 1 for the sinusoid task, whose "
-                             "tiny kernels only wait on extra threads; torch's default otherwise)")
+def _add_threads(parser, *, adaptive: bool = False) -> None:
+    text = ("CPU threads for torch (default: 1 for the sinusoid task, whose tiny kernels only "
+            "wait on extra threads; torch's default otherwise)")
+    if adaptive:
+        text += ("; auto: torch's default, and one thread for a meta-step that starts while "
+                 "other processes hold cores (faster on a shared machine, but the numbers then "
+                 "depend on the load)")
+    parser.add_argument("--threads", type=_thread_count if adaptive else int, default=None,
+                        help=text)
 
 
-def _set_threads(threads: int | None, task: str) -> None:
+def _thread_count(text: str) -> int | str:
+    """``--threads`` of meta-train: a count, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--threads takes a number of threads or 'auto', got {text!r}") from None
+
+
+def _set_threads(threads: int | str | None, task: str) -> bool:
+    """Apply ``--threads``; returns whether meta-steps choose their threads (``auto``)."""
     import torch
 
-    if threads is None and task in ("sinusoid", "general"):
-        threads = 1
-    if threads is not None:
+    adaptive = threads == "auto"
+    if (threads is None or adaptive) and task in ("sinusoid", "general"):
+        threads, adaptive = 1, False  # one thread already
+    if isinstance(threads, int):
         if threads < 1:
             raise ValueError(f"--threads must be positive, got {threads}")
         torch.set_num_threads(threads)
+    return adaptive
 
 
 def _add_evaluate(commands) -> None:
@@ -299,8 +318,9 @@ def _meta_train(args) -> int:
     from learned_optim.train import meta_train
 
     config = _config_from(args).resolved()
-    _set_threads(args.threads, config.task)
-    best = meta_train(config, resume=args.resume, progress=not args.no_progress)
+    adaptive = _set_threads(args.threads, config.task)
+    best = meta_train(config, resume=args.resume, progress=not args.no_progress,
+                      adaptive_threads=adaptive)
     if config.task == "general":
         return _report_general(config, best)
     if not distributed.is_main():  # under torchrun: rank 0 reports and runs the test episodes

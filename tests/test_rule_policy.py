@@ -134,3 +134,25 @@ def test_float32_cpu_steps_take_the_native_kernel_on_torchs_threads(monkeypatch)
         assert policy.step_threads(cpu, torch.float32, 100, 8192) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_meta_step_runs_on_one_thread_only_while_other_processes_hold_cores(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(policy, "usable_cores", lambda: 2)
+    monkeypatch.setattr(policy, "busy_cores", lambda: 0)
+    assert policy.meta_step_threads(CPU) is None  # idle: torch's threads
+    monkeypatch.setattr(policy, "busy_cores", lambda: 1)
+    assert policy.meta_step_threads(CPU) == 1
+    assert policy.meta_step_threads(CUDA) is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert policy.meta_step_threads(CPU) is None
+
+
+def test_busy_cores_leave_this_process_own_running_threads_out(monkeypatch):
+    assert policy._own_running_threads() >= 1  # the caller is running
+    with open("/proc/loadavg") as handle:
+        running = int(handle.read().split()[3].split("/")[0])
+    monkeypatch.setattr(policy, "_own_running_threads", lambda: running + 5)
+    assert policy.busy_cores() == 0  # our own spinning OpenMP workers are not other processes
+    monkeypatch.setattr(policy, "_own_running_threads", lambda: 1)
+    assert policy.busy_cores() >= 0

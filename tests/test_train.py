@@ -363,3 +363,42 @@ def test_query_statistics_support_scores_queries_as_validation_does():
     assert abs(losses["batch"] - losses["support"]) > 1e-3
     with pytest.raises(ValueError, match="query_statistics must be one of"):
         MetaTrainConfig(query_statistics="queries")
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_adaptive_threads_run_a_meta_step_on_one_thread_while_cores_are_busy(
+        tmp_path, monkeypatch, threads, adaptive):
+    from learned_optim.rule import policy
+
+    trainer = MetaTrainer(MetaTrainConfig(meta_steps=3, run_dir=str(tmp_path / "run"), **FAST),
+                          progress=False, adaptive_threads=adaptive)
+    seen = []
+    inner = train_module.episode_query_loss
+    monkeypatch.setattr(train_module, "episode_query_loss",
+                        lambda *args: seen.append(torch.get_num_threads()) or inner(*args))
+    monkeypatch.setattr(policy, "usable_cores", lambda: 2)
+    threads(2)
+    for busy in (0, 1):  # idle, then another process holding a core
+        monkeypatch.setattr(policy, "busy_cores", lambda busy=busy: busy)
+        trainer.meta_step()
+        assert torch.get_num_threads() == 2  # restored
+    assert seen == [2, 2, 1, 1] if adaptive else seen == [2, 2, 2, 2]
+
+
+def test_cli_threads_takes_a_count_or_auto(tmp_path, monkeypatch, threads):
+    from learned_optim import cli
+
+    threads(2)
+    assert cli._set_threads("auto", "omniglot") is True and torch.get_num_threads() == 2
+    assert cli._set_threads("auto", "sinusoid") is False and torch.get_num_threads() == 1
+    assert cli._set_threads(3, "omniglot") is False and torch.get_num_threads() == 3
+    given = []
+    monkeypatch.setattr(train_module, "meta_train",
+                        lambda config, **kwargs: given.append(kwargs) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["meta-train", "--no-progress", "--run-dir", str(tmp_path / "r"), "--task",
+                  "omniglot", "--data-root", str(tmp_path), "--threads", "auto"])
+    assert given and given[0]["adaptive_threads"] is True
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["meta-train", "--threads", "lots"])
+    assert exit_info.value.code == 2

@@ -37,6 +37,7 @@ __all__ = [
     "chunk_loop_threads",
     "forward_chunk_rows",
     "in_compiled_range",
+    "meta_step_threads",
     "replay_chunk_bytes",
     "replay_chunk_rows",
     "step_chunk_rows",
@@ -48,6 +49,7 @@ __all__ = [
     "step_threads",
     "tape_step_threads",
     "threads_for_chunk_loop",
+    "threads_for_meta_step",
     "threads_for_step",
     "threads_for_tape_step",
     "usable_cores",
@@ -148,8 +150,14 @@ PARALLEL_MIN_ROWS = 2**18
 
 
 def busy_cores() -> int:
-    """Runnable threads on the machine besides the caller (``/proc/loadavg``'s running count,
-    an instantaneous sample); 0 where the count is unavailable.
+    """Runnable threads of other processes (``/proc/loadavg``'s running count, an
+    instantaneous sample, less this process's running threads); 0 where the counts are
+    unavailable.
+
+    This process's own threads are left out: OpenMP's workers spin for a while after a
+    parallel region, and counted, they made an idle 2-core machine look half busy after
+    every meta-step (a sample after each of 20 meta-steps: 1, sometimes 2; with them left out:
+    0 on the idle machine, 1 with one other busy process).
 
     >>> busy_cores() >= 0
     True
@@ -159,7 +167,24 @@ def busy_cores() -> int:
             running = int(handle.read().split()[3].split("/")[0])
     except (OSError, IndexError, ValueError):
         return 0
-    return max(0, running - 1)
+    return max(0, running - _own_running_threads())
+
+
+def _own_running_threads() -> int:
+    """This process's threads in state R (the caller at least); 1 where unreadable."""
+    own = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as handle:
+                # the state follows the command name, which may itself hold ") "
+                own += handle.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue  # a thread that ended meanwhile
+    return max(own, 1)
 
 
 def usable_cores() -> int:
@@ -188,6 +213,36 @@ def chunk_loop_threads(device: torch.device, rows: int) -> int | None:
         return 1
     free = usable_cores() - busy_cores()
     return 1 if free < torch.get_num_threads() else None
+
+
+def meta_step_threads(device: torch.device) -> int | None:
+    """Torch threads for a meta-step under ``threads="auto"``: 1 on a CPU when fewer cores
+    are free than torch's threads, else ``None`` (leave torch's setting).
+
+    With one of 2 cores held by another process, every parallel region of a meta-step (the
+    learner's convolutions, the fused kernels) waits at its end for the thread whose core is
+    taken: Omniglot meta-steps took 1.5-2.2x less time on one thread than on two
+    (docs/results/cpu_speed.md). On an idle machine the threads are kept.
+
+    >>> meta_step_threads(torch.device("cuda")) is None
+    True
+    """
+    if not _on_cpu(device) or torch.get_num_threads() == 1:
+        return None
+    free = usable_cores() - busy_cores()
+    return 1 if free < torch.get_num_threads() else None
+
+
+@contextlib.contextmanager
+def threads_for_meta_step(device: torch.device, adaptive: bool) -> Iterator[None]:
+    """Run the block with :func:`meta_step_threads`' threads if ``adaptive``, restoring
+    torch's afterwards; with torch's threads otherwise.
+
+    >>> with threads_for_meta_step(torch.device("cpu"), adaptive=True):
+    ...     pass
+    """
+    with _threads(meta_step_threads(device) if adaptive else None):
+        yield
 
 
 @contextlib.contextmanager

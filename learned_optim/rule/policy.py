@@ -167,6 +167,8 @@ def busy_cores() -> int:
             running = int(handle.read().split()[3].split("/")[0])
     except (OSError, IndexError, ValueError):
         return 0
+    if running <= 1:  # the caller alone: no need to count our threads
+        return 0
     return max(0, running - _own_running_threads())
 
 

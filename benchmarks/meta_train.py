@@ -493,7 +493,7 @@ def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
     setting = argparse.Namespace(**{**vars(args), "ways": ways, "shots": shots})
     fo = make_trainer(setting, True, run_root / f"{ways}w{shots}s")
     eager = make_trainer(setting, True, run_root / f"{ways}w{shots}s-eager")
-    # threads="auto": one thread for a meta-step that starts while other processes hold cores
+    # threads="auto": only the free cores for a meta-step that starts while others are busy
     fo_auto = make_trainer(setting, True, run_root / f"{ways}w{shots}s-auto", adaptive=True)
     steps = {"package, first order": fo.meta_step,
              "package, first order, threads auto": fo_auto.meta_step,
@@ -547,7 +547,7 @@ def compare_setting(args, ways: int, shots: int, run_root: Path) -> dict:
               f"{ratio:.2f}x as fast as the reference (target >= {targets[order]:g}x)")
     auto = {order: median[f"package, {order}"] / median[f"package, {order}, threads auto"]
             for order in ratios}
-    print("threads auto (one thread while other processes hold cores): "
+    print("threads auto (only the free cores while other processes hold some): "
           + ", ".join(f"{order} {speedup:.2f}x as fast as torch's threads"
                       for order, speedup in auto.items()))
     print(f"fastest rule path at {parts.rows:,} coordinates: {fastest_rule} "

@@ -136,9 +136,9 @@ def _add_threads(parser, *, adaptive: bool = False) -> None:
     text = ("CPU threads for torch (default: 1 for the sinusoid task, whose tiny kernels only "
             "wait on extra threads; torch's default otherwise)")
     if adaptive:
-        text += ("; auto: torch's default, and one thread for a meta-step that starts while "
-                 "other processes hold cores (faster on a shared machine, but the numbers then "
-                 "depend on the load)")
+        text += ("; auto: torch's default, and only as many as cores are free for a meta-step "
+                 "that starts while other processes hold cores (faster on a shared machine, "
+                 "but the numbers then depend on the load)")
     parser.add_argument("--threads", type=_thread_count if adaptive else int, default=None,
                         help=text)
 

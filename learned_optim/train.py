@@ -134,8 +134,9 @@ class MetaTrainer:
     rank ``r`` of ``W`` computes the meta-gradient of slots ``r, r + W, ...`` of every
     meta-batch; ``meta_batch`` must be a multiple of ``W``.
 
-    ``adaptive_threads``: a meta-step that starts while other processes hold cores runs on one
-    thread (:func:`learned_optim.rule.policy.meta_step_threads`), else on torch's.
+    ``adaptive_threads``: a meta-step that starts while other processes hold cores runs on the
+    free ones only (:func:`learned_optim.rule.policy.meta_step_threads`), else on torch's
+    threads.
     """
 
     def __init__(self, config: MetaTrainConfig, *, resume: bool = False, progress: bool = True,
@@ -481,10 +482,11 @@ def meta_train(config: MetaTrainConfig, *, resume: bool = False, progress: bool 
     progress:
         Show a progress bar.
     adaptive_threads:
-        On a CPU, run a meta-step that starts while other processes hold cores on one thread
-        (1.5-2.2x faster with one of 2 cores busy); the numbers then depend on the load, so
-        such a run is not reproducible to the bit. Episodic tasks (the ``general`` task's
-        steps are single-threaded anyway).
+        On a CPU, run a meta-step that starts while other processes hold cores on as many
+        threads as cores are free (1.6-2.3x faster on one thread with one of 2 cores busy);
+        the numbers then depend on the load, so such a run is not reproducible to the bit.
+        Episodic tasks (the ``general`` task's trainer keeps torch's threads; its command
+        runs on one).
 
     Examples
     --------

@@ -144,6 +144,12 @@ def test_a_meta_step_runs_on_one_thread_only_while_other_processes_hold_cores(mo
     monkeypatch.setattr(policy, "busy_cores", lambda: 1)
     assert policy.meta_step_threads(CPU) == 1
     assert policy.meta_step_threads(CUDA) is None
+    monkeypatch.setattr(policy, "busy_cores", lambda: 3)  # more busy than cores: still one
+    assert policy.meta_step_threads(CPU) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    monkeypatch.setattr(policy, "usable_cores", lambda: 16)
+    monkeypatch.setattr(policy, "busy_cores", lambda: 1)
+    assert policy.meta_step_threads(CPU) == 15  # the free cores, not one
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert policy.meta_step_threads(CPU) is None
 

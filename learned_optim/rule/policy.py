@@ -218,8 +218,9 @@ def chunk_loop_threads(device: torch.device, rows: int) -> int | None:
 
 
 def meta_step_threads(device: torch.device) -> int | None:
-    """Torch threads for a meta-step under ``threads="auto"``: 1 on a CPU when fewer cores
-    are free than torch's threads, else ``None`` (leave torch's setting).
+    """Torch threads for a meta-step under ``threads="auto"``: on a CPU where fewer cores
+    are free than torch's threads, as many as are free (at least one), else ``None`` (leave
+    torch's setting).
 
     With one of 2 cores held by another process, every parallel region of a meta-step (the
     learner's convolutions, the fused kernels) waits at its end for the thread whose core is
@@ -232,7 +233,7 @@ def meta_step_threads(device: torch.device) -> int | None:
     if not _on_cpu(device) or torch.get_num_threads() == 1:
         return None
     free = usable_cores() - busy_cores()
-    return 1 if free < torch.get_num_threads() else None
+    return max(1, free) if free < torch.get_num_threads() else None
 
 
 @contextlib.contextmanager

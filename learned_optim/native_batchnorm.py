@@ -36,8 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learned_optim import native_block
-from learned_optim.native_block import kernel_threads, running_update
+from learned_optim.native_block import kernel_threads, nchw_differentiable, running_update
 from learned_optim.rule.native_build import VEC_PRELUDE, NativeKernel
 
 __all__ = ["batchnorm_train", "double_backward_fusable"]
@@ -232,19 +231,15 @@ def double_backward_fusable(x: Tensor, batchnorm: nn.Module) -> bool:
     ...     double_backward_fusable(x, bn)
     False
     """
-    return (native_block.FUSED_BLOCKS and isinstance(batchnorm, nn.BatchNorm2d)
+    return (nchw_differentiable(x) and isinstance(batchnorm, nn.BatchNorm2d)
             and batchnorm.weight is not None and batchnorm.bias is not None
             and (batchnorm.training or batchnorm.running_mean is None)
             and batchnorm.weight.dtype == torch.float32
             and batchnorm.bias.dtype == torch.float32
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and x.shape[1] == batchnorm.num_features and x.shape[2] * x.shape[3] > 0
-            and x.shape[0] * x.shape[2] * x.shape[3] > 1 and x.is_contiguous()
-            and torch.is_grad_enabled()
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and (x.requires_grad or batchnorm.weight.requires_grad
                  or batchnorm.bias.requires_grad)
-            and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and _kernel() is not None)
 
 

@@ -44,7 +44,7 @@ from learned_optim.rule.native_build import (
 
 __all__ = ["FUSED_BLOCKS", "KERNEL_PRELUDE", "MAX_CHANNELS", "NO_RUNNING", "batchnorm_relu_maxpool",
            "eager_block", "fusable", "is_2x2_pool", "kernel_threads", "modules_fusable",
-           "padded_channels", "poolable_shape", "running_update"]
+           "nchw_differentiable", "padded_channels", "poolable_shape", "running_update"]
 
 # Read at call time, so a test or a user may switch the fused path off.
 FUSED_BLOCKS = native_allowed()
@@ -428,6 +428,22 @@ def poolable_shape(channels: int, height: int, width: int) -> bool:
     """Whether activations of this shape fit the kernels: 2 to :data:`MAX_CHANNELS` channels
     and at least one 2 x 2 window."""
     return 1 < channels <= MAX_CHANNELS and height >= 2 and width >= 2
+
+
+def nchw_differentiable(x: Tensor) -> bool:
+    """Whether ``x`` is an activation the NCHW kernels (:mod:`learned_optim.native_batchnorm`,
+    :mod:`learned_optim.native_pool`) may take: a 4-d NCHW-contiguous float32 CPU tensor,
+    under grad mode, outside ``torch.compile`` and ``torch.func`` transforms, with the fused
+    paths switched on (:data:`FUSED_BLOCKS`).
+
+    >>> x = torch.zeros(2, 4, 6, 6)
+    >>> nchw_differentiable(x), nchw_differentiable(x.contiguous(memory_format=torch.channels_last))
+    (True, False)
+    """
+    return (FUSED_BLOCKS and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 4 and x.is_contiguous() and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def fusable(x: Tensor, batchnorm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:

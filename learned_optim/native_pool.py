@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learned_optim import native_block
-from learned_optim.native_block import is_2x2_pool, kernel_threads
+from learned_optim.native_block import is_2x2_pool, kernel_threads, nchw_differentiable
 from learned_optim.rule.native_build import VEC_PRELUDE, NativeKernel
 
 __all__ = ["relu_maxpool", "relu_maxpool_fusable"]
@@ -240,13 +239,9 @@ def relu_maxpool_fusable(x: Tensor, relu: nn.Module, pool: nn.Module) -> bool:
     >>> relu_maxpool_fusable(x, relu, nn.MaxPool2d(3))
     False
     """
-    return (native_block.FUSED_BLOCKS and isinstance(relu, nn.ReLU) and is_2x2_pool(pool)
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    return (nchw_differentiable(x) and isinstance(relu, nn.ReLU) and is_2x2_pool(pool)
             and x.shape[0] * x.shape[1] > 0 and x.shape[2] >= 2 and x.shape[3] >= 2
-            and x.is_contiguous() and torch.is_grad_enabled() and x.requires_grad
-            and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and _kernel() is not None)
+            and x.requires_grad and _kernel() is not None)
 
 
 def relu_maxpool(x: Tensor) -> Tensor:

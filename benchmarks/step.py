@@ -41,7 +41,8 @@ Columns of the table
 
 ``--contended`` starts one busy single-threaded process of the benchmark's own (a torch loop,
 as a DataLoader worker or another job would be) before the first measurement and stops it after
-the last; the 1M target is then >= 2x instead of >= 3x.
+the last; the 1M target is then >= 2x instead of >= 3x, and the 55k iteration's ratio
+(an idle machine's target) is reported as INFO, not judged.
 
 Whole training iteration at 55k parameters: a 784-64-64-10 MLP on a batch of 64 (random
 MNIST-shaped inputs, fixed), ``zero_grad`` + forward + cross-entropy + backward + ``step``, with
@@ -512,8 +513,11 @@ def report(args, cores: int) -> int:
     speedup = t["naive"] / t["ours"]
     target = TARGET_CONTENDED_SPEEDUP if args.contended else TARGET_SPEEDUP
     verdicts = {"speedup": speedup >= target, "state": state_floats <= TARGET_STATE_FLOATS,
-                "temporaries": bounded is not False,
-                "iteration": iteration_ratio <= TARGET_ITERATION_RATIO}
+                "temporaries": bounded is not False}
+    # The 55k target is an idle machine's: with a busy process holding one of the cores the
+    # ratio is reported, not judged (SGD's iteration barely needs the second core).
+    if not args.contended:
+        verdicts["iteration"] = iteration_ratio <= TARGET_ITERATION_RATIO
     print()
     print(f"{'PASS' if verdicts['speedup'] else 'FAIL'}: step() at N = {human(n)} = "
           f"{speedup:.2f}x as fast as the straightforward step (target >= {target:g}x"
@@ -521,9 +525,13 @@ def report(args, cores: int) -> int:
     print(f"{'PASS' if verdicts['state'] else 'FAIL'}: state {state_floats:.0f} floats/param "
           f"(target <= {TARGET_STATE_FLOATS}); temporaries "
           f"{ {True: 'bounded', False: 'NOT bounded', None: 'not probed'}[bounded] }")
-    print(f"{'PASS' if verdicts['iteration'] else 'FAIL'}: at {iteration['n'] / 1e3:.0f}k "
-          f"parameters a training iteration with the rule = {iteration_ratio:.1f}x one with SGD "
-          f"(target <= {TARGET_ITERATION_RATIO:g}x)")
+    if args.contended:
+        iteration_verdict, idle_only = "INFO", " on an idle machine: not judged here"
+    else:
+        iteration_verdict, idle_only = ("PASS" if verdicts["iteration"] else "FAIL"), ""
+    print(f"{iteration_verdict}: at {iteration['n'] / 1e3:.0f}k parameters a training iteration "
+          f"with the rule = {iteration_ratio:.1f}x one with SGD (target <= "
+          f"{TARGET_ITERATION_RATIO:g}x{idle_only})")
     print(f"{load_average()} (end)")
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -145,3 +145,18 @@ class LearnerPasses:
 def learner_passes():
     """:class:`LearnerPasses`, for a learner and its inputs."""
     return LearnerPasses
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A function recording the calls of a built :class:`NativeKernel` (which still runs):
+    ``kernel_calls(native_kernel, what)`` returns the list that ``what(args)`` (default 1) is
+    appended to at each call."""
+
+    def record(native_kernel, what=lambda args: 1) -> list:
+        calls, kernel = [], native_kernel()
+        monkeypatch.setattr(native_kernel, "kernel",
+                            lambda *args: calls.append(what(args)) or kernel(*args))
+        return calls
+
+    return record

@@ -129,12 +129,10 @@ def test_only_batch_statistics_on_nchw_float32_cpu_activations_that_need_gradien
 
 
 def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeypatch,
-                                                                          learner_passes):
+                                                                          learner_passes,
+                                                                          kernel_calls):
     learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
-    calls = []
-    kernel = native_batchnorm._kernel()
-    monkeypatch.setattr(native_batchnorm._kernel, "kernel",
-                        lambda *args: calls.append(1) or kernel(*args))
+    calls = kernel_calls(native_batchnorm._kernel)
     passes = learner_passes(learner, batch((6, 1, 8, 8)))
     passes.gradient_of_gradient()
     assert len(calls) == 2  # one a block
@@ -152,14 +150,11 @@ def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeyp
 
 
 def test_a_second_order_meta_gradient_on_real_images_is_the_modules_to_rounding(
-        second_order_meta_gradient, monkeypatch):
+        second_order_meta_gradient, monkeypatch, kernel_calls):
     # Two second-order SGD steps on a real support set: the fused double backward against
     # PyTorch's.
     meta_gradient = second_order_meta_gradient
-    calls = []
-    kernel = native_batchnorm._kernel()
-    monkeypatch.setattr(native_batchnorm._kernel, "kernel",
-                        lambda *args: calls.append(1) or kernel(*args))
+    calls = kernel_calls(native_batchnorm._kernel)
     fused = meta_gradient()
     assert len(calls) == 8  # 4 blocks x 2 steps
     monkeypatch.setattr(native_block, "FUSED_BLOCKS", False)

@@ -114,18 +114,16 @@ def test_only_2x2_pooling_after_a_relu_on_nchw_float32_cpu_activations_that_need
         assert not relu_maxpool_fusable(x, RELU, POOL)
 
 
-def counted_calls(monkeypatch) -> list:
-    calls = []
-    kernel = native_pool._kernel()
-    monkeypatch.setattr(native_pool._kernel, "kernel",
-                        lambda *args: calls.append(args[6]) or kernel(*args))
-    return calls
+def counted_calls(kernel_calls) -> list:
+    """Each kernel call's mode (0 forward, 1 route, 2 gather)."""
+    return kernel_calls(native_pool._kernel, lambda args: args[6])
 
 
 def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeypatch,
-                                                                          learner_passes):
+                                                                          learner_passes,
+                                                                          kernel_calls):
     learner = ConvLearner(1, ways=3, filters=4, image_size=8, blocks=2, channels_last=False)
-    calls = counted_calls(monkeypatch)
+    calls = counted_calls(kernel_calls)
     passes = learner_passes(learner, activation((6, 1, 8, 8)).nan_to_num(0.0, 1.0, -1.0))
     passes.gradient_of_gradient()
     # per block: forward, the backward's route, and the double backward's gather and route
@@ -144,11 +142,11 @@ def test_switched_off_hooked_or_transformed_the_learner_runs_its_modules(monkeyp
 
 
 def test_a_second_order_meta_gradient_on_real_images_is_the_modules_to_the_bit(
-        second_order_meta_gradient, monkeypatch):
+        second_order_meta_gradient, monkeypatch, kernel_calls):
     # Two second-order SGD steps on a real support set, the kernel against the ReLU and
     # pooling modules (the BatchNorm kernel in both).
     meta_gradient = second_order_meta_gradient
-    calls = counted_calls(monkeypatch)
+    calls = counted_calls(kernel_calls)
     fused = meta_gradient()
     assert calls.count(0) == 12  # 4 blocks x 3 passes
     monkeypatch.setattr(learners, "relu_maxpool_fusable", lambda *args: False)
